@@ -1,0 +1,224 @@
+//! Domain types shared by every binary: file statuses, post-actions and roles,
+//! with their conversions to the protocol enums.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::proto;
+
+/// Status of one file version (SPEC §2). Stored in Postgres as the lower-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileStatus {
+    New,
+    InProgress,
+    Uploaded,
+    Processed,
+    Error,
+    Failed,
+    Lost,
+}
+
+impl FileStatus {
+    pub const ALL: [FileStatus; 7] = [
+        FileStatus::New,
+        FileStatus::InProgress,
+        FileStatus::Uploaded,
+        FileStatus::Processed,
+        FileStatus::Error,
+        FileStatus::Failed,
+        FileStatus::Lost,
+    ];
+
+    /// The name stored in the database and shown to humans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileStatus::New => "new",
+            FileStatus::InProgress => "in_progress",
+            FileStatus::Uploaded => "uploaded",
+            FileStatus::Processed => "processed",
+            FileStatus::Error => "error",
+            FileStatus::Failed => "failed",
+            FileStatus::Lost => "lost",
+        }
+    }
+
+    pub fn to_proto(self) -> proto::FileStatus {
+        match self {
+            FileStatus::New => proto::FileStatus::New,
+            FileStatus::InProgress => proto::FileStatus::InProgress,
+            FileStatus::Uploaded => proto::FileStatus::Uploaded,
+            FileStatus::Processed => proto::FileStatus::Processed,
+            FileStatus::Error => proto::FileStatus::Error,
+            FileStatus::Failed => proto::FileStatus::Failed,
+            FileStatus::Lost => proto::FileStatus::Lost,
+        }
+    }
+
+    pub fn from_proto(status: proto::FileStatus) -> Option<Self> {
+        Some(match status {
+            proto::FileStatus::Unspecified => return None,
+            proto::FileStatus::New => FileStatus::New,
+            proto::FileStatus::InProgress => FileStatus::InProgress,
+            proto::FileStatus::Uploaded => FileStatus::Uploaded,
+            proto::FileStatus::Processed => FileStatus::Processed,
+            proto::FileStatus::Error => FileStatus::Error,
+            proto::FileStatus::Failed => FileStatus::Failed,
+            proto::FileStatus::Lost => FileStatus::Lost,
+        })
+    }
+
+    /// Statuses an operator may requeue with a retry.
+    pub fn is_retryable_by_admin(self) -> bool {
+        matches!(self, FileStatus::Error | FileStatus::Failed | FileStatus::Lost)
+    }
+}
+
+impl fmt::Display for FileStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for FileStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase().replace([' ', '-'], "_");
+        FileStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == wanted)
+            .ok_or_else(|| {
+                format!(
+                    "unknown status {s:?} (expected one of: {})",
+                    FileStatus::ALL.map(FileStatus::as_str).join(", ")
+                )
+            })
+    }
+}
+
+/// What happens on the SFTP server after a file was stored and announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostAction {
+    Keep,
+    Delete,
+    /// Move into this absolute directory (same file name).
+    Move(String),
+}
+
+impl FromStr for PostAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" | "keep" => Ok(PostAction::Keep),
+            "delete" => Ok(PostAction::Delete),
+            other => match other.strip_prefix("move:") {
+                Some(dir) if dir.starts_with('/') && !dir.contains('\0') => {
+                    Ok(PostAction::Move(dir.trim_end_matches('/').to_string()).normalized())
+                }
+                Some(_) => Err(format!("{s:?}: the move target must be an absolute directory, e.g. move:/archive")),
+                None => Err(format!("{s:?}: expected keep, delete or move:<absolute dir>")),
+            },
+        }
+    }
+}
+
+impl PostAction {
+    fn normalized(self) -> Self {
+        match self {
+            PostAction::Move(d) if d.is_empty() => PostAction::Move("/".into()),
+            other => other,
+        }
+    }
+}
+
+impl fmt::Display for PostAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PostAction::Keep => f.write_str("keep"),
+            PostAction::Delete => f.write_str("delete"),
+            PostAction::Move(dir) => write!(f, "move:{dir}"),
+        }
+    }
+}
+
+/// Role of a caller, taken from its client certificate's SAN URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// `spiffe://ferry/agent/<name>`
+    Agent(String),
+    /// `spiffe://ferry/admin/<name>`
+    Admin(String),
+}
+
+impl Role {
+    pub const AGENT_PREFIX: &'static str = "spiffe://ferry/agent/";
+    pub const ADMIN_PREFIX: &'static str = "spiffe://ferry/admin/";
+
+    /// Parses one SAN URI; `None` for URIs that are not ferry roles.
+    pub fn from_uri(uri: &str) -> Option<Role> {
+        let valid = |name: &str| {
+            !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if let Some(name) = uri.strip_prefix(Self::AGENT_PREFIX) {
+            return valid(name).then(|| Role::Agent(name.to_string()));
+        }
+        if let Some(name) = uri.strip_prefix(Self::ADMIN_PREFIX) {
+            return valid(name).then(|| Role::Admin(name.to_string()));
+        }
+        None
+    }
+
+    pub fn uri(&self) -> String {
+        match self {
+            Role::Agent(n) => format!("{}{n}", Self::AGENT_PREFIX),
+            Role::Admin(n) => format!("{}{n}", Self::ADMIN_PREFIX),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Role::Agent(n) | Role::Admin(n) => n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_through_text_and_proto() {
+        for st in FileStatus::ALL {
+            assert_eq!(st.as_str().parse::<FileStatus>().unwrap(), st);
+            assert_eq!(FileStatus::from_proto(st.to_proto()), Some(st));
+        }
+        assert_eq!("in-progress".parse::<FileStatus>().unwrap(), FileStatus::InProgress);
+        assert!("done".parse::<FileStatus>().is_err());
+    }
+
+    #[test]
+    fn post_action_parses_and_prints() {
+        assert_eq!("".parse::<PostAction>().unwrap(), PostAction::Keep);
+        assert_eq!("delete".parse::<PostAction>().unwrap(), PostAction::Delete);
+        assert_eq!(
+            "move:/archive/".parse::<PostAction>().unwrap(),
+            PostAction::Move("/archive".into())
+        );
+        assert_eq!(PostAction::Move("/a".into()).to_string(), "move:/a");
+        assert!("move:archive".parse::<PostAction>().is_err());
+        assert!("remove".parse::<PostAction>().is_err());
+    }
+
+    #[test]
+    fn roles_come_from_spiffe_uris_only() {
+        assert_eq!(Role::from_uri("spiffe://ferry/agent/a-1"), Some(Role::Agent("a-1".into())));
+        assert_eq!(Role::from_uri("spiffe://ferry/admin/alice"), Some(Role::Admin("alice".into())));
+        assert_eq!(Role::from_uri("spiffe://ferry/agent/"), None);
+        assert_eq!(Role::from_uri("spiffe://ferry/agent/a/b"), None);
+        assert_eq!(Role::from_uri("spiffe://other/admin/x"), None);
+        assert_eq!(Role::Agent("x".into()).uri(), "spiffe://ferry/agent/x");
+    }
+}

@@ -1,0 +1,270 @@
+//! Validation of admin input. Each check names the offending field so that the
+//! API can answer `INVALID_ARGUMENT` with a message an operator can act on.
+
+use std::fmt;
+
+/// A rejected input field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        FieldError {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+pub type Checked<T> = Result<T, FieldError>;
+
+/// Server names: 1..=128 characters of letters, digits, `-`, `_`, `.`.
+pub fn server_name(name: &str) -> Checked<()> {
+    if name.is_empty() {
+        return Err(FieldError::new("name", "must not be empty"));
+    }
+    if name.len() > 128 {
+        return Err(FieldError::new("name", "must be at most 128 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(FieldError::new(
+            "name",
+            format!("{name:?} may only contain letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    Ok(())
+}
+
+/// A DNS name (RFC 1123 labels) or an IPv4/IPv6 literal.
+pub fn hostname(host: &str) -> Checked<()> {
+    let field = "hostname";
+    if host.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if host.len() > 253 {
+        return Err(FieldError::new(field, "is longer than 253 characters"));
+    }
+    for label in host.trim_end_matches('.').split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(FieldError::new(
+                field,
+                format!("{host:?} is not a valid DNS name or IP address"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// TCP port 1..=65535; 0 in a create request means "default 22".
+pub fn port(port: u32) -> Checked<u16> {
+    match u16::try_from(port) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(FieldError::new(
+            "port",
+            format!("{port} is out of range (1..65535)"),
+        )),
+    }
+}
+
+pub fn username(user: &str) -> Checked<()> {
+    if user.trim().is_empty() {
+        return Err(FieldError::new("username", "must not be empty"));
+    }
+    if user.chars().any(char::is_control) {
+        return Err(FieldError::new("username", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// `SHA256:` followed by the unpadded base64 of a 32-byte digest, as OpenSSH prints it.
+pub fn host_key_fingerprint(fp: &str) -> Checked<()> {
+    use base64::Engine;
+    let field = "host_key_fingerprint";
+    let Some(b64) = fp.strip_prefix("SHA256:") else {
+        return Err(FieldError::new(
+            field,
+            format!("{fp:?} must look like SHA256:<base64> (as printed by ssh-keygen -lf)"),
+        ));
+    };
+    match base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64.trim_end_matches('=')) {
+        Ok(bytes) if bytes.len() == 32 => Ok(()),
+        _ => Err(FieldError::new(
+            field,
+            format!("{fp:?} is not a SHA256 fingerprint (expected 43 base64 characters after SHA256:)"),
+        )),
+    }
+}
+
+pub fn site(site: &str) -> Checked<()> {
+    if site.is_empty()
+        || site.len() > 64
+        || !site
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(FieldError::new(
+            "site",
+            format!("{site:?} must be 1..64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn max_sessions(n: u32) -> Checked<u32> {
+    if (1..=1024).contains(&n) {
+        Ok(n)
+    } else {
+        Err(FieldError::new("max_sessions", format!("{n} is out of range (1..1024)")))
+    }
+}
+
+/// An absolute remote directory; returned without trailing slash (except `/`).
+pub fn directory(dir: &str) -> Checked<String> {
+    let field = "directory";
+    if dir.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if !dir.starts_with('/') {
+        return Err(FieldError::new(field, format!("{dir:?} must be an absolute path")));
+    }
+    if dir.chars().any(char::is_control) {
+        return Err(FieldError::new(field, "must not contain control characters"));
+    }
+    if dir.split('/').any(|seg| seg == "..") {
+        return Err(FieldError::new(field, format!("{dir:?} must not contain '..'")));
+    }
+    let trimmed = dir.trim_end_matches('/');
+    Ok(if trimmed.is_empty() { "/".into() } else { trimmed.into() })
+}
+
+/// A file-name glob (`*.csv`, `data-??.{csv,json}`); empty means `*`.
+pub fn glob(pattern: &str) -> Checked<String> {
+    let pattern = if pattern.is_empty() { "*" } else { pattern };
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| FieldError::new("glob", format!("{pattern:?}: {}", e.kind())))?;
+    Ok(pattern.to_string())
+}
+
+pub fn poll_interval_secs(secs: u32) -> Checked<u32> {
+    if secs == 0 || secs > 86_400 {
+        return Err(FieldError::new(
+            "poll_interval_secs",
+            format!("{secs} is out of range (1..86400 seconds)"),
+        ));
+    }
+    Ok(secs)
+}
+
+pub fn min_age_secs(secs: u32) -> Checked<u32> {
+    if secs > 30 * 86_400 {
+        return Err(FieldError::new("min_age_secs", format!("{secs} is more than 30 days")));
+    }
+    Ok(secs)
+}
+
+/// S3 bucket naming rules (the subset MinIO and AWS agree on).
+pub fn bucket(name: &str) -> Checked<()> {
+    let field = "bucket";
+    let bad = |why: &str| Err(FieldError::new(field, format!("{name:?} {why}")));
+    if name.len() < 3 || name.len() > 63 {
+        return bad("must be 3..63 characters long");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
+        return bad("may only contain lower-case letters, digits, '-' and '.'");
+    }
+    let first_last_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_last_ok(name.chars().next()) || !first_last_ok(name.chars().last()) {
+        return bad("must start and end with a letter or digit");
+    }
+    if name.contains("..") {
+        return bad("must not contain '..'");
+    }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return bad("must not look like an IP address");
+    }
+    Ok(())
+}
+
+/// `keep`, `delete` or `move:<absolute dir>`.
+pub fn post_action(action: &str) -> Checked<crate::domain::PostAction> {
+    action
+        .parse()
+        .map_err(|e: String| FieldError::new("post_action", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames() {
+        for ok in ["sftp.example.com", "localhost", "127.0.0.1", "::1", "[::1]", "a-b.c"] {
+            assert!(hostname(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "bad host", "-x.com", "a..b", "x_y.com", "host/evil"] {
+            assert_eq!(hostname(bad).unwrap_err().field, "hostname", "{bad}");
+        }
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(port(22).unwrap(), 22);
+        assert!(port(0).is_err());
+        assert!(port(70000).unwrap_err().message.contains("70000"));
+    }
+
+    #[test]
+    fn fingerprints() {
+        assert!(host_key_fingerprint("SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU").is_ok());
+        assert!(host_key_fingerprint("MD5:aa:bb").is_err());
+        assert!(host_key_fingerprint("SHA256:short").is_err());
+    }
+
+    #[test]
+    fn directories_and_globs() {
+        assert_eq!(directory("/data/in/").unwrap(), "/data/in");
+        assert_eq!(directory("/").unwrap(), "/");
+        assert!(directory("data").is_err());
+        assert!(directory("").is_err());
+        assert!(directory("/a/../b").is_err());
+        assert_eq!(glob("").unwrap(), "*");
+        assert!(glob("*.{csv,json}").is_ok());
+        assert_eq!(glob("[a-").unwrap_err().field, "glob");
+    }
+
+    #[test]
+    fn buckets() {
+        assert!(bucket("ferry-inbox").is_ok());
+        for bad in ["ab", "Upper", "-lead", "trail-", "a..b", "192.168.1.1", "under_score"] {
+            assert!(bucket(bad).is_err(), "{bad}");
+        }
+    }
+}

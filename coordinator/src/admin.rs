@@ -1,0 +1,446 @@
+//! `ferry.v1.AdminService`: validates admin requests, applies them to the
+//! registry, and answers queries over files and agents.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use ferry_common::domain::{FileStatus, Role};
+use ferry_common::proto::{self, admin_service_server::AdminService};
+use ferry_common::validate::{self, FieldError};
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::error::{ApiError, ApiResult};
+use crate::files::{self, FileFilter, RetrySelection};
+use crate::hostkey;
+use crate::registry::{self, ServerSpec, WatchSpec};
+use crate::secrets::Credential;
+use crate::state::Coordinator;
+
+/// The admin API of one coordinator.
+#[derive(Clone)]
+pub struct Admin {
+    pub coord: Coordinator,
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+fn ok<T>(v: ApiResult<T>) -> Rpc<T> {
+    v.map(Response::new).map_err(Status::from)
+}
+
+/// Who made a change, for the file history ("admin:<name>").
+fn actor<T>(req: &Request<T>) -> String {
+    match ferry_common::tls::peer_role(req) {
+        Some(Role::Admin(name)) => format!("admin:{name}"),
+        _ => "admin:unknown".into(),
+    }
+}
+
+fn none_if_zero(v: i64) -> Option<i64> {
+    (v != 0).then_some(v)
+}
+
+/// Resolves the host key to pin: the given fingerprint, or the one the server
+/// presents now when trust-on-first-use was asked for explicitly.
+async fn host_key_to_pin(
+    given: Option<&str>,
+    trust: bool,
+    hostname: &str,
+    port: u16,
+) -> ApiResult<String> {
+    let given = given.filter(|g| !g.is_empty());
+    match (given, trust) {
+        (Some(_), true) => Err(FieldError::new(
+            "host_key_fingerprint",
+            "give either host_key_fingerprint or trust_host_key, not both",
+        )
+        .into()),
+        (Some(fp), false) => {
+            validate::host_key_fingerprint(fp)?;
+            Ok(fp.to_string())
+        }
+        (None, true) => {
+            let probed = hostkey::probe(hostname, port).await?;
+            Ok(probed.fingerprint)
+        }
+        (None, false) => Err(FieldError::new(
+            "host_key_fingerprint",
+            "required: pin the server's SSH host key with --host-key SHA256:... \
+             (`ssh-keygen -lf` of its host key, or `ferryctl servers probe --host HOST`), \
+             or pass --trust-host-key to pin the key it presents now",
+        )
+        .into()),
+    }
+}
+
+impl Admin {
+    async fn add_server(&self, r: proto::AddServerRequest) -> ApiResult<proto::Server> {
+        validate::server_name(&r.name)?;
+        validate::hostname(&r.hostname)?;
+        let port = if r.port == 0 { 22 } else { validate::port(r.port)? };
+        validate::username(&r.username)?;
+        let credential = registry::credential(
+            Some(&r.password),
+            Some(&r.private_key),
+            Some(&r.passphrase),
+        )?;
+        let site = if r.site.is_empty() { "default".to_string() } else { r.site };
+        validate::site(&site)?;
+        let max_sessions = if r.max_sessions == 0 { 4 } else { validate::max_sessions(r.max_sessions)? };
+        let fingerprint =
+            host_key_to_pin(Some(&r.host_key_fingerprint), r.trust_host_key, &r.hostname, port).await?;
+        let spec = ServerSpec {
+            name: r.name,
+            hostname: r.hostname,
+            port,
+            username: r.username,
+            credential,
+            host_key_fingerprint: fingerprint,
+            site,
+            max_sessions,
+            enabled: r.enabled.unwrap_or(true),
+        };
+        spec.check()?;
+        let row = registry::insert_server(&self.coord.db, &self.coord.secrets, &spec).await?;
+        tracing::info!(server = %row.name, id = row.id, "server added");
+        self.coord.registry_changed().await;
+        Ok(convert::server(&row))
+    }
+
+    async fn update_server(&self, r: proto::UpdateServerRequest) -> ApiResult<proto::Server> {
+        let db = &self.coord.db;
+        let row = registry::get_server(db, r.id).await?;
+        let current = registry::server_credential(db, &self.coord.secrets, r.id).await?;
+        let credential_changed = r.password.is_some() || r.private_key.is_some() || r.passphrase.is_some();
+        let credential = if credential_changed {
+            match (&r.password, &r.private_key) {
+                (None, None) => {
+                    // Only the passphrase changes: it must unlock the stored key.
+                    let Credential::PrivateKey { pem, .. } = &current else {
+                        return Err(FieldError::new("passphrase", "only applies to a private_key").into());
+                    };
+                    registry::credential(None, Some(pem), r.passphrase.as_deref())?
+                }
+                (p, k) => registry::credential(p.as_deref(), k.as_deref(), r.passphrase.as_deref())?,
+            }
+        } else {
+            current
+        };
+        let hostname = r.hostname.unwrap_or(row.hostname);
+        validate::hostname(&hostname)?;
+        let port = match r.port {
+            Some(p) => validate::port(p)?,
+            None => row.port as u16,
+        };
+        let fingerprint = if r.trust_host_key || r.host_key_fingerprint.is_some() {
+            host_key_to_pin(r.host_key_fingerprint.as_deref(), r.trust_host_key, &hostname, port).await?
+        } else {
+            row.host_key_fingerprint
+        };
+        let spec = ServerSpec {
+            name: r.name.unwrap_or(row.name),
+            hostname,
+            port,
+            username: r.username.unwrap_or(row.username),
+            credential,
+            host_key_fingerprint: fingerprint,
+            site: r.site.unwrap_or(row.site),
+            max_sessions: match r.max_sessions {
+                Some(n) => validate::max_sessions(n)?,
+                None => row.max_sessions as u32,
+            },
+            enabled: r.enabled.unwrap_or(row.enabled),
+        };
+        spec.check()?;
+        let row = registry::update_server(db, &self.coord.secrets, r.id, &spec, credential_changed).await?;
+        tracing::info!(server = %row.name, id = row.id, "server updated");
+        self.coord.registry_changed().await;
+        Ok(convert::server(&row))
+    }
+
+    async fn add_watch(&self, r: proto::AddWatchRequest) -> ApiResult<proto::Watch> {
+        if r.server_id <= 0 {
+            return Err(FieldError::new("server_id", "is required").into());
+        }
+        let spec = WatchSpec {
+            server_id: r.server_id,
+            directory: r.directory,
+            glob: r.glob,
+            recursive: r.recursive,
+            poll_interval_secs: if r.poll_interval_secs == 0 { 30 } else { r.poll_interval_secs },
+            min_age_secs: r.min_age_secs.unwrap_or(0),
+            bucket: r.bucket,
+            key_template: r.key_template,
+            post_action: validate::post_action(&r.post_action)?,
+            enabled: r.enabled.unwrap_or(true),
+        }
+        .checked()?;
+        let row = registry::insert_watch(&self.coord.db, &spec).await?;
+        tracing::info!(watch = row.id, server = %row.server_name, dir = %row.directory, "watch added");
+        self.coord.registry_changed().await;
+        Ok(convert::watch(&row))
+    }
+
+    async fn update_watch(&self, r: proto::UpdateWatchRequest) -> ApiResult<proto::Watch> {
+        let row = registry::get_watch(&self.coord.db, r.id).await?;
+        let spec = WatchSpec {
+            server_id: row.server_id,
+            directory: r.directory.unwrap_or(row.directory),
+            glob: r.glob.unwrap_or(row.glob),
+            recursive: r.recursive.unwrap_or(row.recursive),
+            poll_interval_secs: r.poll_interval_secs.unwrap_or(row.poll_interval_secs as u32),
+            min_age_secs: r.min_age_secs.unwrap_or(row.min_age_secs as u32),
+            bucket: r.bucket.unwrap_or(row.bucket),
+            key_template: r.key_template.unwrap_or(row.key_template),
+            post_action: validate::post_action(r.post_action.as_deref().unwrap_or(&row.post_action))?,
+            enabled: r.enabled.unwrap_or(row.enabled),
+        }
+        .checked()?;
+        let row = registry::update_watch(&self.coord.db, r.id, &spec).await?;
+        self.coord.registry_changed().await;
+        Ok(convert::watch(&row))
+    }
+
+    async fn list_files(&self, r: proto::ListFilesRequest) -> ApiResult<proto::ListFilesResponse> {
+        let limit = match r.page_size {
+            0 => 100,
+            n if n <= 1000 => i64::from(n),
+            n => return Err(FieldError::new("page_size", format!("{n} is more than 1000")).into()),
+        };
+        let after_id = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse::<i64>()
+                .map_err(|_| FieldError::new("page_token", "is not a token from a previous response"))?
+        };
+        let statuses = statuses(&r.statuses, "statuses")?;
+        let filter = FileFilter {
+            statuses,
+            server_id: none_if_zero(r.server_id),
+            watch_id: none_if_zero(r.watch_id),
+            after_id,
+            limit,
+        };
+        let (rows, more) = files::list_files(&self.coord.db, &filter).await?;
+        let next_page_token = match rows.last() {
+            Some(last) if more => last.id.to_string(),
+            _ => String::new(),
+        };
+        Ok(proto::ListFilesResponse {
+            files: rows.iter().map(convert::file).collect(),
+            next_page_token,
+        })
+    }
+}
+
+fn statuses(raw: &[i32], field: &'static str) -> Result<Vec<FileStatus>, FieldError> {
+    raw.iter()
+        .map(|s| {
+            proto::FileStatus::try_from(*s)
+                .ok()
+                .and_then(FileStatus::from_proto)
+                .ok_or_else(|| FieldError::new(field, format!("{s} is not a file status")))
+        })
+        .collect()
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::FileEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn add_server(&self, req: Request<proto::AddServerRequest>) -> Rpc<proto::Server> {
+        ok(Admin::add_server(self, req.into_inner()).await)
+    }
+
+    async fn update_server(&self, req: Request<proto::UpdateServerRequest>) -> Rpc<proto::Server> {
+        ok(Admin::update_server(self, req.into_inner()).await)
+    }
+
+    async fn remove_server(
+        &self,
+        req: Request<proto::RemoveServerRequest>,
+    ) -> Rpc<proto::RemoveServerResponse> {
+        let id = req.into_inner().id;
+        let result = registry::remove_server(&self.coord.db, id).await;
+        if result.is_ok() {
+            tracing::info!(server = id, "server removed");
+            self.coord.registry_changed().await;
+        }
+        ok(result.map(|watches_removed| proto::RemoveServerResponse { watches_removed }))
+    }
+
+    async fn get_server(&self, req: Request<proto::GetServerRequest>) -> Rpc<proto::Server> {
+        let r = req.into_inner();
+        let row = match (r.id, r.name.as_str()) {
+            (0, "") => Err(FieldError::new("id", "give a server id or name").into()),
+            (0, name) => registry::get_server_by_name(&self.coord.db, name).await,
+            (id, _) => registry::get_server(&self.coord.db, id).await,
+        };
+        ok(row.map(|r| convert::server(&r)))
+    }
+
+    async fn list_servers(
+        &self,
+        _req: Request<proto::ListServersRequest>,
+    ) -> Rpc<proto::ListServersResponse> {
+        ok(registry::list_servers(&self.coord.db).await.map(|rows| proto::ListServersResponse {
+            servers: rows.iter().map(convert::server).collect(),
+        }))
+    }
+
+    async fn probe_host_key(
+        &self,
+        req: Request<proto::ProbeHostKeyRequest>,
+    ) -> Rpc<proto::ProbeHostKeyResponse> {
+        let r = req.into_inner();
+        let result = async {
+            validate::hostname(&r.hostname)?;
+            let port = if r.port == 0 { 22 } else { validate::port(r.port)? };
+            let probed = hostkey::probe(&r.hostname, port).await?;
+            Ok(proto::ProbeHostKeyResponse {
+                fingerprint: probed.fingerprint,
+                key_algorithm: probed.algorithm,
+            })
+        }
+        .await;
+        ok(result)
+    }
+
+    async fn add_watch(&self, req: Request<proto::AddWatchRequest>) -> Rpc<proto::Watch> {
+        ok(Admin::add_watch(self, req.into_inner()).await)
+    }
+
+    async fn update_watch(&self, req: Request<proto::UpdateWatchRequest>) -> Rpc<proto::Watch> {
+        ok(Admin::update_watch(self, req.into_inner()).await)
+    }
+
+    async fn remove_watch(
+        &self,
+        req: Request<proto::RemoveWatchRequest>,
+    ) -> Rpc<proto::RemoveWatchResponse> {
+        let result = registry::remove_watch(&self.coord.db, req.into_inner().id).await;
+        if result.is_ok() {
+            self.coord.registry_changed().await;
+        }
+        ok(result.map(|()| proto::RemoveWatchResponse {}))
+    }
+
+    async fn list_watches(
+        &self,
+        req: Request<proto::ListWatchesRequest>,
+    ) -> Rpc<proto::ListWatchesResponse> {
+        let server = none_if_zero(req.into_inner().server_id);
+        ok(registry::list_watches(&self.coord.db, server).await.map(|rows| {
+            proto::ListWatchesResponse {
+                watches: rows.iter().map(convert::watch).collect(),
+            }
+        }))
+    }
+
+    async fn list_files(&self, req: Request<proto::ListFilesRequest>) -> Rpc<proto::ListFilesResponse> {
+        ok(Admin::list_files(self, req.into_inner()).await)
+    }
+
+    async fn get_file(&self, req: Request<proto::GetFileRequest>) -> Rpc<proto::GetFileResponse> {
+        let id = req.into_inner().id;
+        let result = async {
+            let file = files::get_file(&self.coord.db, id).await?;
+            let events = files::file_events(&self.coord.db, id).await?;
+            Ok(proto::GetFileResponse {
+                file: Some(convert::file(&file)),
+                events: events.iter().map(convert::event).collect(),
+            })
+        }
+        .await;
+        ok(result)
+    }
+
+    async fn retry_files(
+        &self,
+        req: Request<proto::RetryFilesRequest>,
+    ) -> Rpc<proto::RetryFilesResponse> {
+        let actor = actor(&req);
+        let r = req.into_inner();
+        let result = async {
+            let statuses = statuses(&r.statuses, "statuses")?;
+            if let Some(bad) = statuses.iter().find(|s| !s.is_retryable_by_admin()) {
+                return Err(FieldError::new(
+                    "statuses",
+                    format!("{bad} files cannot be retried (only error, failed, lost)"),
+                )
+                .into());
+            }
+            let sel = RetrySelection {
+                ids: r.ids,
+                statuses,
+                server_id: none_if_zero(r.server_id),
+            };
+            let requeued = files::retry_files(&self.coord.db, &sel, &actor).await?;
+            self.coord.files_due().await;
+            Ok(proto::RetryFilesResponse { requeued })
+        }
+        .await;
+        ok(result)
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<proto::ListAgentsRequest>,
+    ) -> Rpc<proto::ListAgentsResponse> {
+        ok(files::list_agents(&self.coord.db).await.map(|rows| proto::ListAgentsResponse {
+            agents: rows.iter().map(convert::agent).collect(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<proto::WatchEventsRequest>,
+    ) -> Rpc<Self::WatchEventsStream> {
+        let r = req.into_inner();
+        let db = self.coord.db.clone();
+        let mut wake = self.coord.subscribe_file_events();
+        let start = files::last_event_id(&db).await.map_err(Status::from)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut last = start;
+            loop {
+                match files::events_after(&db, last, none_if_zero(r.server_id), none_if_zero(r.watch_id)).await {
+                    Ok(events) => {
+                        for e in &events {
+                            last = e.id;
+                            if tx.send(Ok(convert::event(e))).await.is_err() {
+                                return;
+                            }
+                        }
+                        if events.len() == 1000 {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                }
+                // Notifications are a hint; the periodic re-read is the truth.
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as EventStream))
+    }
+}
+
+impl From<hostkey::ProbeError> for ApiError {
+    fn from(e: hostkey::ProbeError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}

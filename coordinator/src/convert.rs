@@ -1,0 +1,128 @@
+//! Conversion of database rows to protocol messages: the only place in the
+//! coordinator that builds `proto::*` values from domain data.
+
+use chrono::{DateTime, Utc};
+use ferry_common::domain::FileStatus;
+use ferry_common::proto;
+
+use crate::files::{AgentRow, EventRow, FileRow};
+use crate::registry::{ServerRow, WatchRow};
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn status(text: &str) -> i32 {
+    text.parse::<FileStatus>()
+        .map(|s| s.to_proto() as i32)
+        .unwrap_or(proto::FileStatus::Unspecified as i32)
+}
+
+pub fn server(row: &ServerRow) -> proto::Server {
+    let lease_live = row.poll_lease_expires_at.is_some_and(|t| t > Utc::now());
+    proto::Server {
+        id: row.id,
+        name: row.name.clone(),
+        hostname: row.hostname.clone(),
+        port: row.port as u32,
+        username: row.username.clone(),
+        auth_kind: match row.auth_kind.as_str() {
+            "password" => proto::AuthKind::Password,
+            _ => proto::AuthKind::PrivateKey,
+        } as i32,
+        has_passphrase: row.has_passphrase,
+        host_key_fingerprint: row.host_key_fingerprint.clone(),
+        site: row.site.clone(),
+        max_sessions: row.max_sessions as u32,
+        enabled: row.enabled,
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+        health: Some(proto::ServerHealth {
+            poller_agent: if lease_live { row.poller_agent.clone().unwrap_or_default() } else { String::new() },
+            last_poll_at: row.last_poll_at.map(timestamp),
+            last_poll_files: row.last_poll_files.unwrap_or(0) as u64,
+            last_error: row.last_poll_error.clone().unwrap_or_default(),
+        }),
+    }
+}
+
+pub fn watch(row: &WatchRow) -> proto::Watch {
+    proto::Watch {
+        id: row.id,
+        server_id: row.server_id,
+        server_name: row.server_name.clone(),
+        directory: row.directory.clone(),
+        glob: row.glob.clone(),
+        recursive: row.recursive,
+        poll_interval_secs: row.poll_interval_secs as u32,
+        min_age_secs: row.min_age_secs as u32,
+        bucket: row.bucket.clone(),
+        key_template: row.key_template.clone(),
+        post_action: row.post_action.clone(),
+        enabled: row.enabled,
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+    }
+}
+
+pub fn file(row: &FileRow) -> proto::File {
+    proto::File {
+        id: row.id,
+        server_id: row.server_id,
+        server_name: row.server_name.clone(),
+        watch_id: row.watch_id,
+        path: row.path.clone(),
+        size: row.size as u64,
+        mtime_unix: row.mtime_unix,
+        status: status(&row.status),
+        attempts: row.attempts as u32,
+        next_attempt_at: Some(timestamp(row.next_attempt_at)),
+        last_error: row.last_error.clone().unwrap_or_default(),
+        lease_owner: row.lease_owner.clone().unwrap_or_default(),
+        lease_expires_at: row.lease_expires_at.map(timestamp),
+        fencing_token: row.fencing_token as u64,
+        bucket: row.bucket.clone().unwrap_or_default(),
+        key: row.object_key.clone().unwrap_or_default(),
+        etag: row.etag.clone().unwrap_or_default(),
+        sha256: row.sha256.clone().unwrap_or_default(),
+        discovered_at: Some(timestamp(row.discovered_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+        post_action_result: row.post_action_result.clone().unwrap_or_default(),
+    }
+}
+
+pub fn event(row: &EventRow) -> proto::FileEvent {
+    proto::FileEvent {
+        id: row.id,
+        file_id: row.file_id,
+        at: Some(timestamp(row.at)),
+        from_status: row.from_status.as_deref().map(status).unwrap_or(0),
+        to_status: status(&row.to_status),
+        actor: row.actor.clone(),
+        reason: row.reason.clone(),
+        path: row.path.clone(),
+        server_id: row.server_id,
+        watch_id: row.watch_id,
+    }
+}
+
+pub fn agent(row: &AgentRow) -> proto::Agent {
+    proto::Agent {
+        name: row.name.clone(),
+        site: row.site.clone(),
+        version: row.version.clone(),
+        capacity: row.capacity as u32,
+        connected: row.connected,
+        coordinator: row.connected_coordinator.clone().unwrap_or_default(),
+        connected_at: row.connected_at.map(timestamp),
+        last_seen_at: row.last_seen_at.map(timestamp),
+        in_flight: row.in_flight as u32,
+        polled_servers: row.polled_servers.clone(),
+        files_transferred: row.files_transferred as u64,
+        bytes_transferred: row.bytes_transferred as u64,
+        errors: row.errors as u64,
+    }
+}

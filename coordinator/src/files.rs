@@ -1,0 +1,196 @@
+//! Queries over file versions and their history (`files`, `file_events`).
+
+use chrono::{DateTime, Utc};
+use ferry_common::domain::FileStatus;
+use sqlx::PgPool;
+
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FileRow {
+    pub id: i64,
+    pub server_id: i64,
+    pub server_name: String,
+    pub watch_id: i64,
+    pub path: String,
+    pub size: i64,
+    pub mtime_unix: i64,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub fencing_token: i64,
+    pub bucket: Option<String>,
+    pub object_key: Option<String>,
+    pub etag: Option<String>,
+    pub sha256: Option<String>,
+    pub post_action_result: Option<String>,
+    pub discovered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const FILE_SELECT: &str = "SELECT f.id, f.server_id, s.name AS server_name, f.watch_id, f.path, \
+    f.size, f.mtime_unix, f.status, f.attempts, f.next_attempt_at, f.last_error, f.lease_owner, \
+    f.lease_expires_at, f.fencing_token, f.bucket, f.object_key, f.etag, f.sha256, \
+    f.post_action_result, f.discovered_at, f.updated_at FROM files f JOIN servers s ON s.id = f.server_id";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub id: i64,
+    pub file_id: i64,
+    pub at: DateTime<Utc>,
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub actor: String,
+    pub reason: String,
+    pub path: String,
+    pub server_id: i64,
+    pub watch_id: i64,
+}
+
+const EVENT_SELECT: &str = "SELECT e.id, e.file_id, e.at, e.from_status, e.to_status, e.actor, \
+    e.reason, f.path, f.server_id, f.watch_id FROM file_events e JOIN files f ON f.id = e.file_id";
+
+/// Filter and page of a file listing.
+#[derive(Debug, Clone, Default)]
+pub struct FileFilter {
+    pub statuses: Vec<FileStatus>,
+    pub server_id: Option<i64>,
+    pub watch_id: Option<i64>,
+    /// Return files with id greater than this (keyset pagination).
+    pub after_id: i64,
+    pub limit: i64,
+}
+
+/// One page of files in id order, and whether more follow.
+pub async fn list_files(db: &PgPool, filter: &FileFilter) -> ApiResult<(Vec<FileRow>, bool)> {
+    let statuses: Vec<String> = filter.statuses.iter().map(|s| s.as_str().to_string()).collect();
+    let sql = format!(
+        "{FILE_SELECT} WHERE f.id > $1 AND (cardinality($2::TEXT[]) = 0 OR f.status = ANY($2)) \
+         AND ($3::BIGINT IS NULL OR f.server_id = $3) AND ($4::BIGINT IS NULL OR f.watch_id = $4) \
+         ORDER BY f.id LIMIT $5"
+    );
+    let mut rows = sqlx::query_as::<_, FileRow>(&sql)
+        .bind(filter.after_id)
+        .bind(&statuses)
+        .bind(filter.server_id)
+        .bind(filter.watch_id)
+        .bind(filter.limit + 1)
+        .fetch_all(db)
+        .await?;
+    let more = rows.len() as i64 > filter.limit;
+    rows.truncate(filter.limit as usize);
+    Ok((rows, more))
+}
+
+pub async fn get_file(db: &PgPool, id: i64) -> ApiResult<FileRow> {
+    let sql = format!("{FILE_SELECT} WHERE f.id = $1");
+    sqlx::query_as::<_, FileRow>(&sql)
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no file with id {id}")))
+}
+
+pub async fn file_events(db: &PgPool, file_id: i64) -> ApiResult<Vec<EventRow>> {
+    let sql = format!("{EVENT_SELECT} WHERE e.file_id = $1 ORDER BY e.id");
+    Ok(sqlx::query_as::<_, EventRow>(&sql).bind(file_id).fetch_all(db).await?)
+}
+
+/// Events after `after_id`, optionally of one server / watch (for live streams).
+pub async fn events_after(
+    db: &PgPool,
+    after_id: i64,
+    server_id: Option<i64>,
+    watch_id: Option<i64>,
+) -> ApiResult<Vec<EventRow>> {
+    let sql = format!(
+        "{EVENT_SELECT} WHERE e.id > $1 AND ($2::BIGINT IS NULL OR f.server_id = $2) \
+         AND ($3::BIGINT IS NULL OR f.watch_id = $3) ORDER BY e.id LIMIT 1000"
+    );
+    Ok(sqlx::query_as::<_, EventRow>(&sql)
+        .bind(after_id)
+        .bind(server_id)
+        .bind(watch_id)
+        .fetch_all(db)
+        .await?)
+}
+
+pub async fn last_event_id(db: &PgPool) -> ApiResult<i64> {
+    Ok(sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM file_events")
+        .fetch_one(db)
+        .await?)
+}
+
+/// Which files a retry requeues.
+#[derive(Debug, Clone, Default)]
+pub struct RetrySelection {
+    pub ids: Vec<i64>,
+    /// Defaults to error, failed and lost.
+    pub statuses: Vec<FileStatus>,
+    pub server_id: Option<i64>,
+}
+
+/// Requeues the selected files as `new` (attempts reset), with a history row
+/// each. Only files in error/failed/lost move; others are left alone.
+pub async fn retry_files(db: &PgPool, sel: &RetrySelection, actor: &str) -> ApiResult<u64> {
+    let statuses: Vec<String> = if sel.statuses.is_empty() {
+        vec!["error".into(), "failed".into(), "lost".into()]
+    } else {
+        sel.statuses.iter().map(|s| s.as_str().to_string()).collect()
+    };
+    let n = sqlx::query(
+        "WITH picked AS ( \
+            SELECT id, status FROM files \
+            WHERE status = ANY($1) AND status IN ('error','failed','lost') \
+              AND (cardinality($2::BIGINT[]) = 0 OR id = ANY($2)) \
+              AND ($3::BIGINT IS NULL OR server_id = $3) \
+            FOR UPDATE), \
+         moved AS ( \
+            UPDATE files f SET status='new', attempts=0, next_attempt_at=now(), last_error=NULL, \
+                   lease_owner=NULL, lease_expires_at=NULL, updated_at=now() \
+            FROM picked WHERE f.id = picked.id RETURNING f.id, picked.status AS old) \
+         INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
+         SELECT id, old, 'new', $4, 'manual retry' FROM moved",
+    )
+    .bind(&statuses)
+    .bind(&sel.ids)
+    .bind(sel.server_id)
+    .bind(actor)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AgentRow {
+    pub name: String,
+    pub site: String,
+    pub version: String,
+    pub capacity: i32,
+    pub connected: bool,
+    pub connected_coordinator: Option<String>,
+    pub connected_at: Option<DateTime<Utc>>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub in_flight: i32,
+    pub files_transferred: i64,
+    pub bytes_transferred: i64,
+    pub errors: i64,
+    pub polled_servers: Vec<String>,
+}
+
+pub async fn list_agents(db: &PgPool) -> ApiResult<Vec<AgentRow>> {
+    Ok(sqlx::query_as::<_, AgentRow>(
+        "SELECT a.name, a.site, a.version, a.capacity, a.connected, a.connected_coordinator, \
+         a.connected_at, a.last_seen_at, a.in_flight, a.files_transferred, a.bytes_transferred, \
+         a.errors, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
+         AS polled_servers FROM agents a \
+         LEFT JOIN servers s ON s.poller_agent = a.name AND s.deleted_at IS NULL \
+         GROUP BY a.name ORDER BY a.name",
+    )
+    .fetch_all(db)
+    .await?)
+}

@@ -1,0 +1,18 @@
+//! ferry coordinator: owns the Postgres schema, the server registry, file
+//! state, task assignment and AMQP notifications. See ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod agents;
+pub mod auth;
+pub mod config;
+pub mod convert;
+pub mod db;
+pub mod error;
+pub mod files;
+pub mod hostkey;
+pub mod registry;
+pub mod secrets;
+pub mod server;
+pub mod state;
+pub mod tasks;

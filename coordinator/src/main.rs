@@ -1,0 +1,51 @@
+//! `ferry-coordinator`: entry point.
+
+use clap::Parser;
+use ferry_coordinator::config::{Cli, Command};
+use ferry_coordinator::{db, server};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    ferry_common::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    ferry_common::telemetry::init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => {
+            let cancel = CancellationToken::new();
+            tokio::spawn(shutdown_on_signal(cancel.clone()));
+            server::serve(args, cancel).await
+        }
+        Command::Migrate(args) => async {
+            let pool = db::connect(&args.database_url, 2).await?;
+            db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        .await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-coordinator: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or Ctrl-C starts a graceful shutdown.
+async fn shutdown_on_signal(cancel: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested");
+    cancel.cancel();
+}

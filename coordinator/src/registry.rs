@@ -1,0 +1,382 @@
+//! The server and watch registry: validated specs and their Postgres rows.
+//!
+//! **Invariant:** every write here is preceded by full validation of the
+//! request, so a rejected request writes nothing.
+
+use chrono::{DateTime, Utc};
+use ferry_common::domain::PostAction;
+use ferry_common::validate::{self, FieldError};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::error::{ApiError, ApiResult, is_unique_violation};
+use crate::secrets::{Credential, SecretBox};
+
+/// A server as stored, without its secret.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ServerRow {
+    pub id: i64,
+    pub name: String,
+    pub hostname: String,
+    pub port: i32,
+    pub username: String,
+    pub auth_kind: String,
+    pub has_passphrase: bool,
+    pub host_key_fingerprint: String,
+    pub site: String,
+    pub max_sessions: i32,
+    pub enabled: bool,
+    pub poller_agent: Option<String>,
+    pub poll_lease_expires_at: Option<DateTime<Utc>>,
+    pub last_poll_at: Option<DateTime<Utc>>,
+    pub last_poll_files: Option<i64>,
+    pub last_poll_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const SERVER_COLUMNS: &str = "id, name, hostname, port, username, auth_kind, has_passphrase, \
+    host_key_fingerprint, site, max_sessions, enabled, poller_agent, poll_lease_expires_at, \
+    last_poll_at, last_poll_files, last_poll_error, created_at, updated_at";
+
+/// A fully validated server definition.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    pub name: String,
+    pub hostname: String,
+    pub port: u16,
+    pub username: String,
+    pub credential: Credential,
+    pub host_key_fingerprint: String,
+    pub site: String,
+    pub max_sessions: u32,
+    pub enabled: bool,
+}
+
+/// Checks a credential: exactly one of password / private key, and a key that parses.
+pub fn credential(
+    password: Option<&str>,
+    private_key: Option<&str>,
+    passphrase: Option<&str>,
+) -> Result<Credential, FieldError> {
+    let password = password.filter(|p| !p.is_empty());
+    let private_key = private_key.filter(|k| !k.trim().is_empty());
+    let passphrase = passphrase.filter(|p| !p.is_empty());
+    match (password, private_key) {
+        (Some(_), Some(_)) => Err(FieldError::new(
+            "auth",
+            "give either password or private_key, not both",
+        )),
+        (None, None) => Err(FieldError::new(
+            "auth",
+            "a password or a private_key is required",
+        )),
+        (Some(p), None) => {
+            if passphrase.is_some() {
+                return Err(FieldError::new("passphrase", "only applies to a private_key"));
+            }
+            Ok(Credential::Password(p.to_string()))
+        }
+        (None, Some(pem)) => {
+            russh::keys::decode_secret_key(pem, passphrase).map_err(|e| {
+                FieldError::new(
+                    "private_key",
+                    format!("cannot be parsed as an OpenSSH/PEM private key{}: {e}",
+                        if passphrase.is_some() { " with the given passphrase" } else { "" }),
+                )
+            })?;
+            Ok(Credential::PrivateKey {
+                pem: pem.to_string(),
+                passphrase: passphrase.map(str::to_string),
+            })
+        }
+    }
+}
+
+impl ServerSpec {
+    /// Validates every field except the credential (checked by [`credential`]).
+    pub fn check(&self) -> Result<(), FieldError> {
+        validate::server_name(&self.name)?;
+        validate::hostname(&self.hostname)?;
+        validate::port(u32::from(self.port))?;
+        validate::username(&self.username)?;
+        validate::host_key_fingerprint(&self.host_key_fingerprint)?;
+        validate::site(&self.site)?;
+        validate::max_sessions(self.max_sessions)?;
+        Ok(())
+    }
+}
+
+fn map_server_write_error(e: sqlx::Error, name: &str) -> ApiError {
+    if is_unique_violation(&e, "servers_name_live") {
+        ApiError::AlreadyExists(format!("a server named {name:?} already exists"))
+    } else {
+        e.into()
+    }
+}
+
+pub async fn insert_server(db: &PgPool, secrets: &SecretBox, spec: &ServerSpec) -> ApiResult<ServerRow> {
+    let sealed = secrets.seal(&spec.credential)?;
+    let sql = format!(
+        "INSERT INTO servers (name, hostname, port, username, auth_kind, secret_ciphertext, \
+         has_passphrase, host_key_fingerprint, site, max_sessions, enabled) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING {SERVER_COLUMNS}"
+    );
+    sqlx::query_as::<_, ServerRow>(&sql)
+        .bind(&spec.name)
+        .bind(&spec.hostname)
+        .bind(i32::from(spec.port))
+        .bind(&spec.username)
+        .bind(spec.credential.kind())
+        .bind(sealed)
+        .bind(spec.credential.has_passphrase())
+        .bind(&spec.host_key_fingerprint)
+        .bind(&spec.site)
+        .bind(spec.max_sessions as i32)
+        .bind(spec.enabled)
+        .fetch_one(db)
+        .await
+        .map_err(|e| map_server_write_error(e, &spec.name))
+}
+
+pub async fn update_server(
+    db: &PgPool,
+    secrets: &SecretBox,
+    id: i64,
+    spec: &ServerSpec,
+    credential_changed: bool,
+) -> ApiResult<ServerRow> {
+    let sealed = if credential_changed { Some(secrets.seal(&spec.credential)?) } else { None };
+    let sql = format!(
+        "UPDATE servers SET name=$2, hostname=$3, port=$4, username=$5, \
+         auth_kind=$6, secret_ciphertext=COALESCE($7, secret_ciphertext), has_passphrase=$8, \
+         host_key_fingerprint=$9, site=$10, max_sessions=$11, enabled=$12, updated_at=now() \
+         WHERE id=$1 AND deleted_at IS NULL RETURNING {SERVER_COLUMNS}"
+    );
+    sqlx::query_as::<_, ServerRow>(&sql)
+        .bind(id)
+        .bind(&spec.name)
+        .bind(&spec.hostname)
+        .bind(i32::from(spec.port))
+        .bind(&spec.username)
+        .bind(spec.credential.kind())
+        .bind(sealed)
+        .bind(spec.credential.has_passphrase())
+        .bind(&spec.host_key_fingerprint)
+        .bind(&spec.site)
+        .bind(spec.max_sessions as i32)
+        .bind(spec.enabled)
+        .fetch_optional(db)
+        .await
+        .map_err(|e| map_server_write_error(e, &spec.name))?
+        .ok_or_else(|| server_not_found(id))
+}
+
+pub fn server_not_found(id: i64) -> ApiError {
+    ApiError::NotFound(format!("no server with id {id}"))
+}
+
+pub async fn get_server(db: &PgPool, id: i64) -> ApiResult<ServerRow> {
+    let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE id=$1 AND deleted_at IS NULL");
+    sqlx::query_as::<_, ServerRow>(&sql)
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| server_not_found(id))
+}
+
+pub async fn get_server_by_name(db: &PgPool, name: &str) -> ApiResult<ServerRow> {
+    let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE name=$1 AND deleted_at IS NULL");
+    sqlx::query_as::<_, ServerRow>(&sql)
+        .bind(name)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no server named {name:?}")))
+}
+
+pub async fn list_servers(db: &PgPool) -> ApiResult<Vec<ServerRow>> {
+    let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE deleted_at IS NULL ORDER BY id");
+    Ok(sqlx::query_as::<_, ServerRow>(&sql).fetch_all(db).await?)
+}
+
+/// Decrypts the credential of a live server.
+pub async fn server_credential(db: &PgPool, secrets: &SecretBox, id: i64) -> ApiResult<Credential> {
+    let sealed: Vec<u8> = sqlx::query_scalar("SELECT secret_ciphertext FROM servers WHERE id=$1")
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| server_not_found(id))?;
+    Ok(secrets.open(&sealed)?)
+}
+
+/// Soft-deletes a server and its watches: polling stops at once, files and
+/// their history stay (the name becomes free for reuse). Returns the number of
+/// watches removed.
+pub async fn remove_server(db: &PgPool, id: i64) -> ApiResult<u32> {
+    let mut tx: Transaction<'_, Postgres> = db.begin().await?;
+    let found = sqlx::query(
+        "UPDATE servers SET deleted_at=now(), enabled=false, poller_agent=NULL, \
+         poller_coordinator=NULL, poll_lease_expires_at=NULL, updated_at=now() \
+         WHERE id=$1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if found == 0 {
+        return Err(server_not_found(id));
+    }
+    let watches = sqlx::query(
+        "UPDATE watches SET deleted_at=now(), enabled=false, updated_at=now() \
+         WHERE server_id=$1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(watches as u32)
+}
+
+// ------------------------------------------------------------------ watches
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WatchRow {
+    pub id: i64,
+    pub server_id: i64,
+    pub server_name: String,
+    pub directory: String,
+    pub glob: String,
+    pub recursive: bool,
+    pub poll_interval_secs: i32,
+    pub min_age_secs: i32,
+    pub bucket: String,
+    pub key_template: String,
+    pub post_action: String,
+    pub enabled: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const WATCH_SELECT: &str = "SELECT w.id, w.server_id, s.name AS server_name, w.directory, w.glob, \
+    w.recursive, w.poll_interval_secs, w.min_age_secs, w.bucket, w.key_template, w.post_action, \
+    w.enabled, w.created_at, w.updated_at FROM watches w JOIN servers s ON s.id = w.server_id";
+
+/// A fully validated watch definition.
+#[derive(Debug, Clone)]
+pub struct WatchSpec {
+    pub server_id: i64,
+    pub directory: String,
+    pub glob: String,
+    pub recursive: bool,
+    pub poll_interval_secs: u32,
+    pub min_age_secs: u32,
+    pub bucket: String,
+    pub key_template: String,
+    pub post_action: PostAction,
+    pub enabled: bool,
+}
+
+impl WatchSpec {
+    /// Validates and normalizes every field.
+    pub fn checked(mut self) -> Result<Self, FieldError> {
+        self.directory = validate::directory(&self.directory)?;
+        self.glob = validate::glob(&self.glob)?;
+        self.poll_interval_secs = validate::poll_interval_secs(self.poll_interval_secs)?;
+        self.min_age_secs = validate::min_age_secs(self.min_age_secs)?;
+        validate::bucket(&self.bucket)?;
+        self.key_template = ferry_common::keys::check_template(&self.key_template)?;
+        if let PostAction::Move(target) = &self.post_action {
+            if *target == self.directory {
+                return Err(FieldError::new(
+                    "post_action",
+                    "the move target must differ from the watched directory",
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
+pub fn watch_not_found(id: i64) -> ApiError {
+    ApiError::NotFound(format!("no watch with id {id}"))
+}
+
+pub async fn insert_watch(db: &PgPool, spec: &WatchSpec) -> ApiResult<WatchRow> {
+    get_server(db, spec.server_id).await?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO watches (server_id, directory, glob, recursive, poll_interval_secs, \
+         min_age_secs, bucket, key_template, post_action, enabled) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING id",
+    )
+    .bind(spec.server_id)
+    .bind(&spec.directory)
+    .bind(&spec.glob)
+    .bind(spec.recursive)
+    .bind(spec.poll_interval_secs as i32)
+    .bind(spec.min_age_secs as i32)
+    .bind(&spec.bucket)
+    .bind(&spec.key_template)
+    .bind(spec.post_action.to_string())
+    .bind(spec.enabled)
+    .fetch_one(db)
+    .await?;
+    get_watch(db, id).await
+}
+
+pub async fn update_watch(db: &PgPool, id: i64, spec: &WatchSpec) -> ApiResult<WatchRow> {
+    let n = sqlx::query(
+        "UPDATE watches SET directory=$2, glob=$3, recursive=$4, poll_interval_secs=$5, \
+         min_age_secs=$6, bucket=$7, key_template=$8, post_action=$9, enabled=$10, updated_at=now() \
+         WHERE id=$1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .bind(&spec.directory)
+    .bind(&spec.glob)
+    .bind(spec.recursive)
+    .bind(spec.poll_interval_secs as i32)
+    .bind(spec.min_age_secs as i32)
+    .bind(&spec.bucket)
+    .bind(&spec.key_template)
+    .bind(spec.post_action.to_string())
+    .bind(spec.enabled)
+    .execute(db)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        return Err(watch_not_found(id));
+    }
+    get_watch(db, id).await
+}
+
+pub async fn get_watch(db: &PgPool, id: i64) -> ApiResult<WatchRow> {
+    let sql = format!("{WATCH_SELECT} WHERE w.id=$1 AND w.deleted_at IS NULL");
+    sqlx::query_as::<_, WatchRow>(&sql)
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| watch_not_found(id))
+}
+
+/// Live watches, of one server or (`None`) of all.
+pub async fn list_watches(db: &PgPool, server_id: Option<i64>) -> ApiResult<Vec<WatchRow>> {
+    let sql = format!(
+        "{WATCH_SELECT} WHERE w.deleted_at IS NULL AND ($1::BIGINT IS NULL OR w.server_id=$1) \
+         ORDER BY w.id"
+    );
+    Ok(sqlx::query_as::<_, WatchRow>(&sql).bind(server_id).fetch_all(db).await?)
+}
+
+pub async fn remove_watch(db: &PgPool, id: i64) -> ApiResult<()> {
+    let n = sqlx::query(
+        "UPDATE watches SET deleted_at=now(), enabled=false, updated_at=now() \
+         WHERE id=$1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .execute(db)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        return Err(watch_not_found(id));
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Wires the gRPC server: mTLS, role interceptors, admin and agent services,
+//! health and reflection; runs until the cancellation token fires.
+
+use anyhow::Context;
+use ferry_common::proto::{
+    FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
+    agent_service_server::AgentServiceServer,
+};
+use ferry_common::tls::TlsPaths;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::admin::Admin;
+use crate::agents::AgentStreams;
+use crate::auth::{require_admin, require_agent};
+use crate::config::ServeArgs;
+use crate::secrets::SecretBox;
+use crate::state::Coordinator;
+use crate::{db, tasks};
+
+fn default_coordinator_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "coordinator".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Runs `ferry-coordinator serve` until `cancel` fires.
+pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let tls = TlsPaths {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    }
+    .load()?;
+    let secrets = SecretBox::from_key_file(&args.secret_key_file)?;
+    let pool = db::connect(&args.database.database_url, args.database.database_max_connections).await?;
+    db::migrate(&pool).await?;
+    let id = args.coordinator_id.clone().unwrap_or_else(default_coordinator_id);
+    let coord = Coordinator::new(pool, secrets, id.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AdminServiceServer<Admin>>()
+        .await;
+    health
+        .set_serving::<AgentServiceServer<AgentStreams>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("build reflection v1")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("build reflection v1alpha")?;
+
+    let admin = AdminServiceServer::with_interceptor(Admin { coord: coord.clone() }, require_admin);
+    let agents = AgentStreams::new(coord.clone(), cancel.clone());
+    let agent_service = AgentServiceServer::with_interceptor(agents.clone(), require_agent);
+
+    let incoming = TcpIncoming::bind(args.listen)
+        .with_context(|| format!("listen on {}", args.listen))?
+        .with_nodelay(Some(true));
+    let bound = incoming.local_addr().context("local address")?;
+
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(coord.clone().run_listener(cancel.clone()));
+    background.spawn(tasks::run_background(coord.clone(), agents.clone(), cancel.clone()));
+
+    tracing::info!(%bound, coordinator = %id, "serving");
+    println!("ferry-coordinator listening on {bound}");
+
+    let shutdown = cancel.clone();
+    let result = Server::builder()
+        .tls_config(tls.server_config())
+        .context("TLS configuration")?
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(admin)
+        .add_service(agent_service)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+        .context("gRPC server");
+    cancel.cancel();
+    while background.join_next().await.is_some() {}
+    agents.shutdown().await;
+    tracing::info!("stopped");
+    result
+}
