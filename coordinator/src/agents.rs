@@ -1,29 +1,184 @@
 //! `ferry.v1.AgentService`: one bidirectional stream per connected agent.
+//!
+//! The agent's identity is the name in its certificate's SAN URI. Each stream
+//! is a [`Session`] in this coordinator's table; the reconciler
+//! ([`crate::tasks`]) sends it poll assignments, and the reader task here
+//! records what it reports.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use ferry_common::proto::{self, agent_service_server::AgentService};
+use ferry_common::domain::Role;
+use ferry_common::proto::{self, agent_message::Body, agent_service_server::AgentService};
+use ferry_common::validate;
 use futures::Stream;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
 
+use crate::discovery::{self, Discovered};
+use crate::polls;
 use crate::state::Coordinator;
+
+/// Seconds between agent heartbeats, announced in the welcome.
+pub const HEARTBEAT_SECS: u32 = 5;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One live agent stream on this coordinator.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub agent: String,
+    pub site: String,
+    pub capacity: u32,
+    pub id: String,
+    pub tx: mpsc::Sender<proto::CoordinatorMessage>,
+    /// Poll assignments sent on this stream: server id -> version.
+    pub sent_polls: Arc<Mutex<HashMap<i64, String>>>,
+}
+
+impl Session {
+    /// Queues a message; false if the stream is gone.
+    pub async fn send(&self, body: proto::coordinator_message::Body) -> bool {
+        self.tx
+            .send(proto::CoordinatorMessage { body: Some(body) })
+            .await
+            .is_ok()
+    }
+}
 
 /// The agent streams held by this coordinator.
 #[derive(Clone)]
 pub struct AgentStreams {
     coord: Coordinator,
     cancel: CancellationToken,
+    sessions: Arc<Mutex<HashMap<String, Session>>>,
+    /// Wakes the reconciler when an agent comes or goes.
+    pub changed: Arc<Notify>,
 }
 
 impl AgentStreams {
     pub fn new(coord: Coordinator, cancel: CancellationToken) -> Self {
-        AgentStreams { coord, cancel }
+        AgentStreams {
+            coord,
+            cancel,
+            sessions: Arc::default(),
+            changed: Arc::default(),
+        }
     }
 
-    /// Marks this coordinator's agents disconnected on shutdown.
+    /// The sessions open right now.
+    pub fn snapshot(&self) -> Vec<Session> {
+        self.sessions.lock().expect("sessions lock").values().cloned().collect()
+    }
+
+    /// Marks this coordinator's agents disconnected and releases their leases.
     pub async fn shutdown(&self) {
-        let _ = (&self.coord, &self.cancel);
+        let sessions: Vec<Session> = self.sessions.lock().expect("sessions lock").drain().map(|(_, s)| s).collect();
+        for s in sessions {
+            self.disconnected(&s).await;
+        }
+    }
+
+    async fn disconnected(&self, s: &Session) {
+        let db = &self.coord.db;
+        let r = sqlx::query(
+            "UPDATE agents SET connected = false, in_flight = 0 WHERE name = $1 AND session_id = $2",
+        )
+        .bind(&s.agent)
+        .bind(&s.id)
+        .execute(db)
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(agent = %s.agent, error = %e, "could not mark agent disconnected");
+        }
+        if let Err(e) = polls::release_agent(db, &self.coord.id, &s.agent).await {
+            tracing::warn!(agent = %s.agent, error = %e, "could not release poll leases");
+        }
+        tracing::info!(agent = %s.agent, "agent disconnected");
+        self.changed.notify_one();
+    }
+
+    async fn register(&self, agent: &str, hello: &proto::Hello) -> Result<Session, Status> {
+        let site = if hello.site.is_empty() { "default" } else { hello.site.as_str() };
+        validate::site(site).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = Uuid::new_v4().to_string();
+        sqlx::query(
+            "INSERT INTO agents (name, site, version, capacity, connected, connected_coordinator, \
+                                 session_id, connected_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4, true, $5, $6, now(), now()) \
+             ON CONFLICT (name) DO UPDATE SET site = $2, version = $3, capacity = $4, connected = true, \
+                connected_coordinator = $5, session_id = $6, connected_at = now(), last_seen_at = now()",
+        )
+        .bind(agent)
+        .bind(site)
+        .bind(&hello.version)
+        .bind(hello.capacity as i32)
+        .bind(&self.coord.id)
+        .bind(&id)
+        .execute(&self.coord.db)
+        .await
+        .map_err(|e| Status::from(crate::error::ApiError::from(e)))?;
+        let (tx, _) = mpsc::channel(1);
+        Ok(Session {
+            agent: agent.to_string(),
+            site: site.to_string(),
+            capacity: hello.capacity,
+            id,
+            tx,
+            sent_polls: Arc::default(),
+        })
+    }
+
+    async fn handle(&self, s: &Session, body: Body) -> anyhow::Result<()> {
+        let db = &self.coord.db;
+        match body {
+            Body::Heartbeat(h) => {
+                sqlx::query(
+                    "UPDATE agents SET last_seen_at = now(), in_flight = $3, files_transferred = $4, \
+                     bytes_transferred = $5, errors = $6 WHERE name = $1 AND session_id = $2",
+                )
+                .bind(&s.agent)
+                .bind(&s.id)
+                .bind(h.in_flight as i32)
+                .bind(h.files_transferred as i64)
+                .bind(h.bytes_transferred as i64)
+                .bind(h.errors as i64)
+                .execute(db)
+                .await?;
+            }
+            Body::Discovery(batch) => {
+                let entries: Vec<Discovered> = batch
+                    .entries
+                    .into_iter()
+                    .map(|e| Discovered {
+                        path: e.path,
+                        size: e.size as i64,
+                        mtime_unix: e.mtime_unix,
+                    })
+                    .collect();
+                let n = discovery::record_batch(db, &s.agent, batch.server_id, batch.watch_id, &entries).await?;
+                tracing::debug!(agent = %s.agent, watch = batch.watch_id, reported = entries.len(), new = n, "discovery");
+                if n > 0 {
+                    self.coord.files_due().await;
+                }
+            }
+            Body::PollReport(report) => {
+                if !report.ok {
+                    tracing::warn!(agent = %s.agent, server = report.server_id, error = %report.error, "poll failed");
+                }
+                polls::record_report(db, &s.agent, &report).await?;
+            }
+            Body::Hello(_) => anyhow::bail!("hello sent twice"),
+            other => {
+                tracing::debug!(agent = %s.agent, message = ?std::mem::discriminant(&other), "message not handled yet");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -35,8 +190,72 @@ impl AgentService for AgentStreams {
 
     async fn connect(
         &self,
-        _req: Request<Streaming<proto::AgentMessage>>,
+        req: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        Err(Status::unimplemented("agent streams arrive with the agents issue"))
+        let Some(Role::Agent(agent)) = ferry_common::tls::peer_role(&req) else {
+            return Err(Status::permission_denied("not an agent certificate"));
+        };
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let Some(proto::AgentMessage { body: Some(Body::Hello(hello)) }) = first else {
+            return Err(Status::invalid_argument("the first message must be hello"));
+        };
+        let mut session = self.register(&agent, &hello).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        session.tx = tx;
+        session
+            .send(proto::coordinator_message::Body::Welcome(proto::Welcome {
+                agent_name: agent.clone(),
+                coordinator_id: self.coord.id.clone(),
+                heartbeat_interval_secs: HEARTBEAT_SECS,
+            }))
+            .await;
+        if let Some(old) = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(agent.clone(), session.clone())
+        {
+            tracing::info!(agent = %agent, "replacing an older stream of the same agent");
+            drop(old);
+        }
+        tracing::info!(agent = %agent, site = %session.site, version = %hello.version, "agent connected");
+        self.changed.notify_one();
+
+        let streams = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = streams.cancel.cancelled() => break,
+                    m = inbound.next() => m,
+                };
+                match msg {
+                    Some(Ok(proto::AgentMessage { body: Some(body) })) => {
+                        if let Err(e) = streams.handle(&session, body).await {
+                            tracing::warn!(agent = %session.agent, error = format!("{e:#}"), "agent message failed");
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(status)) => {
+                        tracing::info!(agent = %session.agent, error = %status.message(), "agent stream error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let current = {
+                let mut map = streams.sessions.lock().expect("sessions lock");
+                match map.get(&session.agent) {
+                    Some(s) if s.id == session.id => map.remove(&session.agent).is_some(),
+                    _ => false,
+                }
+            };
+            if current {
+                streams.disconnected(&session).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)) as OutStream))
     }
 }

@@ -1,0 +1,348 @@
+//! Directory walking: streams `READDIR` replies, keeps regular files whose
+//! name matches the watch glob, and descends into subdirectories on request.
+//!
+//! Entry types come from the attributes in the `READDIR` reply, which
+//! servers fill with `lstat` semantics: a symlink shows up as a symlink and is
+//! skipped, so links can neither escape the watched tree nor loop.
+
+use globset::GlobMatcher;
+use russh_sftp::client::error::Error as SftpLibError;
+use russh_sftp::protocol::{FileAttributes, StatusCode};
+
+use super::error::SftpError;
+use super::reader::close_in_background;
+use super::session::{FileKind, RemoteFile, SftpSession};
+
+/// A listing in progress; see [`SftpSession::listing`].
+///
+/// Holds at most one open directory handle on the server. Dropping it early
+/// closes that handle in the background.
+pub struct Listing<'a> {
+    session: &'a SftpSession,
+    glob: &'a GlobMatcher,
+    recursive: bool,
+    /// The watch directory until it has been opened.
+    root: Option<String>,
+    /// Subdirectories still to read (absolute paths).
+    pending: Vec<String>,
+    open: Option<OpenDir>,
+}
+
+struct OpenDir {
+    path: String,
+    handle: String,
+}
+
+/// What to do with one directory entry.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    Skip,
+    /// A regular file matching the glob.
+    Match,
+    /// A subdirectory to descend into.
+    Descend,
+}
+
+impl<'a> Listing<'a> {
+    pub(crate) fn new(
+        session: &'a SftpSession,
+        dir: &str,
+        glob: &'a GlobMatcher,
+        recursive: bool,
+    ) -> Listing<'a> {
+        Listing {
+            session,
+            glob,
+            recursive,
+            root: Some(dir.to_owned()),
+            pending: Vec::new(),
+            open: None,
+        }
+    }
+
+    /// The next non-empty batch of matching files, or `None` when the walk
+    /// is complete.
+    ///
+    /// The watch directory itself failing (missing: [`SftpError::NotFound`],
+    /// unreadable, ...) is an error. A subdirectory that vanished or cannot
+    /// be read is skipped (logged), so one bad subtree does not hide the rest.
+    pub async fn next_batch(&mut self) -> Result<Option<Vec<RemoteFile>>, SftpError> {
+        loop {
+            let Some(dir) = &self.open else {
+                if self.open_next_dir().await? {
+                    continue;
+                }
+                return Ok(None);
+            };
+            let (path, handle) = (dir.path.clone(), dir.handle.clone());
+            self.session.touch();
+            match self.session.sftp().readdir(handle.as_str()).await {
+                Ok(name) => {
+                    let mut batch = Vec::new();
+                    for file in name.files {
+                        self.take(&path, file, &mut batch).await?;
+                    }
+                    if !batch.is_empty() {
+                        return Ok(Some(batch));
+                    }
+                }
+                Err(SftpLibError::Status(status)) if status.status_code == StatusCode::Eof => {
+                    self.close_open().await;
+                }
+                Err(e) => {
+                    self.close_open().await;
+                    return Err(self.session.error(e, &path));
+                }
+            }
+        }
+    }
+
+    /// Opens the next directory to read; false when none is left.
+    async fn open_next_dir(&mut self) -> Result<bool, SftpError> {
+        let sftp = self.session.sftp();
+        if let Some(root) = self.root.take() {
+            let root = if root.starts_with('/') {
+                trim_dir(&root).to_owned()
+            } else {
+                // Relative to the login directory; results must be absolute.
+                let relative = if root.is_empty() { "." } else { root.as_str() };
+                let name = sftp
+                    .realpath(relative)
+                    .await
+                    .map_err(|e| self.session.error(e, relative))?;
+                match name.files.into_iter().next() {
+                    Some(file) => trim_dir(&file.filename).to_owned(),
+                    None => {
+                        return Err(SftpError::Protocol(format!(
+                            "{relative}: server resolved the path to nothing"
+                        )));
+                    }
+                }
+            };
+            self.session.touch();
+            let handle = sftp
+                .opendir(root.as_str())
+                .await
+                .map_err(|e| self.session.error(e, &root))?
+                .handle;
+            self.open = Some(OpenDir { path: root, handle });
+            return Ok(true);
+        }
+        while let Some(dir) = self.pending.pop() {
+            self.session.touch();
+            match sftp.opendir(dir.as_str()).await {
+                Ok(handle) => {
+                    self.open = Some(OpenDir {
+                        path: dir,
+                        handle: handle.handle,
+                    });
+                    return Ok(true);
+                }
+                Err(e) => match self.session.error(e, &dir) {
+                    SftpError::NotFound(_) => {
+                        tracing::debug!(target = %self.session.target(), dir, "subdirectory vanished during listing");
+                    }
+                    SftpError::PermissionDenied(_) => {
+                        tracing::warn!(target = %self.session.target(), dir, "cannot read subdirectory (permission denied); skipping it");
+                    }
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(false)
+    }
+
+    /// Files one entry of `dir` into `batch` or the pending directories.
+    async fn take(
+        &mut self,
+        dir: &str,
+        file: russh_sftp::protocol::File,
+        batch: &mut Vec<RemoteFile>,
+    ) -> Result<(), SftpError> {
+        let entry = classify_entry(
+            &file.filename,
+            &file.attrs,
+            &file.longname,
+            self.glob,
+            self.recursive,
+        );
+        match entry {
+            Entry::Skip => {
+                if file
+                    .filename
+                    .contains(['/', '\0', char::REPLACEMENT_CHARACTER])
+                {
+                    tracing::warn!(target = %self.session.target(), dir, name = %file.filename.escape_debug(), "skipping entry with an unusable name (slash, NUL or not UTF-8)");
+                }
+            }
+            Entry::Descend => self.pending.push(join(dir, &file.filename)),
+            Entry::Match => {
+                let path = join(dir, &file.filename);
+                let (size, mtime) = match (file.attrs.size, file.attrs.mtime) {
+                    (Some(size), Some(mtime)) => (Some(size), Some(i64::from(mtime))),
+                    // Some servers omit attributes in READDIR; ask for them.
+                    _ => match self.session.lstat(&path).await {
+                        Ok(stat) => (stat.size, stat.mtime_unix),
+                        Err(SftpError::NotFound(_)) => (None, None),
+                        Err(e) => return Err(e),
+                    },
+                };
+                match (size, mtime) {
+                    (Some(size), Some(mtime_unix)) => batch.push(RemoteFile {
+                        path,
+                        size,
+                        mtime_unix,
+                    }),
+                    _ => {
+                        tracing::warn!(target = %self.session.target(), path, "server reports no size or mtime; skipping file");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close_open(&mut self) {
+        if let Some(dir) = self.open.take()
+            && let Err(e) = self.session.sftp().close(dir.handle).await
+        {
+            tracing::debug!(target = %self.session.target(), dir = dir.path, error = %e, "closing directory handle");
+        }
+    }
+}
+
+impl Drop for Listing<'_> {
+    fn drop(&mut self) {
+        if let Some(dir) = self.open.take() {
+            close_in_background(self.session.sftp().clone(), dir.handle);
+        }
+    }
+}
+
+/// Decides what one `READDIR` entry is to the walk. Pure.
+fn classify_entry(
+    name: &str,
+    attrs: &FileAttributes,
+    longname: &str,
+    glob: &GlobMatcher,
+    recursive: bool,
+) -> Entry {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        // A name with a slash would address another directory; a lossily
+        // decoded non-UTF-8 name cannot be opened again.
+        || name.contains(['/', '\0', char::REPLACEMENT_CHARACTER])
+    {
+        return Entry::Skip;
+    }
+    let kind = match FileKind::from_attrs(attrs) {
+        // No mode bits: fall back to the `ls -l` style long name.
+        FileKind::Unknown => match longname.chars().next() {
+            Some('-') => FileKind::File,
+            Some('d') => FileKind::Dir,
+            _ => FileKind::Unknown,
+        },
+        kind => kind,
+    };
+    match kind {
+        FileKind::File if glob.is_match(name) => Entry::Match,
+        FileKind::Dir if recursive => Entry::Descend,
+        _ => Entry::Skip,
+    }
+}
+
+/// `dir` without trailing slashes, except the root itself.
+fn trim_dir(dir: &str) -> &str {
+    let trimmed = dir.trim_end_matches('/');
+    if trimmed.is_empty() && dir.starts_with('/') {
+        "/"
+    } else {
+        trimmed
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.ends_with('/') {
+        format!("{dir}{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn glob(pattern: &str) -> GlobMatcher {
+        globset::Glob::new(pattern)
+            .expect("valid glob")
+            .compile_matcher()
+    }
+
+    fn attrs(mode: Option<u32>) -> FileAttributes {
+        FileAttributes {
+            permissions: mode,
+            size: Some(1),
+            mtime: Some(1),
+            ..FileAttributes::default()
+        }
+    }
+
+    const FILE: Option<u32> = Some(0o100_644);
+    const DIR: Option<u32> = Some(0o040_755);
+    const LINK: Option<u32> = Some(0o120_777);
+
+    #[test]
+    fn glob_applies_to_regular_files_by_name() {
+        let csv = glob("*.csv");
+        let entry = |name: &str, mode| classify_entry(name, &attrs(mode), "", &csv, true);
+        assert_eq!(entry("a.csv", FILE), Entry::Match);
+        assert_eq!(entry("a.txt", FILE), Entry::Skip);
+        // Directories are descended whatever their name, only when recursive.
+        assert_eq!(entry("2024", DIR), Entry::Descend);
+        assert_eq!(
+            classify_entry("2024", &attrs(DIR), "", &csv, false),
+            Entry::Skip
+        );
+        // A directory named like a match is not a file.
+        assert_eq!(
+            classify_entry("x.csv", &attrs(DIR), "", &csv, false),
+            Entry::Skip
+        );
+    }
+
+    #[test]
+    fn symlinks_specials_and_dot_entries_are_skipped() {
+        let all = glob("*");
+        let entry = |name: &str, mode| classify_entry(name, &attrs(mode), "", &all, true);
+        assert_eq!(entry("link.csv", LINK), Entry::Skip);
+        assert_eq!(entry("fifo", Some(0o010_644)), Entry::Skip);
+        assert_eq!(entry("sock", Some(0o140_755)), Entry::Skip);
+        assert_eq!(entry(".", DIR), Entry::Skip);
+        assert_eq!(entry("..", DIR), Entry::Skip);
+        assert_eq!(entry("a/b", FILE), Entry::Skip);
+        assert_eq!(entry("bad\u{FFFD}name", FILE), Entry::Skip);
+        // Hidden files are ordinary files to the walker; the glob decides.
+        assert_eq!(entry(".hidden", FILE), Entry::Match);
+    }
+
+    #[test]
+    fn missing_mode_falls_back_to_longname() {
+        let all = glob("*");
+        let entry = |longname: &str| classify_entry("x", &attrs(None), longname, &all, true);
+        assert_eq!(entry("-rw-r--r-- 1 u g 5 Jan 1 00:00 x"), Entry::Match);
+        assert_eq!(entry("drwxr-xr-x 2 u g 4096 Jan 1 00:00 x"), Entry::Descend);
+        assert_eq!(entry("lrwxrwxrwx 1 u g 3 Jan 1 00:00 x -> y"), Entry::Skip);
+        assert_eq!(entry(""), Entry::Skip);
+    }
+
+    #[test]
+    fn paths_join_without_double_slashes() {
+        assert_eq!(trim_dir("/data/in/"), "/data/in");
+        assert_eq!(trim_dir("/"), "/");
+        assert_eq!(trim_dir("//"), "/");
+        assert_eq!(join("/", "a"), "/a");
+        assert_eq!(join("/data", "a"), "/data/a");
+    }
+}

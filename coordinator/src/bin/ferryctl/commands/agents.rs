@@ -1,0 +1,75 @@
+//! `ferryctl agents`: the agents known to the coordinators and their health
+//! (connection, last heartbeat, load, polled servers, counters).
+
+use ferry_common::proto::{Agent, ListAgentsRequest};
+use serde_json::{Value, json};
+
+use crate::connect::Admin;
+use crate::output::{self, Table};
+
+pub async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
+    let agents = admin
+        .call(admin.client().list_agents(ListAgentsRequest {}))
+        .await?
+        .agents;
+    if json {
+        return Ok(output::print_json(&Value::Array(
+            agents.iter().map(agent_json).collect(),
+        ))?);
+    }
+    let mut table = Table::new(&[
+        "NAME",
+        "SITE",
+        "VERSION",
+        "CONNECTED",
+        "LAST-SEEN",
+        "IN-FLIGHT",
+        "FILES",
+        "BYTES",
+        "ERRORS",
+        "SERVERS",
+    ]);
+    for a in &agents {
+        let connected = match (a.connected, a.coordinator.is_empty()) {
+            (true, false) => format!("yes ({})", a.coordinator),
+            (true, true) => "yes".into(),
+            (false, _) => "no".into(),
+        };
+        table.row(vec![
+            a.name.clone(),
+            output::or_dash(&a.site),
+            output::or_dash(&a.version),
+            connected,
+            output::age(a.last_seen_at.as_ref()),
+            format!("{}/{}", a.in_flight, a.capacity),
+            a.files_transferred.to_string(),
+            output::size(a.bytes_transferred),
+            a.errors.to_string(),
+            if a.polled_servers.is_empty() {
+                "-".into()
+            } else {
+                a.polled_servers.join(",")
+            },
+        ]);
+    }
+    Ok(table.print_or("no agents have connected yet")?)
+}
+
+/// JSON shape of an agent.
+pub fn agent_json(a: &Agent) -> Value {
+    json!({
+        "name": a.name,
+        "site": a.site,
+        "version": a.version,
+        "capacity": a.capacity,
+        "connected": a.connected,
+        "coordinator": output::json_opt(&a.coordinator),
+        "connected_at": output::json_time(a.connected_at.as_ref()),
+        "last_seen_at": output::json_time(a.last_seen_at.as_ref()),
+        "in_flight": a.in_flight,
+        "polled_servers": a.polled_servers,
+        "files_transferred": a.files_transferred,
+        "bytes_transferred": a.bytes_transferred,
+        "errors": a.errors,
+    })
+}

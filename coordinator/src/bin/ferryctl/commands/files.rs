@@ -1,0 +1,351 @@
+//! `ferryctl files ...`: list files (paginated), show one file with its
+//! history, requeue failures, and follow the live `WatchEvents` stream.
+
+use ferry_common::proto::{
+    File, FileEvent, GetFileRequest, ListFilesRequest, RetryFilesRequest, WatchEventsRequest,
+};
+use serde_json::{Value, json};
+
+use crate::commands::servers;
+use crate::connect::Admin;
+use crate::output::{self, Table, outln};
+use crate::{FilesCmd, FilesListArgs, ServerRef};
+
+/// Largest page the API serves.
+const MAX_PAGE: u32 = 1000;
+
+pub async fn run(admin: &Admin, cmd: FilesCmd, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        FilesCmd::List(args) => list(admin, args, json).await,
+        FilesCmd::Show { id } => show(admin, id, json).await,
+        FilesCmd::Retry {
+            ids,
+            status,
+            server,
+        } => {
+            let statuses = status.iter().map(|s| s.to_proto() as i32).collect();
+            retry(admin, ids, statuses, server.as_ref(), json).await
+        }
+        FilesCmd::Watch { server, watch_id } => {
+            follow(admin, server.as_ref(), watch_id.unwrap_or(0), json).await
+        }
+    }
+}
+
+async fn list(admin: &Admin, args: FilesListArgs, json: bool) -> anyhow::Result<()> {
+    let server_id = servers::resolve_filter(admin, args.server.as_ref()).await?;
+    let statuses: Vec<i32> = args.status.iter().map(|s| s.to_proto() as i32).collect();
+    let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
+    let mut files: Vec<File> = Vec::new();
+    let mut page_token = String::new();
+    let mut more = false;
+    loop {
+        let page_size = if args.all {
+            MAX_PAGE
+        } else {
+            let remaining = limit.saturating_sub(files.len());
+            u32::try_from(remaining).unwrap_or(MAX_PAGE).min(MAX_PAGE)
+        };
+        let request = ListFilesRequest {
+            statuses: statuses.clone(),
+            server_id,
+            watch_id: args.watch_id.unwrap_or(0),
+            page_size,
+            page_token: page_token.clone(),
+        };
+        let page = admin.call(admin.client().list_files(request)).await?;
+        files.extend(page.files);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        if !args.all && files.len() >= limit {
+            more = true;
+            break;
+        }
+        if page.next_page_token == page_token {
+            anyhow::bail!("the coordinator returned the same page token twice; stopping");
+        }
+        page_token = page.next_page_token;
+    }
+    if !args.all && files.len() > limit {
+        files.truncate(limit);
+        more = true;
+    }
+    if json {
+        return Ok(output::print_json(&Value::Array(
+            files.iter().map(file_json).collect(),
+        ))?);
+    }
+    let mut table = Table::new(&[
+        "ID", "SERVER", "WATCH", "PATH", "SIZE", "STATUS", "ATTEMPTS", "UPDATED", "ERROR",
+    ]);
+    for f in &files {
+        table.row(vec![
+            f.id.to_string(),
+            f.server_name.clone(),
+            f.watch_id.to_string(),
+            f.path.clone(),
+            output::size(f.size),
+            output::status_name(f.status).to_string(),
+            f.attempts.to_string(),
+            output::age(f.updated_at.as_ref()),
+            output::or_dash(&output::truncate(&f.last_error, 60)),
+        ]);
+    }
+    table.print_or("no files match")?;
+    if more {
+        eprintln!("(more files match: raise --limit or pass --all)");
+    }
+    Ok(())
+}
+
+async fn show(admin: &Admin, id: i64, json: bool) -> anyhow::Result<()> {
+    let response = admin
+        .call(admin.client().get_file(GetFileRequest { id }))
+        .await?;
+    let Some(file) = response.file else {
+        anyhow::bail!("the coordinator answered without file {id}");
+    };
+    if json {
+        return Ok(output::print_json(&json!({
+            "file": file_json(&file),
+            "events": response.events.iter().map(event_json).collect::<Vec<_>>(),
+        }))?);
+    }
+    let lease = if file.lease_owner.is_empty() {
+        "-".to_string()
+    } else {
+        format!(
+            "{} until {}",
+            file.lease_owner,
+            output::time_and_age(file.lease_expires_at.as_ref())
+        )
+    };
+    let object = if file.key.is_empty() {
+        "-".to_string()
+    } else {
+        format!("s3://{}/{}", file.bucket, file.key)
+    };
+    let mtime = chrono::DateTime::from_timestamp(file.mtime_unix, 0)
+        .map_or_else(|| file.mtime_unix.to_string(), output::rfc3339);
+    output::print_fields(&[
+        ("ID", file.id.to_string()),
+        (
+            "Server",
+            format!("{} (id {})", file.server_name, file.server_id),
+        ),
+        ("Watch", file.watch_id.to_string()),
+        ("Path", file.path.clone()),
+        (
+            "Size",
+            format!("{} ({} bytes)", output::size(file.size), file.size),
+        ),
+        ("Modified", mtime),
+        ("Status", output::status_name(file.status).to_string()),
+        ("Attempts", file.attempts.to_string()),
+        (
+            "Next attempt",
+            output::time_and_age(file.next_attempt_at.as_ref()),
+        ),
+        ("Last error", output::or_dash(&file.last_error)),
+        ("Lease", lease),
+        ("Fencing token", file.fencing_token.to_string()),
+        ("Object", object),
+        ("ETag", output::or_dash(&file.etag)),
+        ("SHA-256", output::or_dash(&file.sha256)),
+        ("Post-action", output::or_dash(&file.post_action_result)),
+        (
+            "Discovered",
+            output::time_and_age(file.discovered_at.as_ref()),
+        ),
+        ("Updated", output::time_and_age(file.updated_at.as_ref())),
+    ])?;
+    outln!("\nHistory:")?;
+    let mut table = Table::new(&["AT", "FROM", "TO", "ACTOR", "REASON"]);
+    for e in &response.events {
+        table.row(vec![
+            output::time(e.at.as_ref()).map_or_else(|| "-".into(), output::rfc3339),
+            display_status(e.from_status),
+            display_status(e.to_status),
+            output::or_dash(&e.actor),
+            output::or_dash(&e.reason),
+        ]);
+    }
+    Ok(table.print_or("(no history)")?)
+}
+
+async fn retry(
+    admin: &Admin,
+    ids: Vec<i64>,
+    statuses: Vec<i32>,
+    server: Option<&ServerRef>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let server_id = servers::resolve_filter(admin, server).await?;
+    let request = RetryFilesRequest {
+        ids,
+        statuses,
+        server_id,
+    };
+    let response = admin.call(admin.client().retry_files(request)).await?;
+    if json {
+        output::print_json(&json!({ "requeued": response.requeued }))?;
+    } else {
+        let files = output::count(response.requeued, "file", "files");
+        outln!("requeued {files}")?;
+    }
+    Ok(())
+}
+
+/// Prints events as they arrive until Ctrl-C (exit 0) or the stream fails.
+async fn follow(
+    admin: &Admin,
+    server: Option<&ServerRef>,
+    watch_id: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let server_id = servers::resolve_filter(admin, server).await?;
+    let request = WatchEventsRequest {
+        server_id,
+        watch_id,
+    };
+    let mut stream = admin.call(admin.client().watch_events(request)).await?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => return Ok(()),
+            message = stream.message() => match message? {
+                Some(event) if json => outln!("{}", event_json(&event))?,
+                Some(event) => outln!("{}", event_line(&event))?,
+                None => anyhow::bail!("the coordinator closed the event stream"),
+            },
+        }
+    }
+}
+
+/// One human line per live event.
+fn event_line(e: &FileEvent) -> String {
+    let at = output::time(e.at.as_ref()).map_or_else(|| "-".into(), output::rfc3339);
+    let mut line = format!(
+        "{at}  file {}  {} -> {}  {}",
+        event_ids(e),
+        display_status(e.from_status),
+        display_status(e.to_status),
+        if e.path.is_empty() { "-" } else { &e.path },
+    );
+    if !e.actor.is_empty() {
+        line.push_str("  by ");
+        line.push_str(&e.actor);
+    }
+    if !e.reason.is_empty() {
+        line.push_str(": ");
+        line.push_str(&e.reason);
+    }
+    output::clean(&line)
+}
+
+/// `12 (server 3, watch 5)` when the stream filled the ids in, else `12`.
+fn event_ids(e: &FileEvent) -> String {
+    if e.server_id == 0 {
+        return e.file_id.to_string();
+    }
+    format!(
+        "{} (server {}, watch {})",
+        e.file_id, e.server_id, e.watch_id
+    )
+}
+
+/// Status for humans: `-` where there is none (a file's first event).
+fn display_status(status: i32) -> String {
+    match output::status_name(status) {
+        "unspecified" => "-".into(),
+        name => name.into(),
+    }
+}
+
+/// JSON shape of a file.
+pub fn file_json(f: &File) -> Value {
+    let mtime = chrono::DateTime::from_timestamp(f.mtime_unix, 0)
+        .map_or(Value::Null, |t| Value::String(output::rfc3339(t)));
+    json!({
+        "id": f.id,
+        "server_id": f.server_id,
+        "server_name": f.server_name,
+        "watch_id": f.watch_id,
+        "path": f.path,
+        "size": f.size,
+        "mtime": mtime,
+        "status": output::status_name(f.status),
+        "attempts": f.attempts,
+        "next_attempt_at": output::json_time(f.next_attempt_at.as_ref()),
+        "last_error": output::json_opt(&f.last_error),
+        "lease_owner": output::json_opt(&f.lease_owner),
+        "lease_expires_at": output::json_time(f.lease_expires_at.as_ref()),
+        "fencing_token": f.fencing_token,
+        "bucket": output::json_opt(&f.bucket),
+        "key": output::json_opt(&f.key),
+        "etag": output::json_opt(&f.etag),
+        "sha256": output::json_opt(&f.sha256),
+        "post_action_result": output::json_opt(&f.post_action_result),
+        "discovered_at": output::json_time(f.discovered_at.as_ref()),
+        "updated_at": output::json_time(f.updated_at.as_ref()),
+    })
+}
+
+/// JSON shape of a history event (also one line of `files watch --json`).
+pub fn event_json(e: &FileEvent) -> Value {
+    let status = |s: i32| match output::status_name(s) {
+        "unspecified" => Value::Null,
+        name => Value::String(name.into()),
+    };
+    json!({
+        "id": e.id,
+        "file_id": e.file_id,
+        "at": output::json_time(e.at.as_ref()),
+        "from_status": status(e.from_status),
+        "to_status": status(e.to_status),
+        "actor": e.actor,
+        "reason": e.reason,
+        "path": output::json_opt(&e.path),
+        "server_id": e.server_id,
+        "watch_id": e.watch_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_common::proto::FileStatus as P;
+
+    #[test]
+    fn event_lines_and_json() {
+        let event = FileEvent {
+            id: 9,
+            file_id: 12,
+            at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            from_status: P::New as i32,
+            to_status: P::InProgress as i32,
+            actor: "agent:a1".into(),
+            reason: "assigned".into(),
+            path: "/in/a\nb.csv".into(),
+            server_id: 3,
+            watch_id: 5,
+        };
+        assert_eq!(
+            event_line(&event),
+            "2023-11-14T22:13:20Z  file 12 (server 3, watch 5)  new -> in_progress  /in/a\\nb.csv  by agent:a1: assigned"
+        );
+        let v = event_json(&event);
+        assert_eq!(v["to_status"], "in_progress");
+        assert_eq!(v["at"], "2023-11-14T22:13:20Z");
+        let first = FileEvent {
+            to_status: P::New as i32,
+            ..FileEvent::default()
+        };
+        assert_eq!(event_json(&first)["from_status"], Value::Null);
+    }
+}

@@ -1,0 +1,211 @@
+//! Poll leases: every enabled server is polled by exactly one connected agent
+//! of its site. The lease lives in `servers.poller_*`, is renewed by the
+//! coordinator holding the agent's stream, and expires if that coordinator dies.
+//!
+//! **Architecture invariant:** a lease is taken only with a conditional UPDATE
+//! on an unleased or expired row, so two coordinators never both assign a server.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ferry_common::proto;
+use sqlx::PgPool;
+
+use crate::error::ApiResult;
+use crate::secrets::{Credential, SecretBox};
+
+/// How long a poll lease lives without renewal.
+pub const LEASE: Duration = Duration::from_secs(15);
+
+/// Renews the leases of `agents` held through this coordinator and drops leases
+/// on servers that were disabled or removed.
+pub async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE servers SET poll_lease_expires_at = now() + make_interval(secs => $3) \
+         WHERE poller_coordinator = $1 AND poller_agent = ANY($2) AND enabled AND deleted_at IS NULL",
+    )
+    .bind(coordinator)
+    .bind(agents)
+    .bind(LEASE.as_secs_f64())
+    .execute(db)
+    .await?;
+    sqlx::query(
+        "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, poll_lease_expires_at = NULL \
+         WHERE poller_agent IS NOT NULL AND (NOT enabled OR deleted_at IS NOT NULL)",
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Releases every lease of `agent` held through this coordinator (agent gone).
+pub async fn release_agent(db: &PgPool, coordinator: &str, agent: &str) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, poll_lease_expires_at = NULL \
+         WHERE poller_agent = $1 AND poller_coordinator = $2",
+    )
+    .bind(agent)
+    .bind(coordinator)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Takes every free server of `site` for `agent`, one by one, while the agent
+/// has fewer servers than `fair_share`. Returns how many were taken.
+pub async fn claim(
+    db: &PgPool,
+    coordinator: &str,
+    agent: &str,
+    site: &str,
+    fair_share: i64,
+) -> ApiResult<u64> {
+    let taken = sqlx::query(
+        "WITH mine AS (SELECT count(*) AS n FROM servers WHERE poller_agent = $2 AND deleted_at IS NULL), \
+         free AS ( \
+            SELECT id FROM servers \
+            WHERE site = $3 AND enabled AND deleted_at IS NULL \
+              AND (poller_agent IS NULL OR poll_lease_expires_at < now()) \
+            ORDER BY id \
+            LIMIT GREATEST(0, $4 - (SELECT n FROM mine)) \
+            FOR UPDATE SKIP LOCKED) \
+         UPDATE servers s SET poller_agent = $2, poller_coordinator = $1, \
+                poll_lease_expires_at = now() + make_interval(secs => $5) \
+         FROM free WHERE s.id = free.id",
+    )
+    .bind(coordinator)
+    .bind(agent)
+    .bind(site)
+    .bind(fair_share)
+    .bind(LEASE.as_secs_f64())
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(taken)
+}
+
+/// Fair share of servers per agent on a site: ceil(live servers / connected agents).
+pub async fn fair_share(db: &PgPool, site: &str) -> ApiResult<i64> {
+    let (servers, agents): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM servers WHERE site = $1 AND enabled AND deleted_at IS NULL), \
+                (SELECT count(*) FROM agents WHERE site = $1 AND connected \
+                   AND last_seen_at > now() - interval '30 seconds')",
+    )
+    .bind(site)
+    .fetch_one(db)
+    .await?;
+    Ok(if agents == 0 { servers } else { (servers + agents - 1) / agents })
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct AssignedRow {
+    server_id: i64,
+    name: String,
+    hostname: String,
+    port: i32,
+    username: String,
+    secret_ciphertext: Vec<u8>,
+    host_key_fingerprint: String,
+    max_sessions: i32,
+    updated_at: DateTime<Utc>,
+    watch_id: Option<i64>,
+    directory: Option<String>,
+    glob: Option<String>,
+    recursive: Option<bool>,
+    poll_interval_secs: Option<i32>,
+    min_age_secs: Option<i32>,
+}
+
+/// The poll assignments `agent` should have now, by server id, each with a
+/// version string that changes whenever the server or one of its watches does.
+pub async fn desired(
+    db: &PgPool,
+    secrets: &SecretBox,
+    coordinator: &str,
+    agent: &str,
+) -> ApiResult<BTreeMap<i64, (String, proto::PollAssignment)>> {
+    let rows = sqlx::query_as::<_, AssignedRow>(
+        "SELECT s.id AS server_id, s.name, s.hostname, s.port, s.username, s.secret_ciphertext, \
+                s.host_key_fingerprint, s.max_sessions, s.updated_at, \
+                w.id AS watch_id, w.directory, w.glob, w.recursive, w.poll_interval_secs, w.min_age_secs \
+         FROM servers s LEFT JOIN watches w \
+           ON w.server_id = s.id AND w.enabled AND w.deleted_at IS NULL \
+         WHERE s.poller_agent = $1 AND s.poller_coordinator = $2 AND s.enabled AND s.deleted_at IS NULL \
+         ORDER BY s.id, w.id",
+    )
+    .bind(agent)
+    .bind(coordinator)
+    .fetch_all(db)
+    .await?;
+    let mut out: BTreeMap<i64, (String, proto::PollAssignment)> = BTreeMap::new();
+    for row in rows {
+        let entry = match out.get_mut(&row.server_id) {
+            Some(e) => e,
+            None => {
+                let credential = secrets.open(&row.secret_ciphertext)?;
+                let (password, private_key, passphrase) = match credential {
+                    Credential::Password(p) => (p, String::new(), String::new()),
+                    Credential::PrivateKey { pem, passphrase } => {
+                        (String::new(), pem, passphrase.unwrap_or_default())
+                    }
+                };
+                let conn = proto::ServerConnection {
+                    server_id: row.server_id,
+                    name: row.name.clone(),
+                    hostname: row.hostname.clone(),
+                    port: row.port as u32,
+                    username: row.username.clone(),
+                    password,
+                    private_key,
+                    passphrase,
+                    host_key_fingerprint: row.host_key_fingerprint.clone(),
+                    max_sessions: row.max_sessions as u32,
+                };
+                let version = format!("s{}", row.updated_at.timestamp_micros());
+                out.entry(row.server_id).or_insert((
+                    version,
+                    proto::PollAssignment { server: Some(conn), watches: Vec::new() },
+                ))
+            }
+        };
+        if let (Some(id), Some(directory), Some(glob), Some(recursive), Some(interval), Some(min_age)) = (
+            row.watch_id,
+            row.directory,
+            row.glob,
+            row.recursive,
+            row.poll_interval_secs,
+            row.min_age_secs,
+        ) {
+            let spec = proto::WatchSpec {
+                watch_id: id,
+                directory,
+                glob,
+                recursive,
+                poll_interval_secs: interval as u32,
+                min_age_secs: min_age as u32,
+            };
+            entry.0.push_str(&format!(
+                ";w{}:{}:{}:{}:{}:{}",
+                spec.watch_id, spec.directory, spec.glob, spec.recursive, spec.poll_interval_secs, spec.min_age_secs
+            ));
+            entry.1.watches.push(spec);
+        }
+    }
+    Ok(out)
+}
+
+/// Records the outcome of a poll, if `agent` still holds the server.
+pub async fn record_report(db: &PgPool, agent: &str, report: &proto::PollReport) -> ApiResult<()> {
+    sqlx::query(
+        "UPDATE servers SET last_poll_at = now(), last_poll_files = $3, last_poll_error = $4 \
+         WHERE id = $1 AND poller_agent = $2",
+    )
+    .bind(report.server_id)
+    .bind(agent)
+    .bind(report.files_seen as i64)
+    .bind((!report.ok).then_some(report.error.as_str()))
+    .execute(db)
+    .await?;
+    Ok(())
+}

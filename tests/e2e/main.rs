@@ -1,0 +1,7 @@
+//! ferry end-to-end suite: one test binary, real Postgres, sshd, S3 server,
+//! RabbitMQ and the real `ferry-coordinator`, `ferry-agent` and `ferryctl` binaries.
+//! Build the binaries first: `cargo build --workspace --bins` (deploy/test.sh does).
+
+mod admin_api;
+mod harness_smoke;
+mod security;

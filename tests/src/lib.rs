@@ -1,0 +1,37 @@
+//! The ferry end-to-end harness: starts real components for each test — a
+//! Postgres database, a PKI, OpenSSH sshd, an S3 server (s3s-fs), a RabbitMQ
+//! exchange and queue, and the real `ferry-coordinator` / `ferryctl` binaries —
+//! on loopback ports, so tests run in parallel without sharing state.
+//!
+//! Prerequisites (installed/started by `deploy/test-deps.sh`, run as root):
+//! sshd, s3s-fs, Postgres on :5432, RabbitMQ on :5672, user `ferrytest`.
+//! The binaries come from `cargo build --workspace --bins`.
+//!
+//! Constructors panic with a message naming what failed and where its log is;
+//! temp dirs of a failing test are kept (their paths are printed).
+#![forbid(unsafe_code)]
+
+pub mod amqp;
+pub mod certs;
+pub mod coordinator;
+pub mod ctl;
+pub mod postgres;
+pub mod s3;
+pub mod sshd;
+pub mod util;
+
+pub use amqp::{AmqpMessage, AmqpQueue, amqp_url, unique_exchange};
+pub use certs::{CertFiles, TestPki};
+pub use coordinator::Coordinator;
+pub use ctl::{Ctl, CtlOutput};
+pub use postgres::TestDb;
+pub use s3::S3Server;
+pub use sshd::{HostKey, Sshd};
+pub use util::{
+    ChildGuard, LogDir, bin_path, free_port, random_hex, wait_for_port, workspace_root,
+};
+
+/// Installs the process-wide rustls crypto provider (aws-lc-rs); idempotent.
+pub fn init() {
+    ferry_common::tls::install_crypto_provider();
+}
