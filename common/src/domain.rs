@@ -69,7 +69,10 @@ impl FileStatus {
 
     /// Statuses an operator may requeue with a retry.
     pub fn is_retryable_by_admin(self) -> bool {
-        matches!(self, FileStatus::Error | FileStatus::Failed | FileStatus::Lost)
+        matches!(
+            self,
+            FileStatus::Error | FileStatus::Failed | FileStatus::Lost
+        )
     }
 }
 
@@ -114,8 +117,12 @@ impl FromStr for PostAction {
                 Some(dir) if dir.starts_with('/') && !dir.contains('\0') => {
                     Ok(PostAction::Move(dir.trim_end_matches('/').to_string()).normalized())
                 }
-                Some(_) => Err(format!("{s:?}: the move target must be an absolute directory, e.g. move:/archive")),
-                None => Err(format!("{s:?}: expected keep, delete or move:<absolute dir>")),
+                Some(_) => Err(format!(
+                    "{s:?}: the move target must be an absolute directory, e.g. move:/archive"
+                )),
+                None => Err(format!(
+                    "{s:?}: expected keep, delete or move:<absolute dir>"
+                )),
             },
         }
     }
@@ -195,7 +202,10 @@ mod tests {
             assert_eq!(st.as_str().parse::<FileStatus>().unwrap(), st);
             assert_eq!(FileStatus::from_proto(st.to_proto()), Some(st));
         }
-        assert_eq!("in-progress".parse::<FileStatus>().unwrap(), FileStatus::InProgress);
+        assert_eq!(
+            "in-progress".parse::<FileStatus>().unwrap(),
+            FileStatus::InProgress
+        );
         assert!("done".parse::<FileStatus>().is_err());
     }
 
@@ -214,8 +224,14 @@ mod tests {
 
     #[test]
     fn roles_come_from_spiffe_uris_only() {
-        assert_eq!(Role::from_uri("spiffe://ferry/agent/a-1"), Some(Role::Agent("a-1".into())));
-        assert_eq!(Role::from_uri("spiffe://ferry/admin/alice"), Some(Role::Admin("alice".into())));
+        assert_eq!(
+            Role::from_uri("spiffe://ferry/agent/a-1"),
+            Some(Role::Agent("a-1".into()))
+        );
+        assert_eq!(
+            Role::from_uri("spiffe://ferry/admin/alice"),
+            Some(Role::Admin("alice".into()))
+        );
         assert_eq!(Role::from_uri("spiffe://ferry/agent/"), None);
         assert_eq!(Role::from_uri("spiffe://ferry/agent/a/b"), None);
         assert_eq!(Role::from_uri("spiffe://other/admin/x"), None);

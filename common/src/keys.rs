@@ -48,13 +48,20 @@ fn parse(template: &str) -> Result<Vec<Part>, FieldError> {
 
 /// Checks a key template; empty means the default. Returns the template to store.
 pub fn check_template(template: &str) -> Result<String, FieldError> {
-    let template = if template.is_empty() { DEFAULT_TEMPLATE } else { template };
+    let template = if template.is_empty() {
+        DEFAULT_TEMPLATE
+    } else {
+        template
+    };
     let parts = parse(template)?;
     if template.starts_with('/') {
         return Err(FieldError::new("key_template", "must not start with '/'"));
     }
     if template.chars().any(char::is_control) {
-        return Err(FieldError::new("key_template", "must not contain control characters"));
+        return Err(FieldError::new(
+            "key_template",
+            "must not contain control characters",
+        ));
     }
     if !parts
         .iter()
@@ -106,7 +113,10 @@ pub fn render(template: &str, input: &KeyInputs<'_>) -> Result<String, KeyError>
     if rel.chars().any(char::is_control) {
         return Err(unsafe_path("contains control characters"));
     }
-    if rel.split('/').any(|s| s == ".." || s == "." || s.is_empty()) {
+    if rel
+        .split('/')
+        .any(|s| s == ".." || s == "." || s.is_empty())
+    {
         return Err(unsafe_path("contains '.', '..' or empty segments"));
     }
     let (dir, name) = match rel.rsplit_once('/') {
@@ -135,7 +145,9 @@ pub fn render(template: &str, input: &KeyInputs<'_>) -> Result<String, KeyError>
         .collect::<Vec<_>>()
         .join("/");
     if key.is_empty() || key.len() > 1024 {
-        return Err(unsafe_path("rendered key is empty or longer than 1024 bytes"));
+        return Err(unsafe_path(
+            "rendered key is empty or longer than 1024 bytes",
+        ));
     }
     if key.split('/').any(|s| s == "..") {
         return Err(unsafe_path("rendered key contains '..'"));
@@ -159,14 +171,23 @@ mod tests {
 
     #[test]
     fn default_template_uses_path_relative_to_watch() {
-        assert_eq!(render(DEFAULT_TEMPLATE, &inputs("/data/in/a/b.csv")).unwrap(), "srv/a/b.csv");
+        assert_eq!(
+            render(DEFAULT_TEMPLATE, &inputs("/data/in/a/b.csv")).unwrap(),
+            "srv/a/b.csv"
+        );
     }
 
     #[test]
     fn placeholders() {
         let t = "x/{date}/{watch}/{dir}/{name}";
-        assert_eq!(render(t, &inputs("/data/in/a/b.csv")).unwrap(), "x/2026-11-28/7/a/b.csv");
-        assert_eq!(render(t, &inputs("/data/in/b.csv")).unwrap(), "x/2026-11-28/7/b.csv");
+        assert_eq!(
+            render(t, &inputs("/data/in/a/b.csv")).unwrap(),
+            "x/2026-11-28/7/a/b.csv"
+        );
+        assert_eq!(
+            render(t, &inputs("/data/in/b.csv")).unwrap(),
+            "x/2026-11-28/7/b.csv"
+        );
     }
 
     #[test]
@@ -179,7 +200,12 @@ mod tests {
     #[test]
     fn templates_are_checked() {
         assert_eq!(check_template("").unwrap(), DEFAULT_TEMPLATE);
-        assert!(check_template("{server}/{nope}").unwrap_err().message.contains("{nope}"));
+        assert!(
+            check_template("{server}/{nope}")
+                .unwrap_err()
+                .message
+                .contains("{nope}")
+        );
         assert!(check_template("{server}/{path").is_err());
         assert!(check_template("/{path}").is_err());
         assert!(check_template("{server}/fixed").is_err());

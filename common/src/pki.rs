@@ -32,7 +32,9 @@ pub enum Subject {
 pub fn create_ca(common_name: &str) -> anyhow::Result<PemPair> {
     let key = KeyPair::generate().context("generate CA key")?;
     let mut params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -59,27 +61,35 @@ pub fn issue(ca: &PemPair, subject: &Subject) -> anyhow::Result<PemPair> {
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     match subject {
         Subject::Coordinator { name, hosts } => {
-            params.distinguished_name.push(DnType::CommonName, name.as_str());
+            params
+                .distinguished_name
+                .push(DnType::CommonName, name.as_str());
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             for host in hosts {
                 let san = match host.parse::<IpAddr>() {
                     Ok(ip) => SanType::IpAddress(ip),
                     Err(_) => SanType::DnsName(
-                        host.as_str().try_into().with_context(|| format!("DNS name {host:?}"))?,
+                        host.as_str()
+                            .try_into()
+                            .with_context(|| format!("DNS name {host:?}"))?,
                     ),
                 };
                 params.subject_alt_names.push(san);
             }
         }
         Subject::Client(role) => {
-            params.distinguished_name.push(DnType::CommonName, role.name());
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             params
-                .subject_alt_names
-                .push(SanType::URI(role.uri().as_str().try_into().context("SAN URI")?));
+                .distinguished_name
+                .push(DnType::CommonName, role.name());
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params.subject_alt_names.push(SanType::URI(
+                role.uri().as_str().try_into().context("SAN URI")?,
+            ));
         }
     }
-    let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("sign certificate")?;
     Ok(PemPair {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
@@ -98,6 +108,9 @@ mod tests {
             .next()
             .unwrap()
             .unwrap();
-        assert_eq!(crate::tls::roles_of_certificate(&der), vec![Role::Agent("a1".into())]);
+        assert_eq!(
+            crate::tls::roles_of_certificate(&der),
+            vec![Role::Agent("a1".into())]
+        );
     }
 }

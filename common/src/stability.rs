@@ -46,16 +46,23 @@ impl StabilityTracker {
         for (path, seen) in listing {
             let tracked = match self.files.remove(&path) {
                 Some(prev) if prev.seen == seen => {
-                    let old_enough = now_unix.saturating_sub(seen.mtime_unix) >= i64::from(min_age_secs);
+                    let old_enough =
+                        now_unix.saturating_sub(seen.mtime_unix) >= i64::from(min_age_secs);
                     if !prev.reported && old_enough {
                         out.newly_stable.push((path.clone(), seen));
-                        Tracked { seen, reported: true }
+                        Tracked {
+                            seen,
+                            reported: true,
+                        }
                     } else {
                         prev
                     }
                 }
                 // First sighting, or changed since the last poll: wait for one more.
-                _ => Tracked { seen, reported: false },
+                _ => Tracked {
+                    seen,
+                    reported: false,
+                },
             };
             next.insert(path, tracked);
         }
@@ -86,15 +93,27 @@ mod tests {
     use super::*;
 
     fn obs(size: u64, mtime: i64) -> Observation {
-        Observation { size, mtime_unix: mtime }
+        Observation {
+            size,
+            mtime_unix: mtime,
+        }
     }
 
-    fn poll(t: &mut StabilityTracker, files: &[(&str, u64, i64)], now: i64, min_age: u32) -> Vec<String> {
-        t.observe(files.iter().map(|(p, s, m)| (p.to_string(), obs(*s, *m))), now, min_age)
-            .newly_stable
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect()
+    fn poll(
+        t: &mut StabilityTracker,
+        files: &[(&str, u64, i64)],
+        now: i64,
+        min_age: u32,
+    ) -> Vec<String> {
+        t.observe(
+            files.iter().map(|(p, s, m)| (p.to_string(), obs(*s, *m))),
+            now,
+            min_age,
+        )
+        .newly_stable
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
     }
 
     #[test]

@@ -99,9 +99,9 @@ pub fn peer_role<T>(request: &tonic::Request<T>) -> Option<Role> {
 
 /// Host part of an `https://host:port` endpoint, for TLS name checks.
 pub fn endpoint_host(endpoint: &str) -> anyhow::Result<String> {
-    let uri: tonic::codegen::http::Uri = endpoint
-        .parse()
-        .with_context(|| format!("endpoint {endpoint:?} is not a URI (expected https://host:port)"))?;
+    let uri: tonic::codegen::http::Uri = endpoint.parse().with_context(|| {
+        format!("endpoint {endpoint:?} is not a URI (expected https://host:port)")
+    })?;
     uri.host()
         .map(str::to_string)
         .with_context(|| format!("endpoint {endpoint:?} has no host"))

@@ -94,7 +94,10 @@ pub fn username(user: &str) -> Checked<()> {
         return Err(FieldError::new("username", "must not be empty"));
     }
     if user.chars().any(char::is_control) {
-        return Err(FieldError::new("username", "must not contain control characters"));
+        return Err(FieldError::new(
+            "username",
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -113,7 +116,9 @@ pub fn host_key_fingerprint(fp: &str) -> Checked<()> {
         Ok(bytes) if bytes.len() == 32 => Ok(()),
         _ => Err(FieldError::new(
             field,
-            format!("{fp:?} is not a SHA256 fingerprint (expected 43 base64 characters after SHA256:)"),
+            format!(
+                "{fp:?} is not a SHA256 fingerprint (expected 43 base64 characters after SHA256:)"
+            ),
         )),
     }
 }
@@ -137,7 +142,10 @@ pub fn max_sessions(n: u32) -> Checked<u32> {
     if (1..=1024).contains(&n) {
         Ok(n)
     } else {
-        Err(FieldError::new("max_sessions", format!("{n} is out of range (1..1024)")))
+        Err(FieldError::new(
+            "max_sessions",
+            format!("{n} is out of range (1..1024)"),
+        ))
     }
 }
 
@@ -148,16 +156,29 @@ pub fn directory(dir: &str) -> Checked<String> {
         return Err(FieldError::new(field, "must not be empty"));
     }
     if !dir.starts_with('/') {
-        return Err(FieldError::new(field, format!("{dir:?} must be an absolute path")));
+        return Err(FieldError::new(
+            field,
+            format!("{dir:?} must be an absolute path"),
+        ));
     }
     if dir.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     if dir.split('/').any(|seg| seg == "..") {
-        return Err(FieldError::new(field, format!("{dir:?} must not contain '..'")));
+        return Err(FieldError::new(
+            field,
+            format!("{dir:?} must not contain '..'"),
+        ));
     }
     let trimmed = dir.trim_end_matches('/');
-    Ok(if trimmed.is_empty() { "/".into() } else { trimmed.into() })
+    Ok(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    })
 }
 
 /// A file-name glob (`*.csv`, `data-??.{csv,json}`); empty means `*`.
@@ -182,7 +203,10 @@ pub fn poll_interval_secs(secs: u32) -> Checked<u32> {
 
 pub fn min_age_secs(secs: u32) -> Checked<u32> {
     if secs > 30 * 86_400 {
-        return Err(FieldError::new("min_age_secs", format!("{secs} is more than 30 days")));
+        return Err(FieldError::new(
+            "min_age_secs",
+            format!("{secs} is more than 30 days"),
+        ));
     }
     Ok(secs)
 }
@@ -226,7 +250,14 @@ mod tests {
 
     #[test]
     fn hostnames() {
-        for ok in ["sftp.example.com", "localhost", "127.0.0.1", "::1", "[::1]", "a-b.c"] {
+        for ok in [
+            "sftp.example.com",
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "[::1]",
+            "a-b.c",
+        ] {
             assert!(hostname(ok).is_ok(), "{ok}");
         }
         for bad in ["", "bad host", "-x.com", "a..b", "x_y.com", "host/evil"] {
@@ -263,7 +294,15 @@ mod tests {
     #[test]
     fn buckets() {
         assert!(bucket("ferry-inbox").is_ok());
-        for bad in ["ab", "Upper", "-lead", "trail-", "a..b", "192.168.1.1", "under_score"] {
+        for bad in [
+            "ab",
+            "Upper",
+            "-lead",
+            "trail-",
+            "a..b",
+            "192.168.1.1",
+            "under_score",
+        ] {
             assert!(bucket(bad).is_err(), "{bad}");
         }
     }

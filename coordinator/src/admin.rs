@@ -80,18 +80,32 @@ impl Admin {
     async fn add_server(&self, r: proto::AddServerRequest) -> ApiResult<proto::Server> {
         validate::server_name(&r.name)?;
         validate::hostname(&r.hostname)?;
-        let port = if r.port == 0 { 22 } else { validate::port(r.port)? };
+        let port = if r.port == 0 {
+            22
+        } else {
+            validate::port(r.port)?
+        };
         validate::username(&r.username)?;
-        let credential = registry::credential(
-            Some(&r.password),
-            Some(&r.private_key),
-            Some(&r.passphrase),
-        )?;
-        let site = if r.site.is_empty() { "default".to_string() } else { r.site };
+        let credential =
+            registry::credential(Some(&r.password), Some(&r.private_key), Some(&r.passphrase))?;
+        let site = if r.site.is_empty() {
+            "default".to_string()
+        } else {
+            r.site
+        };
         validate::site(&site)?;
-        let max_sessions = if r.max_sessions == 0 { 4 } else { validate::max_sessions(r.max_sessions)? };
-        let fingerprint =
-            host_key_to_pin(Some(&r.host_key_fingerprint), r.trust_host_key, &r.hostname, port).await?;
+        let max_sessions = if r.max_sessions == 0 {
+            4
+        } else {
+            validate::max_sessions(r.max_sessions)?
+        };
+        let fingerprint = host_key_to_pin(
+            Some(&r.host_key_fingerprint),
+            r.trust_host_key,
+            &r.hostname,
+            port,
+        )
+        .await?;
         let spec = ServerSpec {
             name: r.name,
             hostname: r.hostname,
@@ -114,17 +128,22 @@ impl Admin {
         let db = &self.coord.db;
         let row = registry::get_server(db, r.id).await?;
         let current = registry::server_credential(db, &self.coord.secrets, r.id).await?;
-        let credential_changed = r.password.is_some() || r.private_key.is_some() || r.passphrase.is_some();
+        let credential_changed =
+            r.password.is_some() || r.private_key.is_some() || r.passphrase.is_some();
         let credential = if credential_changed {
             match (&r.password, &r.private_key) {
                 (None, None) => {
                     // Only the passphrase changes: it must unlock the stored key.
                     let Credential::PrivateKey { pem, .. } = &current else {
-                        return Err(FieldError::new("passphrase", "only applies to a private_key").into());
+                        return Err(
+                            FieldError::new("passphrase", "only applies to a private_key").into(),
+                        );
                     };
                     registry::credential(None, Some(pem), r.passphrase.as_deref())?
                 }
-                (p, k) => registry::credential(p.as_deref(), k.as_deref(), r.passphrase.as_deref())?,
+                (p, k) => {
+                    registry::credential(p.as_deref(), k.as_deref(), r.passphrase.as_deref())?
+                }
             }
         } else {
             current
@@ -136,7 +155,13 @@ impl Admin {
             None => row.port as u16,
         };
         let fingerprint = if r.trust_host_key || r.host_key_fingerprint.is_some() {
-            host_key_to_pin(r.host_key_fingerprint.as_deref(), r.trust_host_key, &hostname, port).await?
+            host_key_to_pin(
+                r.host_key_fingerprint.as_deref(),
+                r.trust_host_key,
+                &hostname,
+                port,
+            )
+            .await?
         } else {
             row.host_key_fingerprint
         };
@@ -155,7 +180,8 @@ impl Admin {
             enabled: r.enabled.unwrap_or(row.enabled),
         };
         spec.check()?;
-        let row = registry::update_server(db, &self.coord.secrets, r.id, &spec, credential_changed).await?;
+        let row = registry::update_server(db, &self.coord.secrets, r.id, &spec, credential_changed)
+            .await?;
         tracing::info!(server = %row.name, id = row.id, "server updated");
         self.coord.registry_changed().await;
         Ok(convert::server(&row))
@@ -170,7 +196,11 @@ impl Admin {
             directory: r.directory,
             glob: r.glob,
             recursive: r.recursive,
-            poll_interval_secs: if r.poll_interval_secs == 0 { 30 } else { r.poll_interval_secs },
+            poll_interval_secs: if r.poll_interval_secs == 0 {
+                30
+            } else {
+                r.poll_interval_secs
+            },
             min_age_secs: r.min_age_secs.unwrap_or(0),
             bucket: r.bucket,
             key_template: r.key_template,
@@ -191,11 +221,15 @@ impl Admin {
             directory: r.directory.unwrap_or(row.directory),
             glob: r.glob.unwrap_or(row.glob),
             recursive: r.recursive.unwrap_or(row.recursive),
-            poll_interval_secs: r.poll_interval_secs.unwrap_or(row.poll_interval_secs as u32),
+            poll_interval_secs: r
+                .poll_interval_secs
+                .unwrap_or(row.poll_interval_secs as u32),
             min_age_secs: r.min_age_secs.unwrap_or(row.min_age_secs as u32),
             bucket: r.bucket.unwrap_or(row.bucket),
             key_template: r.key_template.unwrap_or(row.key_template),
-            post_action: validate::post_action(r.post_action.as_deref().unwrap_or(&row.post_action))?,
+            post_action: validate::post_action(
+                r.post_action.as_deref().unwrap_or(&row.post_action),
+            )?,
             enabled: r.enabled.unwrap_or(row.enabled),
         }
         .checked()?;
@@ -213,9 +247,9 @@ impl Admin {
         let after_id = if r.page_token.is_empty() {
             0
         } else {
-            r.page_token
-                .parse::<i64>()
-                .map_err(|_| FieldError::new("page_token", "is not a token from a previous response"))?
+            r.page_token.parse::<i64>().map_err(|_| {
+                FieldError::new("page_token", "is not a token from a previous response")
+            })?
         };
         let statuses = statuses(&r.statuses, "statuses")?;
         let filter = FileFilter {
@@ -287,9 +321,11 @@ impl AdminService for Admin {
         &self,
         _req: Request<proto::ListServersRequest>,
     ) -> Rpc<proto::ListServersResponse> {
-        ok(registry::list_servers(&self.coord.db).await.map(|rows| proto::ListServersResponse {
-            servers: rows.iter().map(convert::server).collect(),
-        }))
+        ok(registry::list_servers(&self.coord.db)
+            .await
+            .map(|rows| proto::ListServersResponse {
+                servers: rows.iter().map(convert::server).collect(),
+            }))
     }
 
     async fn probe_host_key(
@@ -299,7 +335,11 @@ impl AdminService for Admin {
         let r = req.into_inner();
         let result = async {
             validate::hostname(&r.hostname)?;
-            let port = if r.port == 0 { 22 } else { validate::port(r.port)? };
+            let port = if r.port == 0 {
+                22
+            } else {
+                validate::port(r.port)?
+            };
             let probed = hostkey::probe(&r.hostname, port).await?;
             Ok(proto::ProbeHostKeyResponse {
                 fingerprint: probed.fingerprint,
@@ -334,14 +374,17 @@ impl AdminService for Admin {
         req: Request<proto::ListWatchesRequest>,
     ) -> Rpc<proto::ListWatchesResponse> {
         let server = none_if_zero(req.into_inner().server_id);
-        ok(registry::list_watches(&self.coord.db, server).await.map(|rows| {
-            proto::ListWatchesResponse {
+        ok(registry::list_watches(&self.coord.db, server)
+            .await
+            .map(|rows| proto::ListWatchesResponse {
                 watches: rows.iter().map(convert::watch).collect(),
-            }
-        }))
+            }))
     }
 
-    async fn list_files(&self, req: Request<proto::ListFilesRequest>) -> Rpc<proto::ListFilesResponse> {
+    async fn list_files(
+        &self,
+        req: Request<proto::ListFilesRequest>,
+    ) -> Rpc<proto::ListFilesResponse> {
         ok(Admin::list_files(self, req.into_inner()).await)
     }
 
@@ -391,9 +434,11 @@ impl AdminService for Admin {
         &self,
         _req: Request<proto::ListAgentsRequest>,
     ) -> Rpc<proto::ListAgentsResponse> {
-        ok(files::list_agents(&self.coord.db).await.map(|rows| proto::ListAgentsResponse {
-            agents: rows.iter().map(convert::agent).collect(),
-        }))
+        ok(files::list_agents(&self.coord.db)
+            .await
+            .map(|rows| proto::ListAgentsResponse {
+                agents: rows.iter().map(convert::agent).collect(),
+            }))
     }
 
     type WatchEventsStream = EventStream;
@@ -410,7 +455,14 @@ impl AdminService for Admin {
         tokio::spawn(async move {
             let mut last = start;
             loop {
-                match files::events_after(&db, last, none_if_zero(r.server_id), none_if_zero(r.watch_id)).await {
+                match files::events_after(
+                    &db,
+                    last,
+                    none_if_zero(r.server_id),
+                    none_if_zero(r.watch_id),
+                )
+                .await
+                {
                     Ok(events) => {
                         for e in &events {
                             last = e.id;
@@ -435,7 +487,9 @@ impl AdminService for Admin {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as EventStream))
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as EventStream
+        ))
     }
 }
 

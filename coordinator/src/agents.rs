@@ -73,12 +73,23 @@ impl AgentStreams {
 
     /// The sessions open right now.
     pub fn snapshot(&self) -> Vec<Session> {
-        self.sessions.lock().expect("sessions lock").values().cloned().collect()
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Marks this coordinator's agents disconnected and releases their leases.
     pub async fn shutdown(&self) {
-        let sessions: Vec<Session> = self.sessions.lock().expect("sessions lock").drain().map(|(_, s)| s).collect();
+        let sessions: Vec<Session> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
         for s in sessions {
             self.disconnected(&s).await;
         }
@@ -104,7 +115,11 @@ impl AgentStreams {
     }
 
     async fn register(&self, agent: &str, hello: &proto::Hello) -> Result<Session, Status> {
-        let site = if hello.site.is_empty() { "default" } else { hello.site.as_str() };
+        let site = if hello.site.is_empty() {
+            "default"
+        } else {
+            hello.site.as_str()
+        };
         validate::site(site).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = Uuid::new_v4().to_string();
         sqlx::query(
@@ -161,7 +176,14 @@ impl AgentStreams {
                         mtime_unix: e.mtime_unix,
                     })
                     .collect();
-                let n = discovery::record_batch(db, &s.agent, batch.server_id, batch.watch_id, &entries).await?;
+                let n = discovery::record_batch(
+                    db,
+                    &s.agent,
+                    batch.server_id,
+                    batch.watch_id,
+                    &entries,
+                )
+                .await?;
                 tracing::debug!(agent = %s.agent, watch = batch.watch_id, reported = entries.len(), new = n, "discovery");
                 if n > 0 {
                     self.coord.files_due().await;
@@ -199,7 +221,10 @@ impl AgentService for AgentStreams {
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
-        let Some(proto::AgentMessage { body: Some(Body::Hello(hello)) }) = first else {
+        let Some(proto::AgentMessage {
+            body: Some(Body::Hello(hello)),
+        }) = first
+        else {
             return Err(Status::invalid_argument("the first message must be hello"));
         };
         let mut session = self.register(&agent, &hello).await?;
@@ -256,6 +281,8 @@ impl AgentService for AgentStreams {
                 streams.disconnected(&session).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)) as OutStream))
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx).map(Ok)) as OutStream
+        ))
     }
 }

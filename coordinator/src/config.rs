@@ -11,7 +11,13 @@ use ferry_common::telemetry::LogFormat;
 #[command(name = "ferry-coordinator", version = ferry_common::VERSION)]
 pub struct Cli {
     /// Log format on stderr.
-    #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "FERRY_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,

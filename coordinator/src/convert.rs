@@ -41,7 +41,11 @@ pub fn server(row: &ServerRow) -> proto::Server {
         created_at: Some(timestamp(row.created_at)),
         updated_at: Some(timestamp(row.updated_at)),
         health: Some(proto::ServerHealth {
-            poller_agent: if lease_live { row.poller_agent.clone().unwrap_or_default() } else { String::new() },
+            poller_agent: if lease_live {
+                row.poller_agent.clone().unwrap_or_default()
+            } else {
+                String::new()
+            },
             last_poll_at: row.last_poll_at.map(timestamp),
             last_poll_files: row.last_poll_files.unwrap_or(0) as u64,
             last_error: row.last_poll_error.clone().unwrap_or_default(),

@@ -42,7 +42,10 @@ pub fn redact(url: &str) -> String {
 mod tests {
     #[test]
     fn redacts_password() {
-        assert_eq!(super::redact("postgres://u:secret@h:5432/db"), "postgres://u@h:5432/db");
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5432/db"),
+            "postgres://u@h:5432/db"
+        );
         assert_eq!(super::redact("postgres://h/db"), "postgres://h/db");
     }
 }

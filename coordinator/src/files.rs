@@ -66,7 +66,11 @@ pub struct FileFilter {
 
 /// One page of files in id order, and whether more follow.
 pub async fn list_files(db: &PgPool, filter: &FileFilter) -> ApiResult<(Vec<FileRow>, bool)> {
-    let statuses: Vec<String> = filter.statuses.iter().map(|s| s.as_str().to_string()).collect();
+    let statuses: Vec<String> = filter
+        .statuses
+        .iter()
+        .map(|s| s.as_str().to_string())
+        .collect();
     let sql = format!(
         "{FILE_SELECT} WHERE f.id > $1 AND (cardinality($2::TEXT[]) = 0 OR f.status = ANY($2)) \
          AND ($3::BIGINT IS NULL OR f.server_id = $3) AND ($4::BIGINT IS NULL OR f.watch_id = $4) \
@@ -96,7 +100,10 @@ pub async fn get_file(db: &PgPool, id: i64) -> ApiResult<FileRow> {
 
 pub async fn file_events(db: &PgPool, file_id: i64) -> ApiResult<Vec<EventRow>> {
     let sql = format!("{EVENT_SELECT} WHERE e.file_id = $1 ORDER BY e.id");
-    Ok(sqlx::query_as::<_, EventRow>(&sql).bind(file_id).fetch_all(db).await?)
+    Ok(sqlx::query_as::<_, EventRow>(&sql)
+        .bind(file_id)
+        .fetch_all(db)
+        .await?)
 }
 
 /// Events after `after_id`, optionally of one server / watch (for live streams).
@@ -119,9 +126,11 @@ pub async fn events_after(
 }
 
 pub async fn last_event_id(db: &PgPool) -> ApiResult<i64> {
-    Ok(sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM file_events")
-        .fetch_one(db)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM file_events")
+            .fetch_one(db)
+            .await?,
+    )
 }
 
 /// Which files a retry requeues.
@@ -139,7 +148,10 @@ pub async fn retry_files(db: &PgPool, sel: &RetrySelection, actor: &str) -> ApiR
     let statuses: Vec<String> = if sel.statuses.is_empty() {
         vec!["error".into(), "failed".into(), "lost".into()]
     } else {
-        sel.statuses.iter().map(|s| s.as_str().to_string()).collect()
+        sel.statuses
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect()
     };
     let n = sqlx::query(
         "WITH picked AS ( \

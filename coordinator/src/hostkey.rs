@@ -22,7 +22,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn probe(host: &str, port: u16) -> Result<ProbedKey, ProbeError> {
     match ferry_agent::sftp::probe_host_key(host, port, PROBE_TIMEOUT).await {
-        Ok((fingerprint, algorithm)) => Ok(ProbedKey { fingerprint, algorithm }),
+        Ok((fingerprint, algorithm)) => Ok(ProbedKey {
+            fingerprint,
+            algorithm,
+        }),
         Err(e) => Err(ProbeError {
             host: host.to_string(),
             port,

@@ -16,13 +16,15 @@ async fn main() -> std::process::ExitCode {
             tokio::spawn(shutdown_on_signal(cancel.clone()));
             server::serve(args, cancel).await
         }
-        Command::Migrate(args) => async {
-            let pool = db::connect(&args.database_url, 2).await?;
-            db::migrate(&pool).await?;
-            println!("migrations applied");
-            Ok(())
+        Command::Migrate(args) => {
+            async {
+                let pool = db::connect(&args.database_url, 2).await?;
+                db::migrate(&pool).await?;
+                println!("migrations applied");
+                Ok(())
+            }
+            .await
         }
-        .await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

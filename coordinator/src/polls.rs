@@ -52,8 +52,10 @@ pub async fn release_agent(db: &PgPool, coordinator: &str, agent: &str) -> ApiRe
     Ok(())
 }
 
-/// Takes every free server of `site` for `agent`, one by one, while the agent
-/// has fewer servers than `fair_share`. Returns how many were taken.
+/// Takes free servers of `site` for `agent` while the agent has fewer than
+/// `fair_share`. Free: unleased, expired, or leased to this same agent through
+/// another coordinator (the agent has one stream at a time, so after it
+/// reconnected elsewhere that lease is stale). Returns how many were taken.
 pub async fn claim(
     db: &PgPool,
     coordinator: &str,
@@ -62,11 +64,13 @@ pub async fn claim(
     fair_share: i64,
 ) -> ApiResult<u64> {
     let taken = sqlx::query(
-        "WITH mine AS (SELECT count(*) AS n FROM servers WHERE poller_agent = $2 AND deleted_at IS NULL), \
+        "WITH mine AS (SELECT count(*) AS n FROM servers WHERE poller_agent = $2 AND poller_coordinator = $1 \
+                      AND poll_lease_expires_at > now() AND deleted_at IS NULL), \
          free AS ( \
             SELECT id FROM servers \
             WHERE site = $3 AND enabled AND deleted_at IS NULL \
-              AND (poller_agent IS NULL OR poll_lease_expires_at < now()) \
+              AND (poller_agent IS NULL OR poll_lease_expires_at < now() \
+                   OR (poller_agent = $2 AND poller_coordinator <> $1)) \
             ORDER BY id \
             LIMIT GREATEST(0, $4 - (SELECT n FROM mine)) \
             FOR UPDATE SKIP LOCKED) \
@@ -95,7 +99,11 @@ pub async fn fair_share(db: &PgPool, site: &str) -> ApiResult<i64> {
     .bind(site)
     .fetch_one(db)
     .await?;
-    Ok(if agents == 0 { servers } else { (servers + agents - 1) / agents })
+    Ok(if agents == 0 {
+        servers
+    } else {
+        (servers + agents - 1) / agents
+    })
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -165,11 +173,21 @@ pub async fn desired(
                 let version = format!("s{}", row.updated_at.timestamp_micros());
                 out.entry(row.server_id).or_insert((
                     version,
-                    proto::PollAssignment { server: Some(conn), watches: Vec::new() },
+                    proto::PollAssignment {
+                        server: Some(conn),
+                        watches: Vec::new(),
+                    },
                 ))
             }
         };
-        if let (Some(id), Some(directory), Some(glob), Some(recursive), Some(interval), Some(min_age)) = (
+        if let (
+            Some(id),
+            Some(directory),
+            Some(glob),
+            Some(recursive),
+            Some(interval),
+            Some(min_age),
+        ) = (
             row.watch_id,
             row.directory,
             row.glob,
@@ -187,7 +205,12 @@ pub async fn desired(
             };
             entry.0.push_str(&format!(
                 ";w{}:{}:{}:{}:{}:{}",
-                spec.watch_id, spec.directory, spec.glob, spec.recursive, spec.poll_interval_secs, spec.min_age_secs
+                spec.watch_id,
+                spec.directory,
+                spec.glob,
+                spec.recursive,
+                spec.poll_interval_secs,
+                spec.min_age_secs
             ));
             entry.1.watches.push(spec);
         }

@@ -72,7 +72,10 @@ pub fn credential(
         )),
         (Some(p), None) => {
             if passphrase.is_some() {
-                return Err(FieldError::new("passphrase", "only applies to a private_key"));
+                return Err(FieldError::new(
+                    "passphrase",
+                    "only applies to a private_key",
+                ));
             }
             Ok(Credential::Password(p.to_string()))
         }
@@ -80,8 +83,14 @@ pub fn credential(
             russh::keys::decode_secret_key(pem, passphrase).map_err(|e| {
                 FieldError::new(
                     "private_key",
-                    format!("cannot be parsed as an OpenSSH/PEM private key{}: {e}",
-                        if passphrase.is_some() { " with the given passphrase" } else { "" }),
+                    format!(
+                        "cannot be parsed as an OpenSSH/PEM private key{}: {e}",
+                        if passphrase.is_some() {
+                            " with the given passphrase"
+                        } else {
+                            ""
+                        }
+                    ),
                 )
             })?;
             Ok(Credential::PrivateKey {
@@ -114,7 +123,11 @@ fn map_server_write_error(e: sqlx::Error, name: &str) -> ApiError {
     }
 }
 
-pub async fn insert_server(db: &PgPool, secrets: &SecretBox, spec: &ServerSpec) -> ApiResult<ServerRow> {
+pub async fn insert_server(
+    db: &PgPool,
+    secrets: &SecretBox,
+    spec: &ServerSpec,
+) -> ApiResult<ServerRow> {
     let sealed = secrets.seal(&spec.credential)?;
     let sql = format!(
         "INSERT INTO servers (name, hostname, port, username, auth_kind, secret_ciphertext, \
@@ -145,7 +158,11 @@ pub async fn update_server(
     spec: &ServerSpec,
     credential_changed: bool,
 ) -> ApiResult<ServerRow> {
-    let sealed = if credential_changed { Some(secrets.seal(&spec.credential)?) } else { None };
+    let sealed = if credential_changed {
+        Some(secrets.seal(&spec.credential)?)
+    } else {
+        None
+    };
     let sql = format!(
         "UPDATE servers SET name=$2, hostname=$3, port=$4, username=$5, \
          auth_kind=$6, secret_ciphertext=COALESCE($7, secret_ciphertext), has_passphrase=$8, \
@@ -285,13 +302,13 @@ impl WatchSpec {
         self.min_age_secs = validate::min_age_secs(self.min_age_secs)?;
         validate::bucket(&self.bucket)?;
         self.key_template = ferry_common::keys::check_template(&self.key_template)?;
-        if let PostAction::Move(target) = &self.post_action {
-            if *target == self.directory {
-                return Err(FieldError::new(
-                    "post_action",
-                    "the move target must differ from the watched directory",
-                ));
-            }
+        if let PostAction::Move(target) = &self.post_action
+            && *target == self.directory
+        {
+            return Err(FieldError::new(
+                "post_action",
+                "the move target must differ from the watched directory",
+            ));
         }
         Ok(self)
     }
@@ -363,7 +380,10 @@ pub async fn list_watches(db: &PgPool, server_id: Option<i64>) -> ApiResult<Vec<
         "{WATCH_SELECT} WHERE w.deleted_at IS NULL AND ($1::BIGINT IS NULL OR w.server_id=$1) \
          ORDER BY w.id"
     );
-    Ok(sqlx::query_as::<_, WatchRow>(&sql).bind(server_id).fetch_all(db).await?)
+    Ok(sqlx::query_as::<_, WatchRow>(&sql)
+        .bind(server_id)
+        .fetch_all(db)
+        .await?)
 }
 
 pub async fn remove_watch(db: &PgPool, id: i64) -> ApiResult<()> {

@@ -29,7 +29,11 @@ impl fmt::Debug for Credential {
             Credential::PrivateKey { passphrase, .. } => write!(
                 f,
                 "PrivateKey(<redacted>, passphrase: {})",
-                if passphrase.is_some() { "<redacted>" } else { "none" }
+                if passphrase.is_some() {
+                    "<redacted>"
+                } else {
+                    "none"
+                }
             ),
         }
     }
@@ -44,7 +48,13 @@ impl Credential {
     }
 
     pub fn has_passphrase(&self) -> bool {
-        matches!(self, Credential::PrivateKey { passphrase: Some(_), .. })
+        matches!(
+            self,
+            Credential::PrivateKey {
+                passphrase: Some(_),
+                ..
+            }
+        )
     }
 }
 
@@ -67,8 +77,7 @@ impl SecretBox {
     pub fn from_key_file(path: &Path) -> anyhow::Result<Self> {
         let raw = std::fs::read(path)
             .with_context(|| format!("read secret key file {}", path.display()))?;
-        let key = parse_key(&raw)
-            .with_context(|| format!("secret key file {}", path.display()))?;
+        let key = parse_key(&raw).with_context(|| format!("secret key file {}", path.display()))?;
         Ok(Self::from_key(&key))
     }
 
@@ -142,7 +151,11 @@ mod tests {
         let last = sealed.len() - 1;
         sealed[last] ^= 1;
         assert!(sb.open(&sealed).is_err());
-        assert!(SecretBox::from_key(&[8u8; 32]).open(&sb.seal(&cred).unwrap()).is_err());
+        assert!(
+            SecretBox::from_key(&[8u8; 32])
+                .open(&sb.seal(&cred).unwrap())
+                .is_err()
+        );
     }
 
     #[test]

@@ -35,15 +35,20 @@ pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result
     }
     .load()?;
     let secrets = SecretBox::from_key_file(&args.secret_key_file)?;
-    let pool = db::connect(&args.database.database_url, args.database.database_max_connections).await?;
+    let pool = db::connect(
+        &args.database.database_url,
+        args.database.database_max_connections,
+    )
+    .await?;
     db::migrate(&pool).await?;
-    let id = args.coordinator_id.clone().unwrap_or_else(default_coordinator_id);
+    let id = args
+        .coordinator_id
+        .clone()
+        .unwrap_or_else(default_coordinator_id);
     let coord = Coordinator::new(pool, secrets, id.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<AdminServiceServer<Admin>>()
-        .await;
+    health.set_serving::<AdminServiceServer<Admin>>().await;
     health
         .set_serving::<AgentServiceServer<AgentStreams>>()
         .await;
@@ -58,7 +63,12 @@ pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result
         .build_v1alpha()
         .context("build reflection v1alpha")?;
 
-    let admin = AdminServiceServer::with_interceptor(Admin { coord: coord.clone() }, require_admin);
+    let admin = AdminServiceServer::with_interceptor(
+        Admin {
+            coord: coord.clone(),
+        },
+        require_admin,
+    );
     let agents = AgentStreams::new(coord.clone(), cancel.clone());
     let agent_service = AgentServiceServer::with_interceptor(agents.clone(), require_agent);
 
@@ -69,7 +79,11 @@ pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result
 
     let mut background = tokio::task::JoinSet::new();
     background.spawn(coord.clone().run_listener(cancel.clone()));
-    background.spawn(tasks::run_background(coord.clone(), agents.clone(), cancel.clone()));
+    background.spawn(tasks::run_background(
+        coord.clone(),
+        agents.clone(),
+        cancel.clone(),
+    ));
 
     tracing::info!(%bound, coordinator = %id, "serving");
     println!("ferry-coordinator listening on {bound}");

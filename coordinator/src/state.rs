@@ -98,7 +98,10 @@ impl Coordinator {
     pub async fn run_listener(self, cancel: CancellationToken) {
         loop {
             if let Err(e) = self.listen_once(&cancel).await {
-                tracing::warn!(error = format!("{e:#}"), "LISTEN connection lost; reconnecting");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "LISTEN connection lost; reconnecting"
+                );
             }
             // Anything may have been missed while disconnected: wake everyone.
             bump(&self.signals.file_events);

@@ -20,7 +20,10 @@ pub async fn run_background(coord: Coordinator, agents: AgentStreams, cancel: Ca
     let mut registry = coord.subscribe_registry();
     loop {
         if let Err(e) = reconcile_polls(&coord, &agents).await {
-            tracing::warn!(error = format!("{e:#}"), "poll reconciliation failed; retrying");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "poll reconciliation failed; retrying"
+            );
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -76,7 +79,12 @@ async fn push_assignments(coord: &Coordinator, s: &Session) -> anyhow::Result<()
         if still_held.contains_key(&id) {
             continue;
         }
-        if s.send(Body::PollRevocation(proto::PollRevocation { server_id: id, reason: "no longer assigned".into() })).await {
+        if s.send(Body::PollRevocation(proto::PollRevocation {
+            server_id: id,
+            reason: "no longer assigned".into(),
+        }))
+        .await
+        {
             s.sent_polls.lock().expect("sent_polls lock").remove(&id);
             tracing::info!(agent = %s.agent, server = id, "poll revoked");
         }
@@ -84,7 +92,10 @@ async fn push_assignments(coord: &Coordinator, s: &Session) -> anyhow::Result<()
     for (id, version, assignment) in to_send {
         let watches = assignment.watches.len();
         if s.send(Body::PollAssignment(assignment)).await {
-            s.sent_polls.lock().expect("sent_polls lock").insert(id, version);
+            s.sent_polls
+                .lock()
+                .expect("sent_polls lock")
+                .insert(id, version);
             tracing::info!(agent = %s.agent, server = id, watches, "poll assigned");
         }
     }

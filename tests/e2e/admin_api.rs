@@ -20,7 +20,12 @@ async fn env() -> Env {
     let pki = TestPki::new();
     let coord = Coordinator::start(&db, &pki).await;
     let client = coord.admin_client(&pki.admin("alice")).await.unwrap();
-    Env { db, _pki: pki, _coord: coord, client }
+    Env {
+        db,
+        _pki: pki,
+        _coord: coord,
+        client,
+    }
 }
 
 fn server_req(name: &str) -> proto::AddServerRequest {
@@ -46,21 +51,45 @@ async fn count(db: &TestDb, table: &str) -> i64 {
 #[tokio::test]
 async fn server_and_watch_crud_round_trip() {
     let mut e = env().await;
-    let s = e.client.add_server(server_req("alpha")).await.unwrap().into_inner();
-    assert_eq!((s.name.as_str(), s.port, s.site.as_str(), s.max_sessions), ("alpha", 2222, "site-a", 4));
+    let s = e
+        .client
+        .add_server(server_req("alpha"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s.name.as_str(), s.port, s.site.as_str(), s.max_sessions),
+        ("alpha", 2222, "site-a", 4)
+    );
     assert_eq!(s.auth_kind, proto::AuthKind::Password as i32);
     assert_eq!(s.host_key_fingerprint, FP);
 
-    let got = e.client.get_server(proto::GetServerRequest { id: 0, name: "alpha".into() }).await.unwrap().into_inner();
+    let got = e
+        .client
+        .get_server(proto::GetServerRequest {
+            id: 0,
+            name: "alpha".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.id, s.id);
 
     let upd = e
         .client
-        .update_server(proto::UpdateServerRequest { id: s.id, port: Some(22), enabled: Some(false), ..Default::default() })
+        .update_server(proto::UpdateServerRequest {
+            id: s.id,
+            port: Some(22),
+            enabled: Some(false),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((upd.port, upd.enabled, upd.hostname.as_str()), (22, false, "sftp.example.com"));
+    assert_eq!(
+        (upd.port, upd.enabled, upd.hostname.as_str()),
+        (22, false, "sftp.example.com")
+    );
 
     let w = e
         .client
@@ -75,52 +104,128 @@ async fn server_and_watch_crud_round_trip() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((w.directory.as_str(), w.glob.as_str(), w.key_template.as_str()), ("/outbox", "*.csv", "{server}/{path}"));
-    assert_eq!((w.poll_interval_secs, w.post_action.as_str()), (30, "move:/archive"));
+    assert_eq!(
+        (
+            w.directory.as_str(),
+            w.glob.as_str(),
+            w.key_template.as_str()
+        ),
+        ("/outbox", "*.csv", "{server}/{path}")
+    );
+    assert_eq!(
+        (w.poll_interval_secs, w.post_action.as_str()),
+        (30, "move:/archive")
+    );
 
     let w2 = e
         .client
-        .update_watch(proto::UpdateWatchRequest { id: w.id, recursive: Some(true), glob: Some("*.json".into()), ..Default::default() })
+        .update_watch(proto::UpdateWatchRequest {
+            id: w.id,
+            recursive: Some(true),
+            glob: Some("*.json".into()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(w2.recursive);
     assert_eq!(w2.glob, "*.json");
 
-    let list = e.client.list_watches(proto::ListWatchesRequest { server_id: s.id }).await.unwrap().into_inner();
+    let list = e
+        .client
+        .list_watches(proto::ListWatchesRequest { server_id: s.id })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.watches.len(), 1);
 
-    let files = e.client.list_files(proto::ListFilesRequest::default()).await.unwrap().into_inner();
+    let files = e
+        .client
+        .list_files(proto::ListFilesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(files.files.is_empty() && files.next_page_token.is_empty());
-    let agents = e.client.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner();
+    let agents = e
+        .client
+        .list_agents(proto::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(agents.agents.is_empty());
 
-    e.client.remove_watch(proto::RemoveWatchRequest { id: w.id }).await.unwrap();
-    assert!(e.client.list_watches(proto::ListWatchesRequest { server_id: 0 }).await.unwrap().into_inner().watches.is_empty());
+    e.client
+        .remove_watch(proto::RemoveWatchRequest { id: w.id })
+        .await
+        .unwrap();
+    assert!(
+        e.client
+            .list_watches(proto::ListWatchesRequest { server_id: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .watches
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn removing_a_server_soft_deletes_it_with_its_watches() {
     let mut e = env().await;
-    let s = e.client.add_server(server_req("gone")).await.unwrap().into_inner();
+    let s = e
+        .client
+        .add_server(server_req("gone"))
+        .await
+        .unwrap()
+        .into_inner();
     e.client
-        .add_watch(proto::AddWatchRequest { server_id: s.id, directory: "/in".into(), bucket: "bkt".into(), ..Default::default() })
+        .add_watch(proto::AddWatchRequest {
+            server_id: s.id,
+            directory: "/in".into(),
+            bucket: "bkt".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let r = e.client.remove_server(proto::RemoveServerRequest { id: s.id }).await.unwrap().into_inner();
+    let r = e
+        .client
+        .remove_server(proto::RemoveServerRequest { id: s.id })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.watches_removed, 1);
-    let err = e.client.get_server(proto::GetServerRequest { id: s.id, name: String::new() }).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    assert!(e.client.list_servers(proto::ListServersRequest {}).await.unwrap().into_inner().servers.is_empty());
-    // History stays: the row is still there, marked deleted; the name is free again.
-    let deleted: bool = sqlx::query_scalar("SELECT deleted_at IS NOT NULL FROM servers WHERE id=$1")
-        .bind(s.id)
-        .fetch_one(e.db.pool())
+    let err = e
+        .client
+        .get_server(proto::GetServerRequest {
+            id: s.id,
+            name: String::new(),
+        })
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        e.client
+            .list_servers(proto::ListServersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .servers
+            .is_empty()
+    );
+    // History stays: the row is still there, marked deleted; the name is free again.
+    let deleted: bool =
+        sqlx::query_scalar("SELECT deleted_at IS NOT NULL FROM servers WHERE id=$1")
+            .bind(s.id)
+            .fetch_one(e.db.pool())
+            .await
+            .unwrap();
     assert!(deleted);
     e.client.add_server(server_req("gone")).await.unwrap();
-    let err = e.client.remove_server(proto::RemoveServerRequest { id: s.id }).await.unwrap_err();
+    let err = e
+        .client
+        .remove_server(proto::RemoveServerRequest { id: s.id })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
@@ -137,14 +242,29 @@ async fn bad_server_input_is_rejected_and_nothing_is_written() {
         ("port", Box::new(|r| r.port = 70000)),
         ("username", Box::new(|r| r.username = String::new())),
         ("auth", Box::new(|r| r.password = String::new())),
-        ("auth", Box::new(|r| r.private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n".into())),
-        ("private_key", Box::new(|r| {
-            r.password = String::new();
-            r.private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n".into();
-        })),
-        ("host_key_fingerprint", Box::new(|r| r.host_key_fingerprint = "MD5:00:11".into())),
-        ("host_key_fingerprint", Box::new(|r| r.host_key_fingerprint = String::new())),
-        ("host_key_fingerprint", Box::new(|r| r.trust_host_key = true)),
+        (
+            "auth",
+            Box::new(|r| r.private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n".into()),
+        ),
+        (
+            "private_key",
+            Box::new(|r| {
+                r.password = String::new();
+                r.private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n".into();
+            }),
+        ),
+        (
+            "host_key_fingerprint",
+            Box::new(|r| r.host_key_fingerprint = "MD5:00:11".into()),
+        ),
+        (
+            "host_key_fingerprint",
+            Box::new(|r| r.host_key_fingerprint = String::new()),
+        ),
+        (
+            "host_key_fingerprint",
+            Box::new(|r| r.trust_host_key = true),
+        ),
         ("site", Box::new(|r| r.site = "bad site".into())),
         ("max_sessions", Box::new(|r| r.max_sessions = 5000)),
     ];
@@ -152,51 +272,141 @@ async fn bad_server_input_is_rejected_and_nothing_is_written() {
         let mut req = base.clone();
         edit(&mut req);
         let err = e.client.add_server(req).await.expect_err(field);
-        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {}", err.message());
-        assert!(err.message().contains(field), "message {:?} should name {field}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(field),
+            "message {:?} should name {field}",
+            err.message()
+        );
     }
     // Port 0 means "default 22", so it is the update path that rejects it.
-    let s = e.client.add_server(base.clone()).await.unwrap().into_inner();
-    let err = e.client.update_server(proto::UpdateServerRequest { id: s.id, port: Some(0), ..Default::default() }).await.unwrap_err();
+    let s = e
+        .client
+        .add_server(base.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let err = e
+        .client
+        .update_server(proto::UpdateServerRequest {
+            id: s.id,
+            port: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("port"));
     // Missing pin explains how to pin.
     let mut unpinned = server_req("unpinned");
     unpinned.host_key_fingerprint.clear();
     let err = e.client.add_server(unpinned).await.unwrap_err();
-    assert!(err.message().contains("--trust-host-key"), "{}", err.message());
+    assert!(
+        err.message().contains("--trust-host-key"),
+        "{}",
+        err.message()
+    );
     // Duplicate name.
     let err = e.client.add_server(base.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
     // Unknown ids.
-    let err = e.client.update_server(proto::UpdateServerRequest { id: 9999, ..Default::default() }).await.unwrap_err();
+    let err = e
+        .client
+        .update_server(proto::UpdateServerRequest {
+            id: 9999,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = e.client.get_server(proto::GetServerRequest { id: 9999, name: String::new() }).await.unwrap_err();
+    let err = e
+        .client
+        .get_server(proto::GetServerRequest {
+            id: 9999,
+            name: String::new(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(count(&e.db, "servers").await, 1, "only the one valid server is stored");
+    assert_eq!(
+        count(&e.db, "servers").await,
+        1,
+        "only the one valid server is stored"
+    );
     let after: (String, i32) = sqlx::query_as("SELECT hostname, port FROM servers WHERE id=$1")
         .bind(s.id)
         .fetch_one(e.db.pool())
         .await
         .unwrap();
-    assert_eq!(after, ("sftp.example.com".to_string(), 2222), "rejected update changed nothing");
+    assert_eq!(
+        after,
+        ("sftp.example.com".to_string(), 2222),
+        "rejected update changed nothing"
+    );
 }
 
 #[tokio::test]
 async fn bad_watch_input_is_rejected_and_nothing_is_written() {
     let mut e = env().await;
-    let s = e.client.add_server(server_req("w")).await.unwrap().into_inner();
-    let base = proto::AddWatchRequest { server_id: s.id, directory: "/in".into(), bucket: "bucket-1".into(), ..Default::default() };
+    let s = e
+        .client
+        .add_server(server_req("w"))
+        .await
+        .unwrap()
+        .into_inner();
+    let base = proto::AddWatchRequest {
+        server_id: s.id,
+        directory: "/in".into(),
+        bucket: "bucket-1".into(),
+        ..Default::default()
+    };
     type Edit = Box<dyn Fn(&mut proto::AddWatchRequest)>;
     let cases: Vec<(&str, Code, Edit)> = vec![
-        ("directory", Code::InvalidArgument, Box::new(|r| r.directory = String::new())),
-        ("directory", Code::InvalidArgument, Box::new(|r| r.directory = "relative/dir".into())),
-        ("glob", Code::InvalidArgument, Box::new(|r| r.glob = "[a-".into())),
-        ("poll_interval_secs", Code::InvalidArgument, Box::new(|r| r.poll_interval_secs = 100_000)),
-        ("bucket", Code::InvalidArgument, Box::new(|r| r.bucket = "Bad_Bucket".into())),
-        ("bucket", Code::InvalidArgument, Box::new(|r| r.bucket = String::new())),
-        ("key_template", Code::InvalidArgument, Box::new(|r| r.key_template = "{server}/{nope}".into())),
-        ("post_action", Code::InvalidArgument, Box::new(|r| r.post_action = "shred".into())),
+        (
+            "directory",
+            Code::InvalidArgument,
+            Box::new(|r| r.directory = String::new()),
+        ),
+        (
+            "directory",
+            Code::InvalidArgument,
+            Box::new(|r| r.directory = "relative/dir".into()),
+        ),
+        (
+            "glob",
+            Code::InvalidArgument,
+            Box::new(|r| r.glob = "[a-".into()),
+        ),
+        (
+            "poll_interval_secs",
+            Code::InvalidArgument,
+            Box::new(|r| r.poll_interval_secs = 100_000),
+        ),
+        (
+            "bucket",
+            Code::InvalidArgument,
+            Box::new(|r| r.bucket = "Bad_Bucket".into()),
+        ),
+        (
+            "bucket",
+            Code::InvalidArgument,
+            Box::new(|r| r.bucket = String::new()),
+        ),
+        (
+            "key_template",
+            Code::InvalidArgument,
+            Box::new(|r| r.key_template = "{server}/{nope}".into()),
+        ),
+        (
+            "post_action",
+            Code::InvalidArgument,
+            Box::new(|r| r.post_action = "shred".into()),
+        ),
         ("server", Code::NotFound, Box::new(|r| r.server_id = 4242)),
     ];
     for (field, code, edit) in &cases {
@@ -204,20 +414,35 @@ async fn bad_watch_input_is_rejected_and_nothing_is_written() {
         edit(&mut req);
         let err = e.client.add_watch(req).await.expect_err(field);
         assert_eq!(err.code(), *code, "{field}: {}", err.message());
-        assert!(err.message().contains(field), "message {:?} should name {field}", err.message());
+        assert!(
+            err.message().contains(field),
+            "message {:?} should name {field}",
+            err.message()
+        );
     }
     let w = e.client.add_watch(base).await.unwrap().into_inner();
     let err = e
         .client
-        .update_watch(proto::UpdateWatchRequest { id: w.id, poll_interval_secs: Some(0), ..Default::default() })
+        .update_watch(proto::UpdateWatchRequest {
+            id: w.id,
+            poll_interval_secs: Some(0),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("poll_interval_secs"));
-    let err = e.client.remove_watch(proto::RemoveWatchRequest { id: 777 }).await.unwrap_err();
+    let err = e
+        .client
+        .remove_watch(proto::RemoveWatchRequest { id: 777 })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(count(&e.db, "watches").await, 1);
-    let interval: i32 = sqlx::query_scalar("SELECT poll_interval_secs FROM watches").fetch_one(e.db.pool()).await.unwrap();
+    let interval: i32 = sqlx::query_scalar("SELECT poll_interval_secs FROM watches")
+        .fetch_one(e.db.pool())
+        .await
+        .unwrap();
     assert_eq!(interval, 30);
 }
 
@@ -225,8 +450,21 @@ async fn bad_watch_input_is_rejected_and_nothing_is_written() {
 async fn secrets_are_encrypted_at_rest_and_never_returned() {
     let mut e = env().await;
     let password = "pa55-UNIQUE-7731";
-    let s = e.client.add_server(proto::AddServerRequest { password: password.into(), ..server_req("sec") }).await.unwrap().into_inner();
-    let listed = e.client.list_servers(proto::ListServersRequest {}).await.unwrap().into_inner();
+    let s = e
+        .client
+        .add_server(proto::AddServerRequest {
+            password: password.into(),
+            ..server_req("sec")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = e
+        .client
+        .list_servers(proto::ListServersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     for text in [format!("{s:?}"), format!("{listed:?}")] {
         assert!(!text.contains(password), "a response contains the password");
     }
@@ -236,23 +474,44 @@ async fn secrets_are_encrypted_at_rest_and_never_returned() {
         .await
         .unwrap();
     assert!(sealed.len() > password.len());
-    assert!(!sealed.windows(password.len()).any(|w| w == password.as_bytes()), "password stored in plaintext");
-    let row_text: String = sqlx::query_scalar("SELECT row_to_json(s)::text FROM servers s WHERE id=$1")
-        .bind(s.id)
-        .fetch_one(e.db.pool())
-        .await
-        .unwrap();
+    assert!(
+        !sealed
+            .windows(password.len())
+            .any(|w| w == password.as_bytes()),
+        "password stored in plaintext"
+    );
+    let row_text: String =
+        sqlx::query_scalar("SELECT row_to_json(s)::text FROM servers s WHERE id=$1")
+            .bind(s.id)
+            .fetch_one(e.db.pool())
+            .await
+            .unwrap();
     assert!(!row_text.contains(password));
-    assert!(!std::fs::read_to_string(e._coord.log_path()).unwrap().contains(password), "password in the log");
+    assert!(
+        !std::fs::read_to_string(e._coord.log_path())
+            .unwrap()
+            .contains(password),
+        "password in the log"
+    );
 }
 
 #[tokio::test]
 async fn file_listing_filters_pages_and_retries() {
     let mut e = env().await;
-    let s = e.client.add_server(server_req("f")).await.unwrap().into_inner();
+    let s = e
+        .client
+        .add_server(server_req("f"))
+        .await
+        .unwrap()
+        .into_inner();
     let w = e
         .client
-        .add_watch(proto::AddWatchRequest { server_id: s.id, directory: "/in".into(), bucket: "bkt".into(), ..Default::default() })
+        .add_watch(proto::AddWatchRequest {
+            server_id: s.id,
+            directory: "/in".into(),
+            bucket: "bkt".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -272,7 +531,11 @@ async fn file_listing_filters_pages_and_retries() {
     loop {
         let page = e
             .client
-            .list_files(proto::ListFilesRequest { page_size: 10, page_token: token.clone(), ..Default::default() })
+            .list_files(proto::ListFilesRequest {
+                page_size: 10,
+                page_token: token.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -285,30 +548,51 @@ async fn file_listing_filters_pages_and_retries() {
     assert_eq!(seen, 25);
     let failed = e
         .client
-        .list_files(proto::ListFilesRequest { statuses: vec![proto::FileStatus::Failed as i32], ..Default::default() })
+        .list_files(proto::ListFilesRequest {
+            statuses: vec![proto::FileStatus::Failed as i32],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(failed.files.len(), 5);
     let retried = e
         .client
-        .retry_files(proto::RetryFilesRequest { statuses: vec![proto::FileStatus::Failed as i32], ..Default::default() })
+        .retry_files(proto::RetryFilesRequest {
+            statuses: vec![proto::FileStatus::Failed as i32],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(retried.requeued, 5);
     let id = failed.files[0].id;
-    let detail = e.client.get_file(proto::GetFileRequest { id }).await.unwrap().into_inner();
+    let detail = e
+        .client
+        .get_file(proto::GetFileRequest { id })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(detail.file.unwrap().status, proto::FileStatus::New as i32);
     assert_eq!(detail.events.len(), 1);
     assert_eq!(detail.events[0].actor, "admin:alice");
-    assert_eq!(detail.events[0].from_status, proto::FileStatus::Failed as i32);
+    assert_eq!(
+        detail.events[0].from_status,
+        proto::FileStatus::Failed as i32
+    );
     let err = e
         .client
-        .list_files(proto::ListFilesRequest { page_token: "zzz".into(), ..Default::default() })
+        .list_files(proto::ListFilesRequest {
+            page_token: "zzz".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert!(err.message().contains("page_token"));
-    let err = e.client.get_file(proto::GetFileRequest { id: 123_456 }).await.unwrap_err();
+    let err = e
+        .client
+        .get_file(proto::GetFileRequest { id: 123_456 })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }

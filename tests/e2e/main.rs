@@ -3,5 +3,6 @@
 //! Build the binaries first: `cargo build --workspace --bins` (deploy/test.sh does).
 
 mod admin_api;
+mod discovery;
 mod harness_smoke;
 mod security;

@@ -11,6 +11,7 @@
 //! temp dirs of a failing test are kept (their paths are printed).
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod amqp;
 pub mod certs;
 pub mod coordinator;
@@ -20,6 +21,7 @@ pub mod s3;
 pub mod sshd;
 pub mod util;
 
+pub use agent::{Agent, AgentOptions, eventually};
 pub use amqp::{AmqpMessage, AmqpQueue, amqp_url, unique_exchange};
 pub use certs::{CertFiles, TestPki};
 pub use coordinator::Coordinator;

@@ -57,7 +57,13 @@ pub struct GlobalArgs {
     #[arg(long, global = true, help_heading = GLOBAL, env = "FERRY_TLS_KEY", value_name = "FILE")]
     pub key: Option<PathBuf>,
     /// Print JSON (snake_case fields, RFC 3339 times) instead of tables, for scripts.
-    #[arg(long, global = true, help_heading = GLOBAL, env = "FERRY_JSON")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        env = "FERRY_JSON",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub json: bool,
     /// Seconds to wait for the connection and for each request.
     #[arg(
@@ -573,39 +579,42 @@ fn report(err: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// An error and its causes joined with `: ` (like `{:#}`), skipping causes
-/// whose text the line already ends with (transport errors repeat themselves).
+/// An error and its causes joined with `: ` (like `{:#}`). Transport errors
+/// often repeat their cause in their own text, so `: `-separated parts already
+/// on the line are left out.
 fn chain<'a>(causes: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
     let mut line = String::new();
     for cause in causes {
-        let text = cause.to_string();
-        if text.is_empty() || line.ends_with(&text) {
+        append_parts(&mut line, &cause.to_string());
+    }
+    line
+}
+
+fn append_parts(line: &mut String, text: &str) {
+    for part in text.split(": ") {
+        if part.is_empty() || line.contains(part) {
             continue;
         }
         if !line.is_empty() {
             line.push_str(": ");
         }
-        line.push_str(&text);
+        line.push_str(part);
     }
-    line
 }
 
 /// `message (Code)`, with the transport cause for calls that never reached the server.
 fn status_line(status: &tonic::Status) -> String {
-    let message = if status.message().is_empty() {
+    let mut line = if status.message().is_empty() {
         status.code().description().to_string()
     } else {
         status.message().to_string()
     };
-    let causes = chain(std::iter::successors(
-        std::error::Error::source(status),
-        |e| e.source(),
-    ));
-    if causes.is_empty() || message.ends_with(&causes) {
-        format!("{message} ({:?})", status.code())
-    } else {
-        format!("{message}: {causes} ({:?})", status.code())
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        append_parts(&mut line, &cause.to_string());
+        source = cause.source();
     }
+    format!("{line} ({:?})", status.code())
 }
 
 #[cfg(test)]
@@ -653,6 +662,21 @@ mod tests {
         assert!(command().try_get_matches_from(key).is_ok());
         let update = ["ferryctl", "servers", "update", "s1", "--enable"];
         assert!(command().try_get_matches_from(update).is_ok());
+    }
+
+    #[test]
+    fn error_lines_drop_repeated_causes() {
+        let mut line = "h2 protocol error: error reading a body".to_string();
+        append_parts(&mut line, "error reading a body: peer closed connection");
+        assert_eq!(
+            line,
+            "h2 protocol error: error reading a body: peer closed connection"
+        );
+        let status = tonic::Status::invalid_argument("invalid hostname: \"bad host\"");
+        assert_eq!(
+            status_line(&status),
+            "invalid hostname: \"bad host\" (InvalidArgument)"
+        );
     }
 
     #[test]

@@ -1,0 +1,62 @@
+//! Command line of `ferry-agent`: every flag is also an environment variable.
+//! S3 settings are the standard `AWS_*` variables, read by the AWS SDK.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ferry_common::telemetry::LogFormat;
+
+use crate::sftp::Timeouts;
+
+/// ferry agent: polls the SFTP servers a coordinator assigns and streams files to S3.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ferry-agent", version = ferry_common::VERSION)]
+pub struct AgentConfig {
+    /// Coordinator endpoints, comma-separated (https://host:port), tried in turn.
+    #[arg(
+        long,
+        env = "FERRY_COORDINATORS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub coordinators: Vec<String>,
+    /// CA certificate (PEM) the coordinators' certificates chain to.
+    #[arg(long, env = "FERRY_TLS_CA")]
+    pub tls_ca: PathBuf,
+    /// This agent's client certificate (PEM); its SAN URI spiffe://ferry/agent/<name> is its identity.
+    #[arg(long, env = "FERRY_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// Private key of the client certificate (PEM).
+    #[arg(long, env = "FERRY_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// Site label: this agent serves the servers of this site.
+    #[arg(long, env = "FERRY_SITE", default_value = "default")]
+    pub site: String,
+    /// Concurrent transfers this agent accepts.
+    #[arg(long, env = "FERRY_CAPACITY", default_value_t = 4)]
+    pub capacity: u32,
+    /// SFTP connect timeout (TCP + SSH handshake + login), seconds.
+    #[arg(long, env = "FERRY_SFTP_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub sftp_connect_timeout: u64,
+    /// SFTP per-request timeout, seconds.
+    #[arg(long, env = "FERRY_SFTP_REQUEST_TIMEOUT", default_value_t = 30)]
+    pub sftp_request_timeout: u64,
+    /// Close an SSH connection that saw no traffic for this long, seconds.
+    #[arg(long, env = "FERRY_SFTP_IDLE_TIMEOUT", default_value_t = 300)]
+    pub sftp_idle_timeout: u64,
+    /// Log format on stderr.
+    #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl AgentConfig {
+    pub fn sftp_timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(self.sftp_connect_timeout.max(1)),
+            request: Duration::from_secs(self.sftp_request_timeout.max(1)),
+            idle: Duration::from_secs(self.sftp_idle_timeout.max(1)),
+            ..Timeouts::default()
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The control channel: one `AgentService.Connect` stream at a time, to the
+//! coordinators in turn, reconnecting with exponential backoff and jitter.
+//! Dispatches coordinator messages to the pollers.
+//!
+//! **Architecture invariant:** the agent never talks to Postgres or AMQP; all
+//! it knows of the system arrives on this stream. Its identity is its
+//! certificate, never a field it sends.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_common::backoff::Backoff;
+use ferry_common::proto::{
+    self, agent_message::Body, agent_service_client::AgentServiceClient,
+    coordinator_message::Body as CBody,
+};
+use ferry_common::tls::{TlsMaterial, TlsPaths, endpoint_host};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::config::AgentConfig;
+use crate::poller::{self, Trackers, message};
+
+/// Why a stream ended.
+enum StreamEnd {
+    /// Shutdown requested.
+    Shutdown,
+    /// Connection lost after the coordinator welcomed us.
+    Lost(String),
+}
+
+/// Runs the agent until `cancel` fires.
+pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+    let tls = TlsPaths {
+        ca: cfg.tls_ca.clone(),
+        cert: cfg.tls_cert.clone(),
+        key: cfg.tls_key.clone(),
+    }
+    .load()?;
+    for c in &cfg.coordinators {
+        endpoint_host(c)?;
+    }
+    let trackers = Trackers::default();
+    let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut attempt = 0u32;
+    let mut next = 0usize;
+    loop {
+        let endpoint = &cfg.coordinators[next % cfg.coordinators.len()];
+        match stream_once(endpoint, &tls, &cfg, &trackers, &cancel).await {
+            Ok(StreamEnd::Shutdown) => return Ok(()),
+            Ok(StreamEnd::Lost(why)) => {
+                tracing::warn!(coordinator = %endpoint, reason = %why, "coordinator stream lost; reconnecting");
+                attempt = 0;
+            }
+            Err(e) => {
+                tracing::warn!(coordinator = %endpoint, error = format!("{e:#}"), "cannot reach coordinator");
+                next += 1;
+            }
+        }
+        let delay = backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn stream_once(
+    endpoint: &str,
+    tls: &TlsMaterial,
+    cfg: &AgentConfig,
+    trackers: &Trackers,
+    cancel: &CancellationToken,
+) -> anyhow::Result<StreamEnd> {
+    let host = endpoint_host(endpoint)?;
+    let channel = Endpoint::from_shared(endpoint.to_string())
+        .with_context(|| format!("endpoint {endpoint:?}"))?
+        .tls_config(tls.client_config(&host))
+        .context("TLS configuration")?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .with_context(|| format!("connect to {endpoint}"))?;
+    let (tx, rx) = mpsc::channel::<proto::AgentMessage>(1024);
+    tx.send(message(Body::Hello(proto::Hello {
+        version: ferry_common::VERSION.to_string(),
+        site: cfg.site.clone(),
+        capacity: cfg.capacity,
+        running_tasks: Vec::new(),
+    })))
+    .await
+    .context("queue hello")?;
+    let mut inbound = AgentServiceClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    let welcome = match inbound.message().await.context("read welcome")? {
+        Some(proto::CoordinatorMessage {
+            body: Some(CBody::Welcome(w)),
+        }) => w,
+        other => anyhow::bail!("expected welcome, got {other:?}"),
+    };
+    tracing::info!(coordinator = %welcome.coordinator_id, agent = %welcome.agent_name, "connected");
+
+    let session = cancel.child_token();
+    let heartbeat = tokio::spawn(heartbeats(
+        tx.clone(),
+        Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1))),
+        session.clone(),
+    ));
+    let mut pollers = Pollers::new(tx.clone(), trackers.clone(), cfg, session.clone());
+    drop(tx);
+    let end = loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break StreamEnd::Shutdown,
+            m = inbound.message() => m,
+        };
+        match msg {
+            Ok(Some(proto::CoordinatorMessage { body: Some(body) })) => {
+                pollers.dispatch(body).await
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break StreamEnd::Lost("coordinator closed the stream".into()),
+            Err(status) => {
+                break StreamEnd::Lost(format!("{}: {}", status.code(), status.message()));
+            }
+        }
+    };
+    session.cancel();
+    pollers.stop_all().await;
+    let _ = heartbeat.await;
+    Ok(end)
+}
+
+async fn heartbeats(
+    tx: mpsc::Sender<proto::AgentMessage>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let hb = proto::Heartbeat::default();
+        if tx.send(message(Body::Heartbeat(hb))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The pollers of one stream, by server id.
+struct Pollers {
+    out: mpsc::Sender<proto::AgentMessage>,
+    trackers: Trackers,
+    timeouts: crate::sftp::Timeouts,
+    cancel: CancellationToken,
+    running: HashMap<i64, (proto::PollAssignment, CancellationToken, JoinHandle<()>)>,
+}
+
+impl Pollers {
+    fn new(
+        out: mpsc::Sender<proto::AgentMessage>,
+        trackers: Trackers,
+        cfg: &AgentConfig,
+        cancel: CancellationToken,
+    ) -> Self {
+        Pollers {
+            out,
+            trackers,
+            timeouts: cfg.sftp_timeouts(),
+            cancel,
+            running: HashMap::new(),
+        }
+    }
+
+    async fn dispatch(&mut self, body: CBody) {
+        match body {
+            CBody::PollAssignment(a) => {
+                let Some(server) = &a.server else { return };
+                let id = server.server_id;
+                if self.running.get(&id).is_some_and(|(cur, ..)| *cur == a) {
+                    return;
+                }
+                self.stop(id).await;
+                tracing::info!(server = %server.name, watches = a.watches.len(), "polling");
+                let token = self.cancel.child_token();
+                let task = tokio::spawn(poller::run(
+                    a.clone(),
+                    self.out.clone(),
+                    self.trackers.clone(),
+                    self.timeouts,
+                    token.clone(),
+                ));
+                self.running.insert(id, (a, token, task));
+                self.forget_unassigned_watches();
+            }
+            CBody::PollRevocation(r) => {
+                tracing::info!(server = r.server_id, reason = %r.reason, "polling stopped");
+                self.stop(r.server_id).await;
+                self.forget_unassigned_watches();
+            }
+            CBody::Drain(_) => tracing::info!("drain requested"),
+            other => tracing::debug!(message = ?std::mem::discriminant(&other), "not handled yet"),
+        }
+    }
+
+    fn forget_unassigned_watches(&self) {
+        let live: Vec<i64> = self
+            .running
+            .values()
+            .flat_map(|(a, ..)| a.watches.iter().map(|w| w.watch_id))
+            .collect();
+        self.trackers.retain(|id| live.contains(&id));
+    }
+
+    async fn stop(&mut self, server_id: i64) {
+        if let Some((_, token, task)) = self.running.remove(&server_id) {
+            token.cancel();
+            let _ = task.await;
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        let ids: Vec<i64> = self.running.keys().copied().collect();
+        for id in ids {
+            self.stop(id).await;
+        }
+    }
+}

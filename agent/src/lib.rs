@@ -1,0 +1,8 @@
+//! ferry agent: holds one control stream to a coordinator, polls the SFTP
+//! servers it is assigned, and (later) streams files to S3. See ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod control;
+pub mod poller;
+pub mod sftp;

@@ -1,0 +1,38 @@
+//! `ferry-agent`: entry point.
+
+use clap::Parser;
+use ferry_agent::config::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    ferry_common::tls::install_crypto_provider();
+    let cfg = AgentConfig::parse();
+    ferry_common::telemetry::init_logging(cfg.log_format);
+    let cancel = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(cancel.clone()));
+    match ferry_agent::control::run(cfg, cancel).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or Ctrl-C closes the stream and stops the pollers.
+async fn shutdown_on_signal(cancel: CancellationToken) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested");
+    cancel.cancel();
+}

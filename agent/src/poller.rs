@@ -1,0 +1,260 @@
+//! Polling one assigned server: lists each watch on its interval, feeds the
+//! stable-file rule, and reports newly stable files in batches.
+//!
+//! The stability trackers outlive the poller (they are kept per watch in
+//! [`Trackers`]), so after a reconnect or reassignment the agent resends its
+//! full stable set and the coordinator deduplicates.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_common::backoff::Backoff;
+use ferry_common::proto::{self, agent_message::Body};
+use ferry_common::stability::{Observation, StabilityTracker};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::sftp::{self, Auth, ServerEndpoint, SftpError, SftpSession, Timeouts};
+
+/// Entries per discovery message.
+pub const BATCH: usize = 1000;
+
+/// What identifies a watch's listing: a change resets its tracker.
+type WatchKey = (String, String, bool);
+
+/// Stability state per watch id, shared across pollers and reconnects.
+#[derive(Clone, Default)]
+pub struct Trackers(Arc<Mutex<HashMap<i64, (WatchKey, StabilityTracker)>>>);
+
+impl Trackers {
+    fn with<R>(&self, spec: &proto::WatchSpec, f: impl FnOnce(&mut StabilityTracker) -> R) -> R {
+        let key = (spec.directory.clone(), spec.glob.clone(), spec.recursive);
+        let mut map = self.0.lock().expect("trackers lock");
+        let entry = map
+            .entry(spec.watch_id)
+            .or_insert_with(|| (key.clone(), StabilityTracker::default()));
+        if entry.0 != key {
+            *entry = (key, StabilityTracker::default());
+        }
+        f(&mut entry.1)
+    }
+
+    /// Forgets watches that are no longer assigned anywhere on this agent.
+    pub fn retain(&self, live: impl Fn(i64) -> bool) {
+        self.0
+            .lock()
+            .expect("trackers lock")
+            .retain(|id, _| live(*id));
+    }
+}
+
+/// Builds the SFTP endpoint of an assignment.
+pub fn endpoint(conn: &proto::ServerConnection) -> ServerEndpoint {
+    let auth = if conn.private_key.is_empty() {
+        Auth::Password(conn.password.clone())
+    } else {
+        Auth::PrivateKey {
+            pem: conn.private_key.clone(),
+            passphrase: (!conn.passphrase.is_empty()).then(|| conn.passphrase.clone()),
+        }
+    };
+    ServerEndpoint {
+        hostname: conn.hostname.clone(),
+        port: u16::try_from(conn.port).unwrap_or(22),
+        username: conn.username.clone(),
+        auth,
+        host_key_fingerprint: conn.host_key_fingerprint.clone(),
+    }
+}
+
+struct WatchState {
+    spec: proto::WatchSpec,
+    matcher: globset::GlobMatcher,
+    next_due: Instant,
+}
+
+/// Polls one server until cancelled.
+pub async fn run(
+    assignment: proto::PollAssignment,
+    out: mpsc::Sender<proto::AgentMessage>,
+    trackers: Trackers,
+    timeouts: Timeouts,
+    cancel: CancellationToken,
+) {
+    let Some(conn) = assignment.server else {
+        return;
+    };
+    let server_id = conn.server_id;
+    let ep = endpoint(&conn);
+    let mut watches: Vec<WatchState> = Vec::new();
+    for spec in assignment.watches {
+        match globset::GlobBuilder::new(&spec.glob)
+            .literal_separator(true)
+            .build()
+        {
+            Ok(g) => watches.push(WatchState {
+                matcher: g.compile_matcher(),
+                spec,
+                next_due: Instant::now(),
+            }),
+            Err(e) => tracing::warn!(watch = spec.watch_id, error = %e, "bad glob; watch skipped"),
+        }
+    }
+    if watches.is_empty() {
+        cancel.cancelled().await;
+        return;
+    }
+    // Full resend of what is already known stable (after a reconnect).
+    for w in &watches {
+        let stable = trackers.with(&w.spec, |t| t.stable_set());
+        if !send_batches(&out, server_id, w.spec.watch_id, stable, true).await {
+            return;
+        }
+    }
+    let retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut failures = 0u32;
+    let mut session: Option<SftpSession> = None;
+    loop {
+        let now = Instant::now();
+        if watches.iter().any(|w| w.next_due <= now) {
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = poll_due(&mut session, &ep, &timeouts, &mut watches, &trackers, &out, server_id) => r,
+            };
+            let report = match &outcome {
+                Ok(seen) => proto::PollReport {
+                    server_id,
+                    ok: true,
+                    files_seen: *seen,
+                    ..Default::default()
+                },
+                Err(e) => proto::PollReport {
+                    server_id,
+                    ok: false,
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            };
+            let report = proto::PollReport {
+                at: Some(now_timestamp()),
+                duration_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+                ..report
+            };
+            if out.send(message(Body::PollReport(report))).await.is_err() {
+                break;
+            }
+            match outcome {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    tracing::warn!(server = %conn.name, error = %e, "poll failed");
+                    if e.breaks_session()
+                        && let Some(s) = session.take()
+                    {
+                        s.close().await;
+                    }
+                    // Retry sooner than the interval would, but back off.
+                    let delay = retry.delay(failures);
+                    failures = failures.saturating_add(1);
+                    for w in &mut watches {
+                        let interval =
+                            Duration::from_secs(u64::from(w.spec.poll_interval_secs.max(1)));
+                        w.next_due = Instant::now() + delay.min(interval);
+                    }
+                }
+            }
+        }
+        let next = watches
+            .iter()
+            .map(|w| w.next_due)
+            .min()
+            .unwrap_or_else(Instant::now);
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+    }
+    if let Some(s) = session.take() {
+        s.close().await;
+    }
+}
+
+/// Polls every due watch on one SSH connection. Returns the files seen.
+async fn poll_due(
+    session: &mut Option<SftpSession>,
+    ep: &ServerEndpoint,
+    timeouts: &Timeouts,
+    watches: &mut [WatchState],
+    trackers: &Trackers,
+    out: &mpsc::Sender<proto::AgentMessage>,
+    server_id: i64,
+) -> Result<u64, SftpError> {
+    let s = match session.take() {
+        Some(s) if s.is_alive() => s,
+        _ => sftp::connect(ep, timeouts).await?,
+    };
+    let s = session.insert(s);
+    let mut seen = 0u64;
+    for w in watches.iter_mut().filter(|w| w.next_due <= Instant::now()) {
+        w.next_due =
+            Instant::now() + Duration::from_secs(u64::from(w.spec.poll_interval_secs.max(1)));
+        let mut listing = s.listing(&w.spec.directory, &w.matcher, w.spec.recursive);
+        let mut files: Vec<(String, Observation)> = Vec::new();
+        while let Some(batch) = listing.next_batch().await? {
+            files.extend(batch.into_iter().map(|f| {
+                let o = f.observation();
+                (f.path, o)
+            }));
+        }
+        seen += files.len() as u64;
+        let now_unix = chrono::Utc::now().timestamp();
+        let newly = trackers.with(&w.spec, |t| {
+            t.observe(files, now_unix, w.spec.min_age_secs).newly_stable
+        });
+        if !send_batches(out, server_id, w.spec.watch_id, newly, false).await {
+            return Ok(seen);
+        }
+    }
+    Ok(seen)
+}
+
+async fn send_batches(
+    out: &mpsc::Sender<proto::AgentMessage>,
+    server_id: i64,
+    watch_id: i64,
+    files: Vec<(String, Observation)>,
+    full_sync: bool,
+) -> bool {
+    for chunk in files.chunks(BATCH) {
+        let batch = proto::DiscoveryBatch {
+            server_id,
+            watch_id,
+            full_sync,
+            entries: chunk
+                .iter()
+                .map(|(path, o)| proto::RemoteEntry {
+                    path: path.clone(),
+                    size: o.size,
+                    mtime_unix: o.mtime_unix,
+                })
+                .collect(),
+        };
+        if out.send(message(Body::Discovery(batch))).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+pub fn message(body: Body) -> proto::AgentMessage {
+    proto::AgentMessage { body: Some(body) }
+}
+
+fn now_timestamp() -> prost_types::Timestamp {
+    let now = chrono::Utc::now();
+    prost_types::Timestamp {
+        seconds: now.timestamp(),
+        nanos: now.timestamp_subsec_nanos() as i32,
+    }
+}

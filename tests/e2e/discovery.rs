@@ -1,0 +1,462 @@
+//! Agents end to end: real sshd, coordinator and agent binaries. Files on the
+//! SFTP server become `new` rows exactly once; health and failover are visible.
+
+use std::time::Duration;
+
+use ferry_common::proto::{self, admin_service_client::AdminServiceClient};
+use ferry_tests::{Agent, AgentOptions, Coordinator, Sshd, TestDb, TestPki, eventually};
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A coordinator, an sshd and an admin client.
+pub struct Stack {
+    pub db: TestDb,
+    pub pki: TestPki,
+    pub coord: Coordinator,
+    pub sshd: Sshd,
+    pub admin: AdminServiceClient<Channel>,
+}
+
+impl Stack {
+    pub async fn new() -> Stack {
+        let db = TestDb::create().await;
+        let pki = TestPki::new();
+        let coord = Coordinator::start(&db, &pki).await;
+        let sshd = Sshd::start().await;
+        let admin = coord.admin_client(&pki.admin("alice")).await.unwrap();
+        Stack {
+            db,
+            pki,
+            coord,
+            sshd,
+            admin,
+        }
+    }
+
+    pub fn server_req(&self, name: &str) -> proto::AddServerRequest {
+        proto::AddServerRequest {
+            name: name.into(),
+            hostname: "127.0.0.1".into(),
+            port: u32::from(self.sshd.port()),
+            username: self.sshd.user().into(),
+            password: self.sshd.password().into(),
+            host_key_fingerprint: self.sshd.host_key_fingerprint().into(),
+            ..Default::default()
+        }
+    }
+
+    pub async fn add_server(&mut self, req: proto::AddServerRequest) -> i64 {
+        self.admin.add_server(req).await.unwrap().into_inner().id
+    }
+
+    /// A watch on `rel` (under the sshd data root), polled every second.
+    pub async fn add_watch(&mut self, server_id: i64, rel: &str, glob: &str) -> i64 {
+        self.sshd.mkdir(rel);
+        self.admin
+            .add_watch(proto::AddWatchRequest {
+                server_id,
+                directory: self.sshd.remote_path(rel),
+                glob: glob.into(),
+                poll_interval_secs: 1,
+                bucket: "ferry-test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    pub async fn agent(&self, name: &str, site: &str) -> Agent {
+        Agent::start(
+            name,
+            &self.pki.agent(name),
+            &[self.coord.endpoint()],
+            AgentOptions {
+                site: site.into(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// (path, size, status) of every file row, by path.
+    pub async fn files(&self) -> Vec<(String, i64, String)> {
+        sqlx::query_as("SELECT path, size, status FROM files ORDER BY path, size")
+            .fetch_all(self.db.pool())
+            .await
+            .unwrap()
+    }
+
+    pub async fn file_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM files")
+            .fetch_one(self.db.pool())
+            .await
+            .unwrap()
+    }
+
+    pub async fn server(&mut self, id: i64) -> proto::Server {
+        self.admin
+            .get_server(proto::GetServerRequest {
+                id,
+                name: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits until the server reports `n` more completed polls than now.
+    pub async fn wait_polls(&mut self, id: i64, n: u32) {
+        for _ in 0..n {
+            let before = self.server(id).await.health.and_then(|h| h.last_poll_at);
+            let admin = self.admin.clone();
+            eventually("another poll", WAIT, || {
+                let mut admin = admin.clone();
+                async move {
+                    let s = admin
+                        .get_server(proto::GetServerRequest {
+                            id,
+                            name: String::new(),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    let at = s.health?.last_poll_at;
+                    (at.is_some() && at != before).then_some(())
+                }
+            })
+            .await;
+        }
+    }
+}
+
+async fn wait_files(stack: &Stack, n: i64) {
+    eventually(&format!("{n} file rows"), WAIT, || async {
+        (stack.file_count().await >= n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn password_and_key_logins_discover_files_once() {
+    let mut s = Stack::new().await;
+    let pw = s.add_server(s.server_req("pw")).await;
+    let mut key_req = s.server_req("key");
+    key_req.password.clear();
+    key_req.private_key = s.sshd.client_key_rsa_pem().to_string();
+    let key = s.add_server(key_req).await;
+    let mut enc_req = s.server_req("enc");
+    let (pem, pass) = s.sshd.client_key_encrypted();
+    enc_req.password.clear();
+    enc_req.private_key = pem.to_string();
+    enc_req.passphrase = pass.to_string();
+    let enc = s.add_server(enc_req).await;
+    s.sshd.write_file("a/one.csv", b"1,2,3\n");
+    s.sshd.write_file("a/skip.txt", b"not matched");
+    s.sshd.write_file("b/two.csv", b"4,5,6\n");
+    s.sshd.write_file("c/deep/three.csv", b"7\n");
+    s.add_watch(pw, "a", "*.csv").await;
+    s.add_watch(key, "b", "*.csv").await;
+    let w3 = s.add_watch(enc, "c", "*.csv").await;
+    s.admin
+        .update_watch(proto::UpdateWatchRequest {
+            id: w3,
+            recursive: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let _agent = s.agent("a1", "default").await;
+    wait_files(&s, 3).await;
+    s.wait_polls(pw, 2).await;
+    let files = s.files().await;
+    let paths: Vec<&str> = files.iter().map(|(p, ..)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            s.sshd.remote_path("a/one.csv"),
+            s.sshd.remote_path("b/two.csv"),
+            s.sshd.remote_path("c/deep/three.csv"),
+        ]
+    );
+    assert!(
+        files
+            .iter()
+            .all(|(_, size, status)| *size > 0 && status == "new")
+    );
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM file_events WHERE to_status = 'new' AND actor = 'agent:a1'",
+    )
+    .fetch_one(s.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(events, 3);
+    for id in [pw, key, enc] {
+        let h = s.server(id).await.health.unwrap();
+        assert_eq!(h.poller_agent, "a1");
+        assert_eq!(h.last_error, "", "server {id}");
+    }
+}
+
+#[tokio::test]
+async fn growing_file_is_reported_once_after_it_stops_changing() {
+    let mut s = Stack::new().await;
+    let id = s.add_server(s.server_req("grow")).await;
+    s.add_watch(id, "in", "*").await;
+    let _agent = s.agent("a1", "default").await;
+    s.wait_polls(id, 1).await;
+    s.sshd.write_file("in/big.bin", b"part1");
+    for i in 0..4 {
+        s.wait_polls(id, 1).await;
+        assert_eq!(
+            s.file_count().await,
+            0,
+            "reported while still growing (round {i})"
+        );
+        s.sshd
+            .append_file("in/big.bin", format!("-part{}", i + 2).as_bytes());
+        // mtime has one-second resolution: make every step visible.
+        s.sshd.set_mtime(
+            "in/big.bin",
+            std::time::SystemTime::now() + Duration::from_secs(i + 1),
+        );
+    }
+    wait_files(&s, 1).await;
+    s.wait_polls(id, 3).await;
+    let files = s.files().await;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].1 as usize, "part1-part2-part3-part4-part5".len());
+}
+
+#[tokio::test]
+async fn host_key_mismatch_and_wrong_password_are_visible() {
+    let mut s = Stack::new().await;
+    let mut bad_key = s.server_req("badkey");
+    bad_key.host_key_fingerprint = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU".into();
+    let bad_key = s.add_server(bad_key).await;
+    let mut bad_pw = s.server_req("badpw");
+    bad_pw.password = "wrong-password".into();
+    let bad_pw = s.add_server(bad_pw).await;
+    s.sshd.write_file("x/file.csv", b"data");
+    s.add_watch(bad_key, "x", "*").await;
+    s.add_watch(bad_pw, "x", "*").await;
+    let _agent = s.agent("a1", "default").await;
+    s.wait_polls(bad_key, 2).await;
+    s.wait_polls(bad_pw, 1).await;
+    let err = s.server(bad_key).await.health.unwrap().last_error;
+    assert!(err.contains("host key mismatch"), "{err}");
+    let err = s.server(bad_pw).await.health.unwrap().last_error;
+    assert!(err.contains("authentication failed"), "{err}");
+    assert_eq!(
+        s.file_count().await,
+        0,
+        "nothing may be read from an unverified server"
+    );
+    // ferryctl shows the same.
+    let out = s
+        .coord
+        .ctl(&s.pki.admin("alice"))
+        .run(&["servers", "list"])
+        .await;
+    assert!(out.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("host key mismatch"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("authentication failed"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_files_become_exactly_ten_thousand_rows() {
+    let mut s = Stack::new().await;
+    let id = s.add_server(s.server_req("many")).await;
+    s.sshd.mkdir("many");
+    for i in 0..10_000 {
+        s.sshd.write_file(&format!("many/f{i:05}.dat"), b"x");
+    }
+    let watch = s.add_watch(id, "many", "*.dat").await;
+    let mut agent = s.agent("a1", "default").await;
+    wait_files(&s, 10_000).await;
+    s.wait_polls(id, 3).await;
+    assert_eq!(s.file_count().await, 10_000);
+    agent.restart().await;
+    eventually("agent back as poller", WAIT, || {
+        let mut admin = s.admin.clone();
+        async move {
+            let srv = admin
+                .get_server(proto::GetServerRequest {
+                    id,
+                    name: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (srv.health?.poller_agent == "a1").then_some(())
+        }
+    })
+    .await;
+    s.wait_polls(id, 3).await;
+    assert_eq!(s.file_count().await, 10_000);
+    let distinct: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT path) FROM files WHERE watch_id = $1")
+            .bind(watch)
+            .fetch_one(s.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(distinct, 10_000);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM file_events")
+        .fetch_one(s.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(events, 10_000, "one history row per file");
+}
+
+#[tokio::test]
+async fn replaced_file_is_a_new_version_and_removed_server_stops_polling() {
+    let mut s = Stack::new().await;
+    let id = s.add_server(s.server_req("rm")).await;
+    s.add_watch(id, "in", "*").await;
+    s.sshd.write_file("in/a.csv", b"v1");
+    let _agent = s.agent("a1", "default").await;
+    wait_files(&s, 1).await;
+    s.sshd.write_file("in/a.csv", b"version-2");
+    s.sshd.set_mtime(
+        "in/a.csv",
+        std::time::SystemTime::now() + Duration::from_secs(5),
+    );
+    wait_files(&s, 2).await;
+    let sizes: Vec<i64> = s.files().await.iter().map(|f| f.1).collect();
+    assert_eq!(sizes, vec![2, 9]);
+
+    s.admin
+        .remove_server(proto::RemoveServerRequest { id })
+        .await
+        .unwrap();
+    let last_poll = |db: &TestDb| {
+        let pool = db.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+                "SELECT last_poll_at FROM servers WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // Give the revocation a moment, then no poll may happen any more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = last_poll(&s.db).await;
+    s.sshd.write_file("in/b.csv", b"after removal");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        last_poll(&s.db).await,
+        before,
+        "the removed server was polled again"
+    );
+    assert_eq!(s.file_count().await, 2);
+}
+
+#[tokio::test]
+async fn poll_moves_to_the_other_agent_of_the_site_and_never_to_another_site() {
+    let mut s = Stack::new().await;
+    let mut req = s.server_req("site-a-srv");
+    req.site = "site-a".into();
+    let id = s.add_server(req).await;
+    s.add_watch(id, "in", "*").await;
+    let _stranger = s.agent("b1", "site-b").await;
+    let mut a1 = s.agent("a1", "site-a").await;
+    let mut a2 = s.agent("a2", "site-a").await;
+    let first = eventually("a poller", WAIT, || {
+        let mut admin = s.admin.clone();
+        async move {
+            let p = admin
+                .get_server(proto::GetServerRequest {
+                    id,
+                    name: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .health?
+                .poller_agent;
+            (!p.is_empty()).then_some(p)
+        }
+    })
+    .await;
+    assert!(first == "a1" || first == "a2", "polled by {first}");
+    s.sshd.write_file("in/1.csv", b"one");
+    wait_files(&s, 1).await;
+    if first == "a1" {
+        a1.kill().await
+    } else {
+        a2.kill().await
+    }
+    let second = eventually("the other agent takes over", WAIT, || {
+        let mut admin = s.admin.clone();
+        let first = first.clone();
+        async move {
+            let p = admin
+                .get_server(proto::GetServerRequest {
+                    id,
+                    name: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .health?
+                .poller_agent;
+            (!p.is_empty() && p != first).then_some(p)
+        }
+    })
+    .await;
+    assert_ne!(second, "b1");
+    s.sshd.write_file("in/2.csv", b"two");
+    wait_files(&s, 2).await;
+    let actors: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT actor FROM file_events ORDER BY actor")
+            .fetch_all(s.db.pool())
+            .await
+            .unwrap();
+    assert!(
+        !actors.contains(&"agent:b1".to_string()),
+        "site-b agent reported files: {actors:?}"
+    );
+    let agents = s
+        .admin
+        .list_agents(proto::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let b1 = agents.iter().find(|a| a.name == "b1").expect("b1 listed");
+    assert!(b1.connected && b1.polled_servers.is_empty());
+    assert_eq!(b1.site, "site-b");
+}
+
+#[tokio::test]
+async fn agent_survives_a_coordinator_restart() {
+    let mut s = Stack::new().await;
+    let id = s.add_server(s.server_req("restart")).await;
+    s.add_watch(id, "in", "*").await;
+    let _agent = s.agent("a1", "default").await;
+    s.sshd.write_file("in/before.csv", b"1");
+    wait_files(&s, 1).await;
+    s.coord.restart().await;
+    s.admin = s.coord.admin_client(&s.pki.admin("alice")).await.unwrap();
+    s.sshd.write_file("in/after.csv", b"2");
+    wait_files(&s, 2).await;
+    assert_eq!(s.file_count().await, 2);
+    let agents = s
+        .admin
+        .list_agents(proto::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1);
+    assert!(agents[0].connected);
+}
