@@ -99,7 +99,7 @@ CREATE TABLE agents (
     connected              BOOLEAN NOT NULL DEFAULT FALSE,
     connected_coordinator  TEXT,
     -- Bumped on every (re)connect so that a stale stream cannot mark a newer one gone.
-    session_id             UUID,
+    session_id             TEXT,
     connected_at           TIMESTAMPTZ,
     last_seen_at           TIMESTAMPTZ,
     in_flight              INTEGER NOT NULL DEFAULT 0,

@@ -24,6 +24,8 @@ use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
 use crate::poller::{self, Trackers, message};
+use crate::runner::Runner;
+use crate::transfer::{S3Target, SessionPool};
 
 /// Why a stream ended.
 enum StreamEnd {
@@ -45,12 +47,16 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::Result<
         endpoint_host(c)?;
     }
     let trackers = Trackers::default();
+    let runner = Runner::new(
+        SessionPool::new(cfg.sftp_timeouts()),
+        S3Target::from_env().await,
+    );
     let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut attempt = 0u32;
     let mut next = 0usize;
     loop {
         let endpoint = &cfg.coordinators[next % cfg.coordinators.len()];
-        match stream_once(endpoint, &tls, &cfg, &trackers, &cancel).await {
+        match stream_once(endpoint, &tls, &cfg, &trackers, &runner, &cancel).await {
             Ok(StreamEnd::Shutdown) => return Ok(()),
             Ok(StreamEnd::Lost(why)) => {
                 tracing::warn!(coordinator = %endpoint, reason = %why, "coordinator stream lost; reconnecting");
@@ -75,6 +81,7 @@ async fn stream_once(
     tls: &TlsMaterial,
     cfg: &AgentConfig,
     trackers: &Trackers,
+    runner: &Runner,
     cancel: &CancellationToken,
 ) -> anyhow::Result<StreamEnd> {
     let host = endpoint_host(endpoint)?;
@@ -95,7 +102,7 @@ async fn stream_once(
         version: ferry_common::VERSION.to_string(),
         site: cfg.site.clone(),
         capacity: cfg.capacity,
-        running_tasks: Vec::new(),
+        running_tasks: runner.running_tasks(),
     })))
     .await
     .context("queue hello")?;
@@ -113,12 +120,25 @@ async fn stream_once(
     tracing::info!(coordinator = %welcome.coordinator_id, agent = %welcome.agent_name, "connected");
 
     let session = cancel.child_token();
+    let forwarder = tokio::spawn({
+        let runner = runner.clone();
+        let tx = tx.clone();
+        let session = session.clone();
+        async move { runner.forward(tx, session).await }
+    });
     let heartbeat = tokio::spawn(heartbeats(
+        runner.clone(),
         tx.clone(),
         Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1))),
         session.clone(),
     ));
-    let mut pollers = Pollers::new(tx.clone(), trackers.clone(), cfg, session.clone());
+    let mut dispatch = Dispatch::new(
+        tx.clone(),
+        trackers.clone(),
+        runner.clone(),
+        cfg,
+        session.clone(),
+    );
     drop(tx);
     let end = loop {
         let msg = tokio::select! {
@@ -127,7 +147,7 @@ async fn stream_once(
         };
         match msg {
             Ok(Some(proto::CoordinatorMessage { body: Some(body) })) => {
-                pollers.dispatch(body).await
+                dispatch.dispatch(body).await
             }
             Ok(Some(_)) => {}
             Ok(None) => break StreamEnd::Lost("coordinator closed the stream".into()),
@@ -137,12 +157,14 @@ async fn stream_once(
         }
     };
     session.cancel();
-    pollers.stop_all().await;
+    dispatch.stop_all().await;
     let _ = heartbeat.await;
+    let _ = forwarder.await;
     Ok(end)
 }
 
 async fn heartbeats(
+    runner: Runner,
     tx: mpsc::Sender<proto::AgentMessage>,
     every: Duration,
     cancel: CancellationToken,
@@ -153,32 +175,36 @@ async fn heartbeats(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let hb = proto::Heartbeat::default();
+        let hb = runner.heartbeat();
         if tx.send(message(Body::Heartbeat(hb))).await.is_err() {
             return;
         }
     }
 }
 
-/// The pollers of one stream, by server id.
-struct Pollers {
+/// What one stream asks of the agent: pollers by server id, and transfers
+/// and post-actions handed to the [`Runner`].
+struct Dispatch {
     out: mpsc::Sender<proto::AgentMessage>,
     trackers: Trackers,
+    runner: Runner,
     timeouts: crate::sftp::Timeouts,
     cancel: CancellationToken,
     running: HashMap<i64, (proto::PollAssignment, CancellationToken, JoinHandle<()>)>,
 }
 
-impl Pollers {
+impl Dispatch {
     fn new(
         out: mpsc::Sender<proto::AgentMessage>,
         trackers: Trackers,
+        runner: Runner,
         cfg: &AgentConfig,
         cancel: CancellationToken,
     ) -> Self {
-        Pollers {
+        Dispatch {
             out,
             trackers,
+            runner,
             timeouts: cfg.sftp_timeouts(),
             cancel,
             running: HashMap::new(),
@@ -211,6 +237,12 @@ impl Pollers {
                 self.stop(r.server_id).await;
                 self.forget_unassigned_watches();
             }
+            CBody::TaskAssignment(task) => self.runner.start(task),
+            CBody::TaskCancellation(c) => {
+                tracing::info!(file = c.file_id, reason = %c.reason, "transfer cancelled");
+                self.runner.cancel(c.file_id);
+            }
+            CBody::PostAction(req) => self.runner.post_action(req),
             CBody::Drain(_) => tracing::info!("drain requested"),
             other => tracing::debug!(message = ?std::mem::discriminant(&other), "not handled yet"),
         }

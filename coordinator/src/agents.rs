@@ -5,7 +5,7 @@
 //! ([`crate::tasks`]) sends it poll assignments, and the reader task here
 //! records what it reports.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,11 +23,19 @@ use uuid::Uuid;
 
 use crate::discovery::{self, Discovered};
 use crate::polls;
+use crate::results::{self, Applied, RetryPolicy};
 use crate::state::Coordinator;
 
 /// Seconds between agent heartbeats, announced in the welcome.
 pub const HEARTBEAT_SECS: u32 = 5;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How transfers are leased and retried.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskSettings {
+    pub lease: Duration,
+    pub retry: RetryPolicy,
+}
 
 /// One live agent stream on this coordinator.
 #[derive(Debug, Clone)]
@@ -39,9 +47,23 @@ pub struct Session {
     pub tx: mpsc::Sender<proto::CoordinatorMessage>,
     /// Poll assignments sent on this stream: server id -> version.
     pub sent_polls: Arc<Mutex<HashMap<i64, String>>>,
+    /// Files whose transfer this agent runs (assigned, no result yet).
+    pub tasks: Arc<Mutex<HashSet<i64>>>,
 }
 
 impl Session {
+    pub fn in_flight(&self) -> u32 {
+        self.tasks.lock().expect("tasks lock").len() as u32
+    }
+
+    pub fn task_started(&self, file_id: i64) {
+        self.tasks.lock().expect("tasks lock").insert(file_id);
+    }
+
+    pub fn task_finished(&self, file_id: i64) {
+        self.tasks.lock().expect("tasks lock").remove(&file_id);
+    }
+
     /// Queues a message; false if the stream is gone.
     pub async fn send(&self, body: proto::coordinator_message::Body) -> bool {
         self.tx
@@ -55,6 +77,7 @@ impl Session {
 #[derive(Clone)]
 pub struct AgentStreams {
     coord: Coordinator,
+    pub settings: TaskSettings,
     cancel: CancellationToken,
     sessions: Arc<Mutex<HashMap<String, Session>>>,
     /// Wakes the reconciler when an agent comes or goes.
@@ -62,9 +85,10 @@ pub struct AgentStreams {
 }
 
 impl AgentStreams {
-    pub fn new(coord: Coordinator, cancel: CancellationToken) -> Self {
+    pub fn new(coord: Coordinator, settings: TaskSettings, cancel: CancellationToken) -> Self {
         AgentStreams {
             coord,
+            settings,
             cancel,
             sessions: Arc::default(),
             changed: Arc::default(),
@@ -146,6 +170,7 @@ impl AgentStreams {
             id,
             tx,
             sent_polls: Arc::default(),
+            tasks: Arc::default(),
         })
     }
 
@@ -195,6 +220,40 @@ impl AgentStreams {
                 }
                 polls::record_report(db, &s.agent, &report).await?;
             }
+            Body::TaskProgress(p) => {
+                if !results::renew_lease(
+                    db,
+                    p.file_id,
+                    p.fencing_token,
+                    &s.agent,
+                    self.settings.lease,
+                )
+                .await?
+                {
+                    tracing::info!(agent = %s.agent, file = p.file_id, "progress for a task this agent no longer holds");
+                }
+            }
+            Body::TaskResult(r) => {
+                s.task_finished(r.file_id);
+                let applied =
+                    results::apply(db, &self.coord.id, &s.agent, &r, &self.settings.retry).await?;
+                match applied {
+                    Applied::Moved(status) => {
+                        tracing::info!(agent = %s.agent, file = r.file_id, status, "transfer result")
+                    }
+                    Applied::Stale => {
+                        tracing::warn!(agent = %s.agent, file = r.file_id, token = r.fencing_token, "stale transfer result ignored")
+                    }
+                }
+                // Capacity freed and maybe a retry is due: wake the scheduler.
+                self.coord.files_due().await;
+            }
+            Body::PostActionResult(r) => {
+                if !r.ok {
+                    tracing::warn!(agent = %s.agent, file = r.file_id, error = %r.message, "post-action failed");
+                }
+                results::record_post_action(db, &s.agent, &r).await?;
+            }
             Body::Hello(_) => anyhow::bail!("hello sent twice"),
             other => {
                 tracing::debug!(agent = %s.agent, message = ?std::mem::discriminant(&other), "message not handled yet");
@@ -228,6 +287,21 @@ impl AgentService for AgentStreams {
             return Err(Status::invalid_argument("the first message must be hello"));
         };
         let mut session = self.register(&agent, &hello).await?;
+        for t in &hello.running_tasks {
+            // Transfers that survived a reconnect keep their lease if still current.
+            if results::renew_lease(
+                &self.coord.db,
+                t.file_id,
+                t.fencing_token,
+                &agent,
+                self.settings.lease,
+            )
+            .await
+            .unwrap_or(false)
+            {
+                session.task_started(t.file_id);
+            }
+        }
         let (tx, rx) = mpsc::channel(1024);
         session.tx = tx;
         session

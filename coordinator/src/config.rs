@@ -65,4 +65,31 @@ pub struct ServeArgs {
     /// Identity of this instance in leases and agent records (default: host name and pid).
     #[arg(long, env = "FERRY_COORDINATOR_ID")]
     pub coordinator_id: Option<String>,
+    /// Lease of a transfer task, seconds; renewed by the agent's progress reports.
+    /// A task whose lease expires (agent died) is requeued.
+    #[arg(long, env = "FERRY_TASK_LEASE_SECS", default_value_t = 60)]
+    pub task_lease_secs: u64,
+    /// Transfer attempts before a file becomes `failed`.
+    #[arg(long, env = "FERRY_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// First retry delay, seconds; doubles per attempt (with jitter) up to --retry-max-secs.
+    #[arg(long, env = "FERRY_RETRY_BASE_SECS", default_value_t = 10)]
+    pub retry_base_secs: u64,
+    /// Longest retry delay, seconds.
+    #[arg(long, env = "FERRY_RETRY_MAX_SECS", default_value_t = 3600)]
+    pub retry_max_secs: u64,
+    /// AMQP broker URL (amqp://user:pass@host:5672/%2f). Without it nothing is
+    /// announced and stored files stay `uploaded`.
+    #[arg(long, env = "FERRY_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// Durable topic exchange the notifications go to (declared if missing).
+    #[arg(long, env = "FERRY_AMQP_EXCHANGE", default_value = "ferry")]
+    pub amqp_exchange: String,
+    /// Routing key template; `{server}` becomes the server's name.
+    #[arg(
+        long,
+        env = "FERRY_AMQP_ROUTING_KEY",
+        default_value = "ferry.file.{server}"
+    )]
+    pub amqp_routing_key: String,
 }

@@ -13,7 +13,8 @@ use ferry_common::proto;
 use sqlx::PgPool;
 
 use crate::error::ApiResult;
-use crate::secrets::{Credential, SecretBox};
+use crate::registry::{CONNECTION_COLUMNS, ConnectionRow};
+use crate::secrets::SecretBox;
 
 /// How long a poll lease lives without renewal.
 pub const LEASE: Duration = Duration::from_secs(15);
@@ -108,14 +109,8 @@ pub async fn fair_share(db: &PgPool, site: &str) -> ApiResult<i64> {
 
 #[derive(Debug, sqlx::FromRow)]
 struct AssignedRow {
-    server_id: i64,
-    name: String,
-    hostname: String,
-    port: i32,
-    username: String,
-    secret_ciphertext: Vec<u8>,
-    host_key_fingerprint: String,
-    max_sessions: i32,
+    #[sqlx(flatten)]
+    conn: ConnectionRow,
     updated_at: DateTime<Utc>,
     watch_id: Option<i64>,
     directory: Option<String>,
@@ -133,45 +128,27 @@ pub async fn desired(
     coordinator: &str,
     agent: &str,
 ) -> ApiResult<BTreeMap<i64, (String, proto::PollAssignment)>> {
-    let rows = sqlx::query_as::<_, AssignedRow>(
-        "SELECT s.id AS server_id, s.name, s.hostname, s.port, s.username, s.secret_ciphertext, \
-                s.host_key_fingerprint, s.max_sessions, s.updated_at, \
+    let rows = sqlx::query_as::<_, AssignedRow>(&format!(
+        "SELECT {CONNECTION_COLUMNS}, s.updated_at, \
                 w.id AS watch_id, w.directory, w.glob, w.recursive, w.poll_interval_secs, w.min_age_secs \
          FROM servers s LEFT JOIN watches w \
            ON w.server_id = s.id AND w.enabled AND w.deleted_at IS NULL \
          WHERE s.poller_agent = $1 AND s.poller_coordinator = $2 AND s.enabled AND s.deleted_at IS NULL \
-         ORDER BY s.id, w.id",
-    )
+         ORDER BY s.id, w.id"
+    ))
     .bind(agent)
     .bind(coordinator)
     .fetch_all(db)
     .await?;
     let mut out: BTreeMap<i64, (String, proto::PollAssignment)> = BTreeMap::new();
     for row in rows {
-        let entry = match out.get_mut(&row.server_id) {
+        let server_id = row.conn.server_id;
+        let entry = match out.get_mut(&server_id) {
             Some(e) => e,
             None => {
-                let credential = secrets.open(&row.secret_ciphertext)?;
-                let (password, private_key, passphrase) = match credential {
-                    Credential::Password(p) => (p, String::new(), String::new()),
-                    Credential::PrivateKey { pem, passphrase } => {
-                        (String::new(), pem, passphrase.unwrap_or_default())
-                    }
-                };
-                let conn = proto::ServerConnection {
-                    server_id: row.server_id,
-                    name: row.name.clone(),
-                    hostname: row.hostname.clone(),
-                    port: row.port as u32,
-                    username: row.username.clone(),
-                    password,
-                    private_key,
-                    passphrase,
-                    host_key_fingerprint: row.host_key_fingerprint.clone(),
-                    max_sessions: row.max_sessions as u32,
-                };
+                let conn = row.conn.to_proto(secrets)?;
                 let version = format!("s{}", row.updated_at.timestamp_micros());
-                out.entry(row.server_id).or_insert((
+                out.entry(server_id).or_insert((
                     version,
                     proto::PollAssignment {
                         server: Some(conn),

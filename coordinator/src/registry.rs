@@ -400,3 +400,47 @@ pub async fn remove_watch(db: &PgPool, id: i64) -> ApiResult<()> {
     }
     Ok(())
 }
+
+/// How to reach a server, as the agents need it (credential still sealed).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ConnectionRow {
+    pub server_id: i64,
+    pub name: String,
+    pub hostname: String,
+    pub port: i32,
+    pub username: String,
+    pub secret_ciphertext: Vec<u8>,
+    pub host_key_fingerprint: String,
+    pub max_sessions: i32,
+}
+
+/// Columns of [`ConnectionRow`] from `servers s`.
+pub const CONNECTION_COLUMNS: &str = "s.id AS server_id, s.name, s.hostname, s.port, s.username, \
+    s.secret_ciphertext, s.host_key_fingerprint, s.max_sessions";
+
+impl ConnectionRow {
+    /// The connection with its decrypted credential, for the agent that needs it.
+    pub fn to_proto(
+        &self,
+        secrets: &SecretBox,
+    ) -> anyhow::Result<ferry_common::proto::ServerConnection> {
+        let (password, private_key, passphrase) = match secrets.open(&self.secret_ciphertext)? {
+            Credential::Password(p) => (p, String::new(), String::new()),
+            Credential::PrivateKey { pem, passphrase } => {
+                (String::new(), pem, passphrase.unwrap_or_default())
+            }
+        };
+        Ok(ferry_common::proto::ServerConnection {
+            server_id: self.server_id,
+            name: self.name.clone(),
+            hostname: self.hostname.clone(),
+            port: self.port as u32,
+            username: self.username.clone(),
+            password,
+            private_key,
+            passphrase,
+            host_key_fingerprint: self.host_key_fingerprint.clone(),
+            max_sessions: self.max_sessions as u32,
+        })
+    }
+}

@@ -12,9 +12,15 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::Admin;
-use crate::agents::AgentStreams;
+use std::time::Duration;
+
+use ferry_common::backoff::Backoff;
+
+use crate::agents::{AgentStreams, TaskSettings};
 use crate::auth::{require_admin, require_agent};
 use crate::config::ServeArgs;
+use crate::relay::{self, RelayConfig};
+use crate::results::RetryPolicy;
 use crate::secrets::SecretBox;
 use crate::state::Coordinator;
 use crate::{db, tasks};
@@ -69,7 +75,17 @@ pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result
         },
         require_admin,
     );
-    let agents = AgentStreams::new(coord.clone(), cancel.clone());
+    let settings = TaskSettings {
+        lease: Duration::from_secs(args.task_lease_secs.max(5)),
+        retry: RetryPolicy {
+            max_attempts: args.max_attempts.clamp(1, 1000) as i32,
+            backoff: Backoff::new(
+                Duration::from_secs(args.retry_base_secs),
+                Duration::from_secs(args.retry_max_secs),
+            ),
+        },
+    };
+    let agents = AgentStreams::new(coord.clone(), settings, cancel.clone());
     let agent_service = AgentServiceServer::with_interceptor(agents.clone(), require_agent);
 
     let incoming = TcpIncoming::bind(args.listen)
@@ -84,6 +100,18 @@ pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result
         agents.clone(),
         cancel.clone(),
     ));
+    match &args.amqp_url {
+        Some(url) => {
+            let relay = RelayConfig {
+                amqp_url: url.clone(),
+                exchange: args.amqp_exchange.clone(),
+                routing_key: args.amqp_routing_key.clone(),
+                batch: 100,
+            };
+            background.spawn(relay::run(coord.clone(), relay, cancel.clone()));
+        }
+        None => tracing::warn!("FERRY_AMQP_URL is not set: stored files will not be announced"),
+    }
 
     tracing::info!(%bound, coordinator = %id, "serving");
     println!("ferry-coordinator listening on {bound}");

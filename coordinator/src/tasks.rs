@@ -1,6 +1,8 @@
-//! Background loops of a coordinator. The reconciler closes the gap between
-//! intent in Postgres (servers, watches, leases) and what each connected agent
-//! was told: it renews and claims poll leases and sends assignments and revocations.
+//! Background loops of a coordinator, each closing a gap between intent in
+//! Postgres and what agents were told:
+//! - the poll reconciler renews and claims poll leases and sends assignments;
+//! - the scheduler hands due files to agents and reaps expired task leases;
+//! - the post-action dispatcher asks agents to delete or move processed files.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,13 +12,21 @@ use ferry_common::proto::{self};
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AgentStreams, Session};
-use crate::polls;
+use crate::post_actions::PostActions;
 use crate::state::Coordinator;
+use crate::{polls, scheduler};
 
 /// Rescan period: the truth when notifications are lost.
 const RESCAN: Duration = Duration::from_secs(3);
 
 pub async fn run_background(coord: Coordinator, agents: AgentStreams, cancel: CancellationToken) {
+    tokio::join!(
+        poll_loop(coord.clone(), agents.clone(), cancel.clone()),
+        schedule_loop(coord, agents, cancel),
+    );
+}
+
+async fn poll_loop(coord: Coordinator, agents: AgentStreams, cancel: CancellationToken) {
     let mut registry = coord.subscribe_registry();
     loop {
         if let Err(e) = reconcile_polls(&coord, &agents).await {
@@ -30,6 +40,48 @@ pub async fn run_background(coord: Coordinator, agents: AgentStreams, cancel: Ca
             _ = registry.changed() => {}
             _ = agents.changed.notified() => {}
             _ = tokio::time::sleep(RESCAN) => {}
+        }
+    }
+}
+
+async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: CancellationToken) {
+    let mut due = coord.subscribe_files_due();
+    let mut post_actions = PostActions::default();
+    loop {
+        let sessions = agents.snapshot();
+        match scheduler::reap_expired(&coord.db, &coord.id, agents.settings.retry.max_attempts)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(files = n, "requeued transfers whose lease expired"),
+            Err(e) => tracing::warn!(error = %e, "lease reaper failed"),
+        }
+        let mut by_site: BTreeMap<String, Vec<Session>> = BTreeMap::new();
+        for s in sessions.iter().cloned() {
+            by_site.entry(s.site.clone()).or_default().push(s);
+        }
+        for (site, members) in &by_site {
+            if let Err(e) = scheduler::schedule_site(
+                &coord.db,
+                &coord.secrets,
+                &coord.id,
+                site,
+                members,
+                agents.settings.lease,
+            )
+            .await
+            {
+                tracing::warn!(site = %site, error = format!("{e:#}"), "scheduling failed");
+            }
+        }
+        if let Err(e) = post_actions.dispatch(&coord, &sessions).await {
+            tracing::warn!(error = format!("{e:#}"), "post-action dispatch failed");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = due.changed() => {}
+            _ = agents.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
 }
@@ -60,25 +112,19 @@ async fn push_assignments(coord: &Coordinator, s: &Session) -> anyhow::Result<()
     let desired = polls::desired(&coord.db, &coord.secrets, &coord.id, &s.agent).await?;
     let (to_send, to_revoke) = {
         let sent = s.sent_polls.lock().expect("sent_polls lock");
+        let to_revoke: Vec<i64> = sent
+            .keys()
+            .copied()
+            .filter(|id| !desired.contains_key(id))
+            .collect();
         let to_send: Vec<(i64, String, proto::PollAssignment)> = desired
             .into_iter()
             .filter(|(id, (version, _))| sent.get(id) != Some(version))
             .map(|(id, (version, a))| (id, version, a))
             .collect();
-        let desired_ids: Vec<i64> = to_send.iter().map(|(id, ..)| *id).collect();
-        let to_revoke: Vec<i64> = sent
-            .keys()
-            .copied()
-            .filter(|id| !desired_ids.contains(id))
-            .collect();
         (to_send, to_revoke)
     };
-    // Servers still desired but unchanged are neither sent nor revoked.
-    let still_held = polls::desired(&coord.db, &coord.secrets, &coord.id, &s.agent).await?;
     for id in to_revoke {
-        if still_held.contains_key(&id) {
-            continue;
-        }
         if s.send(Body::PollRevocation(proto::PollRevocation {
             server_id: id,
             reason: "no longer assigned".into(),

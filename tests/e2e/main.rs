@@ -6,3 +6,5 @@ mod admin_api;
 mod discovery;
 mod harness_smoke;
 mod security;
+mod stack;
+mod transfer;

@@ -17,6 +17,7 @@ pub mod certs;
 pub mod coordinator;
 pub mod ctl;
 pub mod postgres;
+pub mod proxy;
 pub mod s3;
 pub mod sshd;
 pub mod util;
@@ -27,6 +28,7 @@ pub use certs::{CertFiles, TestPki};
 pub use coordinator::Coordinator;
 pub use ctl::{Ctl, CtlOutput};
 pub use postgres::TestDb;
+pub use proxy::TcpProxy;
 pub use s3::S3Server;
 pub use sshd::{HostKey, Sshd};
 pub use util::{

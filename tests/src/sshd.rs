@@ -367,6 +367,7 @@ fn sshd_config(dir: &Path, port: u16, authorized: &Path, host_keys: &[&Path]) ->
          AllowTcpForwarding no\n\
          Subsystem sftp internal-sftp\n\
          MaxSessions 64\n\
+         RekeyLimit 256M\n\
          MaxStartups 100:30:200\n\
          LogLevel VERBOSE\n",
     );

@@ -1,0 +1,216 @@
+//! Runs the transfers and post-actions the coordinator assigns, within the
+//! agent's capacity, and keeps their results until a stream delivers them.
+//!
+//! Results outlive streams: a transfer that finishes while the agent is
+//! reconnecting is reported on the next stream (and the hello lists the
+//! transfers still running, so their leases are kept).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ferry_common::proto::{self, agent_message::Body, task_result::Outcome};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::poller::message;
+use crate::transfer::{self, S3Target, SessionPool};
+
+/// How often running transfers report progress (which renews their lease).
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+struct Running {
+    token: u64,
+    bytes: Arc<AtomicU64>,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct Counters {
+    files: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Inner {
+    pool: SessionPool,
+    s3: S3Target,
+    running: Mutex<HashMap<i64, Running>>,
+    /// Results not yet handed to a stream.
+    pending: Mutex<VecDeque<proto::AgentMessage>>,
+    wake: Notify,
+    counters: Counters,
+}
+
+/// Cheap-to-clone handle on the agent's transfers.
+#[derive(Clone)]
+pub struct Runner(Arc<Inner>);
+
+impl Runner {
+    pub fn new(pool: SessionPool, s3: S3Target) -> Runner {
+        Runner(Arc::new(Inner {
+            pool,
+            s3,
+            running: Mutex::default(),
+            pending: Mutex::default(),
+            wake: Notify::new(),
+            counters: Counters::default(),
+        }))
+    }
+
+    /// Transfers in progress, for the hello after a reconnect.
+    pub fn running_tasks(&self) -> Vec<proto::RunningTask> {
+        self.0
+            .running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .map(|(id, r)| proto::RunningTask {
+                file_id: *id,
+                fencing_token: r.token,
+            })
+            .collect()
+    }
+
+    pub fn heartbeat(&self) -> proto::Heartbeat {
+        let c = &self.0.counters;
+        proto::Heartbeat {
+            in_flight: self.0.running.lock().expect("running lock").len() as u32,
+            bytes_per_sec: 0,
+            files_transferred: c.files.load(Ordering::Relaxed),
+            bytes_transferred: c.bytes.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    fn queue(&self, msg: proto::AgentMessage) {
+        self.0.pending.lock().expect("pending lock").push_back(msg);
+        self.0.wake.notify_one();
+    }
+
+    /// Starts a transfer (a repeated assignment of a running file is ignored).
+    pub fn start(&self, task: proto::TaskAssignment) {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let cancel = CancellationToken::new();
+        {
+            let mut running = self.0.running.lock().expect("running lock");
+            if let Some(cur) = running.get(&task.file_id) {
+                if cur.token == task.fencing_token {
+                    return;
+                }
+                // Reassigned with a newer token: the old attempt is void.
+                cur.cancel.cancel();
+            }
+            running.insert(
+                task.file_id,
+                Running {
+                    token: task.fencing_token,
+                    bytes: bytes.clone(),
+                    cancel: cancel.clone(),
+                },
+            );
+        }
+        let runner = self.clone();
+        tokio::spawn(async move {
+            let file_id = task.file_id;
+            let token = task.fencing_token;
+            tracing::info!(file = file_id, path = %task.path, key = %task.key, "transfer started");
+            let progress = {
+                let bytes = bytes.clone();
+                move |done: u64| bytes.store(done, Ordering::Relaxed)
+            };
+            let outcome = tokio::select! {
+                o = transfer::transfer(&task, &runner.0.pool, &runner.0.s3, &progress) => o,
+                _ = cancel.cancelled() => return,
+            };
+            let c = &runner.0.counters;
+            match &outcome {
+                Outcome::Success(ok) => {
+                    c.files.fetch_add(1, Ordering::Relaxed);
+                    c.bytes.fetch_add(ok.size, Ordering::Relaxed);
+                    tracing::info!(file = file_id, size = ok.size, sha256 = %ok.sha256, "transfer done");
+                }
+                Outcome::Failure(f) => {
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(file = file_id, kind = f.kind, error = %f.message, "transfer failed");
+                }
+            }
+            {
+                let mut running = runner.0.running.lock().expect("running lock");
+                if running.get(&file_id).is_some_and(|r| r.token == token) {
+                    running.remove(&file_id);
+                }
+            }
+            runner.queue(message(Body::TaskResult(proto::TaskResult {
+                file_id,
+                fencing_token: token,
+                outcome: Some(outcome),
+            })));
+        });
+    }
+
+    pub fn cancel(&self, file_id: i64) {
+        if let Some(r) = self
+            .0
+            .running
+            .lock()
+            .expect("running lock")
+            .remove(&file_id)
+        {
+            r.cancel.cancel();
+        }
+    }
+
+    /// Runs a post-action and queues its result.
+    pub fn post_action(&self, req: proto::PostActionRequest) {
+        let runner = self.clone();
+        tokio::spawn(async move {
+            let result = transfer::post_action(&req, &runner.0.pool).await;
+            if let Err(e) = &result {
+                tracing::warn!(file = req.file_id, action = %req.action, error = %e, "post-action failed");
+            }
+            runner.queue(message(Body::PostActionResult(proto::PostActionResult {
+                file_id: req.file_id,
+                ok: result.is_ok(),
+                message: result.err().unwrap_or_default(),
+            })));
+        });
+    }
+
+    /// Feeds results and progress into the current stream until `cancel`.
+    /// A result leaves the queue only once the stream accepted it.
+    pub async fn forward(&self, tx: mpsc::Sender<proto::AgentMessage>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        loop {
+            loop {
+                let next = self.0.pending.lock().expect("pending lock").pop_front();
+                let Some(msg) = next else { break };
+                if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await {
+                    self.0.pending.lock().expect("pending lock").push_front(msg);
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.0.wake.notified() => {}
+                _ = tick.tick() => {
+                    let progress: Vec<proto::TaskProgress> = self.0.running.lock().expect("running lock")
+                        .iter()
+                        .map(|(id, r)| proto::TaskProgress {
+                            file_id: *id,
+                            fencing_token: r.token,
+                            bytes_done: r.bytes.load(Ordering::Relaxed),
+                        })
+                        .collect();
+                    for p in progress {
+                        if tx.send(message(Body::TaskProgress(p))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,628 @@
+//! One transfer: check the remote file is still the version the task names,
+//! read it with pipelined SFTP requests while hashing it, upload it as one
+//! `PutObject` (up to one part size) or as a multipart upload with a few
+//! parts in flight, check the file did not change meanwhile, and complete.
+//!
+//! Memory per transfer is bounded by the read window (about 8 MiB of
+//! requests in flight) plus `PARTS_IN_FLIGHT + 1` part buffers.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::types::CompletedPart;
+use ferry_common::proto;
+use futures::StreamExt;
+use russh_sftp::client::RawSftpSession;
+use russh_sftp::client::error::Error as SftpLibError;
+use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+
+use super::failure::{TransferError, classify};
+use super::object::{self, Source, check_destination};
+use super::pool::{PooledSession, SessionPool};
+use super::s3::{ObjectRef, S3Target};
+use super::sizing::{part_size, read_window};
+use crate::sftp::{FileKind, FileStat, SftpError, SftpSession};
+
+/// Part uploads running at once; one more part fills meanwhile.
+pub const PARTS_IN_FLIGHT: usize = 3;
+/// Least time between two progress reports.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Copies the file a task names from its SFTP server to S3 and says how it
+/// went. `progress` is called with the bytes read so far, at most about
+/// once a second.
+pub async fn transfer(
+    task: &proto::TaskAssignment,
+    pool: &SessionPool,
+    s3: &S3Target,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> proto::task_result::Outcome {
+    use proto::task_result::Outcome;
+    let started = Instant::now();
+    match run(task, pool, s3, progress).await {
+        Ok(success) => {
+            tracing::debug!(
+                file_id = task.file_id,
+                path = %task.path,
+                bytes = success.size,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "transfer done"
+            );
+            Outcome::Success(success)
+        }
+        Err(err) => Outcome::Failure(classify(&err)),
+    }
+}
+
+async fn run(
+    task: &proto::TaskAssignment,
+    pool: &SessionPool,
+    s3: &S3Target,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<proto::TaskSuccess, TransferError> {
+    check_destination(&task.bucket, &task.key).map_err(TransferError::Permanent)?;
+    let conn = task
+        .source
+        .as_ref()
+        .ok_or_else(|| TransferError::Permanent("task names no source server".to_owned()))?;
+    s3.check_bucket(&task.bucket).await?;
+    let (mut session, stat) = checkout_and_stat(pool, conn, &task.path).await?;
+    if let Some(change) = describe_change(task.size, task.mtime_unix, &stat) {
+        return Err(TransferError::Lost(format!(
+            "file changed since discovery: {}: {change}",
+            task.path
+        )));
+    }
+    let result = copy(task, &conn.name, &session, s3, progress).await;
+    if let Err(TransferError::Sftp { err, .. }) = &result {
+        session.note(err);
+    }
+    result
+}
+
+/// A session and the file's attributes. A pooled session may have died
+/// since its last use: if the stat fails in a way that breaks the session,
+/// the session is discarded and the next one (eventually a new connection)
+/// tried.
+async fn checkout_and_stat(
+    pool: &SessionPool,
+    conn: &proto::ServerConnection,
+    path: &str,
+) -> Result<(PooledSession, FileStat), TransferError> {
+    loop {
+        let mut session = pool
+            .checkout(conn)
+            .await
+            .map_err(|e| TransferError::sftp(format!("connect to server {}", conn.name), e))?;
+        match session.stat(path).await {
+            Ok(stat) => return Ok((session, stat)),
+            Err(e) if e.breaks_session() && session.reused() => {
+                tracing::debug!(target = session.target(), error = %e, "pooled SFTP session is dead; retrying");
+                session.discard();
+            }
+            Err(SftpError::NotFound(_)) => {
+                return Err(TransferError::Lost(format!(
+                    "file vanished before transfer: {path}"
+                )));
+            }
+            Err(e) => {
+                session.note(&e);
+                return Err(TransferError::sftp(format!("stat {path}"), e));
+            }
+        }
+    }
+}
+
+/// How `stat` differs from the version the task names, or `None`. Fields
+/// the server did not send are not compared.
+pub fn describe_change(size: u64, mtime_unix: i64, stat: &FileStat) -> Option<String> {
+    if !matches!(stat.kind, FileKind::File | FileKind::Unknown) {
+        return Some(format!("now a {:?}, not a regular file", stat.kind).to_lowercase());
+    }
+    let mut changes = Vec::new();
+    if let Some(now) = stat.size.filter(|s| *s != size) {
+        changes.push(format!("size {size} -> {now}"));
+    }
+    if let Some(now) = stat.mtime_unix.filter(|m| *m != mtime_unix) {
+        changes.push(format!("mtime {mtime_unix} -> {now}"));
+    }
+    (!changes.is_empty()).then(|| changes.join(", "))
+}
+
+async fn copy(
+    task: &proto::TaskAssignment,
+    server: &str,
+    session: &SftpSession,
+    s3: &S3Target,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<proto::TaskSuccess, TransferError> {
+    let path = task.path.as_str();
+    let handle = session
+        .raw()
+        .open(path, OpenFlags::READ, FileAttributes::default())
+        .await
+        .map_err(|e| TransferError::sftp(format!("open {path}"), session.map_error(e, path)))?
+        .handle;
+    let handle = OpenHandle {
+        raw: session.raw().clone(),
+        handle: Some(handle),
+    };
+    let obj = ObjectRef {
+        bucket: &task.bucket,
+        key: &task.key,
+    };
+    let part_len = part_size(task.size);
+    let result = if task.size <= part_len {
+        copy_single(task, server, session, &handle, obj, s3, progress).await
+    } else {
+        copy_multipart(task, server, session, &handle, obj, s3, part_len, progress).await
+    };
+    handle.close().await;
+    result
+}
+
+/// Small file: read it whole, then one `PutObject` with all metadata.
+async fn copy_single(
+    task: &proto::TaskAssignment,
+    server: &str,
+    session: &SftpSession,
+    handle: &OpenHandle,
+    obj: ObjectRef<'_>,
+    s3: &S3Target,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<proto::TaskSuccess, TransferError> {
+    let buffer_len = usize::try_from(task.size).unwrap_or(usize::MAX);
+    let read = read_file(task, session, handle, buffer_len, None, progress).await?;
+    verify(task, session, &read).await?;
+    let metadata = object::metadata(
+        &Source {
+            server,
+            path: &task.path,
+            mtime_unix: task.mtime_unix,
+            sha256: Some(&read.sha256),
+        },
+        &task.metadata,
+    );
+    let etag = s3.put_object(obj, read.tail, metadata).await?;
+    Ok(success(task, read.bytes, read.sha256, etag))
+}
+
+/// Large file: multipart upload; aborted on any failure.
+#[allow(clippy::too_many_arguments)]
+async fn copy_multipart(
+    task: &proto::TaskAssignment,
+    server: &str,
+    session: &SftpSession,
+    handle: &OpenHandle,
+    obj: ObjectRef<'_>,
+    s3: &S3Target,
+    part_len: u64,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<proto::TaskSuccess, TransferError> {
+    let metadata = object::metadata(
+        &Source {
+            server,
+            path: &task.path,
+            mtime_unix: task.mtime_unix,
+            sha256: None,
+        },
+        &task.metadata,
+    );
+    let mut upload = Multipart::new(s3, obj, metadata);
+    let result = async {
+        let part_len = usize::try_from(part_len).unwrap_or(usize::MAX);
+        let mut read =
+            read_file(task, session, handle, part_len, Some(&mut upload), progress).await?;
+        verify(task, session, &read).await?;
+        if !read.tail.is_empty() {
+            upload.submit(std::mem::take(&mut read.tail)).await?;
+        }
+        let etag = upload.complete().await?;
+        Ok(success(task, read.bytes, read.sha256, etag))
+    }
+    .await;
+    if result.is_err() {
+        upload.abort().await;
+    }
+    result
+}
+
+fn success(
+    task: &proto::TaskAssignment,
+    size: u64,
+    sha256: String,
+    etag: String,
+) -> proto::TaskSuccess {
+    proto::TaskSuccess {
+        size,
+        sha256,
+        etag,
+        bucket: task.bucket.clone(),
+        key: task.key.clone(),
+    }
+}
+
+/// What reading produced.
+struct ReadResult {
+    bytes: u64,
+    /// Lower-case hex SHA-256 of the bytes read.
+    sha256: String,
+    /// Bytes not handed to the multipart upload (the whole file without one).
+    tail: Vec<u8>,
+}
+
+/// Reads up to `task.size` bytes with pipelined requests, hashing them.
+/// Every `part_len` bytes go to `upload` if there is one; the rest is
+/// returned in [`ReadResult::tail`].
+async fn read_file(
+    task: &proto::TaskAssignment,
+    session: &SftpSession,
+    handle: &OpenHandle,
+    part_len: usize,
+    mut upload: Option<&mut Multipart<'_>>,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<ReadResult, TransferError> {
+    let path = task.path.as_str();
+    let size = task.size;
+    let chunk = u64::from(session.read_chunk().max(1));
+    let handle_id = handle.id().to_owned();
+    let raw = session.raw().clone();
+    let ranges = (0..size.div_ceil(chunk)).map(move |i| {
+        let offset = i * chunk;
+        // At most `chunk`, so it fits a u32.
+        let len = (size - offset).min(chunk) as u32;
+        (offset, len)
+    });
+    let mut reads = futures::stream::iter(ranges)
+        .map(|(offset, len)| {
+            let raw = raw.clone();
+            let handle = handle_id.clone();
+            async move { (offset, len, read_range(&raw, &handle, offset, len).await) }
+        })
+        .buffered(read_window(session.read_chunk()));
+
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let buffer_capacity = part_len.min(usize::try_from(size).unwrap_or(usize::MAX));
+    let mut buffer = Vec::with_capacity(buffer_capacity);
+    let mut last_progress = Instant::now();
+    while let Some((offset, len, result)) = reads.next().await {
+        let data = result.map_err(|e| {
+            TransferError::sftp(
+                format!("read {path} at offset {offset}"),
+                session.map_error(e, path),
+            )
+        })?;
+        hasher.update(&data);
+        bytes += data.len() as u64;
+        let mut rest = data.as_slice();
+        if let Some(upload) = upload.as_deref_mut() {
+            while buffer.len() + rest.len() >= part_len {
+                let (head, tail) = rest.split_at(part_len - buffer.len());
+                buffer.extend_from_slice(head);
+                rest = tail;
+                let full = std::mem::replace(&mut buffer, Vec::with_capacity(buffer_capacity));
+                upload.submit(full).await?;
+            }
+        }
+        buffer.extend_from_slice(rest);
+        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+            progress(bytes);
+            last_progress = Instant::now();
+        }
+        if data.len() < len as usize {
+            // End of file before the expected size; `verify` reports it.
+            break;
+        }
+    }
+    progress(bytes);
+    Ok(ReadResult {
+        bytes,
+        sha256: hex::encode(hasher.finalize()),
+        tail: buffer,
+    })
+}
+
+/// Reads `len` bytes at `offset`, re-requesting the remainder after a short
+/// read; returns fewer bytes only at end of file.
+async fn read_range(
+    raw: &RawSftpSession,
+    handle: &str,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<u8>, SftpLibError> {
+    let mut out: Vec<u8> = Vec::new();
+    while out.len() < len as usize {
+        let done = out.len() as u64;
+        let want = len - done as u32;
+        match raw.read(handle, offset + done, want).await {
+            Ok(data) if data.data.is_empty() => break,
+            Ok(mut data) => {
+                // A server must not send more than asked; never trust it.
+                data.data.truncate(want as usize);
+                if out.is_empty() {
+                    out = data.data;
+                } else {
+                    out.extend_from_slice(&data.data);
+                }
+            }
+            Err(SftpLibError::Status(status)) if status.status_code == StatusCode::Eof => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// After reading: the file must still be the version the task names, and
+/// all of it must have been read.
+async fn verify(
+    task: &proto::TaskAssignment,
+    session: &SftpSession,
+    read: &ReadResult,
+) -> Result<(), TransferError> {
+    let path = task.path.as_str();
+    let stat = match session.stat(path).await {
+        Ok(stat) => stat,
+        Err(SftpError::NotFound(_)) => {
+            return Err(TransferError::Lost(format!(
+                "file vanished during transfer: {path}"
+            )));
+        }
+        Err(e) => return Err(TransferError::sftp(format!("stat {path}"), e)),
+    };
+    if let Some(change) = describe_change(task.size, task.mtime_unix, &stat) {
+        return Err(TransferError::Lost(format!(
+            "file changed during transfer: {path}: {change}"
+        )));
+    }
+    if read.bytes != task.size {
+        return Err(TransferError::Transient(format!(
+            "SFTP read {path}: got {} bytes, expected {} (file unchanged per stat)",
+            read.bytes, task.size
+        )));
+    }
+    Ok(())
+}
+
+/// A multipart upload in progress: created with the first part, parts
+/// uploading in background tasks, at most [`PARTS_IN_FLIGHT`] at once.
+/// Dropping it unfinished (the transfer was cancelled) aborts the upload in
+/// the background.
+struct Multipart<'a> {
+    s3: &'a S3Target,
+    obj: ObjectRef<'a>,
+    metadata: Option<HashMap<String, String>>,
+    upload_id: Option<String>,
+    next_part: i32,
+    running: JoinSet<Result<CompletedPart, TransferError>>,
+    done: Vec<CompletedPart>,
+}
+
+impl<'a> Multipart<'a> {
+    fn new(s3: &'a S3Target, obj: ObjectRef<'a>, metadata: HashMap<String, String>) -> Self {
+        Multipart {
+            s3,
+            obj,
+            metadata: Some(metadata),
+            upload_id: None,
+            next_part: 1,
+            running: JoinSet::new(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Starts uploading `body` as the next part, after waiting for a free
+    /// upload slot. Reports the failure of any earlier part.
+    async fn submit(&mut self, body: Vec<u8>) -> Result<(), TransferError> {
+        let upload_id = match &self.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let metadata = self.metadata.take().unwrap_or_default();
+                let id = self.s3.create_multipart(self.obj, metadata).await?;
+                self.upload_id = Some(id.clone());
+                id
+            }
+        };
+        while let Some(joined) = self.running.try_join_next() {
+            self.record(joined)?;
+        }
+        while self.running.len() >= PARTS_IN_FLIGHT {
+            if let Some(joined) = self.running.join_next().await {
+                self.record(joined)?;
+            }
+        }
+        let number = self.next_part;
+        self.next_part += 1;
+        let s3 = self.s3.clone();
+        let (bucket, key) = (self.obj.bucket.to_owned(), self.obj.key.to_owned());
+        self.running
+            .spawn(async move { s3.upload_part(bucket, key, upload_id, number, body).await });
+        Ok(())
+    }
+
+    fn record(
+        &mut self,
+        joined: Result<Result<CompletedPart, TransferError>, tokio::task::JoinError>,
+    ) -> Result<(), TransferError> {
+        match joined {
+            Ok(Ok(part)) => {
+                self.done.push(part);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(TransferError::Transient(format!(
+                "S3 UploadPart of {}: upload task failed: {e}",
+                self.obj
+            ))),
+        }
+    }
+
+    /// Waits for all parts and completes the upload; returns the ETag.
+    async fn complete(&mut self) -> Result<String, TransferError> {
+        while let Some(joined) = self.running.join_next().await {
+            self.record(joined)?;
+        }
+        let Some(upload_id) = self.upload_id.clone() else {
+            return Err(TransferError::Transient(format!(
+                "S3 CompleteMultipartUpload {}: no part was uploaded",
+                self.obj
+            )));
+        };
+        let parts = std::mem::take(&mut self.done);
+        let etag = self
+            .s3
+            .complete_multipart(self.obj, &upload_id, parts)
+            .await?;
+        self.upload_id = None;
+        Ok(etag)
+    }
+
+    /// Stops running part uploads and discards the upload. Best effort: if
+    /// S3 cannot be reached now, the abort is retried in the background for
+    /// a while (S3 lifecycle rules clean up what remains after that).
+    async fn abort(&mut self) {
+        self.running.abort_all();
+        while self.running.join_next().await.is_some() {}
+        if let Some(upload_id) = self.upload_id.take()
+            && let Err(e) = self.s3.abort_multipart(self.obj, &upload_id).await
+        {
+            tracing::debug!(upload_id, error = %e, "abort of multipart upload failed; retrying in the background");
+            spawn_abort(self.s3, self.obj, upload_id, ABORT_RETRY_DELAYS);
+        }
+    }
+}
+
+/// Waits before the background attempts to abort a multipart upload.
+const ABORT_RETRY_DELAYS: &[Duration] = &[
+    Duration::from_secs(5),
+    Duration::from_secs(15),
+    Duration::from_secs(45),
+    Duration::from_secs(120),
+];
+
+/// Aborts a multipart upload in a background task, once after each of
+/// `delays`, until an attempt succeeds or S3 says the upload is gone.
+fn spawn_abort(s3: &S3Target, obj: ObjectRef<'_>, upload_id: String, delays: &'static [Duration]) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let s3 = s3.clone();
+    let (bucket, key) = (obj.bucket.to_owned(), obj.key.to_owned());
+    runtime.spawn(async move {
+        let obj = ObjectRef {
+            bucket: &bucket,
+            key: &key,
+        };
+        let mut last = None;
+        for delay in delays {
+            tokio::time::sleep(*delay).await;
+            match s3.abort_multipart(obj, &upload_id).await {
+                Ok(()) => return,
+                Err(TransferError::S3 { fault, .. })
+                    if fault.code.as_deref() == Some("NoSuchUpload") =>
+                {
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            tracing::warn!(upload_id, error = %e, "gave up aborting multipart upload; its parts stay until a lifecycle rule removes them");
+        }
+    });
+}
+
+impl Drop for Multipart<'_> {
+    fn drop(&mut self) {
+        // Still set: the transfer was cancelled mid-upload.
+        if let Some(upload_id) = self.upload_id.take() {
+            self.running.abort_all();
+            spawn_abort(self.s3, self.obj, upload_id, ABORT_ON_DROP_DELAYS);
+        }
+    }
+}
+
+/// Background abort of a cancelled transfer: at once, then as on failure.
+const ABORT_ON_DROP_DELAYS: &[Duration] = &[
+    Duration::ZERO,
+    Duration::from_secs(5),
+    Duration::from_secs(15),
+    Duration::from_secs(45),
+    Duration::from_secs(120),
+];
+
+/// An open remote file handle; closed by [`OpenHandle::close`], or in the
+/// background when dropped (transfer cancelled).
+struct OpenHandle {
+    raw: std::sync::Arc<RawSftpSession>,
+    handle: Option<String>,
+}
+
+impl OpenHandle {
+    fn id(&self) -> &str {
+        self.handle.as_deref().unwrap_or_default()
+    }
+
+    async fn close(mut self) {
+        if let Some(handle) = self.handle.take()
+            && let Err(e) = self.raw.close(handle).await
+        {
+            tracing::debug!(error = %e, "closing SFTP file handle");
+        }
+    }
+}
+
+impl Drop for OpenHandle {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let raw = self.raw.clone();
+            runtime.spawn(async move {
+                if let Err(e) = raw.close(handle).await {
+                    tracing::debug!(error = %e, "closing abandoned SFTP file handle");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(kind: FileKind, size: Option<u64>, mtime: Option<i64>) -> FileStat {
+        FileStat {
+            kind,
+            size,
+            mtime_unix: mtime,
+        }
+    }
+
+    #[test]
+    fn changes_are_described() {
+        assert_eq!(
+            describe_change(10, 100, &stat(FileKind::File, Some(10), Some(100))),
+            None
+        );
+        assert_eq!(
+            describe_change(10, 100, &stat(FileKind::Unknown, None, None)),
+            None
+        );
+        assert_eq!(
+            describe_change(10, 100, &stat(FileKind::File, Some(12), Some(100))).as_deref(),
+            Some("size 10 -> 12")
+        );
+        assert_eq!(
+            describe_change(10, 100, &stat(FileKind::File, Some(12), Some(160))).as_deref(),
+            Some("size 10 -> 12, mtime 100 -> 160")
+        );
+        assert_eq!(
+            describe_change(10, 100, &stat(FileKind::Dir, Some(10), Some(100))).as_deref(),
+            Some("now a dir, not a regular file")
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! Moving files: SFTP -> S3 transfers and the post-actions that follow a
+//! confirmed upload.
+//!
+//! What lives where:
+//! - [`transfer`] (in `copy.rs`): one task, from stat to completed upload,
+//!   with pipelined SFTP reads and bounded multipart uploads.
+//! - [`SessionPool`] (in `pool.rs`): SFTP sessions reused per server within
+//!   its `max_sessions`.
+//! - [`S3Target`] (in `s3.rs`): the S3 client and the requests a transfer
+//!   makes.
+//! - [`part_size`] and [`read_window`] (in `sizing.rs`), object key checks
+//!   and metadata encoding (in `object.rs`): pure decisions, unit-tested.
+//! - [`TransferError`] and [`classify`] (in `failure.rs`): the single place
+//!   deciding transient / lost / permanent.
+//! - [`post_action`] (here): delete or move the source after upload.
+//!
+//! **Invariant:** a transfer reports success only after
+//! CompleteMultipartUpload (or PutObject) succeeded, every byte of the
+//! task's size was read and hashed, and a stat after reading still shows
+//! the size and mtime the task names. Any failure after
+//! CreateMultipartUpload aborts the upload.
+
+mod copy;
+mod failure;
+mod object;
+mod pool;
+mod s3;
+mod sizing;
+
+use ferry_common::proto;
+
+pub use copy::{PARTS_IN_FLIGHT, describe_change, transfer};
+pub use failure::{S3Fault, S3FaultKind, TransferError, classify};
+pub use object::{check_destination, encode_value, metadata};
+pub use pool::{DEFAULT_MAX_SESSIONS, IDLE_LIMIT, PooledSession, SessionPool};
+pub use s3::{DEFAULT_REGION, S3Target};
+pub use sizing::{MAX_PARTS, MIN_PART_SIZE, part_size, read_window};
+
+use crate::sftp::SftpError;
+
+/// Highest suffix tried when the move target name is taken (`name.1` ...).
+const MAX_MOVE_SUFFIX: u32 = 1000;
+
+/// What a post-action request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostAction {
+    Delete,
+    /// Move into this directory, keeping the file name.
+    Move(String),
+}
+
+impl PostAction {
+    /// Parses `delete` or `move:<dir>`.
+    pub fn parse(action: &str) -> Result<PostAction, String> {
+        match action {
+            "delete" => Ok(PostAction::Delete),
+            other => match other.strip_prefix("move:") {
+                Some(dir) if !dir.trim().is_empty() => Ok(PostAction::Move(dir.to_owned())),
+                _ => Err(format!(
+                    "unknown post-action {action:?}: expected delete or move:<dir>"
+                )),
+            },
+        }
+    }
+}
+
+/// Runs a post-action on the source file. Deleting or moving a file that is
+/// no longer there counts as done (the request may be a repeat after a lost
+/// answer). A move never replaces an existing file: if `dir/<name>` is
+/// taken, `dir/<name>.1`, `dir/<name>.2`, ... are tried.
+pub async fn post_action(req: &proto::PostActionRequest, pool: &SessionPool) -> Result<(), String> {
+    let action = PostAction::parse(&req.action)?;
+    let conn = req
+        .source
+        .as_ref()
+        .ok_or_else(|| "post-action names no source server".to_owned())?;
+    let path = req.path.as_str();
+    let mut session = pool
+        .checkout(conn)
+        .await
+        .map_err(|e| format!("SFTP connect to server {}: {e}", conn.name))?;
+    let result = match &action {
+        PostAction::Delete => match session.remove(path).await {
+            Ok(()) | Err(SftpError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        },
+        PostAction::Move(dir) => move_into(&session, path, dir).await,
+    };
+    result.map_err(|e| {
+        session.note(&e);
+        format!("{} {path}: {e}", req.action)
+    })
+}
+
+async fn move_into(
+    session: &crate::sftp::SftpSession,
+    path: &str,
+    dir: &str,
+) -> Result<(), SftpError> {
+    match session.stat(path).await {
+        Ok(_) => {}
+        Err(SftpError::NotFound(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    session.mkdir_all(dir).await?;
+    let name = path.rsplit('/').next().unwrap_or(path);
+    for n in 0..=MAX_MOVE_SUFFIX {
+        let target = move_target(dir, name, n);
+        match session.rename(path, &target).await {
+            Ok(()) => return Ok(()),
+            // Plain SFTP rename fails (`Failure`) when the target exists.
+            Err(SftpError::Failure { .. }) if session.lstat(&target).await.is_ok() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(SftpError::Failure {
+        path: format!("{dir}/{name}"),
+        message: format!("{name} and {name}.1 .. {name}.{MAX_MOVE_SUFFIX} all exist"),
+    })
+}
+
+/// `dir/name`, or `dir/name.n` for `n > 0`.
+fn move_target(dir: &str, name: &str, n: u32) -> String {
+    let dir = dir.trim_end_matches('/');
+    match n {
+        0 => format!("{dir}/{name}"),
+        n => format!("{dir}/{name}.{n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_parse() {
+        assert_eq!(PostAction::parse("delete"), Ok(PostAction::Delete));
+        assert_eq!(
+            PostAction::parse("move:/archive"),
+            Ok(PostAction::Move("/archive".into()))
+        );
+        assert!(PostAction::parse("move:").is_err());
+        assert!(PostAction::parse("keep").is_err());
+    }
+
+    #[test]
+    fn move_targets() {
+        assert_eq!(move_target("/archive", "a.csv", 0), "/archive/a.csv");
+        assert_eq!(move_target("/archive/", "a.csv", 2), "/archive/a.csv.2");
+        assert_eq!(move_target("/", "a.csv", 0), "/a.csv");
+    }
+}

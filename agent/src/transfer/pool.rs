@@ -1,0 +1,261 @@
+//! [`SessionPool`]: SFTP sessions per server, reused across transfers and
+//! post-actions, at most `max_sessions` in use per server at a time.
+//!
+//! A checked-out session is a [`PooledSession`]; it goes back to the pool
+//! when dropped unless it died or an error that
+//! [breaks the session](SftpError::breaks_session) was reported on it.
+//! Sessions unused for longer than the idle limit are closed on the next
+//! checkout or by the pool's background task.
+//!
+//! A server whose connection settings change (new credentials, host key,
+//! `max_sessions`) gets a fresh slot; the old slot's idle sessions are
+//! closed at once, its busy ones when the last of them is returned.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use ferry_common::proto;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::poller::endpoint;
+use crate::sftp::{self, SftpError, SftpSession, Timeouts};
+
+/// Sessions per server when the assignment says 0.
+pub const DEFAULT_MAX_SESSIONS: u32 = 4;
+/// Close a pooled session nobody used for this long.
+pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// SFTP sessions per server id, shared by all transfers of the agent.
+///
+/// Created inside a Tokio runtime, the pool runs a background task that
+/// closes idle sessions; the task ends when the pool is dropped.
+pub struct SessionPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    timeouts: Timeouts,
+    idle_limit: Duration,
+    servers: Mutex<HashMap<i64, Arc<Slot>>>,
+}
+
+/// One server's sessions.
+struct Slot {
+    /// The settings the sessions were opened with.
+    conn: proto::ServerConnection,
+    /// One permit per session in use.
+    permits: Arc<Semaphore>,
+    /// Open sessions nobody uses, most recently returned last.
+    idle: Mutex<Vec<SftpSession>>,
+}
+
+impl SessionPool {
+    pub fn new(timeouts: Timeouts) -> SessionPool {
+        SessionPool::with_idle_limit(timeouts, IDLE_LIMIT)
+    }
+
+    pub fn with_idle_limit(timeouts: Timeouts, idle_limit: Duration) -> SessionPool {
+        let inner = Arc::new(Inner {
+            timeouts,
+            idle_limit,
+            servers: Mutex::new(HashMap::new()),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(reap(Arc::downgrade(&inner)));
+        }
+        SessionPool { inner }
+    }
+
+    /// A session to `conn`'s server: an idle pooled one if any is alive,
+    /// else a new connection. Waits while the server's `max_sessions`
+    /// sessions are all in use.
+    pub async fn checkout(
+        &self,
+        conn: &proto::ServerConnection,
+    ) -> Result<PooledSession, SftpError> {
+        let slot = self.inner.slot(conn);
+        let permit = slot
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SftpError::Disconnected("session pool closed".to_owned()))?;
+        let (found, stale) = {
+            let mut idle = lock(&slot.idle);
+            let mut stale = Vec::new();
+            let mut found = None;
+            while let Some(session) = idle.pop() {
+                if self.inner.usable(&session) {
+                    found = Some(session);
+                    break;
+                }
+                stale.push(session);
+            }
+            (found, stale)
+        };
+        close_all(stale);
+        let (session, reused) = match found {
+            Some(session) => (session, true),
+            None => (
+                sftp::connect(&endpoint(conn), &self.inner.timeouts).await?,
+                false,
+            ),
+        };
+        Ok(PooledSession {
+            session: Some(session),
+            slot,
+            _permit: permit,
+            reused,
+            broken: false,
+        })
+    }
+
+    /// Closes pooled sessions that are dead or idle beyond the limit (the
+    /// background task does this every quarter of the limit).
+    pub fn close_idle(&self) {
+        self.inner.close_idle();
+    }
+
+    /// Number of open idle sessions for `server_id` (for tests and metrics).
+    pub fn idle_count(&self, server_id: i64) -> usize {
+        lock(&self.inner.servers)
+            .get(&server_id)
+            .map_or(0, |slot| lock(&slot.idle).len())
+    }
+}
+
+impl Inner {
+    fn usable(&self, session: &SftpSession) -> bool {
+        session.is_alive() && session.idle_for() <= self.idle_limit
+    }
+
+    /// The slot of `conn`'s server, replaced if its settings changed.
+    fn slot(&self, conn: &proto::ServerConnection) -> Arc<Slot> {
+        let mut servers = lock(&self.servers);
+        if let Some(slot) = servers.get(&conn.server_id)
+            && slot.conn == *conn
+        {
+            return slot.clone();
+        }
+        let max = if conn.max_sessions == 0 {
+            DEFAULT_MAX_SESSIONS
+        } else {
+            conn.max_sessions
+        };
+        let slot = Arc::new(Slot {
+            conn: conn.clone(),
+            permits: Arc::new(Semaphore::new(max as usize)),
+            idle: Mutex::new(Vec::new()),
+        });
+        if let Some(old) = servers.insert(conn.server_id, slot.clone()) {
+            close_all(std::mem::take(&mut *lock(&old.idle)));
+        }
+        slot
+    }
+
+    fn close_idle(&self) {
+        let slots: Vec<Arc<Slot>> = lock(&self.servers).values().cloned().collect();
+        for slot in slots {
+            let stale = {
+                let mut idle = lock(&slot.idle);
+                let (keep, stale): (Vec<_>, Vec<_>) = idle.drain(..).partition(|s| self.usable(s));
+                *idle = keep;
+                stale
+            };
+            close_all(stale);
+        }
+    }
+}
+
+/// Closes idle sessions periodically while the pool exists.
+async fn reap(pool: Weak<Inner>) {
+    let period = match pool.upgrade() {
+        Some(inner) => (inner.idle_limit / 4).max(Duration::from_secs(1)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(inner) => inner.close_idle(),
+            None => return,
+        }
+    }
+}
+
+/// A session checked out of a [`SessionPool`]; derefs to [`SftpSession`].
+pub struct PooledSession {
+    session: Option<SftpSession>,
+    slot: Arc<Slot>,
+    _permit: OwnedSemaphorePermit,
+    reused: bool,
+    broken: bool,
+}
+
+impl PooledSession {
+    /// True if the session came from the pool rather than a new connection
+    /// (a pooled session may have died unnoticed: worth one retry).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Records an error seen on this session; one that breaks the session
+    /// keeps it out of the pool.
+    pub fn note(&mut self, err: &SftpError) {
+        if err.breaks_session() {
+            self.broken = true;
+        }
+    }
+
+    /// Keeps this session out of the pool.
+    pub fn discard(&mut self) {
+        self.broken = true;
+    }
+}
+
+impl Deref for PooledSession {
+    type Target = SftpSession;
+
+    fn deref(&self) -> &SftpSession {
+        // Only `Drop` takes the session out.
+        self.session
+            .as_ref()
+            .expect("pooled session present until drop")
+    }
+}
+
+impl Drop for PooledSession {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        if self.broken || !session.is_alive() {
+            close_all(vec![session]);
+        } else {
+            lock(&self.slot.idle).push(session);
+        }
+    }
+}
+
+/// Closes sessions in the background (dropping them would close them too,
+/// but without telling the server).
+fn close_all(sessions: Vec<SftpSession>) {
+    if sessions.is_empty() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            for session in sessions {
+                session.close().await;
+            }
+        });
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,73 @@
+//! Pure sizing decisions of a transfer: multipart part size and how many
+//! SFTP read requests to keep in flight.
+
+/// One mebibyte.
+pub const MIB: u64 = 1024 * 1024;
+/// Smallest part ferry uploads. S3 requires 5 MiB for every part but the
+/// last; 8 MiB halves the request count at little memory cost.
+pub const MIN_PART_SIZE: u64 = 8 * MIB;
+/// S3's limit on the parts of one multipart upload.
+pub const MAX_PARTS: u64 = 10_000;
+/// Bytes of SFTP read requests to keep in flight; divided by the server's
+/// read chunk to give the request count (see [`read_window`]).
+pub const READ_WINDOW_BYTES: u64 = 8 * MIB;
+/// Bounds of the number of pipelined read requests.
+const MIN_READS_IN_FLIGHT: usize = 16;
+const MAX_READS_IN_FLIGHT: usize = 64;
+
+/// Part size for a file of `file_size` bytes: at least [`MIN_PART_SIZE`],
+/// and large enough that the file needs at most [`MAX_PARTS`] parts, rounded
+/// up to a whole MiB.
+pub fn part_size(file_size: u64) -> u64 {
+    let needed = file_size.div_ceil(MAX_PARTS);
+    needed.div_ceil(MIB).saturating_mul(MIB).max(MIN_PART_SIZE)
+}
+
+/// Number of read requests of `chunk` bytes to keep in flight: about
+/// [`READ_WINDOW_BYTES`], within 16..=64 requests.
+pub fn read_window(chunk: u32) -> usize {
+    let by_bytes = READ_WINDOW_BYTES / u64::from(chunk.max(1));
+    usize::try_from(by_bytes)
+        .unwrap_or(MAX_READS_IN_FLIGHT)
+        .clamp(MIN_READS_IN_FLIGHT, MAX_READS_IN_FLIGHT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_and_medium_files_use_the_minimum() {
+        assert_eq!(part_size(0), MIN_PART_SIZE);
+        assert_eq!(part_size(1), MIN_PART_SIZE);
+        assert_eq!(part_size(300 * MIB), MIN_PART_SIZE);
+        // 10,000 parts of 8 MiB is the largest file at the minimum size.
+        assert_eq!(part_size(MAX_PARTS * MIN_PART_SIZE), MIN_PART_SIZE);
+    }
+
+    #[test]
+    fn huge_files_stay_within_the_part_limit() {
+        let just_over = MAX_PARTS * MIN_PART_SIZE + 1;
+        assert_eq!(part_size(just_over), 9 * MIB);
+        for size in [
+            just_over,
+            100 * 1024 * MIB,
+            5 * 1024 * 1024 * MIB, // 5 TiB, the S3 object limit
+            u64::MAX / 2,
+        ] {
+            let part = part_size(size);
+            assert_eq!(part % MIB, 0, "{size}: {part} is not a MiB multiple");
+            assert!(size.div_ceil(part) <= MAX_PARTS, "{size}: {part}");
+        }
+        // 5 TiB needs 525 MiB parts, under S3's 5 GiB part limit.
+        assert_eq!(part_size(5 * 1024 * 1024 * MIB), 525 * MIB);
+    }
+
+    #[test]
+    fn read_window_covers_about_eight_mib() {
+        assert_eq!(read_window(261_120), 32); // OpenSSH
+        assert_eq!(read_window(32 * 1024), 64); // SFTP minimum, capped
+        assert_eq!(read_window(1024 * 1024), 16); // floor
+        assert_eq!(read_window(0), 64);
+    }
+}

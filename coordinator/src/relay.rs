@@ -1,0 +1,517 @@
+//! The outbox relay: publishes committed `outbox` rows to AMQP and marks them.
+//!
+//! A row is written in the same transaction that sets its file `uploaded`. The
+//! relay locks a batch of unpublished rows (`FOR UPDATE SKIP LOCKED`, so two
+//! coordinators never publish the same row at once), publishes each one
+//! (persistent, `mandatory`, publisher confirms), and in the same transaction
+//! marks the confirmed rows published and moves their files `uploaded` ->
+//! `processed` with a `file_events` row. A NACK or a returned (unroutable)
+//! message only bumps the row's `attempts`; a broken connection rolls the
+//! whole batch back and reconnects with backoff.
+//!
+//! **Architecture invariant:** a row is marked published only after the broker
+//! confirmed it and did not return it. A crash between the confirm and the
+//! commit re-publishes the row later: delivery is at least once, and
+//! `message_id` = file id lets consumers deduplicate.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use ferry_common::backoff::Backoff;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::Coordinator;
+
+/// Where and how the relay publishes.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Broker URL, `amqp://user:pass@host:5672/vhost`.
+    pub amqp_url: String,
+    /// Durable topic exchange, declared on connect.
+    pub exchange: String,
+    /// Routing key template; `{server}` is replaced by the server's name.
+    pub routing_key: String,
+    /// Rows published per transaction.
+    pub batch: i64,
+}
+
+/// AMQP `type` property of every announcement.
+pub const MESSAGE_TYPE: &str = "ferry.file.stored";
+/// Header carrying the outbox row id, used to match returned messages to rows.
+pub const OUTBOX_ID_HEADER: &str = "ferry-outbox-id";
+
+/// Re-read the outbox this often even without a wake-up.
+const IDLE_POLL: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Upper bound on waiting for one batch's confirms; a broker that does not
+/// answer in time is treated as gone.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+/// Per-row delay before a NACKed or returned row is offered again by this
+/// coordinator, so that a few unroutable rows neither block the rows behind
+/// them nor spin.
+const ROW_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+/// At most this many rows are held back; beyond it failed rows are retried
+/// on the next idle round.
+const MAX_COOLING: usize = 1000;
+
+/// The routing key for a file of `server`: `template` with every `{server}`
+/// replaced.
+pub fn routing_key(template: &str, server: &str) -> String {
+    template.replace("{server}", server)
+}
+
+/// Publishes the outbox until `cancel` fires. Never returns early: broker and
+/// database outages are logged and retried.
+pub async fn run(coord: Coordinator, cfg: RelayConfig, cancel: CancellationToken) {
+    let mut wake = coord.subscribe_file_events();
+    let mut cooling = Cooling::default();
+    let mut outage = false;
+    let mut attempt = 0u32;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = connect(&cfg, &coord.id) => c,
+        };
+        let (connection, channel) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                if outage {
+                    tracing::debug!(error = format!("{e:#}"), "AMQP broker still unreachable");
+                } else {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "AMQP broker unreachable; announcements wait in the outbox"
+                    );
+                    outage = true;
+                }
+                let delay = RECONNECT.delay(attempt);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        if outage {
+            tracing::info!(exchange = %cfg.exchange, "AMQP broker reachable again; relaying the outbox");
+        } else {
+            tracing::info!(exchange = %cfg.exchange, "outbox relay connected to AMQP");
+        }
+        attempt = 0;
+
+        match pump(&coord, &cfg, &channel, &mut wake, &mut cooling, &cancel).await {
+            Ok(()) => {
+                let _ = channel.close(200, "shutdown".into()).await;
+                let _ = connection.close(200, "shutdown".into()).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "AMQP publish failed; batch rolled back, reconnecting"
+                );
+                outage = true;
+                // Dropping the connection closes it; the next loop reconnects.
+                drop(channel);
+                drop(connection);
+            }
+        }
+    }
+}
+
+/// Opens a connection and a confirm-mode channel, and declares the exchange.
+async fn connect(cfg: &RelayConfig, coordinator_id: &str) -> anyhow::Result<(Connection, Channel)> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("ferry-coordinator {coordinator_id} relay").into());
+    let connection =
+        tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&cfg.amqp_url, props))
+            .await
+            .context("connect to AMQP broker: timed out")?
+            .with_context(|| {
+                format!(
+                    "connect to AMQP broker at {}",
+                    crate::db::redact(&cfg.amqp_url)
+                )
+            })?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("open AMQP channel")?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enable publisher confirms")?;
+    channel
+        .exchange_declare(
+            cfg.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declare exchange {}", cfg.exchange))?;
+    Ok((connection, channel))
+}
+
+/// Why a round stopped: the caller reconnects on the one and waits on the other.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error("broker: {0:#}")]
+    Broker(anyhow::Error),
+    #[error("database: {0:#}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Round {
+    selected: usize,
+    published: usize,
+    failed: usize,
+}
+
+/// Runs rounds on one channel until cancelled (`Ok`) or the broker fails (`Err`).
+async fn pump(
+    coord: &Coordinator,
+    cfg: &RelayConfig,
+    channel: &Channel,
+    wake: &mut watch::Receiver<u64>,
+    cooling: &mut Cooling,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut db_attempt = 0u32;
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        if !channel.status().connected() {
+            anyhow::bail!("AMQP channel closed");
+        }
+        // Changes from here on wake the next idle wait.
+        wake.borrow_and_update();
+        // A round is not interrupted by `cancel`: it is bounded by
+        // CONFIRM_TIMEOUT, and finishing it avoids re-publishing the batch.
+        let idle = match round(coord, cfg, channel, cooling).await {
+            Ok(r) => {
+                db_attempt = 0;
+                if r.failed > 0 {
+                    tracing::debug!(failed = r.failed, "outbox rows not confirmed; will retry");
+                }
+                // A full batch with progress suggests more rows are waiting.
+                !(r.published > 0 && i64::try_from(r.selected).is_ok_and(|n| n >= cfg.batch))
+            }
+            Err(RoundError::Broker(e)) => return Err(e),
+            Err(RoundError::Db(e)) => {
+                tracing::warn!(error = %e, "outbox relay database error; retrying");
+                let delay = DB_RETRY.delay(db_attempt);
+                db_attempt = db_attempt.saturating_add(1);
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+        };
+        if idle {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = wake.changed() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+        }
+    }
+}
+
+/// One row selected for publishing.
+#[derive(Debug, sqlx::FromRow)]
+struct OutboxRow {
+    id: i64,
+    file_id: i64,
+    payload: serde_json::Value,
+    server: String,
+}
+
+/// Publishes one batch inside one transaction; see the module docs.
+async fn round(
+    coord: &Coordinator,
+    cfg: &RelayConfig,
+    channel: &Channel,
+    cooling: &mut Cooling,
+) -> Result<Round, RoundError> {
+    let skip = cooling.active(Instant::now());
+    let mut tx = coord.db.begin().await?;
+    let rows: Vec<OutboxRow> = sqlx::query_as(
+        "SELECT o.id, o.file_id, o.payload, s.name AS server \
+         FROM outbox o JOIN files f ON f.id = o.file_id JOIN servers s ON s.id = f.server_id \
+         WHERE o.published_at IS NULL AND o.id <> ALL($2) \
+         ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
+    )
+    .bind(cfg.batch.max(1))
+    .bind(&skip)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(Round::default());
+    }
+
+    let failures = publish_batch(cfg, channel, &rows)
+        .await
+        .map_err(RoundError::Broker)?;
+
+    let published: Vec<i64> = rows
+        .iter()
+        .filter(|r| !failures.contains_key(&r.id))
+        .map(|r| r.id)
+        .collect();
+    let published_files: Vec<i64> = rows
+        .iter()
+        .filter(|r| !failures.contains_key(&r.id))
+        .map(|r| r.file_id)
+        .collect();
+    let mut processed = 0usize;
+    if !published.is_empty() {
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&published)
+            .execute(&mut *tx)
+            .await?;
+        let moved: Vec<i64> = sqlx::query_scalar(
+            "WITH moved AS ( \
+                 UPDATE files SET status = 'processed', updated_at = now() \
+                 WHERE id = ANY($1) AND status = 'uploaded' RETURNING id) \
+             INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
+             SELECT id, 'uploaded', 'processed', $2, 'announced on AMQP' FROM moved \
+             RETURNING file_id",
+        )
+        .bind(&published_files)
+        .bind(format!("coordinator:{}", coord.id))
+        .fetch_all(&mut *tx)
+        .await?;
+        processed = moved.len();
+    }
+    if !failures.is_empty() {
+        let (ids, errors): (Vec<i64>, Vec<String>) =
+            failures.iter().map(|(id, e)| (*id, e.clone())).unzip();
+        let attempts: Vec<i32> = sqlx::query_scalar(
+            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error \
+             FROM unnest($1::bigint[], $2::text[]) AS f(id, error) \
+             WHERE o.id = f.id RETURNING o.attempts",
+        )
+        .bind(&ids)
+        .bind(&errors)
+        .fetch_all(&mut *tx)
+        .await?;
+        let now = Instant::now();
+        for ((id, error), attempts) in ids.iter().zip(&errors).zip(attempts) {
+            // Loud on the first failure and now and then after, not on every retry.
+            if attempts <= 1 || attempts % 20 == 0 {
+                tracing::warn!(outbox_id = id, attempts, error = %error, "announcement not accepted by the broker; will retry");
+            } else {
+                tracing::debug!(outbox_id = id, attempts, error = %error, "announcement not accepted by the broker; will retry");
+            }
+            cooling.insert(*id, u32::try_from(attempts).unwrap_or(0), now);
+        }
+    }
+    tx.commit().await?;
+
+    if processed > 0 {
+        // TODO(lead): post-actions wake-up
+    }
+    Ok(Round {
+        selected: rows.len(),
+        published: published.len(),
+        failed: failures.len(),
+    })
+}
+
+/// Publishes every row, then awaits every confirm. Returns the rows the
+/// broker NACKed or returned, with the reason; `Err` means the channel is
+/// unusable and nothing may be marked.
+async fn publish_batch(
+    cfg: &RelayConfig,
+    channel: &Channel,
+    rows: &[OutboxRow],
+) -> anyhow::Result<HashMap<i64, String>> {
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut pending = Vec::with_capacity(rows.len());
+    for row in rows {
+        let body = serde_json::to_vec(&row.payload).context("encode outbox payload")?;
+        let mut headers = FieldTable::default();
+        headers.insert(OUTBOX_ID_HEADER.into(), AMQPValue::LongLongInt(row.id));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(row.file_id.to_string().into())
+            .with_timestamp(timestamp)
+            .with_type(MESSAGE_TYPE.into())
+            .with_headers(headers);
+        let confirm = channel
+            .basic_publish(
+                cfg.exchange.as_str().into(),
+                routing_key(&cfg.routing_key, &row.server).into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                properties,
+            )
+            .await
+            .with_context(|| format!("publish outbox row {}", row.id))?;
+        pending.push((row.id, confirm));
+    }
+
+    // lapin hands a returned message to whichever confirm resolves next, not
+    // to the publish it belongs to; so returns are matched to rows by header,
+    // and NACKs (which lapin matches by delivery tag) by position.
+    let confirmations = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+        let mut out = Vec::with_capacity(pending.len());
+        for (id, confirm) in pending {
+            out.push((id, confirm.await));
+        }
+        out
+    })
+    .await
+    .context("publisher confirms timed out")?;
+
+    let mut failures = HashMap::new();
+    let mut returned = Vec::new();
+    for (id, confirmation) in confirmations {
+        match confirmation.with_context(|| format!("confirm of outbox row {id}"))? {
+            Confirmation::Ack(message) => returned.extend(message),
+            Confirmation::Nack(message) => {
+                returned.extend(message);
+                failures.insert(id, "negatively acknowledged by the broker".to_string());
+            }
+            Confirmation::NotRequested => {
+                anyhow::bail!("channel is not in confirm mode");
+            }
+        }
+    }
+    let batch: HashSet<i64> = rows.iter().map(|r| r.id).collect();
+    for message in returned {
+        let id = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(outbox_id);
+        let reason = format!(
+            "returned by the broker: {} {} (exchange {:?}, routing key {:?})",
+            message.reply_code,
+            message.reply_text.as_str(),
+            cfg.exchange,
+            message.delivery.routing_key.as_str(),
+        );
+        match id {
+            Some(id) if batch.contains(&id) => {
+                failures.insert(id, reason);
+            }
+            _ => {
+                // Cannot happen while every publish carries the header; if
+                // it does, the row it belonged to cannot be told apart.
+                anyhow::bail!("broker returned a message not from this batch: {reason}");
+            }
+        }
+    }
+    Ok(failures)
+}
+
+/// The outbox id a published message carries in its headers.
+fn outbox_id(headers: &FieldTable) -> Option<i64> {
+    headers
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == OUTBOX_ID_HEADER)
+        .and_then(|(_, v)| match v {
+            AMQPValue::LongLongInt(id) => Some(*id),
+            _ => None,
+        })
+}
+
+/// Failed rows this coordinator holds back until their retry time.
+#[derive(Debug, Default)]
+struct Cooling {
+    until: HashMap<i64, Instant>,
+}
+
+impl Cooling {
+    /// Ids still held back at `now`; forgets the expired ones.
+    fn active(&mut self, now: Instant) -> Vec<i64> {
+        self.until.retain(|_, t| *t > now);
+        self.until.keys().copied().collect()
+    }
+
+    /// Holds `id` back after its `attempts`-th failure, unless the set is full.
+    fn insert(&mut self, id: i64, attempts: u32, now: Instant) {
+        if self.until.len() < MAX_COOLING || self.until.contains_key(&id) {
+            let delay = ROW_RETRY.delay(attempts.saturating_sub(1));
+            self.until.insert(id, now + delay);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_key_substitutes_server() {
+        assert_eq!(
+            routing_key("ferry.file.{server}", "sftp-a"),
+            "ferry.file.sftp-a"
+        );
+        assert_eq!(
+            routing_key("ferry.file.stored", "sftp-a"),
+            "ferry.file.stored"
+        );
+        assert_eq!(routing_key("{server}.{server}", "x"), "x.x");
+        assert_eq!(routing_key("", "x"), "");
+    }
+
+    #[test]
+    fn cooling_holds_rows_back_until_their_time() {
+        let mut c = Cooling::default();
+        let t0 = Instant::now();
+        c.insert(7, 1, t0);
+        assert_eq!(c.active(t0), vec![7]);
+        // First retry waits between 0.5 s and 1 s.
+        assert_eq!(c.active(t0 + Duration::from_millis(400)), vec![7]);
+        assert!(c.active(t0 + Duration::from_secs(2)).is_empty());
+    }
+
+    #[test]
+    fn cooling_is_bounded() {
+        let mut c = Cooling::default();
+        let t0 = Instant::now();
+        for id in 0..(MAX_COOLING as i64 + 10) {
+            c.insert(id, 1, t0);
+        }
+        assert_eq!(c.active(t0).len(), MAX_COOLING);
+    }
+
+    #[test]
+    fn reads_outbox_id_header() {
+        let mut h = FieldTable::default();
+        assert_eq!(outbox_id(&h), None);
+        h.insert(OUTBOX_ID_HEADER.into(), AMQPValue::LongLongInt(42));
+        assert_eq!(outbox_id(&h), Some(42));
+    }
+}

@@ -1,0 +1,138 @@
+//! The stack most end-to-end tests share: a fresh database, PKI, a real
+//! coordinator and sshd, an admin client, and helpers to register servers and
+//! watches and to start agents.
+
+use std::time::Duration;
+
+use ferry_common::proto::{self, admin_service_client::AdminServiceClient};
+use ferry_tests::{Agent, AgentOptions, Coordinator, Sshd, TestDb, TestPki, eventually};
+use tonic::transport::Channel;
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A coordinator, an sshd and an admin client.
+pub struct Stack {
+    pub db: TestDb,
+    pub pki: TestPki,
+    pub coord: Coordinator,
+    pub sshd: Sshd,
+    pub admin: AdminServiceClient<Channel>,
+}
+
+impl Stack {
+    pub async fn new() -> Stack {
+        Stack::with_coordinator_env(&[]).await
+    }
+
+    /// Like [`Stack::new`], with extra coordinator environment variables.
+    pub async fn with_coordinator_env(env: &[(&str, &str)]) -> Stack {
+        let db = TestDb::create().await;
+        let pki = TestPki::new();
+        let coord = Coordinator::start_with_env(&db, &pki, env).await;
+        let sshd = Sshd::start().await;
+        let admin = coord.admin_client(&pki.admin("alice")).await.unwrap();
+        Stack {
+            db,
+            pki,
+            coord,
+            sshd,
+            admin,
+        }
+    }
+
+    pub fn server_req(&self, name: &str) -> proto::AddServerRequest {
+        proto::AddServerRequest {
+            name: name.into(),
+            hostname: "127.0.0.1".into(),
+            port: u32::from(self.sshd.port()),
+            username: self.sshd.user().into(),
+            password: self.sshd.password().into(),
+            host_key_fingerprint: self.sshd.host_key_fingerprint().into(),
+            ..Default::default()
+        }
+    }
+
+    pub async fn add_server(&mut self, req: proto::AddServerRequest) -> i64 {
+        self.admin.add_server(req).await.unwrap().into_inner().id
+    }
+
+    /// A watch on `rel` (under the sshd data root), polled every second.
+    pub async fn add_watch(&mut self, server_id: i64, rel: &str, glob: &str) -> i64 {
+        self.sshd.mkdir(rel);
+        self.admin
+            .add_watch(proto::AddWatchRequest {
+                server_id,
+                directory: self.sshd.remote_path(rel),
+                glob: glob.into(),
+                poll_interval_secs: 1,
+                bucket: "ferry-test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    pub async fn agent(&self, name: &str, site: &str) -> Agent {
+        let opts = AgentOptions {
+            site: site.into(),
+            ..Default::default()
+        };
+        self.agent_with(name, opts).await
+    }
+
+    pub async fn agent_with(&self, name: &str, opts: AgentOptions) -> Agent {
+        Agent::start(name, &self.pki.agent(name), &[self.coord.endpoint()], opts).await
+    }
+
+    /// (path, size, status) of every file row, by path.
+    pub async fn files(&self) -> Vec<(String, i64, String)> {
+        sqlx::query_as("SELECT path, size, status FROM files ORDER BY path, size")
+            .fetch_all(self.db.pool())
+            .await
+            .unwrap()
+    }
+
+    pub async fn file_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM files")
+            .fetch_one(self.db.pool())
+            .await
+            .unwrap()
+    }
+
+    pub async fn server(&mut self, id: i64) -> proto::Server {
+        self.admin
+            .get_server(proto::GetServerRequest {
+                id,
+                name: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits until the server reports `n` more completed polls than now.
+    pub async fn wait_polls(&mut self, id: i64, n: u32) {
+        for _ in 0..n {
+            let before = self.server(id).await.health.and_then(|h| h.last_poll_at);
+            let admin = self.admin.clone();
+            eventually("another poll", WAIT, || {
+                let mut admin = admin.clone();
+                async move {
+                    let s = admin
+                        .get_server(proto::GetServerRequest {
+                            id,
+                            name: String::new(),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    let at = s.health?.last_poll_at;
+                    (at.is_some() && at != before).then_some(())
+                }
+            })
+            .await;
+        }
+    }
+}

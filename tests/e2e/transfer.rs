@@ -1,0 +1,448 @@
+//! Transfers end to end: real sshd, S3 server (s3s-fs), RabbitMQ, Postgres and
+//! binaries. Files land byte-identical, are announced once, and survive
+//! S3/AMQP outages and a killed agent; post-actions and max_sessions hold.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ferry_common::proto;
+use ferry_tests::{
+    AgentOptions, AmqpMessage, AmqpQueue, S3Server, TcpProxy, eventually, unique_exchange,
+};
+use sha2::{Digest, Sha256};
+
+use crate::stack::{Stack, WAIT};
+
+const BUCKET: &str = "ferry-e2e";
+
+/// Stack + S3 + an AMQP exchange the coordinator publishes to (through a proxy).
+struct Flow {
+    s: Stack,
+    s3: S3Server,
+    queue: AmqpQueue,
+    amqp_proxy: TcpProxy,
+}
+
+async fn flow() -> Flow {
+    let s3 = S3Server::start().await;
+    s3.create_bucket(BUCKET).await;
+    let exchange = unique_exchange();
+    let queue = AmqpQueue::declare(&exchange).await;
+    let amqp_proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = format!("amqp://guest:guest@{}/%2f", amqp_proxy.addr());
+    let s = Stack::with_coordinator_env(&[
+        ("FERRY_AMQP_URL", url.as_str()),
+        ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
+        ("FERRY_AMQP_ROUTING_KEY", "ferry.{server}"),
+        ("FERRY_TASK_LEASE_SECS", "6"),
+        ("FERRY_RETRY_BASE_SECS", "1"),
+        ("FERRY_RETRY_MAX_SECS", "3"),
+    ])
+    .await;
+    Flow {
+        s,
+        s3,
+        queue,
+        amqp_proxy,
+    }
+}
+
+impl Flow {
+    fn agent_opts(&self, capacity: u32) -> AgentOptions {
+        AgentOptions {
+            capacity,
+            env: self.s3.env(),
+            ..Default::default()
+        }
+    }
+
+    fn agent_opts_via(&self, capacity: u32, s3_endpoint: &str) -> AgentOptions {
+        let mut env = self.s3.env();
+        for (k, v) in &mut env {
+            if k == "AWS_ENDPOINT_URL" {
+                *v = s3_endpoint.to_string();
+            }
+        }
+        AgentOptions {
+            capacity,
+            env,
+            ..Default::default()
+        }
+    }
+
+    async fn watch(&mut self, server_id: i64, rel: &str, post_action: &str) -> i64 {
+        self.s.sshd.mkdir(rel);
+        self.s
+            .admin
+            .add_watch(proto::AddWatchRequest {
+                server_id,
+                directory: self.s.sshd.remote_path(rel),
+                poll_interval_secs: 1,
+                bucket: BUCKET.into(),
+                key_template: "{server}/{path}".into(),
+                post_action: post_action.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    async fn statuses(&self) -> HashMap<String, (i64, String)> {
+        let rows: Vec<(String, i64, String)> = sqlx::query_as("SELECT path, id, status FROM files")
+            .fetch_all(self.s.db.pool())
+            .await
+            .unwrap();
+        rows.into_iter().map(|(p, id, st)| (p, (id, st))).collect()
+    }
+
+    async fn wait_status(&self, n: usize, status: &str, timeout: Duration) {
+        eventually(&format!("{n} files {status}"), timeout, || async {
+            let count = self
+                .statuses()
+                .await
+                .values()
+                .filter(|(_, st)| st == status)
+                .count();
+            (count >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// Messages until `n` distinct ones arrived (and 2 s more to catch duplicates).
+    async fn messages(&mut self, n: usize) -> Vec<AmqpMessage> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + WAIT * 2;
+        while got.len() < n && tokio::time::Instant::now() < deadline {
+            if let Some(m) = self.queue.next_message(Duration::from_secs(1)).await {
+                got.push(m);
+            }
+        }
+        got.extend(self.queue.drain_for(Duration::from_secs(2)).await);
+        got
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Deterministic bytes that compress badly enough to exercise real transfer.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[tokio::test]
+async fn fifty_files_land_byte_identical_with_one_message_each() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("bulk")).await;
+    f.watch(id, "bulk", "keep").await;
+    let mut expected: HashMap<String, String> = HashMap::new();
+    let mut sizes: Vec<usize> = vec![
+        0,
+        0,
+        1,
+        7,
+        4096,
+        65_535,
+        65_536,
+        261_121,
+        1 << 20,
+        5 << 20,
+        (9 << 20) + 3,
+        20 << 20,
+    ];
+    while sizes.len() < 49 {
+        sizes.push((sizes.len() * 7919) % 300_000);
+    }
+    // One file over 1 GiB: multipart, and it crosses SSH re-keying (RekeyLimit 256M).
+    sizes.push((1 << 30) + 12_345);
+    for (i, size) in sizes.iter().enumerate() {
+        let bytes = content(i as u64, *size);
+        let rel = format!("bulk/f{i:02}.bin");
+        f.s.sshd.write_file(&rel, &bytes);
+        expected.insert(
+            format!("bulk/{}", rel.trim_start_matches("bulk/")),
+            sha256_hex(&bytes),
+        );
+    }
+    let _agent = f.s.agent_with("a1", f.agent_opts(4)).await;
+    f.wait_status(50, "processed", Duration::from_secs(600))
+        .await;
+    let msgs = f.messages(50).await;
+    assert_eq!(msgs.len(), 50, "exactly one message per file");
+    let mut ids: Vec<String> = msgs
+        .iter()
+        .map(|m| m.message_id.clone().unwrap_or_default())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 50, "message ids are distinct file ids");
+    for m in &msgs {
+        assert_eq!(m.delivery_mode, Some(2), "persistent");
+        assert_eq!(m.routing_key, "ferry.bulk");
+        let body = m.json();
+        let key = body["key"].as_str().unwrap().to_string();
+        let rel = key.trim_start_matches("bulk/").to_string();
+        let want = &expected[&format!("bulk/{rel}")];
+        assert_eq!(body["sha256"].as_str().unwrap(), want, "{key}");
+        assert_eq!(body["bucket"], BUCKET);
+        assert_eq!(body["server"], "bulk");
+        assert_eq!(body["file_id"].to_string(), m.message_id.clone().unwrap());
+        for field in [
+            "watch_id",
+            "path",
+            "size",
+            "mtime",
+            "etag",
+            "discovered_at",
+            "uploaded_at",
+        ] {
+            assert!(!body[field].is_null(), "message lacks {field}: {body}");
+        }
+        let stored = f.s3.get_object(BUCKET, &key).await;
+        assert_eq!(stored.len() as u64, body["size"].as_u64().unwrap());
+        assert_eq!(
+            &sha256_hex(&stored),
+            want,
+            "bytes in the bucket differ for {key}"
+        );
+    }
+    // History: new -> in_progress -> uploaded -> processed for each file.
+    let history: Vec<(String,)> = sqlx::query_as(
+        "SELECT string_agg(to_status, ',' ORDER BY id) FROM file_events GROUP BY file_id",
+    )
+    .fetch_all(f.s.db.pool())
+    .await
+    .unwrap();
+    assert!(
+        history
+            .iter()
+            .all(|(h,)| h == "new,in_progress,uploaded,processed"),
+        "{history:?}"
+    );
+}
+
+#[tokio::test]
+async fn vanished_file_becomes_lost_and_retry_requeues_it() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("lost")).await;
+    f.watch(id, "in", "keep").await;
+    f.s.sshd.write_file("in/gone.csv", b"soon gone");
+    // Capacity 0: the agent discovers but takes no transfers.
+    let mut scout = f.s.agent_with("a1", f.agent_opts(0)).await;
+    f.wait_status(1, "new", WAIT).await;
+    scout.kill().await;
+    f.s.sshd.remove_file("in/gone.csv");
+    let _agent = f.s.agent_with("a2", f.agent_opts(2)).await;
+    f.wait_status(1, "lost", WAIT).await;
+    let (file_id, _) = f.statuses().await[&f.s.sshd.remote_path("in/gone.csv")].clone();
+    let detail =
+        f.s.admin
+            .get_file(proto::GetFileRequest { id: file_id })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(
+        detail.file.unwrap().last_error.contains("vanished"),
+        "lost reason recorded"
+    );
+    assert!(
+        f.queue.drain_for(Duration::from_secs(2)).await.is_empty(),
+        "a lost file is never announced"
+    );
+    // Put the same version back (same bytes and mtime) and retry it through ferryctl.
+    let mtime: i64 = sqlx::query_scalar("SELECT mtime_unix FROM files WHERE id = $1")
+        .bind(file_id)
+        .fetch_one(f.s.db.pool())
+        .await
+        .unwrap();
+    f.s.sshd.write_file("in/gone.csv", b"soon gone");
+    f.s.sshd.set_mtime(
+        "in/gone.csv",
+        std::time::UNIX_EPOCH + Duration::from_secs(mtime as u64),
+    );
+    let ctl = f.s.coord.ctl(&f.s.pki.admin("alice"));
+    let out = ctl.run(&["files", "retry", &file_id.to_string()]).await;
+    assert!(out.success(), "{}", out.stderr);
+    assert!(out.stdout.contains('1'), "{}", out.stdout);
+    f.wait_status(1, "processed", WAIT).await;
+    assert_eq!(f.s3.get_object(BUCKET, "lost/gone.csv").await, b"soon gone");
+    let show = ctl.run(&["files", "show", &file_id.to_string()]).await;
+    assert!(
+        show.success() && show.stdout.contains("manual retry"),
+        "{}",
+        show.stdout
+    );
+}
+
+#[tokio::test]
+async fn s3_outage_leaves_files_in_error_and_they_land_when_it_returns() {
+    let mut f = flow().await;
+    let s3_proxy = TcpProxy::start(f.s3.addr()).await;
+    s3_proxy.cut();
+    let id = f.s.add_server(f.s.server_req("s3down")).await;
+    f.watch(id, "in", "keep").await;
+    let bytes = content(7, 3 << 20);
+    f.s.sshd.write_file("in/data.bin", &bytes);
+    let endpoint = format!("http://{}", s3_proxy.addr());
+    let _agent = f.s.agent_with("a1", f.agent_opts_via(2, &endpoint)).await;
+    eventually("an error with attempts", WAIT, || async {
+        let (attempts, status): (i32, String) =
+            sqlx::query_as("SELECT attempts, status FROM files")
+                .fetch_optional(f.s.db.pool())
+                .await
+                .unwrap()?;
+        (attempts >= 1 && status == "error").then_some(())
+    })
+    .await;
+    s3_proxy.heal();
+    f.wait_status(1, "processed", WAIT).await;
+    let stored = f.s3.get_object(BUCKET, "s3down/data.bin").await;
+    assert_eq!(sha256_hex(&stored), sha256_hex(&bytes));
+    assert_eq!(f.messages(1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn amqp_cut_mid_run_delivers_every_message_after_it_heals() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("mq")).await;
+    f.watch(id, "in", "keep").await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(4)).await;
+    f.s.sshd.write_file("in/first.csv", b"before the cut");
+    f.wait_status(1, "processed", WAIT).await;
+    f.amqp_proxy.cut();
+    for i in 0..10 {
+        f.s.sshd
+            .write_file(&format!("in/during-{i}.csv"), format!("row {i}").as_bytes());
+    }
+    // Uploads go on while the broker is unreachable; the outbox fills.
+    f.wait_status(10, "uploaded", WAIT).await;
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(f.s.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(pending, 10);
+    f.amqp_proxy.heal();
+    f.wait_status(11, "processed", WAIT).await;
+    let msgs = f.messages(11).await;
+    let mut ids: Vec<String> = msgs.iter().filter_map(|m| m.message_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 11, "every file announced");
+    assert!(msgs.len() >= 11, "at-least-once");
+}
+
+#[tokio::test]
+async fn killed_agent_task_is_reassigned_after_its_lease() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("kill")).await;
+    f.watch(id, "in", "keep").await;
+    let bytes = content(42, 300 << 20);
+    f.s.sshd.write_file("in/big.bin", &bytes);
+    let mut a1 = f.s.agent_with("a1", f.agent_opts(2)).await;
+    eventually("transfer under way", WAIT, || async {
+        let st: Option<String> = sqlx::query_scalar("SELECT status FROM files")
+            .fetch_optional(f.s.db.pool())
+            .await
+            .unwrap();
+        (st.as_deref() == Some("in_progress")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a1.kill().await;
+    let _a2 = f.s.agent_with("a2", f.agent_opts(2)).await;
+    f.wait_status(1, "processed", Duration::from_secs(180))
+        .await;
+    let stored = f.s3.get_object(BUCKET, "kill/big.bin").await;
+    assert_eq!(sha256_hex(&stored), sha256_hex(&bytes), "object complete");
+    let history: Vec<(String, String)> =
+        sqlx::query_as("SELECT to_status, reason FROM file_events ORDER BY id")
+            .fetch_all(f.s.db.pool())
+            .await
+            .unwrap();
+    let processed = history.iter().filter(|(st, _)| st == "processed").count();
+    assert_eq!(processed, 1, "{history:?}");
+    assert!(
+        history.iter().any(|(_, r)| r.contains("lease expired")),
+        "{history:?}"
+    );
+    assert_eq!(f.messages(1).await.len(), 1, "announced once");
+}
+
+#[tokio::test]
+async fn post_actions_delete_and_move_on_the_sftp_server() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("post")).await;
+    f.watch(id, "del", "delete").await;
+    let archive = f.s.sshd.remote_path("archive");
+    f.watch(id, "mv", &format!("move:{archive}")).await;
+    f.s.sshd.write_file("del/a.csv", b"delete me");
+    f.s.sshd.write_file("mv/b.csv", b"move me");
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
+    f.wait_status(2, "processed", WAIT).await;
+    eventually("post-actions done", WAIT, || async {
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM files WHERE post_action_result = 'done'")
+                .fetch_one(f.s.db.pool())
+                .await
+                .unwrap();
+        (done == 2).then_some(())
+    })
+    .await;
+    assert!(
+        !f.s.sshd.root().join("del/a.csv").exists(),
+        "deleted after processing"
+    );
+    assert!(!f.s.sshd.root().join("mv/b.csv").exists(), "moved away");
+    assert_eq!(
+        std::fs::read(f.s.sshd.root().join("archive/b.csv")).unwrap(),
+        b"move me"
+    );
+    assert_eq!(f.s3.get_object(BUCKET, "post/a.csv").await, b"delete me");
+}
+
+#[tokio::test]
+async fn max_sessions_is_never_exceeded() {
+    let mut f = flow().await;
+    let mut req = f.s.server_req("limited");
+    req.max_sessions = 2;
+    let id = f.s.add_server(req).await;
+    f.watch(id, "in", "keep").await;
+    for i in 0..12 {
+        f.s.sshd
+            .write_file(&format!("in/f{i}.bin"), &content(i, 4 << 20));
+    }
+    let _a1 = f.s.agent_with("a1", f.agent_opts(8)).await;
+    let _a2 = f.s.agent_with("a2", f.agent_opts(8)).await;
+    f.wait_status(12, "processed", Duration::from_secs(180))
+        .await;
+    // Concurrency from the recorded history: in_progress intervals never overlap more than 2.
+    let spans: Vec<(chrono::DateTime<chrono::Utc>, i32)> = sqlx::query_as(
+        "SELECT at, CASE WHEN to_status = 'in_progress' THEN 1 ELSE -1 END FROM file_events \
+         WHERE to_status = 'in_progress' OR from_status = 'in_progress' ORDER BY at, id",
+    )
+    .fetch_all(f.s.db.pool())
+    .await
+    .unwrap();
+    let (mut cur, mut max) = (0, 0);
+    for (_, d) in &spans {
+        cur += d;
+        max = max.max(cur);
+    }
+    assert!(
+        max <= 2,
+        "{max} transfers ran at once on a server with max_sessions 2"
+    );
+    assert!(max >= 1);
+}
