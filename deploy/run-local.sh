@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Brings up a whole local ferry stack on this machine and shows files flowing:
-# Postgres, RabbitMQ, an OpenSSH sshd (port 2222), dev certificates, a
-# coordinator (https://127.0.0.1:7443) and an agent; registers a demo server and
-# watch with ferryctl, drops demo files on the SFTP server and lists them.
+# Postgres, RabbitMQ, an OpenSSH sshd (port 2222), an S3 server (s3s-fs on
+# 127.0.0.1:9000), dev certificates, a coordinator (https://127.0.0.1:7443) and
+# an agent; registers a demo server and watch with ferryctl, drops demo files on
+# the SFTP server, and shows them stored in the bucket, announced on AMQP and
+# `processed` with their history.
 # Idempotent: run it again to restart the processes (state stays in .ferry-dev/).
 # Stop everything with: deploy/run-local.sh stop
 set -euo pipefail
@@ -12,6 +14,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferry/target}"
 STATE="${FERRY_DEV_DIR:-$ROOT/.ferry-dev}"
 BIN="$CARGO_TARGET_DIR/debug"
 SSH_PORT="${FERRY_DEV_SSH_PORT:-2222}"
+S3_PORT="${FERRY_DEV_S3_PORT:-9000}"
 LISTEN="${FERRY_DEV_LISTEN:-127.0.0.1:7443}"
 DEMO_DIR=/home/ferrytest/ferry-demo
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -66,11 +69,23 @@ CFG
 /usr/sbin/sshd -f "$SSHD/sshd_config" -E "$STATE/logs/sshd.log"
 HOST_KEY=$(ssh-keygen -lf "$SSHD/host_ed25519.pub" | awk '{print $2}')
 
+say "S3 server (s3s-fs) on 127.0.0.1:$S3_PORT, bucket ferry-demo"
+mkdir -p "$STATE/s3/ferry-demo"
+S3FS=$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")
+nohup "$S3FS" --host 127.0.0.1 --port "$S3_PORT" --access-key ferry --secret-key ferry-secret-key "$STATE/s3" \
+  > "$STATE/logs/s3.log" 2>&1 &
+echo $! > "$STATE/s3.pid"
+
+say "AMQP: exchange ferry-demo, queue ferry-demo-tail"
+python3 -c 'import pika' 2>/dev/null || python3 -m pip install -q pika
+AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2f"
+python3 deploy/amqp-tail.py "$AMQP_URL" ferry-demo ferry-demo-tail --declare-only
+
 say "coordinator on $LISTEN"
 export FERRY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/ferry_dev
 export FERRY_TLS_CA="$CERTS/ca.pem"
 FERRY_LISTEN="$LISTEN" FERRY_TLS_CERT="$CERTS/coordinator.pem" FERRY_TLS_KEY="$CERTS/coordinator-key.pem" \
-  FERRY_SECRET_KEY_FILE="$STATE/secret.key" \
+  FERRY_SECRET_KEY_FILE="$STATE/secret.key" FERRY_AMQP_URL="$AMQP_URL" FERRY_AMQP_EXCHANGE=ferry-demo \
   nohup "$BIN/ferry-coordinator" serve > "$STATE/logs/coordinator.out" 2> "$STATE/logs/coordinator.log" &
 echo $! > "$STATE/coordinator.pid"
 for _ in $(seq 1 50); do grep -q "listening on" "$STATE/logs/coordinator.out" 2>/dev/null && break; sleep 0.2; done
@@ -78,6 +93,7 @@ grep -q "listening on" "$STATE/logs/coordinator.out" || { tail -20 "$STATE/logs/
 
 say "agent demo-agent"
 FERRY_COORDINATORS="https://$LISTEN" FERRY_TLS_CERT="$CERTS/demo-agent.pem" FERRY_TLS_KEY="$CERTS/demo-agent-key.pem" \
+  AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ACCESS_KEY_ID=ferry AWS_SECRET_ACCESS_KEY=ferry-secret-key AWS_REGION=us-east-1 \
   nohup "$BIN/ferry-agent" > /dev/null 2> "$STATE/logs/agent.log" &
 echo $! > "$STATE/agent.pid"
 
@@ -97,15 +113,22 @@ for i in 1 2 3; do
 done
 chown -R ferrytest: "$DEMO_DIR"
 
-say "waiting for discovery (files are reported once stable across two polls)"
-for _ in $(seq 1 30); do
-  n=$(ctl --json files list --all | grep -c "demo-$stamp" || true)
+say "waiting for the files to be discovered, stored and announced"
+for _ in $(seq 1 60); do
+  n=$(ctl --json files list --all --status processed | grep -o "demo-$stamp" | wc -l || true)
   [ "$n" -ge 3 ] && break
   sleep 1
 done
 ctl servers list
 ctl agents
 ctl files list
+say "objects in the bucket"
+find "$STATE/s3/ferry-demo" -type f -name "demo-$stamp-*" -printf '%P  %s bytes\n' | sort
+say "AMQP messages"
+python3 deploy/amqp-tail.py "$AMQP_URL" ferry-demo ferry-demo-tail --seconds 3
+say "history of one file"
+first=$(ctl --json files list --all --status processed | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+ctl files show "$first"
 cat <<MSG
 
 ferry is running. Try:

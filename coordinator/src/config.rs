@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply migrations and serve the admin and agent APIs.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DatabaseArgs),
 }
@@ -92,4 +92,7 @@ pub struct ServeArgs {
         default_value = "ferry.file.{server}"
     )]
     pub amqp_routing_key: String,
+    /// Outbox rows published per transaction by the AMQP relay.
+    #[arg(long, env = "FERRY_AMQP_BATCH", default_value_t = 100)]
+    pub amqp_batch: i64,
 }

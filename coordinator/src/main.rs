@@ -14,7 +14,7 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => {
             let cancel = CancellationToken::new();
             tokio::spawn(shutdown_on_signal(cancel.clone()));
-            server::serve(args, cancel).await
+            server::serve(*args, cancel).await
         }
         Command::Migrate(args) => {
             async {

@@ -198,13 +198,15 @@ pub async fn desired(
 /// Records the outcome of a poll, if `agent` still holds the server.
 pub async fn record_report(db: &PgPool, agent: &str, report: &proto::PollReport) -> ApiResult<()> {
     sqlx::query(
-        "UPDATE servers SET last_poll_at = now(), last_poll_files = $3, last_poll_error = $4 \
+        "UPDATE servers SET last_poll_at = now(), last_poll_files = $3, last_poll_error = $4, \
+                last_poll_duration_ms = $5 \
          WHERE id = $1 AND poller_agent = $2",
     )
     .bind(report.server_id)
     .bind(agent)
     .bind(report.files_seen as i64)
     .bind((!report.ok).then_some(report.error.as_str()))
+    .bind(report.duration_ms as i32)
     .execute(db)
     .await?;
     Ok(())

@@ -330,7 +330,8 @@ async fn round(
     tx.commit().await?;
 
     if processed > 0 {
-        // TODO(lead): post-actions wake-up
+        // Processed files may have post-actions: wake the scheduler loop, which dispatches them.
+        coord.files_due().await;
     }
     Ok(Round {
         selected: rows.len(),

@@ -106,7 +106,7 @@ pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result
                 amqp_url: url.clone(),
                 exchange: args.amqp_exchange.clone(),
                 routing_key: args.amqp_routing_key.clone(),
-                batch: 100,
+                batch: args.amqp_batch.clamp(1, 10_000),
             };
             background.spawn(relay::run(coord.clone(), relay, cancel.clone()));
         }

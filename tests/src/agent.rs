@@ -88,6 +88,11 @@ impl Agent {
         self.child = Some(ChildGuard::new(child, format!("ferry-agent {}", self.name)));
     }
 
+    /// Process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
