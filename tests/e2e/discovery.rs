@@ -159,21 +159,8 @@ async fn ten_thousand_files_become_exactly_ten_thousand_rows() {
     s.wait_polls(id, 3).await;
     assert_eq!(s.file_count().await, 10_000);
     agent.restart().await;
-    eventually("agent back as poller", WAIT, || {
-        let mut admin = s.admin.clone();
-        async move {
-            let srv = admin
-                .get_server(proto::GetServerRequest {
-                    id,
-                    name: String::new(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (srv.health?.poller_agent == "a1").then_some(())
-        }
-    })
-    .await;
+    s.wait_poller(id, "agent back as poller", |p| p == "a1")
+        .await;
     s.wait_polls(id, 3).await;
     assert_eq!(s.file_count().await, 10_000);
     let distinct: i64 =
@@ -246,23 +233,7 @@ async fn poll_moves_to_the_other_agent_of_the_site_and_never_to_another_site() {
     let _stranger = s.agent("b1", "site-b").await;
     let mut a1 = s.agent("a1", "site-a").await;
     let mut a2 = s.agent("a2", "site-a").await;
-    let first = eventually("a poller", WAIT, || {
-        let mut admin = s.admin.clone();
-        async move {
-            let p = admin
-                .get_server(proto::GetServerRequest {
-                    id,
-                    name: String::new(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .health?
-                .poller_agent;
-            (!p.is_empty()).then_some(p)
-        }
-    })
-    .await;
+    let first = s.wait_poller(id, "a poller", |p| !p.is_empty()).await;
     assert!(first == "a1" || first == "a2", "polled by {first}");
     s.sshd.write_file("in/1.csv", b"one");
     wait_files(&s, 1).await;
@@ -271,24 +242,11 @@ async fn poll_moves_to_the_other_agent_of_the_site_and_never_to_another_site() {
     } else {
         a2.kill().await
     }
-    let second = eventually("the other agent takes over", WAIT, || {
-        let mut admin = s.admin.clone();
-        let first = first.clone();
-        async move {
-            let p = admin
-                .get_server(proto::GetServerRequest {
-                    id,
-                    name: String::new(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .health?
-                .poller_agent;
-            (!p.is_empty() && p != first).then_some(p)
-        }
-    })
-    .await;
+    let second = s
+        .wait_poller(id, "the other agent takes over", |p| {
+            !p.is_empty() && p != first
+        })
+        .await;
     assert_ne!(second, "b1");
     s.sshd.write_file("in/2.csv", b"two");
     wait_files(&s, 2).await;

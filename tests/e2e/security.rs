@@ -201,16 +201,7 @@ async fn operator_made_openssl_certificates_work() {
     let db = TestDb::create().await;
     let pki = TestPki::new();
     let coord_files = files("coord");
-    let coord = Coordinator::start_with_env(
-        &db,
-        &pki,
-        &[
-            ("FERRY_TLS_CA", coord_files.ca.to_str().unwrap()),
-            ("FERRY_TLS_CERT", coord_files.cert.to_str().unwrap()),
-            ("FERRY_TLS_KEY", coord_files.key.to_str().unwrap()),
-        ],
-    )
-    .await;
+    let coord = Coordinator::start_with_certs(&db, &pki, &coord_files).await;
     let mut admin = coord.admin_client(&files("ops")).await.unwrap();
     let servers = admin
         .list_servers(proto::ListServersRequest {})

@@ -74,9 +74,11 @@ impl Stack {
             .id
     }
 
+    /// A discovery-only agent (capacity 0: it polls but takes no transfers).
     pub async fn agent(&self, name: &str, site: &str) -> Agent {
         let opts = AgentOptions {
             site: site.into(),
+            capacity: 0,
             ..Default::default()
         };
         self.agent_with(name, opts).await
@@ -134,5 +136,28 @@ impl Stack {
             })
             .await;
         }
+    }
+
+    /// Waits until the server's current poller satisfies `ok`; returns its name.
+    pub async fn wait_poller(&self, id: i64, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let ok = &ok;
+        eventually(what, WAIT, || {
+            let mut admin = self.admin.clone();
+            async move {
+                let req = proto::GetServerRequest {
+                    id,
+                    name: String::new(),
+                };
+                let p = admin
+                    .get_server(req)
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .health?
+                    .poller_agent;
+                ok(&p).then_some(p)
+            }
+        })
+        .await
     }
 }

@@ -79,6 +79,26 @@ impl Coordinator {
         coordinator
     }
 
+    /// Like [`Coordinator::start`] with the server certificate and client CA
+    /// taken from `certs` (e.g. an operator's own PKI).
+    pub async fn start_with_certs(db: &TestDb, pki: &TestPki, certs: &CertFiles) -> Self {
+        let (ca, cert, key) = (
+            path_str(&certs.ca),
+            path_str(&certs.cert),
+            path_str(&certs.key),
+        );
+        Self::start_with_env(
+            db,
+            pki,
+            &[
+                ("FERRY_TLS_CA", &ca),
+                ("FERRY_TLS_CERT", &cert),
+                ("FERRY_TLS_KEY", &key),
+            ],
+        )
+        .await
+    }
+
     /// `https://127.0.0.1:PORT` (the certificate has a 127.0.0.1 IP SAN).
     pub fn endpoint(&self) -> String {
         format!("https://{}", self.addr)

@@ -1,0 +1,295 @@
+//! `ferryctl` against a real coordinator: certificates, CRUD with tables and
+//! `--json`, trust-on-first-use pinning, errors that print the server's message.
+
+use std::time::Duration;
+
+use ferry_tests::{CertFiles, Coordinator, Ctl, TestDb, TestPki, bin_path, eventually};
+use serde_json::Value;
+
+use crate::stack::{Stack, WAIT};
+
+#[tokio::test]
+async fn ferryctl_certs_issue_working_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let ctl = bin_path("ferryctl");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&ctl)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ferryctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["certs", "init", "--dir", d]);
+    run(&[
+        "certs",
+        "issue",
+        "coordinator",
+        "--dir",
+        d,
+        "--name",
+        "coord",
+        "--host",
+        "127.0.0.1",
+        "--host",
+        "localhost",
+    ]);
+    run(&["certs", "issue", "admin", "--dir", d, "--name", "ops"]);
+    let again = std::process::Command::new(&ctl)
+        .args(["certs", "init", "--dir", d])
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "init must not overwrite an existing CA"
+    );
+    let files = |n: &str| CertFiles {
+        ca: dir.path().join("ca.pem"),
+        cert: dir.path().join(format!("{n}.pem")),
+        key: dir.path().join(format!("{n}-key.pem")),
+    };
+    let coord_files = files("coord");
+    let db = TestDb::create().await;
+    let pki = TestPki::new();
+    let coord = Coordinator::start_with_certs(&db, &pki, &coord_files).await;
+    let out = Ctl::new(coord.endpoint(), &files("ops"))
+        .json(&["servers", "list", "--json"])
+        .await;
+    assert_eq!(out, Value::Array(vec![]));
+}
+
+#[tokio::test]
+async fn ferryctl_crud_round_trip_with_trust_on_first_use() {
+    let s = Stack::new().await;
+    let ctl = s
+        .coord
+        .ctl(&s.pki.admin("alice"))
+        .env("SFTP_PASSWORD", s.sshd.password());
+    let port = s.sshd.port().to_string();
+
+    // Without a pin, the server's message says how to pin; nothing is written.
+    let out = ctl
+        .run(&[
+            "servers",
+            "add",
+            "nopin",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--user",
+            "ferrytest",
+            "--password-env",
+            "SFTP_PASSWORD",
+        ])
+        .await;
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with("error: invalid host_key_fingerprint"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("--trust-host-key"), "{}", out.stderr);
+
+    let probe = ctl
+        .json(&[
+            "--json",
+            "servers",
+            "probe",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ])
+        .await;
+    assert_eq!(probe["fingerprint"], s.sshd.host_key_fingerprint());
+
+    let added = ctl
+        .json(&[
+            "--json",
+            "servers",
+            "add",
+            "sftp1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--user",
+            "ferrytest",
+            "--password-env",
+            "SFTP_PASSWORD",
+            "--trust-host-key",
+            "--site",
+            "lab",
+            "--max-sessions",
+            "3",
+        ])
+        .await;
+    assert_eq!(
+        added["host_key_fingerprint"],
+        s.sshd.host_key_fingerprint(),
+        "pinned what the server presented"
+    );
+    assert_eq!(added["max_sessions"], 3);
+    assert!(
+        !added.to_string().contains(s.sshd.password()),
+        "secret echoed back"
+    );
+
+    let listed = ctl.json(&["--json", "servers", "list"]).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["name"], "sftp1");
+    let table = ctl.run(&["servers", "list"]).await;
+    assert!(
+        table.success() && table.stdout.contains("sftp1") && table.stdout.contains("lab"),
+        "{}",
+        table.stdout
+    );
+
+    let updated = ctl
+        .json(&[
+            "--json",
+            "servers",
+            "update",
+            "sftp1",
+            "--max-sessions",
+            "2",
+            "--disable",
+        ])
+        .await;
+    assert_eq!(
+        (updated["max_sessions"].clone(), updated["enabled"].clone()),
+        (Value::from(2), Value::from(false))
+    );
+
+    let bad = ctl
+        .run(&["servers", "update", "sftp1", "--site", "bad site"])
+        .await;
+    assert_eq!(bad.status, 1, "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("invalid site") && bad.stderr.contains("InvalidArgument"),
+        "{}",
+        bad.stderr
+    );
+    let bad = ctl
+        .run(&[
+            "watches", "add", "--server", "sftp1", "--dir", "relative", "--bucket", "bucket-1",
+        ])
+        .await;
+    assert_eq!(bad.status, 1);
+    assert!(bad.stderr.contains("directory"), "{}", bad.stderr);
+
+    let watch = ctl
+        .json(&[
+            "--json",
+            "watches",
+            "add",
+            "--server",
+            "sftp1",
+            "--dir",
+            "/data/in",
+            "--glob",
+            "*.csv",
+            "--bucket",
+            "bucket-1",
+            "--post-action",
+            "move:/data/done",
+        ])
+        .await;
+    assert_eq!(watch["directory"], "/data/in");
+    assert_eq!(watch["post_action"], "move:/data/done");
+    let watches = ctl
+        .json(&["--json", "watches", "list", "--server", "sftp1"])
+        .await;
+    assert_eq!(watches.as_array().unwrap().len(), 1);
+    let id = watch["id"].to_string();
+    assert!(ctl.run(&["watches", "remove", &id]).await.success());
+    assert!(ctl.run(&["servers", "remove", "sftp1"]).await.success());
+    let gone = ctl.run(&["servers", "show", "sftp1"]).await;
+    assert_eq!(gone.status, 1);
+    assert!(gone.stderr.contains("NotFound"), "{}", gone.stderr);
+}
+
+#[tokio::test]
+async fn ferryctl_agents_and_live_file_events() {
+    let mut s = Stack::new().await;
+    let id = s.add_server(s.server_req("live")).await;
+    s.add_watch(id, "in", "*").await;
+    let mut agent = s.agent("a1", "default").await;
+    let ctl = s.coord.ctl(&s.pki.admin("alice"));
+    let agents = eventually("agent listed with its server", WAIT, || async {
+        let v = ctl.json(&["--json", "agents"]).await;
+        (v[0]["polled_servers"] == serde_json::json!(["live"])).then_some(v)
+    })
+    .await;
+    assert_eq!(agents[0]["name"], "a1");
+    assert_eq!(agents[0]["connected"], true);
+
+    // `files watch` follows the live stream.
+    let admin = s.pki.admin("alice");
+    let mut watcher = tokio::process::Command::new(bin_path("ferryctl"))
+        .args(["--json", "files", "watch"])
+        .env("FERRY_ENDPOINT", s.coord.endpoint())
+        .env("FERRY_TLS_CA", &admin.ca)
+        .env("FERRY_TLS_CERT", &admin.cert)
+        .env("FERRY_TLS_KEY", &admin.key)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.sshd.write_file("in/live.csv", b"hello");
+    let stdout = watcher.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("an event line")
+        .unwrap()
+        .unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["to_status"], "new", "{line}");
+    assert!(
+        event["path"].as_str().unwrap().ends_with("/in/live.csv"),
+        "{line}"
+    );
+
+    // SIGTERM: the agent exits cleanly and shows as disconnected.
+    let status = agent
+        .terminate(Duration::from_secs(15))
+        .await
+        .expect("agent exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    eventually("agent shown disconnected", WAIT, || async {
+        let v = ctl.json(&["--json", "agents"]).await;
+        (v[0]["connected"] == false).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_coordinator_starts_share_one_schema() {
+    let db = TestDb::create().await;
+    let pki = TestPki::new();
+    let (a, b, c) = tokio::join!(
+        Coordinator::start(&db, &pki),
+        Coordinator::start(&db, &pki),
+        Coordinator::start(&db, &pki)
+    );
+    let migrations: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(migrations, 2);
+    for coord in [&a, &b, &c] {
+        let v = coord
+            .ctl(&pki.admin("alice"))
+            .json(&["--json", "servers", "list"])
+            .await;
+        assert_eq!(v, Value::Array(vec![]));
+    }
+}
