@@ -17,4 +17,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> build binaries"
 cargo build --workspace --bins --locked
 echo "==> tests"
-cargo test --workspace --locked -- --test-threads "${FERRY_TEST_THREADS:-4}"
+log=$(mktemp)
+set +e
+cargo test --workspace --locked -- --test-threads "${FERRY_TEST_THREADS:-4}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One plain summary line over all test binaries.
+grep -E '^test result:' "$log" | awk '{p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}'
+rm -f "$log"
+exit "$status"
