@@ -123,6 +123,27 @@ fn map_server_write_error(e: sqlx::Error, name: &str) -> ApiError {
     }
 }
 
+type ServerQuery<'q> = sqlx::query::QueryAs<'q, Postgres, ServerRow, sqlx::postgres::PgArguments>;
+
+/// Binds `$1..$11` of the insert and the update, in column order.
+fn bind_spec<'q>(
+    q: ServerQuery<'q>,
+    spec: &'q ServerSpec,
+    sealed: Option<Vec<u8>>,
+) -> ServerQuery<'q> {
+    q.bind(&spec.name)
+        .bind(&spec.hostname)
+        .bind(i32::from(spec.port))
+        .bind(&spec.username)
+        .bind(spec.credential.kind())
+        .bind(sealed)
+        .bind(spec.credential.has_passphrase())
+        .bind(&spec.host_key_fingerprint)
+        .bind(&spec.site)
+        .bind(spec.max_sessions as i32)
+        .bind(spec.enabled)
+}
+
 pub async fn insert_server(
     db: &PgPool,
     secrets: &SecretBox,
@@ -134,23 +155,13 @@ pub async fn insert_server(
          has_passphrase, host_key_fingerprint, site, max_sessions, enabled) \
          VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING {SERVER_COLUMNS}"
     );
-    sqlx::query_as::<_, ServerRow>(&sql)
-        .bind(&spec.name)
-        .bind(&spec.hostname)
-        .bind(i32::from(spec.port))
-        .bind(&spec.username)
-        .bind(spec.credential.kind())
-        .bind(sealed)
-        .bind(spec.credential.has_passphrase())
-        .bind(&spec.host_key_fingerprint)
-        .bind(&spec.site)
-        .bind(spec.max_sessions as i32)
-        .bind(spec.enabled)
+    bind_spec(sqlx::query_as(&sql), spec, Some(sealed))
         .fetch_one(db)
         .await
         .map_err(|e| map_server_write_error(e, &spec.name))
 }
 
+/// Updates a live server; the credential is re-sealed only when it changed.
 pub async fn update_server(
     db: &PgPool,
     secrets: &SecretBox,
@@ -164,24 +175,13 @@ pub async fn update_server(
         None
     };
     let sql = format!(
-        "UPDATE servers SET name=$2, hostname=$3, port=$4, username=$5, \
-         auth_kind=$6, secret_ciphertext=COALESCE($7, secret_ciphertext), has_passphrase=$8, \
-         host_key_fingerprint=$9, site=$10, max_sessions=$11, enabled=$12, updated_at=now() \
-         WHERE id=$1 AND deleted_at IS NULL RETURNING {SERVER_COLUMNS}"
+        "UPDATE servers SET name=$1, hostname=$2, port=$3, username=$4, \
+         auth_kind=$5, secret_ciphertext=COALESCE($6, secret_ciphertext), has_passphrase=$7, \
+         host_key_fingerprint=$8, site=$9, max_sessions=$10, enabled=$11, updated_at=now() \
+         WHERE id=$12 AND deleted_at IS NULL RETURNING {SERVER_COLUMNS}"
     );
-    sqlx::query_as::<_, ServerRow>(&sql)
+    bind_spec(sqlx::query_as(&sql), spec, sealed)
         .bind(id)
-        .bind(&spec.name)
-        .bind(&spec.hostname)
-        .bind(i32::from(spec.port))
-        .bind(&spec.username)
-        .bind(spec.credential.kind())
-        .bind(sealed)
-        .bind(spec.credential.has_passphrase())
-        .bind(&spec.host_key_fingerprint)
-        .bind(&spec.site)
-        .bind(spec.max_sessions as i32)
-        .bind(spec.enabled)
         .fetch_optional(db)
         .await
         .map_err(|e| map_server_write_error(e, &spec.name))?
