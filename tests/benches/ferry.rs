@@ -216,13 +216,22 @@ async fn transfer() {
             .args(["ferrytest:", local.to_str().unwrap()])
             .status();
         setup(&db, &pki, &sshd, &coord, "big", "bench").await;
+        let mut env = s3.env();
+        // Optional agent environment to compare, e.g. FERRY_BENCH_AGENT_ENV=MALLOC_ARENA_MAX=2
+        if let Ok(extra) = std::env::var("FERRY_BENCH_AGENT_ENV") {
+            for pair in extra.split(',') {
+                if let Some((k, v)) = pair.split_once('=') {
+                    env.push((k.to_string(), v.to_string()));
+                }
+            }
+        }
         let agent = Agent::start(
             "bench-agent",
             &pki.agent("bench-agent"),
             &[coord.endpoint()],
             AgentOptions {
                 capacity: 1,
-                env: s3.env(),
+                env,
                 ..Default::default()
             },
         )

@@ -22,7 +22,7 @@ use super::{Auth, ServerEndpoint, Timeouts};
 /// SSH channel window. Large so that many pipelined SFTP reads can be in
 /// flight on a high-latency link; russh re-opens the window as data
 /// *arrives* (not when it is consumed), so this is not a memory bound.
-const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
 /// Largest CHANNEL_DATA packet we accept. russh logs an error above 65535.
 const MAX_PACKET_SIZE: u32 = 65535;
 /// Channel messages buffered between the russh session task and the SFTP

@@ -3,7 +3,7 @@
 //! `PutObject` (up to one part size) or as a multipart upload with a few
 //! parts in flight, check the file did not change meanwhile, and complete.
 //!
-//! Memory per transfer is bounded by the read window (about 8 MiB of
+//! Memory per transfer is bounded by the read window (about 4 MiB of
 //! requests in flight) plus `PARTS_IN_FLIGHT + 1` part buffers.
 
 use std::collections::HashMap;
@@ -26,7 +26,7 @@ use super::sizing::{part_size, read_window};
 use crate::sftp::{FileKind, FileStat, SftpError, SftpSession};
 
 /// Part uploads running at once; one more part fills meanwhile.
-pub const PARTS_IN_FLIGHT: usize = 3;
+pub const PARTS_IN_FLIGHT: usize = 2;
 /// Least time between two progress reports.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -10,7 +10,7 @@ pub const MIN_PART_SIZE: u64 = 8 * MIB;
 pub const MAX_PARTS: u64 = 10_000;
 /// Bytes of SFTP read requests to keep in flight; divided by the server's
 /// read chunk to give the request count (see [`read_window`]).
-pub const READ_WINDOW_BYTES: u64 = 8 * MIB;
+pub const READ_WINDOW_BYTES: u64 = 4 * MIB;
 /// Bounds of the number of pipelined read requests.
 const MIN_READS_IN_FLIGHT: usize = 16;
 const MAX_READS_IN_FLIGHT: usize = 64;
@@ -64,8 +64,8 @@ mod tests {
     }
 
     #[test]
-    fn read_window_covers_about_eight_mib() {
-        assert_eq!(read_window(261_120), 32); // OpenSSH
+    fn read_window_covers_about_four_mib() {
+        assert_eq!(read_window(261_120), 16); // OpenSSH
         assert_eq!(read_window(32 * 1024), 64); // SFTP minimum, capped
         assert_eq!(read_window(1024 * 1024), 16); // floor
         assert_eq!(read_window(0), 64);
