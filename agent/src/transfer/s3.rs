@@ -189,7 +189,7 @@ impl S3Target {
         key: String,
         upload_id: String,
         number: i32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
     ) -> Result<CompletedPart, TransferError> {
         let len = body.len();
         let out = self
