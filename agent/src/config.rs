@@ -45,12 +45,20 @@ pub struct AgentConfig {
     /// Close an SSH connection that saw no traffic for this long, seconds.
     #[arg(long, env = "FERRY_SFTP_IDLE_TIMEOUT", default_value_t = 300)]
     pub sftp_idle_timeout: u64,
+    /// On SIGTERM, how long to let running transfers finish (seconds) before
+    /// exiting; unfinished ones are requeued by the coordinator when their lease ends.
+    #[arg(long, env = "FERRY_DRAIN_TIMEOUT", default_value_t = 60)]
+    pub drain_timeout: u64,
     /// Log format on stderr.
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
 impl AgentConfig {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout)
+    }
+
     pub fn sftp_timeouts(&self) -> Timeouts {
         Timeouts {
             connect: Duration::from_secs(self.sftp_connect_timeout.max(1)),

@@ -119,7 +119,9 @@ async fn stream_once(
     };
     tracing::info!(coordinator = %welcome.coordinator_id, agent = %welcome.agent_name, "connected");
 
-    let session = cancel.child_token();
+    // Not a child of `cancel`: on SIGTERM the stream stays up while running
+    // transfers finish and their results are delivered (see `drain`).
+    let session = CancellationToken::new();
     let forwarder = tokio::spawn({
         let runner = runner.clone();
         let tx = tx.clone();
@@ -142,7 +144,10 @@ async fn stream_once(
     drop(tx);
     let end = loop {
         let msg = tokio::select! {
-            _ = cancel.cancelled() => break StreamEnd::Shutdown,
+            _ = cancel.cancelled() => {
+                drain(&mut dispatch, runner, &mut inbound, cfg.drain_timeout()).await;
+                break StreamEnd::Shutdown;
+            }
             m = inbound.message() => m,
         };
         match msg {
@@ -161,6 +166,41 @@ async fn stream_once(
     let _ = heartbeat.await;
     let _ = forwarder.await;
     Ok(end)
+}
+
+/// Graceful shutdown: stop polling, refuse new transfers, and keep the stream
+/// open until running transfers finished and their results went out (or
+/// `timeout` passed; unfinished transfers are then requeued by their lease).
+async fn drain(
+    dispatch: &mut Dispatch,
+    runner: &Runner,
+    inbound: &mut tonic::Streaming<proto::CoordinatorMessage>,
+    timeout: Duration,
+) {
+    runner.drain();
+    dispatch.stop_all().await;
+    let busy = runner.running_tasks().len();
+    if busy > 0 {
+        tracing::info!(
+            transfers = busy,
+            ?timeout,
+            "draining: finishing running transfers"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !runner.is_settled() && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(proto::CoordinatorMessage { body: Some(body) })) => dispatch.dispatch(body).await,
+                Ok(Some(_)) => {}
+                _ => return,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    if !runner.is_settled() {
+        tracing::warn!("drain timeout: leaving unfinished transfers to be requeued");
+    }
 }
 
 async fn heartbeats(

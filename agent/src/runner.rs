@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ferry_common::proto::{self, agent_message::Body, task_result::Outcome};
@@ -42,6 +42,8 @@ struct Inner {
     pending: Mutex<VecDeque<proto::AgentMessage>>,
     wake: Notify,
     counters: Counters,
+    /// Set on shutdown: new assignments are refused.
+    draining: AtomicBool,
 }
 
 /// Cheap-to-clone handle on the agent's transfers.
@@ -57,7 +59,19 @@ impl Runner {
             pending: Mutex::default(),
             wake: Notify::new(),
             counters: Counters::default(),
+            draining: AtomicBool::new(false),
         }))
+    }
+
+    /// Refuses new transfers from now on (shutdown).
+    pub fn drain(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// No transfer running and every result handed to a stream.
+    pub fn is_settled(&self) -> bool {
+        self.0.running.lock().expect("running lock").is_empty()
+            && self.0.pending.lock().expect("pending lock").is_empty()
     }
 
     /// Transfers in progress, for the hello after a reconnect.
@@ -92,6 +106,17 @@ impl Runner {
 
     /// Starts a transfer (a repeated assignment of a running file is ignored).
     pub fn start(&self, task: proto::TaskAssignment) {
+        if self.0.draining.load(Ordering::SeqCst) {
+            self.queue(message(Body::TaskResult(proto::TaskResult {
+                file_id: task.file_id,
+                fencing_token: task.fencing_token,
+                outcome: Some(Outcome::Failure(proto::TaskFailure {
+                    kind: proto::FailureKind::Transient as i32,
+                    message: "agent is shutting down".into(),
+                })),
+            })));
+            return;
+        }
         let bytes = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         {

@@ -446,3 +446,48 @@ async fn max_sessions_is_never_exceeded() {
     );
     assert!(max >= 1);
 }
+
+#[tokio::test]
+async fn sigterm_lets_the_running_transfer_finish_before_exiting() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("drain")).await;
+    f.watch(id, "in", "keep").await;
+    let bytes = content(9, 200 << 20);
+    f.s.sshd.write_file("in/big.bin", &bytes);
+    let mut agent = f.s.agent_with("a1", f.agent_opts(2)).await;
+    eventually("transfer under way", WAIT, || async {
+        let st: Option<String> = sqlx::query_scalar("SELECT status FROM files")
+            .fetch_optional(f.s.db.pool())
+            .await
+            .unwrap();
+        (st.as_deref() == Some("in_progress")).then_some(())
+    })
+    .await;
+    let status = agent
+        .terminate(Duration::from_secs(120))
+        .await
+        .expect("agent exits after draining");
+    assert!(status.success(), "{status:?}");
+    // The result went out before the agent exited: no lease had to expire.
+    let st: String = sqlx::query_scalar("SELECT status FROM files")
+        .fetch_one(f.s.db.pool())
+        .await
+        .unwrap();
+    assert!(
+        st == "uploaded" || st == "processed",
+        "status after drain: {st}"
+    );
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM file_events ORDER BY id")
+        .fetch_all(f.s.db.pool())
+        .await
+        .unwrap();
+    assert!(
+        !reasons.iter().any(|r| r.contains("lease expired")),
+        "{reasons:?}"
+    );
+    f.wait_status(1, "processed", WAIT).await;
+    assert_eq!(
+        sha256_hex(&f.s3.get_object(BUCKET, "drain/big.bin").await),
+        sha256_hex(&bytes)
+    );
+}
