@@ -235,8 +235,7 @@ impl AgentStreams {
             }
             Body::TaskResult(r) => {
                 s.task_finished(r.file_id);
-                let applied =
-                    results::apply(db, &self.coord.id, &s.agent, &r, &self.settings.retry).await?;
+                let applied = results::apply(db, &s.agent, &r, &self.settings.retry).await?;
                 match applied {
                     Applied::Moved(status) => {
                         tracing::info!(agent = %s.agent, file = r.file_id, status, "transfer result")

@@ -75,14 +75,13 @@ pub async fn renew_lease(
 
 pub async fn apply(
     db: &PgPool,
-    coordinator: &str,
     agent: &str,
     result: &proto::TaskResult,
     policy: &RetryPolicy,
 ) -> ApiResult<Applied> {
     let token = result.fencing_token as i64;
     match &result.outcome {
-        Some(Outcome::Success(ok)) => succeed(db, agent, result.file_id, token, ok).await,
+        Some(Outcome::Success(ok)) => succeed(db, agent, result.file_id, token, ok, policy).await,
         Some(Outcome::Failure(f)) => {
             let kind = FailureKind::try_from(f.kind).unwrap_or(FailureKind::Transient);
             fail(
@@ -97,7 +96,6 @@ pub async fn apply(
             .await
         }
         None => {
-            let _ = coordinator;
             fail(
                 db,
                 &format!("agent:{agent}"),
@@ -118,6 +116,7 @@ async fn succeed(
     file_id: i64,
     token: i64,
     ok: &proto::TaskSuccess,
+    policy: &RetryPolicy,
 ) -> ApiResult<Applied> {
     let mut tx = db.begin().await?;
     let expected: Option<(i64,)> = sqlx::query_as(
@@ -136,10 +135,7 @@ async fn succeed(
             "agent reported {} bytes (sha256 {:?}), expected {size} bytes",
             ok.size, ok.sha256
         );
-        let policy = RetryPolicy {
-            max_attempts: i32::MAX,
-            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
-        };
+        // A report that does not match the file is a failed attempt like any other.
         return fail(
             db,
             &format!("agent:{agent}"),
@@ -147,7 +143,7 @@ async fn succeed(
             token,
             FailureKind::Transient,
             &why,
-            &policy,
+            policy,
         )
         .await;
     }

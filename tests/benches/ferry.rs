@@ -22,14 +22,7 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(db.pool()).await.unwrap()
 }
 
-async fn setup(
-    db: &TestDb,
-    pki: &TestPki,
-    sshd: &Sshd,
-    coord: &Coordinator,
-    dir: &str,
-    bucket: &str,
-) -> i64 {
+async fn setup(pki: &TestPki, sshd: &Sshd, coord: &Coordinator, dir: &str, bucket: &str) -> i64 {
     let mut admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
     let id = admin
         .add_server(proto::AddServerRequest {
@@ -55,7 +48,6 @@ async fn setup(
         })
         .await
         .unwrap();
-    let _ = db;
     id
 }
 
@@ -74,7 +66,7 @@ async fn discovery() {
         "discovery: created {n} files in {:.1}s",
         made.elapsed().as_secs_f64()
     );
-    let id = setup(&db, &pki, &sshd, &coord, "many", "bench").await;
+    let id = setup(&pki, &sshd, &coord, "many", "bench").await;
     let start = Instant::now();
     let _agent = Agent::start(
         "bench-agent",
@@ -215,7 +207,7 @@ async fn transfer() {
         let _ = std::process::Command::new("chown")
             .args(["ferrytest:", local.to_str().unwrap()])
             .status();
-        setup(&db, &pki, &sshd, &coord, "big", "bench").await;
+        setup(&pki, &sshd, &coord, "big", "bench").await;
         let mut env = s3.env();
         // Optional agent environment to compare, e.g. FERRY_BENCH_AGENT_ENV=MALLOC_ARENA_MAX=2
         if let Ok(extra) = std::env::var("FERRY_BENCH_AGENT_ENV") {

@@ -351,14 +351,7 @@ async fn killed_agent_task_is_reassigned_after_its_lease() {
     let bytes = content(42, 300 << 20);
     f.s.sshd.write_file("in/big.bin", &bytes);
     let mut a1 = f.s.agent_with("a1", f.agent_opts(2)).await;
-    eventually("transfer under way", WAIT, || async {
-        let st: Option<String> = sqlx::query_scalar("SELECT status FROM files")
-            .fetch_optional(f.s.db.pool())
-            .await
-            .unwrap();
-        (st.as_deref() == Some("in_progress")).then_some(())
-    })
-    .await;
+    f.wait_status(1, "in_progress", WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     a1.kill().await;
     let _a2 = f.s.agent_with("a2", f.agent_opts(2)).await;
@@ -455,14 +448,7 @@ async fn sigterm_lets_the_running_transfer_finish_before_exiting() {
     let bytes = content(9, 200 << 20);
     f.s.sshd.write_file("in/big.bin", &bytes);
     let mut agent = f.s.agent_with("a1", f.agent_opts(2)).await;
-    eventually("transfer under way", WAIT, || async {
-        let st: Option<String> = sqlx::query_scalar("SELECT status FROM files")
-            .fetch_optional(f.s.db.pool())
-            .await
-            .unwrap();
-        (st.as_deref() == Some("in_progress")).then_some(())
-    })
-    .await;
+    f.wait_status(1, "in_progress", WAIT).await;
     let status = agent
         .terminate(Duration::from_secs(120))
         .await
