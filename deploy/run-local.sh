@@ -29,6 +29,7 @@ stop_all() {
 if [ "${1:-}" = stop ]; then stop_all; echo "stopped"; exit 0; fi
 
 say "installing / starting dependencies (Postgres, RabbitMQ, sshd, s3s-fs, grpcurl)"
+source deploy/toolchain.sh
 bash deploy/test-deps.sh
 say "building ferry"
 cargo build --workspace --bins

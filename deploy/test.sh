@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferry/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+source deploy/toolchain.sh
 bash deploy/test-deps.sh
 
 echo "==> cargo fmt --check"

@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_common::telemetry::LogFormat;
+use ferry_proto::telemetry::LogFormat;
 
 use crate::sftp::Timeouts;
 
 /// ferry agent: polls the SFTP servers a coordinator assigns and streams files to S3.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ferry-agent", version = ferry_common::VERSION)]
-pub struct AgentConfig {
+pub(crate) struct AgentConfig {
     /// Coordinator endpoints, comma-separated (https://host:port), tried in turn.
     #[arg(
         long,
@@ -55,11 +55,11 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn drain_timeout(&self) -> Duration {
+    pub(crate) fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout)
     }
 
-    pub fn sftp_timeouts(&self) -> Timeouts {
+    pub(crate) fn sftp_timeouts(&self) -> Timeouts {
         Timeouts {
             connect: Duration::from_secs(self.sftp_connect_timeout.max(1)),
             request: Duration::from_secs(self.sftp_request_timeout.max(1)),

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_common::backoff::Backoff;
-use ferry_common::proto::{
-    self, agent_message::Body, agent_service_client::AgentServiceClient,
+use ferry_proto::tls::{TlsMaterial, TlsPaths, endpoint_host};
+use ferry_proto::{
+    self as proto, agent_message::Body, agent_service_client::AgentServiceClient,
     coordinator_message::Body as CBody,
 };
-use ferry_common::tls::{TlsMaterial, TlsPaths, endpoint_host};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,7 +36,7 @@ enum StreamEnd {
 }
 
 /// Runs the agent until `cancel` fires.
-pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::Result<()> {
     let tls = TlsPaths {
         ca: cfg.tls_ca.clone(),
         cert: cfg.tls_cert.clone(),
@@ -165,8 +165,25 @@ async fn stream_once(
     dispatch.stop_all().await;
     let _ = heartbeat.await;
     let _ = forwarder.await;
+    if matches!(end, StreamEnd::Shutdown) {
+        // Close our half of the stream and wait for the coordinator to close
+        // its half: it reads in order, so by then it has applied every result
+        // sent before (a process exit could otherwise cut them off in flight).
+        drop(dispatch);
+        let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
+        if closed.is_err() {
+            tracing::warn!(timeout = ?CLOSE_TIMEOUT, "coordinator did not close the stream; exiting anyway");
+        }
+    }
     Ok(end)
 }
+
+/// How long a shutting-down agent waits for the coordinator to acknowledge
+/// the end of its stream.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Graceful shutdown: stop polling, refuse new transfers, and keep the stream
 /// open until running transfers finished and their results went out (or
@@ -220,6 +237,27 @@ async fn heartbeats(
             return;
         }
     }
+}
+
+/// Reads a server's host key for the coordinator (`ferryctl servers probe`,
+/// `--trust-host-key`): the SFTP server may be reachable only from this site.
+async fn probe_host_key(req: proto::HostKeyProbeRequest, out: mpsc::Sender<proto::AgentMessage>) {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+    let port = u16::try_from(req.port).unwrap_or(0);
+    let result = match crate::sftp::probe_host_key(&req.hostname, port, PROBE_TIMEOUT).await {
+        Ok((fingerprint, key_algorithm)) => proto::HostKeyProbeResult {
+            request_id: req.request_id,
+            fingerprint,
+            key_algorithm,
+            error: String::new(),
+        },
+        Err(e) => proto::HostKeyProbeResult {
+            request_id: req.request_id,
+            error: e.to_string(),
+            ..Default::default()
+        },
+    };
+    let _ = out.send(message(Body::HostKeyProbeResult(result))).await;
 }
 
 /// What one stream asks of the agent: pollers by server id, and transfers
@@ -283,6 +321,9 @@ impl Dispatch {
                 self.runner.cancel(c.file_id);
             }
             CBody::PostAction(req) => self.runner.post_action(req),
+            CBody::HostKeyProbe(req) => {
+                tokio::spawn(probe_host_key(req, self.out.clone()));
+            }
             CBody::Drain(_) => tracing::info!("drain requested"),
             other => tracing::debug!(message = ?std::mem::discriminant(&other), "not handled yet"),
         }

@@ -1,17 +1,25 @@
-//! `ferry-agent`: entry point.
+//! ferry agent: holds one control stream to a coordinator, polls the SFTP
+//! servers it is assigned, and streams files from SFTP to S3. See ARCHITECTURE.md.
 
+mod config;
+mod control;
+mod poller;
+mod runner;
+mod sftp;
+mod transfer;
+
+use crate::config::AgentConfig;
 use clap::Parser;
-use ferry_agent::config::AgentConfig;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    ferry_common::tls::install_crypto_provider();
+    ferry_proto::tls::install_crypto_provider();
     let cfg = AgentConfig::parse();
-    ferry_common::telemetry::init_logging(cfg.log_format);
+    ferry_proto::telemetry::init_logging(cfg.log_format);
     let cancel = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(cancel.clone()));
-    match ferry_agent::control::run(cfg, cancel).await {
+    match control::run(cfg, cancel).await {
         Ok(()) => {
             tracing::info!("stopped");
             std::process::ExitCode::SUCCESS

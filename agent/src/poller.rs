@@ -5,32 +5,33 @@
 //! [`Trackers`]), so after a reconnect or reassignment the agent resends its
 //! full stable set and the coordinator deduplicates.
 
+use ferry_common::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_common::backoff::Backoff;
-use ferry_common::proto::{self, agent_message::Body};
 use ferry_common::stability::{Observation, StabilityTracker};
+use ferry_proto::{self as proto, agent_message::Body};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::sftp::{self, Auth, ServerEndpoint, SftpError, SftpSession, Timeouts};
 
 /// Entries per discovery message.
-pub const BATCH: usize = 1000;
+pub(crate) const BATCH: usize = 1000;
 
 /// What identifies a watch's listing: a change resets its tracker.
 type WatchKey = (String, String, bool);
 
 /// Stability state per watch id, shared across pollers and reconnects.
 #[derive(Clone, Default)]
-pub struct Trackers(Arc<Mutex<HashMap<i64, (WatchKey, StabilityTracker)>>>);
+pub(crate) struct Trackers(Arc<Mutex<HashMap<i64, (WatchKey, StabilityTracker)>>>);
 
 impl Trackers {
     fn with<R>(&self, spec: &proto::WatchSpec, f: impl FnOnce(&mut StabilityTracker) -> R) -> R {
         let key = (spec.directory.clone(), spec.glob.clone(), spec.recursive);
-        let mut map = self.0.lock().expect("trackers lock");
+        let mut map = lock(&self.0);
         let entry = map
             .entry(spec.watch_id)
             .or_insert_with(|| (key.clone(), StabilityTracker::default()));
@@ -41,16 +42,13 @@ impl Trackers {
     }
 
     /// Forgets watches that are no longer assigned anywhere on this agent.
-    pub fn retain(&self, live: impl Fn(i64) -> bool) {
-        self.0
-            .lock()
-            .expect("trackers lock")
-            .retain(|id, _| live(*id));
+    pub(crate) fn retain(&self, live: impl Fn(i64) -> bool) {
+        lock(&self.0).retain(|id, _| live(*id));
     }
 }
 
 /// Builds the SFTP endpoint of an assignment.
-pub fn endpoint(conn: &proto::ServerConnection) -> ServerEndpoint {
+pub(crate) fn endpoint(conn: &proto::ServerConnection) -> ServerEndpoint {
     let auth = if conn.private_key.is_empty() {
         Auth::Password(conn.password.clone())
     } else {
@@ -75,7 +73,7 @@ struct WatchState {
 }
 
 /// Polls one server until cancelled.
-pub async fn run(
+pub(crate) async fn run(
     assignment: proto::PollAssignment,
     out: mpsc::Sender<proto::AgentMessage>,
     trackers: Trackers,
@@ -247,7 +245,7 @@ async fn send_batches(
     true
 }
 
-pub fn message(body: Body) -> proto::AgentMessage {
+pub(crate) fn message(body: Body) -> proto::AgentMessage {
     proto::AgentMessage { body: Some(body) }
 }
 

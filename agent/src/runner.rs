@@ -5,13 +5,14 @@
 //! reconnecting is reported on the next stream (and the hello lists the
 //! transfers still running, so their leases are kept).
 
+use ferry_common::sync::lock;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferry_common::proto::{self, agent_message::Body, task_result::Outcome};
+use ferry_proto::{self as proto, agent_message::Body, task_result::Outcome};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -48,10 +49,10 @@ struct Inner {
 
 /// Cheap-to-clone handle on the agent's transfers.
 #[derive(Clone)]
-pub struct Runner(Arc<Inner>);
+pub(crate) struct Runner(Arc<Inner>);
 
 impl Runner {
-    pub fn new(pool: SessionPool, s3: S3Target) -> Runner {
+    pub(crate) fn new(pool: SessionPool, s3: S3Target) -> Runner {
         Runner(Arc::new(Inner {
             pool,
             s3,
@@ -64,22 +65,18 @@ impl Runner {
     }
 
     /// Refuses new transfers from now on (shutdown).
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         self.0.draining.store(true, Ordering::SeqCst);
     }
 
     /// No transfer running and every result handed to a stream.
-    pub fn is_settled(&self) -> bool {
-        self.0.running.lock().expect("running lock").is_empty()
-            && self.0.pending.lock().expect("pending lock").is_empty()
+    pub(crate) fn is_settled(&self) -> bool {
+        lock(&self.0.running).is_empty() && lock(&self.0.pending).is_empty()
     }
 
     /// Transfers in progress, for the hello after a reconnect.
-    pub fn running_tasks(&self) -> Vec<proto::RunningTask> {
-        self.0
-            .running
-            .lock()
-            .expect("running lock")
+    pub(crate) fn running_tasks(&self) -> Vec<proto::RunningTask> {
+        lock(&self.0.running)
             .iter()
             .map(|(id, r)| proto::RunningTask {
                 file_id: *id,
@@ -88,10 +85,10 @@ impl Runner {
             .collect()
     }
 
-    pub fn heartbeat(&self) -> proto::Heartbeat {
+    pub(crate) fn heartbeat(&self) -> proto::Heartbeat {
         let c = &self.0.counters;
         proto::Heartbeat {
-            in_flight: self.0.running.lock().expect("running lock").len() as u32,
+            in_flight: lock(&self.0.running).len() as u32,
             bytes_per_sec: 0,
             files_transferred: c.files.load(Ordering::Relaxed),
             bytes_transferred: c.bytes.load(Ordering::Relaxed),
@@ -100,12 +97,12 @@ impl Runner {
     }
 
     fn queue(&self, msg: proto::AgentMessage) {
-        self.0.pending.lock().expect("pending lock").push_back(msg);
+        lock(&self.0.pending).push_back(msg);
         self.0.wake.notify_one();
     }
 
     /// Starts a transfer (a repeated assignment of a running file is ignored).
-    pub fn start(&self, task: proto::TaskAssignment) {
+    pub(crate) fn start(&self, task: proto::TaskAssignment) {
         if self.0.draining.load(Ordering::SeqCst) {
             self.queue(message(Body::TaskResult(proto::TaskResult {
                 file_id: task.file_id,
@@ -120,7 +117,7 @@ impl Runner {
         let bytes = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         {
-            let mut running = self.0.running.lock().expect("running lock");
+            let mut running = lock(&self.0.running);
             if let Some(cur) = running.get(&task.file_id) {
                 if cur.token == task.fencing_token {
                     return;
@@ -163,7 +160,7 @@ impl Runner {
                 }
             }
             {
-                let mut running = runner.0.running.lock().expect("running lock");
+                let mut running = lock(&runner.0.running);
                 if running.get(&file_id).is_some_and(|r| r.token == token) {
                     running.remove(&file_id);
                 }
@@ -176,20 +173,14 @@ impl Runner {
         });
     }
 
-    pub fn cancel(&self, file_id: i64) {
-        if let Some(r) = self
-            .0
-            .running
-            .lock()
-            .expect("running lock")
-            .remove(&file_id)
-        {
+    pub(crate) fn cancel(&self, file_id: i64) {
+        if let Some(r) = lock(&self.0.running).remove(&file_id) {
             r.cancel.cancel();
         }
     }
 
     /// Runs a post-action and queues its result.
-    pub fn post_action(&self, req: proto::PostActionRequest) {
+    pub(crate) fn post_action(&self, req: proto::PostActionRequest) {
         let runner = self.clone();
         tokio::spawn(async move {
             let result = transfer::post_action(&req, &runner.0.pool).await;
@@ -206,14 +197,18 @@ impl Runner {
 
     /// Feeds results and progress into the current stream until `cancel`.
     /// A result leaves the queue only once the stream accepted it.
-    pub async fn forward(&self, tx: mpsc::Sender<proto::AgentMessage>, cancel: CancellationToken) {
+    pub(crate) async fn forward(
+        &self,
+        tx: mpsc::Sender<proto::AgentMessage>,
+        cancel: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         loop {
             loop {
-                let next = self.0.pending.lock().expect("pending lock").pop_front();
+                let next = lock(&self.0.pending).pop_front();
                 let Some(msg) = next else { break };
                 if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await {
-                    self.0.pending.lock().expect("pending lock").push_front(msg);
+                    lock(&self.0.pending).push_front(msg);
                     return;
                 }
             }
@@ -221,7 +216,7 @@ impl Runner {
                 _ = cancel.cancelled() => return,
                 _ = self.0.wake.notified() => {}
                 _ = tick.tick() => {
-                    let progress: Vec<proto::TaskProgress> = self.0.running.lock().expect("running lock")
+                    let progress: Vec<proto::TaskProgress> = lock(&self.0.running)
                         .iter()
                         .map(|(id, r)| proto::TaskProgress {
                             file_id: *id,

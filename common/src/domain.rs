@@ -1,10 +1,7 @@
-//! Domain types shared by every binary: file statuses, post-actions and roles,
-//! with their conversions to the protocol enums.
+//! Domain types shared by every binary: file statuses, post-actions and roles.
 
 use std::fmt;
 use std::str::FromStr;
-
-use crate::proto;
 
 /// Status of one file version (SPEC §2). Stored in Postgres as the lower-case name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,31 +37,6 @@ impl FileStatus {
             FileStatus::Failed => "failed",
             FileStatus::Lost => "lost",
         }
-    }
-
-    pub fn to_proto(self) -> proto::FileStatus {
-        match self {
-            FileStatus::New => proto::FileStatus::New,
-            FileStatus::InProgress => proto::FileStatus::InProgress,
-            FileStatus::Uploaded => proto::FileStatus::Uploaded,
-            FileStatus::Processed => proto::FileStatus::Processed,
-            FileStatus::Error => proto::FileStatus::Error,
-            FileStatus::Failed => proto::FileStatus::Failed,
-            FileStatus::Lost => proto::FileStatus::Lost,
-        }
-    }
-
-    pub fn from_proto(status: proto::FileStatus) -> Option<Self> {
-        Some(match status {
-            proto::FileStatus::Unspecified => return None,
-            proto::FileStatus::New => FileStatus::New,
-            proto::FileStatus::InProgress => FileStatus::InProgress,
-            proto::FileStatus::Uploaded => FileStatus::Uploaded,
-            proto::FileStatus::Processed => FileStatus::Processed,
-            proto::FileStatus::Error => FileStatus::Error,
-            proto::FileStatus::Failed => FileStatus::Failed,
-            proto::FileStatus::Lost => FileStatus::Lost,
-        })
     }
 
     /// Statuses an operator may requeue with a retry.
@@ -197,10 +169,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_round_trips_through_text_and_proto() {
+    fn status_round_trips_through_text() {
         for st in FileStatus::ALL {
             assert_eq!(st.as_str().parse::<FileStatus>().unwrap(), st);
-            assert_eq!(FileStatus::from_proto(st.to_proto()), Some(st));
         }
         assert_eq!(
             "in-progress".parse::<FileStatus>().unwrap(),

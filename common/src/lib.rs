@@ -1,24 +1,15 @@
-//! Types shared by the ferry coordinator, agent and admin CLI: the generated
-//! protocol, domain types and rules, configuration and TLS helpers. No business IO.
-#![forbid(unsafe_code)]
-
-pub mod proto {
-    //! Generated protobuf / gRPC code for package `ferry.v1`.
-    #![allow(clippy::all, clippy::pedantic, missing_docs)]
-    tonic::include_proto!("ferry.v1");
-
-    /// Encoded file descriptor set, served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
-}
+//! The ferry domain: file statuses and their rules, post-actions, roles,
+//! validation of admin input, object key templates, the stable-file rule and
+//! backoff. Pure: no IO, no async runtime, no protocol or database types.
+//!
+//! **Architecture invariant:** this crate depends on no tokio, tonic, prost or
+//! sqlx (checked by `tests/e2e/architecture.rs`).
 
 pub mod backoff;
 pub mod domain;
 pub mod keys;
-pub mod pki;
 pub mod stability;
-pub mod telemetry;
-pub mod tls;
+pub mod sync;
 pub mod validate;
 
 /// Version of this build, sent in the agent's hello and shown by `--version`.

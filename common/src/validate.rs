@@ -123,6 +123,113 @@ pub fn host_key_fingerprint(fp: &str) -> Checked<()> {
     }
 }
 
+/// How a private key is protected, as far as its encoding tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyProtection {
+    Plain,
+    Encrypted,
+    /// The encoding does not say (PEM forms other than OpenSSH's, PuTTY).
+    Unknown,
+}
+
+/// Checks that `pem` is encoded like an SSH private key (OpenSSH, PKCS#1,
+/// PKCS#8, SEC1 or PuTTY) without decoding the key material: the key itself
+/// is parsed where SSH lives, by the agent, which reports a key it cannot use
+/// as a poll error. Returns what the encoding says about encryption.
+pub fn private_key_shape(pem: &str) -> Checked<KeyProtection> {
+    use base64::Engine;
+    let field = "private_key";
+    let text = pem.trim();
+    if text.starts_with("PuTTY-User-Key-File-") {
+        return Ok(KeyProtection::Unknown);
+    }
+    let mut lines = text.lines().map(str::trim);
+    let Some(label) = lines
+        .next()
+        .and_then(|l| l.strip_prefix("-----BEGIN "))
+        .and_then(|l| l.strip_suffix("-----"))
+    else {
+        return Err(FieldError::new(
+            field,
+            "cannot be parsed as an OpenSSH/PEM private key: no -----BEGIN ...----- line",
+        ));
+    };
+    const LABELS: [&str; 5] = [
+        "OPENSSH PRIVATE KEY",
+        "RSA PRIVATE KEY",
+        "PRIVATE KEY",
+        "ENCRYPTED PRIVATE KEY",
+        "EC PRIVATE KEY",
+    ];
+    if !LABELS.contains(&label) {
+        return Err(FieldError::new(
+            field,
+            format!("cannot be parsed as an OpenSSH/PEM private key: unknown type {label:?}"),
+        ));
+    }
+    let end = format!("-----END {label}-----");
+    let mut body = String::new();
+    let mut headers_encrypted = false;
+    let mut ended = false;
+    for line in lines {
+        if line == end {
+            ended = true;
+            break;
+        }
+        if line.starts_with("Proc-Type:") && line.contains("ENCRYPTED") {
+            headers_encrypted = true;
+        }
+        if line.contains(':') || line.is_empty() {
+            continue;
+        }
+        body.push_str(line);
+    }
+    if !ended {
+        return Err(FieldError::new(
+            field,
+            format!("cannot be parsed as an OpenSSH/PEM private key: no {end} line"),
+        ));
+    }
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(&body)
+        .map_err(|e| {
+            FieldError::new(
+                field,
+                format!("cannot be parsed as an OpenSSH/PEM private key: body is not base64 ({e})"),
+            )
+        })?;
+    if label == "OPENSSH PRIVATE KEY" {
+        const MAGIC: &[u8] = b"openssh-key-v1\0";
+        let cipher = der
+            .strip_prefix(MAGIC)
+            .and_then(|rest| {
+                let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+                rest.get(4..4 + len)
+            })
+            .ok_or_else(|| {
+                FieldError::new(
+                    field,
+                    "cannot be parsed as an OpenSSH private key: not an openssh-key-v1 encoding",
+                )
+            })?;
+        return Ok(if cipher == b"none" {
+            KeyProtection::Plain
+        } else {
+            KeyProtection::Encrypted
+        });
+    }
+    if der.first() != Some(&0x30) {
+        return Err(FieldError::new(
+            field,
+            "cannot be parsed as a PEM private key: body is not DER",
+        ));
+    }
+    Ok(match (label, headers_encrypted) {
+        ("ENCRYPTED PRIVATE KEY", _) | (_, true) => KeyProtection::Encrypted,
+        _ => KeyProtection::Unknown,
+    })
+}
+
 pub fn site(site: &str) -> Checked<()> {
     if site.is_empty()
         || site.len() > 64

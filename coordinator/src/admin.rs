@@ -5,12 +5,13 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use ferry_common::domain::{FileStatus, Role};
-use ferry_common::proto::{self, admin_service_server::AdminService};
 use ferry_common::validate::{self, FieldError};
+use ferry_proto::{self as proto, admin_service_server::AdminService};
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::agents::AgentStreams;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::files::{self, FileFilter, RetrySelection};
@@ -21,8 +22,10 @@ use crate::state::Coordinator;
 
 /// The admin API of one coordinator.
 #[derive(Clone)]
-pub struct Admin {
+pub(crate) struct Admin {
     pub coord: Coordinator,
+    /// This coordinator's agent streams, through which host keys are probed.
+    pub agents: AgentStreams,
 }
 
 type Rpc<T> = Result<Response<T>, Status>;
@@ -33,7 +36,7 @@ fn ok<T>(v: ApiResult<T>) -> Rpc<T> {
 
 /// Who made a change, for the file history ("admin:<name>").
 fn actor<T>(req: &Request<T>) -> String {
-    match ferry_common::tls::peer_role(req) {
+    match ferry_proto::tls::peer_role(req) {
         Some(Role::Admin(name)) => format!("admin:{name}"),
         _ => "admin:unknown".into(),
     }
@@ -43,13 +46,21 @@ fn none_if_zero(v: i64) -> Option<i64> {
     (v != 0).then_some(v)
 }
 
+/// Where a server is, for reading its host key: through an agent of `site`.
+struct ProbeTarget<'a> {
+    site: &'a str,
+    hostname: &'a str,
+    port: u16,
+}
+
 /// Resolves the host key to pin: the given fingerprint, or the one the server
-/// presents now when trust-on-first-use was asked for explicitly.
+/// presents now (read by an agent of its site) when trust-on-first-use was
+/// asked for explicitly.
 async fn host_key_to_pin(
+    agents: &AgentStreams,
     given: Option<&str>,
     trust: bool,
-    hostname: &str,
-    port: u16,
+    target: ProbeTarget<'_>,
 ) -> ApiResult<String> {
     let given = given.filter(|g| !g.is_empty());
     match (given, trust) {
@@ -63,7 +74,9 @@ async fn host_key_to_pin(
             Ok(fp.to_string())
         }
         (None, true) => {
-            let probed = hostkey::probe(hostname, port).await?;
+            let probed = agents
+                .probe_host_key(target.site, target.hostname, target.port)
+                .await?;
             Ok(probed.fingerprint)
         }
         (None, false) => Err(FieldError::new(
@@ -100,10 +113,14 @@ impl Admin {
             validate::max_sessions(r.max_sessions)?
         };
         let fingerprint = host_key_to_pin(
+            &self.agents,
             Some(&r.host_key_fingerprint),
             r.trust_host_key,
-            &r.hostname,
-            port,
+            ProbeTarget {
+                site: &site,
+                hostname: &r.hostname,
+                port,
+            },
         )
         .await?;
         let spec = ServerSpec {
@@ -154,12 +171,17 @@ impl Admin {
             Some(p) => validate::port(p)?,
             None => row.port as u16,
         };
+        let site = r.site.clone().unwrap_or_else(|| row.site.clone());
         let fingerprint = if r.trust_host_key || r.host_key_fingerprint.is_some() {
             host_key_to_pin(
+                &self.agents,
                 r.host_key_fingerprint.as_deref(),
                 r.trust_host_key,
-                &hostname,
-                port,
+                ProbeTarget {
+                    site: &site,
+                    hostname: &hostname,
+                    port,
+                },
             )
             .await?
         } else {
@@ -172,7 +194,7 @@ impl Admin {
             username: r.username.unwrap_or(row.username),
             credential,
             host_key_fingerprint: fingerprint,
-            site: r.site.unwrap_or(row.site),
+            site,
             max_sessions: match r.max_sessions {
                 Some(n) => validate::max_sessions(n)?,
                 None => row.max_sessions as u32,
@@ -276,7 +298,7 @@ fn statuses(raw: &[i32], field: &'static str) -> Result<Vec<FileStatus>, FieldEr
         .map(|s| {
             proto::FileStatus::try_from(*s)
                 .ok()
-                .and_then(FileStatus::from_proto)
+                .and_then(ferry_proto::convert::status_from_proto)
                 .ok_or_else(|| FieldError::new(field, format!("{s} is not a file status")))
         })
         .collect()
@@ -340,7 +362,13 @@ impl AdminService for Admin {
             } else {
                 validate::port(r.port)?
             };
-            let probed = hostkey::probe(&r.hostname, port).await?;
+            let site = if r.site.is_empty() {
+                "default"
+            } else {
+                r.site.as_str()
+            };
+            validate::site(site)?;
+            let probed = self.agents.probe_host_key(site, &r.hostname, port).await?;
             Ok(proto::ProbeHostKeyResponse {
                 fingerprint: probed.fingerprint,
                 key_algorithm: probed.algorithm,

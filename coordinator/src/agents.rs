@@ -5,14 +5,15 @@
 //! ([`crate::tasks`]) sends it poll assignments, and the reader task here
 //! records what it reports.
 
+use ferry_common::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_common::domain::Role;
-use ferry_common::proto::{self, agent_message::Body, agent_service_server::AgentService};
 use ferry_common::validate;
+use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
 use futures::Stream;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::StreamExt;
@@ -22,24 +23,25 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::discovery::{self, Discovered};
+use crate::hostkey::{PROBE_ANSWER_TIMEOUT, PendingProbes, ProbeError, ProbedKey};
 use crate::polls;
 use crate::results::{self, Applied, RetryPolicy};
 use crate::state::Coordinator;
 
 /// Seconds between agent heartbeats, announced in the welcome.
-pub const HEARTBEAT_SECS: u32 = 5;
+pub(crate) const HEARTBEAT_SECS: u32 = 5;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How transfers are leased and retried.
 #[derive(Debug, Clone, Copy)]
-pub struct TaskSettings {
+pub(crate) struct TaskSettings {
     pub lease: Duration,
     pub retry: RetryPolicy,
 }
 
 /// One live agent stream on this coordinator.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub(crate) struct Session {
     pub agent: String,
     pub site: String,
     pub capacity: u32,
@@ -52,20 +54,20 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn in_flight(&self) -> u32 {
-        self.tasks.lock().expect("tasks lock").len() as u32
+    pub(crate) fn in_flight(&self) -> u32 {
+        lock(&self.tasks).len() as u32
     }
 
-    pub fn task_started(&self, file_id: i64) {
-        self.tasks.lock().expect("tasks lock").insert(file_id);
+    pub(crate) fn task_started(&self, file_id: i64) {
+        lock(&self.tasks).insert(file_id);
     }
 
-    pub fn task_finished(&self, file_id: i64) {
-        self.tasks.lock().expect("tasks lock").remove(&file_id);
+    pub(crate) fn task_finished(&self, file_id: i64) {
+        lock(&self.tasks).remove(&file_id);
     }
 
     /// Queues a message; false if the stream is gone.
-    pub async fn send(&self, body: proto::coordinator_message::Body) -> bool {
+    pub(crate) async fn send(&self, body: proto::coordinator_message::Body) -> bool {
         self.tx
             .send(proto::CoordinatorMessage { body: Some(body) })
             .await
@@ -75,45 +77,97 @@ impl Session {
 
 /// The agent streams held by this coordinator.
 #[derive(Clone)]
-pub struct AgentStreams {
+pub(crate) struct AgentStreams {
     coord: Coordinator,
     pub settings: TaskSettings,
     cancel: CancellationToken,
     sessions: Arc<Mutex<HashMap<String, Session>>>,
     /// Wakes the reconciler when an agent comes or goes.
     pub changed: Arc<Notify>,
+    probes: PendingProbes,
 }
 
 impl AgentStreams {
-    pub fn new(coord: Coordinator, settings: TaskSettings, cancel: CancellationToken) -> Self {
+    pub(crate) fn new(
+        coord: Coordinator,
+        settings: TaskSettings,
+        cancel: CancellationToken,
+    ) -> Self {
         AgentStreams {
             coord,
             settings,
             cancel,
             sessions: Arc::default(),
             changed: Arc::default(),
+            probes: PendingProbes::default(),
+        }
+    }
+
+    /// Reads the SSH host key of `host:port` through a connected agent of `site`.
+    pub(crate) async fn probe_host_key(
+        &self,
+        site: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<ProbedKey, ProbeError> {
+        let Some(session) = self.snapshot().into_iter().find(|s| s.site == site) else {
+            return Err(ProbeError::NoAgent {
+                site: site.to_string(),
+                host: host.to_string(),
+                port,
+            });
+        };
+        let (request_id, answer) = self.probes.register();
+        let no_answer = || ProbeError::NoAnswer {
+            agent: session.agent.clone(),
+            host: host.to_string(),
+            port,
+            secs: PROBE_ANSWER_TIMEOUT.as_secs(),
+        };
+        let sent = session
+            .send(proto::coordinator_message::Body::HostKeyProbe(
+                proto::HostKeyProbeRequest {
+                    request_id: request_id.clone(),
+                    hostname: host.to_string(),
+                    port: u32::from(port),
+                },
+            ))
+            .await;
+        if !sent {
+            self.probes.forget(&request_id);
+            return Err(no_answer());
+        }
+        let result = match tokio::time::timeout(PROBE_ANSWER_TIMEOUT, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) | Err(_) => {
+                self.probes.forget(&request_id);
+                return Err(no_answer());
+            }
+        };
+        if result.error.is_empty() {
+            Ok(ProbedKey {
+                fingerprint: result.fingerprint,
+                algorithm: result.key_algorithm,
+            })
+        } else {
+            Err(ProbeError::Failed {
+                agent: session.agent.clone(),
+                site: site.to_string(),
+                host: host.to_string(),
+                port,
+                message: result.error,
+            })
         }
     }
 
     /// The sessions open right now.
-    pub fn snapshot(&self) -> Vec<Session> {
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .values()
-            .cloned()
-            .collect()
+    pub(crate) fn snapshot(&self) -> Vec<Session> {
+        lock(&self.sessions).values().cloned().collect()
     }
 
     /// Marks this coordinator's agents disconnected and releases their leases.
-    pub async fn shutdown(&self) {
-        let sessions: Vec<Session> = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
+    pub(crate) async fn shutdown(&self) {
+        let sessions: Vec<Session> = lock(&self.sessions).drain().map(|(_, s)| s).collect();
         for s in sessions {
             self.disconnected(&s).await;
         }
@@ -253,10 +307,12 @@ impl AgentStreams {
                 }
                 results::record_post_action(db, &s.agent, &r).await?;
             }
-            Body::Hello(_) => anyhow::bail!("hello sent twice"),
-            other => {
-                tracing::debug!(agent = %s.agent, message = ?std::mem::discriminant(&other), "message not handled yet");
+            Body::HostKeyProbeResult(r) => {
+                if !self.probes.resolve(r) {
+                    tracing::info!(agent = %s.agent, "host-key probe answer nobody waits for");
+                }
             }
+            Body::Hello(_) => anyhow::bail!("hello sent twice"),
         }
         Ok(())
     }
@@ -272,7 +328,7 @@ impl AgentService for AgentStreams {
         &self,
         req: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let Some(Role::Agent(agent)) = ferry_common::tls::peer_role(&req) else {
+        let Some(Role::Agent(agent)) = ferry_proto::tls::peer_role(&req) else {
             return Err(Status::permission_denied("not an agent certificate"));
         };
         let mut inbound = req.into_inner();
@@ -310,12 +366,7 @@ impl AgentService for AgentStreams {
                 heartbeat_interval_secs: HEARTBEAT_SECS,
             }))
             .await;
-        if let Some(old) = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(agent.clone(), session.clone())
-        {
+        if let Some(old) = lock(&self.sessions).insert(agent.clone(), session.clone()) {
             tracing::info!(agent = %agent, "replacing an older stream of the same agent");
             drop(old);
         }
@@ -344,7 +395,7 @@ impl AgentService for AgentStreams {
                 }
             }
             let current = {
-                let mut map = streams.sessions.lock().expect("sessions lock");
+                let mut map = lock(&streams.sessions);
                 match map.get(&session.agent) {
                     Some(s) if s.id == session.id => map.remove(&session.agent).is_some(),
                     _ => false,

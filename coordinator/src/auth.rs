@@ -6,7 +6,7 @@
 //! certificate from the configured CA never get past the TLS handshake.
 
 use ferry_common::domain::Role;
-use ferry_common::tls::peer_role;
+use ferry_proto::tls::peer_role;
 use tonic::{Request, Status};
 
 fn denied(role: &Option<Role>, wanted: &str) -> Status {
@@ -22,7 +22,7 @@ fn denied(role: &Option<Role>, wanted: &str) -> Status {
 }
 
 /// Interceptor for `AdminService`.
-pub fn require_admin(req: Request<()>) -> Result<Request<()>, Status> {
+pub(crate) fn require_admin(req: Request<()>) -> Result<Request<()>, Status> {
     match peer_role(&req) {
         Some(Role::Admin(_)) => Ok(req),
         other => Err(denied(&other, "admin")),
@@ -30,7 +30,7 @@ pub fn require_admin(req: Request<()>) -> Result<Request<()>, Status> {
 }
 
 /// Interceptor for `AgentService`.
-pub fn require_agent(req: Request<()>) -> Result<Request<()>, Status> {
+pub(crate) fn require_agent(req: Request<()>) -> Result<Request<()>, Status> {
     match peer_role(&req) {
         Some(Role::Agent(_)) => Ok(req),
         other => Err(denied(&other, "agent")),

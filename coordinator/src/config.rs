@@ -4,12 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use ferry_common::telemetry::LogFormat;
+use ferry_proto::telemetry::LogFormat;
 
 /// ferry coordinator: server registry, file state, task assignment and AMQP notifications.
 #[derive(Debug, Parser)]
 #[command(name = "ferry-coordinator", version = ferry_common::VERSION)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log format on stderr.
     #[arg(
         long,
@@ -24,7 +24,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Apply migrations and serve the admin and agent APIs.
     Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
@@ -32,7 +32,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct DatabaseArgs {
+pub(crate) struct DatabaseArgs {
     /// Postgres URL, e.g. postgres://ferry@127.0.0.1:5432/ferry.
     #[arg(long, env = "FERRY_DATABASE_URL")]
     pub database_url: String,
@@ -42,7 +42,7 @@ pub struct DatabaseArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Address of the gRPC listener (mTLS). Port 0 picks a free port; the bound

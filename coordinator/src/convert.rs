@@ -3,12 +3,12 @@
 
 use chrono::{DateTime, Utc};
 use ferry_common::domain::FileStatus;
-use ferry_common::proto;
+use ferry_proto as proto;
 
 use crate::files::{AgentRow, EventRow, FileRow};
 use crate::registry::{ServerRow, WatchRow};
 
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+pub(crate) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: t.timestamp_subsec_nanos() as i32,
@@ -17,11 +17,11 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
 
 fn status(text: &str) -> i32 {
     text.parse::<FileStatus>()
-        .map(|s| s.to_proto() as i32)
+        .map(ferry_proto::convert::status_to_wire)
         .unwrap_or(proto::FileStatus::Unspecified as i32)
 }
 
-pub fn server(row: &ServerRow) -> proto::Server {
+pub(crate) fn server(row: &ServerRow) -> proto::Server {
     let lease_live = row.poll_lease_expires_at.is_some_and(|t| t > Utc::now());
     proto::Server {
         id: row.id,
@@ -53,7 +53,7 @@ pub fn server(row: &ServerRow) -> proto::Server {
     }
 }
 
-pub fn watch(row: &WatchRow) -> proto::Watch {
+pub(crate) fn watch(row: &WatchRow) -> proto::Watch {
     proto::Watch {
         id: row.id,
         server_id: row.server_id,
@@ -72,7 +72,7 @@ pub fn watch(row: &WatchRow) -> proto::Watch {
     }
 }
 
-pub fn file(row: &FileRow) -> proto::File {
+pub(crate) fn file(row: &FileRow) -> proto::File {
     proto::File {
         id: row.id,
         server_id: row.server_id,
@@ -98,7 +98,7 @@ pub fn file(row: &FileRow) -> proto::File {
     }
 }
 
-pub fn event(row: &EventRow) -> proto::FileEvent {
+pub(crate) fn event(row: &EventRow) -> proto::FileEvent {
     proto::FileEvent {
         id: row.id,
         file_id: row.file_id,
@@ -113,7 +113,7 @@ pub fn event(row: &EventRow) -> proto::FileEvent {
     }
 }
 
-pub fn agent(row: &AgentRow) -> proto::Agent {
+pub(crate) fn agent(row: &AgentRow) -> proto::Agent {
     proto::Agent {
         name: row.name.clone(),
         site: row.site.clone(),

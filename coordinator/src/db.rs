@@ -7,9 +7,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 /// Migrations compiled into the binary from `migrations/`.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+pub(crate) async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -20,12 +20,12 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
 
 /// Applies pending migrations. Safe when several coordinators start at once:
 /// sqlx serializes migrators with a Postgres advisory lock.
-pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
+pub(crate) async fn migrate(db: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(db).await.context("apply database migrations")
 }
 
 /// The URL without its password, for error messages.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((creds, host)) => {

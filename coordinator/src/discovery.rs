@@ -7,7 +7,7 @@ use crate::error::ApiResult;
 
 /// One stable remote file reported by an agent.
 #[derive(Debug, Clone)]
-pub struct Discovered {
+pub(crate) struct Discovered {
     pub path: String,
     pub size: i64,
     pub mtime_unix: i64,
@@ -15,7 +15,7 @@ pub struct Discovered {
 
 /// Inserts the batch for `watch_id` of `server_id`, if `agent` currently holds
 /// the server's poll lease and the watch is live. Returns the number of new rows.
-pub async fn record_batch(
+pub(crate) async fn record_batch(
     db: &PgPool,
     agent: &str,
     server_id: i64,

@@ -21,7 +21,7 @@ pub enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
-pub type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
@@ -46,7 +46,7 @@ impl From<ApiError> for Status {
 }
 
 /// True when `e` is a unique-constraint violation on `constraint`.
-pub fn is_unique_violation(e: &sqlx::Error, constraint: &str) -> bool {
+pub(crate) fn is_unique_violation(e: &sqlx::Error, constraint: &str) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505")
         && db.constraint() == Some(constraint))
 }

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use crate::error::{ApiError, ApiResult};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct FileRow {
+pub(crate) struct FileRow {
     pub id: i64,
     pub server_id: i64,
     pub server_name: String,
@@ -37,7 +37,7 @@ const FILE_SELECT: &str = "SELECT f.id, f.server_id, s.name AS server_name, f.wa
     f.post_action_result, f.discovered_at, f.updated_at FROM files f JOIN servers s ON s.id = f.server_id";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct EventRow {
+pub(crate) struct EventRow {
     pub id: i64,
     pub file_id: i64,
     pub at: DateTime<Utc>,
@@ -55,7 +55,7 @@ const EVENT_SELECT: &str = "SELECT e.id, e.file_id, e.at, e.from_status, e.to_st
 
 /// Filter and page of a file listing.
 #[derive(Debug, Clone, Default)]
-pub struct FileFilter {
+pub(crate) struct FileFilter {
     pub statuses: Vec<FileStatus>,
     pub server_id: Option<i64>,
     pub watch_id: Option<i64>,
@@ -65,7 +65,10 @@ pub struct FileFilter {
 }
 
 /// One page of files in id order, and whether more follow.
-pub async fn list_files(db: &PgPool, filter: &FileFilter) -> ApiResult<(Vec<FileRow>, bool)> {
+pub(crate) async fn list_files(
+    db: &PgPool,
+    filter: &FileFilter,
+) -> ApiResult<(Vec<FileRow>, bool)> {
     let statuses: Vec<String> = filter
         .statuses
         .iter()
@@ -89,7 +92,7 @@ pub async fn list_files(db: &PgPool, filter: &FileFilter) -> ApiResult<(Vec<File
     Ok((rows, more))
 }
 
-pub async fn get_file(db: &PgPool, id: i64) -> ApiResult<FileRow> {
+pub(crate) async fn get_file(db: &PgPool, id: i64) -> ApiResult<FileRow> {
     let sql = format!("{FILE_SELECT} WHERE f.id = $1");
     sqlx::query_as::<_, FileRow>(&sql)
         .bind(id)
@@ -98,7 +101,7 @@ pub async fn get_file(db: &PgPool, id: i64) -> ApiResult<FileRow> {
         .ok_or_else(|| ApiError::NotFound(format!("no file with id {id}")))
 }
 
-pub async fn file_events(db: &PgPool, file_id: i64) -> ApiResult<Vec<EventRow>> {
+pub(crate) async fn file_events(db: &PgPool, file_id: i64) -> ApiResult<Vec<EventRow>> {
     let sql = format!("{EVENT_SELECT} WHERE e.file_id = $1 ORDER BY e.id");
     Ok(sqlx::query_as::<_, EventRow>(&sql)
         .bind(file_id)
@@ -107,7 +110,7 @@ pub async fn file_events(db: &PgPool, file_id: i64) -> ApiResult<Vec<EventRow>> 
 }
 
 /// Events after `after_id`, optionally of one server / watch (for live streams).
-pub async fn events_after(
+pub(crate) async fn events_after(
     db: &PgPool,
     after_id: i64,
     server_id: Option<i64>,
@@ -125,7 +128,7 @@ pub async fn events_after(
         .await?)
 }
 
-pub async fn last_event_id(db: &PgPool) -> ApiResult<i64> {
+pub(crate) async fn last_event_id(db: &PgPool) -> ApiResult<i64> {
     Ok(
         sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM file_events")
             .fetch_one(db)
@@ -135,7 +138,7 @@ pub async fn last_event_id(db: &PgPool) -> ApiResult<i64> {
 
 /// Which files a retry requeues.
 #[derive(Debug, Clone, Default)]
-pub struct RetrySelection {
+pub(crate) struct RetrySelection {
     pub ids: Vec<i64>,
     /// Defaults to error, failed and lost.
     pub statuses: Vec<FileStatus>,
@@ -144,7 +147,7 @@ pub struct RetrySelection {
 
 /// Requeues the selected files as `new` (attempts reset), with a history row
 /// each. Only files in error/failed/lost move; others are left alone.
-pub async fn retry_files(db: &PgPool, sel: &RetrySelection, actor: &str) -> ApiResult<u64> {
+pub(crate) async fn retry_files(db: &PgPool, sel: &RetrySelection, actor: &str) -> ApiResult<u64> {
     let statuses: Vec<String> = if sel.statuses.is_empty() {
         vec!["error".into(), "failed".into(), "lost".into()]
     } else {
@@ -178,7 +181,7 @@ pub async fn retry_files(db: &PgPool, sel: &RetrySelection, actor: &str) -> ApiR
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct AgentRow {
+pub(crate) struct AgentRow {
     pub name: String,
     pub site: String,
     pub version: String,
@@ -194,7 +197,7 @@ pub struct AgentRow {
     pub polled_servers: Vec<String>,
 }
 
-pub async fn list_agents(db: &PgPool) -> ApiResult<Vec<AgentRow>> {
+pub(crate) async fn list_agents(db: &PgPool) -> ApiResult<Vec<AgentRow>> {
     Ok(sqlx::query_as::<_, AgentRow>(
         "SELECT a.name, a.site, a.version, a.capacity, a.connected, a.connected_coordinator, \
          a.connected_at, a.last_seen_at, a.in_flight, a.files_transferred, a.bytes_transferred, \

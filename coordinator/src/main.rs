@@ -1,15 +1,37 @@
-//! `ferry-coordinator`: entry point.
+//! ferry coordinator: owns the Postgres schema, the server registry, file
+//! state, task assignment and AMQP notifications. See ARCHITECTURE.md.
 
+mod admin;
+mod agents;
+mod auth;
+mod config;
+mod convert;
+mod db;
+mod discovery;
+mod error;
+mod files;
+mod hostkey;
+mod polls;
+mod post_actions;
+mod registry;
+mod relay;
+mod results;
+mod scheduler;
+mod secrets;
+mod server;
+mod state;
+mod tasks;
+
+use crate::config::{Cli, Command};
 use clap::Parser;
-use ferry_coordinator::config::{Cli, Command};
-use ferry_coordinator::{db, server};
+
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    ferry_common::tls::install_crypto_provider();
+    ferry_proto::tls::install_crypto_provider();
     let cli = Cli::parse();
-    ferry_common::telemetry::init_logging(cli.log_format);
+    ferry_proto::telemetry::init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => {
             let cancel = CancellationToken::new();

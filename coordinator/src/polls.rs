@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ferry_common::proto;
+use ferry_proto as proto;
 use sqlx::PgPool;
 
 use crate::error::ApiResult;
@@ -17,11 +17,11 @@ use crate::registry::{CONNECTION_COLUMNS, ConnectionRow};
 use crate::secrets::SecretBox;
 
 /// How long a poll lease lives without renewal.
-pub const LEASE: Duration = Duration::from_secs(15);
+pub(crate) const LEASE: Duration = Duration::from_secs(15);
 
 /// Renews the leases of `agents` held through this coordinator and drops leases
 /// on servers that were disabled or removed.
-pub async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> ApiResult<()> {
+pub(crate) async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> ApiResult<()> {
     sqlx::query(
         "UPDATE servers SET poll_lease_expires_at = now() + make_interval(secs => $3) \
          WHERE poller_coordinator = $1 AND poller_agent = ANY($2) AND enabled AND deleted_at IS NULL",
@@ -41,7 +41,7 @@ pub async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> ApiResu
 }
 
 /// Releases every lease of `agent` held through this coordinator (agent gone).
-pub async fn release_agent(db: &PgPool, coordinator: &str, agent: &str) -> ApiResult<()> {
+pub(crate) async fn release_agent(db: &PgPool, coordinator: &str, agent: &str) -> ApiResult<()> {
     sqlx::query(
         "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, poll_lease_expires_at = NULL \
          WHERE poller_agent = $1 AND poller_coordinator = $2",
@@ -57,7 +57,7 @@ pub async fn release_agent(db: &PgPool, coordinator: &str, agent: &str) -> ApiRe
 /// `fair_share`. Free: unleased, expired, or leased to this same agent through
 /// another coordinator (the agent has one stream at a time, so after it
 /// reconnected elsewhere that lease is stale). Returns how many were taken.
-pub async fn claim(
+pub(crate) async fn claim(
     db: &PgPool,
     coordinator: &str,
     agent: &str,
@@ -91,7 +91,7 @@ pub async fn claim(
 }
 
 /// Fair share of servers per agent on a site: ceil(live servers / connected agents).
-pub async fn fair_share(db: &PgPool, site: &str) -> ApiResult<i64> {
+pub(crate) async fn fair_share(db: &PgPool, site: &str) -> ApiResult<i64> {
     let (servers, agents): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM servers WHERE site = $1 AND enabled AND deleted_at IS NULL), \
                 (SELECT count(*) FROM agents WHERE site = $1 AND connected \
@@ -122,7 +122,7 @@ struct AssignedRow {
 
 /// The poll assignments `agent` should have now, by server id, each with a
 /// version string that changes whenever the server or one of its watches does.
-pub async fn desired(
+pub(crate) async fn desired(
     db: &PgPool,
     secrets: &SecretBox,
     coordinator: &str,
@@ -196,7 +196,11 @@ pub async fn desired(
 }
 
 /// Records the outcome of a poll, if `agent` still holds the server.
-pub async fn record_report(db: &PgPool, agent: &str, report: &proto::PollReport) -> ApiResult<()> {
+pub(crate) async fn record_report(
+    db: &PgPool,
+    agent: &str,
+    report: &proto::PollReport,
+) -> ApiResult<()> {
     sqlx::query(
         "UPDATE servers SET last_poll_at = now(), last_poll_files = $3, last_poll_error = $4, \
                 last_poll_duration_ms = $5 \

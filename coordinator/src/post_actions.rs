@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use ferry_common::proto::{self, coordinator_message::Body};
+use ferry_proto::{self as proto, coordinator_message::Body};
 
 use crate::agents::Session;
 use crate::registry::{CONNECTION_COLUMNS, ConnectionRow};
@@ -29,13 +29,13 @@ struct Due {
 
 /// Requests already sent and not yet answered, by file id.
 #[derive(Debug, Default)]
-pub struct PostActions {
+pub(crate) struct PostActions {
     sent: HashMap<i64, Instant>,
 }
 
 impl PostActions {
     /// Sends the due post-actions to agents of the right site. Returns how many.
-    pub async fn dispatch(
+    pub(crate) async fn dispatch(
         &mut self,
         coord: &Coordinator,
         sessions: &[Session],

@@ -13,7 +13,7 @@ use crate::secrets::{Credential, SecretBox};
 
 /// A server as stored, without its secret.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ServerRow {
+pub(crate) struct ServerRow {
     pub id: i64,
     pub name: String,
     pub hostname: String,
@@ -40,7 +40,7 @@ const SERVER_COLUMNS: &str = "id, name, hostname, port, username, auth_kind, has
 
 /// A fully validated server definition.
 #[derive(Debug, Clone)]
-pub struct ServerSpec {
+pub(crate) struct ServerSpec {
     pub name: String,
     pub hostname: String,
     pub port: u16,
@@ -53,7 +53,7 @@ pub struct ServerSpec {
 }
 
 /// Checks a credential: exactly one of password / private key, and a key that parses.
-pub fn credential(
+pub(crate) fn credential(
     password: Option<&str>,
     private_key: Option<&str>,
     passphrase: Option<&str>,
@@ -80,19 +80,13 @@ pub fn credential(
             Ok(Credential::Password(p.to_string()))
         }
         (None, Some(pem)) => {
-            russh::keys::decode_secret_key(pem, passphrase).map_err(|e| {
-                FieldError::new(
-                    "private_key",
-                    format!(
-                        "cannot be parsed as an OpenSSH/PEM private key{}: {e}",
-                        if passphrase.is_some() {
-                            " with the given passphrase"
-                        } else {
-                            ""
-                        }
-                    ),
-                )
-            })?;
+            let protection = validate::private_key_shape(pem)?;
+            if protection == validate::KeyProtection::Encrypted && passphrase.is_none() {
+                return Err(FieldError::new(
+                    "passphrase",
+                    "the private_key is encrypted: a passphrase is required",
+                ));
+            }
             Ok(Credential::PrivateKey {
                 pem: pem.to_string(),
                 passphrase: passphrase.map(str::to_string),
@@ -103,7 +97,7 @@ pub fn credential(
 
 impl ServerSpec {
     /// Validates every field except the credential (checked by [`credential`]).
-    pub fn check(&self) -> Result<(), FieldError> {
+    pub(crate) fn check(&self) -> Result<(), FieldError> {
         validate::server_name(&self.name)?;
         validate::hostname(&self.hostname)?;
         validate::port(u32::from(self.port))?;
@@ -144,7 +138,7 @@ fn bind_spec<'q>(
         .bind(spec.enabled)
 }
 
-pub async fn insert_server(
+pub(crate) async fn insert_server(
     db: &PgPool,
     secrets: &SecretBox,
     spec: &ServerSpec,
@@ -162,7 +156,7 @@ pub async fn insert_server(
 }
 
 /// Updates a live server; the credential is re-sealed only when it changed.
-pub async fn update_server(
+pub(crate) async fn update_server(
     db: &PgPool,
     secrets: &SecretBox,
     id: i64,
@@ -188,11 +182,11 @@ pub async fn update_server(
         .ok_or_else(|| server_not_found(id))
 }
 
-pub fn server_not_found(id: i64) -> ApiError {
+pub(crate) fn server_not_found(id: i64) -> ApiError {
     ApiError::NotFound(format!("no server with id {id}"))
 }
 
-pub async fn get_server(db: &PgPool, id: i64) -> ApiResult<ServerRow> {
+pub(crate) async fn get_server(db: &PgPool, id: i64) -> ApiResult<ServerRow> {
     let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE id=$1 AND deleted_at IS NULL");
     sqlx::query_as::<_, ServerRow>(&sql)
         .bind(id)
@@ -201,7 +195,7 @@ pub async fn get_server(db: &PgPool, id: i64) -> ApiResult<ServerRow> {
         .ok_or_else(|| server_not_found(id))
 }
 
-pub async fn get_server_by_name(db: &PgPool, name: &str) -> ApiResult<ServerRow> {
+pub(crate) async fn get_server_by_name(db: &PgPool, name: &str) -> ApiResult<ServerRow> {
     let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE name=$1 AND deleted_at IS NULL");
     sqlx::query_as::<_, ServerRow>(&sql)
         .bind(name)
@@ -210,13 +204,17 @@ pub async fn get_server_by_name(db: &PgPool, name: &str) -> ApiResult<ServerRow>
         .ok_or_else(|| ApiError::NotFound(format!("no server named {name:?}")))
 }
 
-pub async fn list_servers(db: &PgPool) -> ApiResult<Vec<ServerRow>> {
+pub(crate) async fn list_servers(db: &PgPool) -> ApiResult<Vec<ServerRow>> {
     let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE deleted_at IS NULL ORDER BY id");
     Ok(sqlx::query_as::<_, ServerRow>(&sql).fetch_all(db).await?)
 }
 
 /// Decrypts the credential of a live server.
-pub async fn server_credential(db: &PgPool, secrets: &SecretBox, id: i64) -> ApiResult<Credential> {
+pub(crate) async fn server_credential(
+    db: &PgPool,
+    secrets: &SecretBox,
+    id: i64,
+) -> ApiResult<Credential> {
     let sealed: Vec<u8> = sqlx::query_scalar("SELECT secret_ciphertext FROM servers WHERE id=$1")
         .bind(id)
         .fetch_optional(db)
@@ -228,7 +226,7 @@ pub async fn server_credential(db: &PgPool, secrets: &SecretBox, id: i64) -> Api
 /// Soft-deletes a server and its watches: polling stops at once, files and
 /// their history stay (the name becomes free for reuse). Returns the number of
 /// watches removed.
-pub async fn remove_server(db: &PgPool, id: i64) -> ApiResult<u32> {
+pub(crate) async fn remove_server(db: &PgPool, id: i64) -> ApiResult<u32> {
     let mut tx: Transaction<'_, Postgres> = db.begin().await?;
     let found = sqlx::query(
         "UPDATE servers SET deleted_at=now(), enabled=false, poller_agent=NULL, \
@@ -257,7 +255,7 @@ pub async fn remove_server(db: &PgPool, id: i64) -> ApiResult<u32> {
 // ------------------------------------------------------------------ watches
 
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct WatchRow {
+pub(crate) struct WatchRow {
     pub id: i64,
     pub server_id: i64,
     pub server_name: String,
@@ -280,7 +278,7 @@ const WATCH_SELECT: &str = "SELECT w.id, w.server_id, s.name AS server_name, w.d
 
 /// A fully validated watch definition.
 #[derive(Debug, Clone)]
-pub struct WatchSpec {
+pub(crate) struct WatchSpec {
     pub server_id: i64,
     pub directory: String,
     pub glob: String,
@@ -295,7 +293,7 @@ pub struct WatchSpec {
 
 impl WatchSpec {
     /// Validates and normalizes every field.
-    pub fn checked(mut self) -> Result<Self, FieldError> {
+    pub(crate) fn checked(mut self) -> Result<Self, FieldError> {
         self.directory = validate::directory(&self.directory)?;
         self.glob = validate::glob(&self.glob)?;
         self.poll_interval_secs = validate::poll_interval_secs(self.poll_interval_secs)?;
@@ -314,11 +312,11 @@ impl WatchSpec {
     }
 }
 
-pub fn watch_not_found(id: i64) -> ApiError {
+pub(crate) fn watch_not_found(id: i64) -> ApiError {
     ApiError::NotFound(format!("no watch with id {id}"))
 }
 
-pub async fn insert_watch(db: &PgPool, spec: &WatchSpec) -> ApiResult<WatchRow> {
+pub(crate) async fn insert_watch(db: &PgPool, spec: &WatchSpec) -> ApiResult<WatchRow> {
     get_server(db, spec.server_id).await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO watches (server_id, directory, glob, recursive, poll_interval_secs, \
@@ -340,7 +338,7 @@ pub async fn insert_watch(db: &PgPool, spec: &WatchSpec) -> ApiResult<WatchRow> 
     get_watch(db, id).await
 }
 
-pub async fn update_watch(db: &PgPool, id: i64, spec: &WatchSpec) -> ApiResult<WatchRow> {
+pub(crate) async fn update_watch(db: &PgPool, id: i64, spec: &WatchSpec) -> ApiResult<WatchRow> {
     let n = sqlx::query(
         "UPDATE watches SET directory=$2, glob=$3, recursive=$4, poll_interval_secs=$5, \
          min_age_secs=$6, bucket=$7, key_template=$8, post_action=$9, enabled=$10, updated_at=now() \
@@ -365,7 +363,7 @@ pub async fn update_watch(db: &PgPool, id: i64, spec: &WatchSpec) -> ApiResult<W
     get_watch(db, id).await
 }
 
-pub async fn get_watch(db: &PgPool, id: i64) -> ApiResult<WatchRow> {
+pub(crate) async fn get_watch(db: &PgPool, id: i64) -> ApiResult<WatchRow> {
     let sql = format!("{WATCH_SELECT} WHERE w.id=$1 AND w.deleted_at IS NULL");
     sqlx::query_as::<_, WatchRow>(&sql)
         .bind(id)
@@ -375,7 +373,7 @@ pub async fn get_watch(db: &PgPool, id: i64) -> ApiResult<WatchRow> {
 }
 
 /// Live watches, of one server or (`None`) of all.
-pub async fn list_watches(db: &PgPool, server_id: Option<i64>) -> ApiResult<Vec<WatchRow>> {
+pub(crate) async fn list_watches(db: &PgPool, server_id: Option<i64>) -> ApiResult<Vec<WatchRow>> {
     let sql = format!(
         "{WATCH_SELECT} WHERE w.deleted_at IS NULL AND ($1::BIGINT IS NULL OR w.server_id=$1) \
          ORDER BY w.id"
@@ -386,7 +384,7 @@ pub async fn list_watches(db: &PgPool, server_id: Option<i64>) -> ApiResult<Vec<
         .await?)
 }
 
-pub async fn remove_watch(db: &PgPool, id: i64) -> ApiResult<()> {
+pub(crate) async fn remove_watch(db: &PgPool, id: i64) -> ApiResult<()> {
     let n = sqlx::query(
         "UPDATE watches SET deleted_at=now(), enabled=false, updated_at=now() \
          WHERE id=$1 AND deleted_at IS NULL",
@@ -403,7 +401,7 @@ pub async fn remove_watch(db: &PgPool, id: i64) -> ApiResult<()> {
 
 /// How to reach a server, as the agents need it (credential still sealed).
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ConnectionRow {
+pub(crate) struct ConnectionRow {
     pub server_id: i64,
     pub name: String,
     pub hostname: String,
@@ -415,22 +413,22 @@ pub struct ConnectionRow {
 }
 
 /// Columns of [`ConnectionRow`] from `servers s`.
-pub const CONNECTION_COLUMNS: &str = "s.id AS server_id, s.name, s.hostname, s.port, s.username, \
+pub(crate) const CONNECTION_COLUMNS: &str = "s.id AS server_id, s.name, s.hostname, s.port, s.username, \
     s.secret_ciphertext, s.host_key_fingerprint, s.max_sessions";
 
 impl ConnectionRow {
     /// The connection with its decrypted credential, for the agent that needs it.
-    pub fn to_proto(
+    pub(crate) fn to_proto(
         &self,
         secrets: &SecretBox,
-    ) -> anyhow::Result<ferry_common::proto::ServerConnection> {
+    ) -> anyhow::Result<ferry_proto::ServerConnection> {
         let (password, private_key, passphrase) = match secrets.open(&self.secret_ciphertext)? {
             Credential::Password(p) => (p, String::new(), String::new()),
             Credential::PrivateKey { pem, passphrase } => {
                 (String::new(), pem, passphrase.unwrap_or_default())
             }
         };
-        Ok(ferry_common::proto::ServerConnection {
+        Ok(ferry_proto::ServerConnection {
             server_id: self.server_id,
             name: self.name.clone(),
             hostname: self.hostname.clone(),

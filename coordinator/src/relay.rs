@@ -31,7 +31,7 @@ use crate::state::Coordinator;
 
 /// Where and how the relay publishes.
 #[derive(Debug, Clone)]
-pub struct RelayConfig {
+pub(crate) struct RelayConfig {
     /// Broker URL, `amqp://user:pass@host:5672/vhost`.
     pub amqp_url: String,
     /// Durable topic exchange, declared on connect.
@@ -43,9 +43,9 @@ pub struct RelayConfig {
 }
 
 /// AMQP `type` property of every announcement.
-pub const MESSAGE_TYPE: &str = "ferry.file.stored";
+pub(crate) const MESSAGE_TYPE: &str = "ferry.file.stored";
 /// Header carrying the outbox row id, used to match returned messages to rows.
-pub const OUTBOX_ID_HEADER: &str = "ferry-outbox-id";
+pub(crate) const OUTBOX_ID_HEADER: &str = "ferry-outbox-id";
 
 /// Re-read the outbox this often even without a wake-up.
 const IDLE_POLL: Duration = Duration::from_secs(2);
@@ -65,13 +65,13 @@ const MAX_COOLING: usize = 1000;
 
 /// The routing key for a file of `server`: `template` with every `{server}`
 /// replaced.
-pub fn routing_key(template: &str, server: &str) -> String {
+pub(crate) fn routing_key(template: &str, server: &str) -> String {
     template.replace("{server}", server)
 }
 
 /// Publishes the outbox until `cancel` fires. Never returns early: broker and
 /// database outages are logged and retried.
-pub async fn run(coord: Coordinator, cfg: RelayConfig, cancel: CancellationToken) {
+pub(crate) async fn run(coord: Coordinator, cfg: RelayConfig, cancel: CancellationToken) {
     let mut wake = coord.subscribe_file_events();
     let mut cooling = Cooling::default();
     let mut outage = false;

@@ -8,21 +8,21 @@
 use std::time::Duration;
 
 use ferry_common::backoff::Backoff;
-use ferry_common::proto::{self, FailureKind, task_result::Outcome};
+use ferry_proto::{self as proto, FailureKind, task_result::Outcome};
 use sqlx::PgPool;
 
 use crate::error::ApiResult;
 
 /// Retry policy of failed transfers.
 #[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     pub max_attempts: i32,
     pub backoff: Backoff,
 }
 
 /// What happened to a result.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Applied {
+pub(crate) enum Applied {
     /// The file moved to this status.
     Moved(&'static str),
     /// Stale token or the file is not in progress: ignored.
@@ -30,7 +30,7 @@ pub enum Applied {
 }
 
 /// The status after a failure, and when to try again.
-pub fn after_failure(
+pub(crate) fn after_failure(
     kind: FailureKind,
     attempts: i32,
     policy: &RetryPolicy,
@@ -52,7 +52,7 @@ pub fn after_failure(
 }
 
 /// Renews the lease of a running transfer (progress report).
-pub async fn renew_lease(
+pub(crate) async fn renew_lease(
     db: &PgPool,
     file_id: i64,
     token: u64,
@@ -73,7 +73,7 @@ pub async fn renew_lease(
     Ok(n == 1)
 }
 
-pub async fn apply(
+pub(crate) async fn apply(
     db: &PgPool,
     agent: &str,
     result: &proto::TaskResult,
@@ -240,7 +240,7 @@ async fn fail(
 }
 
 /// Fails a claimed file for a reason found before any transfer (e.g. unsafe key).
-pub async fn fail_permanently(
+pub(crate) async fn fail_permanently(
     db: &PgPool,
     coordinator: &str,
     file_id: i64,
@@ -265,7 +265,7 @@ pub async fn fail_permanently(
 }
 
 /// Records the outcome of a post-action (`done`, or the error text).
-pub async fn record_post_action(
+pub(crate) async fn record_post_action(
     db: &PgPool,
     agent: &str,
     r: &proto::PostActionResult,

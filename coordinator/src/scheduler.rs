@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ferry_common::keys::{self, KeyInputs};
-use ferry_common::proto::{self, coordinator_message::Body};
+use ferry_proto::{self as proto, coordinator_message::Body};
 use sqlx::PgPool;
 
 use crate::agents::Session;
@@ -24,20 +24,18 @@ use crate::secrets::SecretBox;
 
 /// A claimed file, ready to become a task assignment.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Claimed {
+pub(crate) struct Claimed {
     pub id: i64,
-    pub server_id: i64,
     pub watch_id: i64,
     pub path: String,
     pub size: i64,
     pub mtime_unix: i64,
     pub fencing_token: i64,
-    pub attempts: i32,
     pub discovered_at: DateTime<Utc>,
 }
 
 /// Servers of `site` that have due files, in a rotating order.
-pub async fn servers_with_due_files(db: &PgPool, site: &str) -> ApiResult<Vec<i64>> {
+pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> ApiResult<Vec<i64>> {
     Ok(sqlx::query_scalar(
         "SELECT s.id FROM servers s \
          WHERE s.site = $1 AND s.enabled AND s.deleted_at IS NULL \
@@ -53,7 +51,7 @@ pub async fn servers_with_due_files(db: &PgPool, site: &str) -> ApiResult<Vec<i6
 
 /// Claims up to `want` due files of one server for `agent`, within the
 /// server's free sessions. Returns the claimed files (possibly none).
-pub async fn claim(
+pub(crate) async fn claim(
     db: &PgPool,
     coordinator: &str,
     agent: &str,
@@ -122,7 +120,7 @@ struct Source {
 
 /// Builds the task for a claimed file. `Err` carries a permanent failure
 /// (e.g. a path that cannot become a safe object key).
-pub async fn assignment(
+pub(crate) async fn assignment(
     db: &PgPool,
     secrets: &SecretBox,
     file: &Claimed,
@@ -173,7 +171,7 @@ pub async fn assignment(
 /// One scheduling round for the agents of `sessions` (all of one site):
 /// rotate over servers with due files, one file per server per turn, giving
 /// each to the agent with the most free capacity. Returns tasks sent.
-pub async fn schedule_site(
+pub(crate) async fn schedule_site(
     db: &PgPool,
     secrets: &SecretBox,
     coordinator: &str,
@@ -239,7 +237,11 @@ pub async fn schedule_site(
 }
 
 /// Requeues transfers whose lease expired (agent died or went silent).
-pub async fn reap_expired(db: &PgPool, coordinator: &str, max_attempts: i32) -> ApiResult<u64> {
+pub(crate) async fn reap_expired(
+    db: &PgPool,
+    coordinator: &str,
+    max_attempts: i32,
+) -> ApiResult<u64> {
     let n = sqlx::query(
         "WITH expired AS ( \
             SELECT id, attempts, lease_owner FROM files \

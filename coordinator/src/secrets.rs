@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// The SFTP credential of one server.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum Credential {
+pub(crate) enum Credential {
     Password(String),
     PrivateKey {
         pem: String,
@@ -40,14 +40,14 @@ impl fmt::Debug for Credential {
 }
 
 impl Credential {
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Credential::Password(_) => "password",
             Credential::PrivateKey { .. } => "private_key",
         }
     }
 
-    pub fn has_passphrase(&self) -> bool {
+    pub(crate) fn has_passphrase(&self) -> bool {
         matches!(
             self,
             Credential::PrivateKey {
@@ -60,7 +60,7 @@ impl Credential {
 
 /// Encrypts and decrypts credentials with one 256-bit key.
 #[derive(Clone)]
-pub struct SecretBox {
+pub(crate) struct SecretBox {
     cipher: Aes256Gcm,
 }
 
@@ -74,21 +74,21 @@ const NONCE_LEN: usize = 12;
 
 impl SecretBox {
     /// Reads the key file: 32 raw bytes, 64 hex characters, or base64 of 32 bytes.
-    pub fn from_key_file(path: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn from_key_file(path: &Path) -> anyhow::Result<Self> {
         let raw = std::fs::read(path)
             .with_context(|| format!("read secret key file {}", path.display()))?;
         let key = parse_key(&raw).with_context(|| format!("secret key file {}", path.display()))?;
         Ok(Self::from_key(&key))
     }
 
-    pub fn from_key(key: &[u8; 32]) -> Self {
+    pub(crate) fn from_key(key: &[u8; 32]) -> Self {
         SecretBox {
             cipher: Aes256Gcm::new(key.into()),
         }
     }
 
     /// `nonce || ciphertext+tag` of the JSON encoding.
-    pub fn seal(&self, credential: &Credential) -> anyhow::Result<Vec<u8>> {
+    pub(crate) fn seal(&self, credential: &Credential) -> anyhow::Result<Vec<u8>> {
         let plain = serde_json::to_vec(credential).context("encode credential")?;
         let nonce_bytes: [u8; NONCE_LEN] = rand::random();
         let sealed = self
@@ -100,7 +100,7 @@ impl SecretBox {
         Ok(out)
     }
 
-    pub fn open(&self, sealed: &[u8]) -> anyhow::Result<Credential> {
+    pub(crate) fn open(&self, sealed: &[u8]) -> anyhow::Result<Credential> {
         if sealed.len() < NONCE_LEN + 16 {
             bail!("stored credential is truncated");
         }
@@ -116,8 +116,8 @@ impl SecretBox {
 }
 
 fn parse_key(raw: &[u8]) -> anyhow::Result<[u8; 32]> {
-    if raw.len() == 32 {
-        return Ok(raw.try_into().expect("length checked"));
+    if let Ok(key) = <[u8; 32]>::try_from(raw) {
+        return Ok(key);
     }
     let text = std::str::from_utf8(raw)
         .context("must be 32 raw bytes, 64 hex characters or base64 of 32 bytes")?

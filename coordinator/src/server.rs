@@ -2,11 +2,11 @@
 //! health and reflection; runs until the cancellation token fires.
 
 use anyhow::Context;
-use ferry_common::proto::{
+use ferry_proto::tls::TlsPaths;
+use ferry_proto::{
     FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
     agent_service_server::AgentServiceServer,
 };
-use ferry_common::tls::TlsPaths;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -33,7 +33,7 @@ fn default_coordinator_id() -> String {
 }
 
 /// Runs `ferry-coordinator serve` until `cancel` fires.
-pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let tls = TlsPaths {
         ca: args.tls_ca.clone(),
         cert: args.tls_cert.clone(),
@@ -69,12 +69,6 @@ pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result
         .build_v1alpha()
         .context("build reflection v1alpha")?;
 
-    let admin = AdminServiceServer::with_interceptor(
-        Admin {
-            coord: coord.clone(),
-        },
-        require_admin,
-    );
     let settings = TaskSettings {
         lease: Duration::from_secs(args.task_lease_secs.max(5)),
         retry: RetryPolicy {
@@ -87,6 +81,13 @@ pub async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result
     };
     let agents = AgentStreams::new(coord.clone(), settings, cancel.clone());
     let agent_service = AgentServiceServer::with_interceptor(agents.clone(), require_agent);
+    let admin = AdminServiceServer::with_interceptor(
+        Admin {
+            coord: coord.clone(),
+            agents: agents.clone(),
+        },
+        require_admin,
+    );
 
     let incoming = TcpIncoming::bind(args.listen)
         .with_context(|| format!("listen on {}", args.listen))?

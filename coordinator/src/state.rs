@@ -16,13 +16,13 @@ use tokio_util::sync::CancellationToken;
 use crate::secrets::SecretBox;
 
 /// Channel names used with `NOTIFY`.
-pub mod channel {
+pub(crate) mod channel {
     /// A `file_events` row was inserted (statement-level trigger).
-    pub const FILE_EVENTS: &str = "ferry_file_events";
+    pub(crate) const FILE_EVENTS: &str = "ferry_file_events";
     /// A server or watch was added, changed or removed.
-    pub const REGISTRY: &str = "ferry_registry";
+    pub(crate) const REGISTRY: &str = "ferry_registry";
     /// Files became due for transfer.
-    pub const FILES_DUE: &str = "ferry_files_due";
+    pub(crate) const FILES_DUE: &str = "ferry_files_due";
 }
 
 #[derive(Debug)]
@@ -38,7 +38,7 @@ fn bump(tx: &watch::Sender<u64>) {
 
 /// Cheap-to-clone handle on everything a request handler or loop needs.
 #[derive(Clone, Debug)]
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     pub db: PgPool,
     pub secrets: SecretBox,
     /// This instance's id, recorded on the agents and leases it holds.
@@ -47,7 +47,7 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(db: PgPool, secrets: SecretBox, id: String) -> Self {
+    pub(crate) fn new(db: PgPool, secrets: SecretBox, id: String) -> Self {
         Coordinator {
             db,
             secrets,
@@ -71,31 +71,31 @@ impl Coordinator {
     }
 
     /// Tells every coordinator that servers or watches changed.
-    pub async fn registry_changed(&self) {
+    pub(crate) async fn registry_changed(&self) {
         bump(&self.signals.registry);
         self.notify(channel::REGISTRY).await;
     }
 
     /// Tells every coordinator's scheduler that files became due.
-    pub async fn files_due(&self) {
+    pub(crate) async fn files_due(&self) {
         bump(&self.signals.files_due);
         self.notify(channel::FILES_DUE).await;
     }
 
-    pub fn subscribe_file_events(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe_file_events(&self) -> watch::Receiver<u64> {
         self.signals.file_events.subscribe()
     }
 
-    pub fn subscribe_registry(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe_registry(&self) -> watch::Receiver<u64> {
         self.signals.registry.subscribe()
     }
 
-    pub fn subscribe_files_due(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe_files_due(&self) -> watch::Receiver<u64> {
         self.signals.files_due.subscribe()
     }
 
     /// Forwards Postgres notifications to the local watch channels until cancelled.
-    pub async fn run_listener(self, cancel: CancellationToken) {
+    pub(crate) async fn run_listener(self, cancel: CancellationToken) {
         loop {
             if let Err(e) = self.listen_once(&cancel).await {
                 tracing::warn!(

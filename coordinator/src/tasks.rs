@@ -4,11 +4,12 @@
 //! - the scheduler hands due files to agents and reaps expired task leases;
 //! - the post-action dispatcher asks agents to delete or move processed files.
 
+use ferry_common::sync::lock;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_common::proto::coordinator_message::Body;
-use ferry_common::proto::{self};
+use ferry_proto as proto;
+use ferry_proto::coordinator_message::Body;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AgentStreams, Session};
@@ -19,7 +20,11 @@ use crate::{polls, scheduler};
 /// Rescan period: the truth when notifications are lost.
 const RESCAN: Duration = Duration::from_secs(3);
 
-pub async fn run_background(coord: Coordinator, agents: AgentStreams, cancel: CancellationToken) {
+pub(crate) async fn run_background(
+    coord: Coordinator,
+    agents: AgentStreams,
+    cancel: CancellationToken,
+) {
     tokio::join!(
         poll_loop(coord.clone(), agents.clone(), cancel.clone()),
         schedule_loop(coord, agents, cancel),
@@ -111,7 +116,7 @@ async fn reconcile_polls(coord: &Coordinator, agents: &AgentStreams) -> anyhow::
 async fn push_assignments(coord: &Coordinator, s: &Session) -> anyhow::Result<()> {
     let desired = polls::desired(&coord.db, &coord.secrets, &coord.id, &s.agent).await?;
     let (to_send, to_revoke) = {
-        let sent = s.sent_polls.lock().expect("sent_polls lock");
+        let sent = lock(&s.sent_polls);
         let to_revoke: Vec<i64> = sent
             .keys()
             .copied()
@@ -131,17 +136,14 @@ async fn push_assignments(coord: &Coordinator, s: &Session) -> anyhow::Result<()
         }))
         .await
         {
-            s.sent_polls.lock().expect("sent_polls lock").remove(&id);
+            lock(&s.sent_polls).remove(&id);
             tracing::info!(agent = %s.agent, server = id, "poll revoked");
         }
     }
     for (id, version, assignment) in to_send {
         let watches = assignment.watches.len();
         if s.send(Body::PollAssignment(assignment)).await {
-            s.sent_polls
-                .lock()
-                .expect("sent_polls lock")
-                .insert(id, version);
+            lock(&s.sent_polls).insert(id, version);
             tracing::info!(agent = %s.agent, server = id, watches, "poll assigned");
         }
     }

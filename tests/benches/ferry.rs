@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_common::proto;
+use ferry_proto as proto;
 use ferry_tests::{Agent, AgentOptions, Coordinator, S3Server, Sshd, TestDb, TestPki, eventually};
 
 fn env_or(name: &str, default: &str) -> String {

@@ -1,7 +1,7 @@
 //! AdminService through the generated client: CRUD round trips, validation of
 //! every bad input (with the tables unchanged afterwards), secrets at rest.
 
-use ferry_common::proto::{self, admin_service_client::AdminServiceClient};
+use ferry_proto::{self as proto, admin_service_client::AdminServiceClient};
 use ferry_tests::{Coordinator, TestDb, TestPki};
 use tonic::Code;
 use tonic::transport::Channel;

@@ -96,17 +96,35 @@ async fn ferryctl_crud_round_trip_with_trust_on_first_use() {
     );
     assert!(out.stderr.contains("--trust-host-key"), "{}", out.stderr);
 
-    let probe = ctl
-        .json(&[
-            "--json",
-            "servers",
-            "probe",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port,
-        ])
-        .await;
+    // The coordinator never opens SSH itself: with no agent of the site
+    // connected, the probe is refused with a message naming the site.
+    let probe_args = [
+        "--json",
+        "servers",
+        "probe",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+    ];
+    let out = ctl.run(&probe_args).await;
+    assert_eq!(out.status, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Unavailable") && out.stderr.contains("no agent of site \"default\""),
+        "{}",
+        out.stderr
+    );
+    let _default_agent = s.agent("probe-default", "default").await;
+    let _lab_agent = s.agent("probe-lab", "lab").await;
+    let probe = eventually("a probe through the default site's agent", WAIT, || {
+        let ctl = &ctl;
+        async move {
+            let out = ctl.run(&probe_args).await;
+            out.success()
+                .then(|| serde_json::from_str::<Value>(&out.stdout).unwrap())
+        }
+    })
+    .await;
     assert_eq!(probe["fingerprint"], s.sshd.host_key_fingerprint());
 
     let added = ctl

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ferry_common::proto;
+use ferry_proto as proto;
 use ferry_tests::{TestDb, eventually};
 
 use crate::stack::{Stack, WAIT};

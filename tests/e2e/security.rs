@@ -2,10 +2,11 @@
 
 use std::process::Command;
 
-use ferry_common::proto::{
-    self, admin_service_client::AdminServiceClient, agent_service_client::AgentServiceClient,
+use ferry_proto::tls::TlsPaths;
+use ferry_proto::{
+    self as proto, admin_service_client::AdminServiceClient,
+    agent_service_client::AgentServiceClient,
 };
-use ferry_common::tls::TlsPaths;
 use ferry_tests::{CertFiles, Coordinator, TestDb, TestPki};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};

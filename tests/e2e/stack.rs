@@ -4,14 +4,14 @@
 
 use std::time::Duration;
 
-use ferry_common::proto::{self, admin_service_client::AdminServiceClient};
+use ferry_proto::{self as proto, admin_service_client::AdminServiceClient};
 use ferry_tests::{Agent, AgentOptions, Coordinator, Sshd, TestDb, TestPki, eventually};
 use tonic::transport::Channel;
 
-pub const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
 /// A coordinator, an sshd and an admin client.
-pub struct Stack {
+pub(crate) struct Stack {
     pub db: TestDb,
     pub pki: TestPki,
     pub coord: Coordinator,
@@ -20,12 +20,12 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub async fn new() -> Stack {
+    pub(crate) async fn new() -> Stack {
         Stack::with_coordinator_env(&[]).await
     }
 
     /// Like [`Stack::new`], with extra coordinator environment variables.
-    pub async fn with_coordinator_env(env: &[(&str, &str)]) -> Stack {
+    pub(crate) async fn with_coordinator_env(env: &[(&str, &str)]) -> Stack {
         let db = TestDb::create().await;
         let pki = TestPki::new();
         let coord = Coordinator::start_with_env(&db, &pki, env).await;
@@ -40,7 +40,7 @@ impl Stack {
         }
     }
 
-    pub fn server_req(&self, name: &str) -> proto::AddServerRequest {
+    pub(crate) fn server_req(&self, name: &str) -> proto::AddServerRequest {
         proto::AddServerRequest {
             name: name.into(),
             hostname: "127.0.0.1".into(),
@@ -52,12 +52,12 @@ impl Stack {
         }
     }
 
-    pub async fn add_server(&mut self, req: proto::AddServerRequest) -> i64 {
+    pub(crate) async fn add_server(&mut self, req: proto::AddServerRequest) -> i64 {
         self.admin.add_server(req).await.unwrap().into_inner().id
     }
 
     /// A watch on `rel` (under the sshd data root), polled every second.
-    pub async fn add_watch(&mut self, server_id: i64, rel: &str, glob: &str) -> i64 {
+    pub(crate) async fn add_watch(&mut self, server_id: i64, rel: &str, glob: &str) -> i64 {
         self.sshd.mkdir(rel);
         self.admin
             .add_watch(proto::AddWatchRequest {
@@ -75,7 +75,7 @@ impl Stack {
     }
 
     /// A discovery-only agent (capacity 0: it polls but takes no transfers).
-    pub async fn agent(&self, name: &str, site: &str) -> Agent {
+    pub(crate) async fn agent(&self, name: &str, site: &str) -> Agent {
         let opts = AgentOptions {
             site: site.into(),
             capacity: 0,
@@ -84,26 +84,26 @@ impl Stack {
         self.agent_with(name, opts).await
     }
 
-    pub async fn agent_with(&self, name: &str, opts: AgentOptions) -> Agent {
+    pub(crate) async fn agent_with(&self, name: &str, opts: AgentOptions) -> Agent {
         Agent::start(name, &self.pki.agent(name), &[self.coord.endpoint()], opts).await
     }
 
     /// (path, size, status) of every file row, by path.
-    pub async fn files(&self) -> Vec<(String, i64, String)> {
+    pub(crate) async fn files(&self) -> Vec<(String, i64, String)> {
         sqlx::query_as("SELECT path, size, status FROM files ORDER BY path, size")
             .fetch_all(self.db.pool())
             .await
             .unwrap()
     }
 
-    pub async fn file_count(&self) -> i64 {
+    pub(crate) async fn file_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM files")
             .fetch_one(self.db.pool())
             .await
             .unwrap()
     }
 
-    pub async fn server(&mut self, id: i64) -> proto::Server {
+    pub(crate) async fn server(&mut self, id: i64) -> proto::Server {
         self.admin
             .get_server(proto::GetServerRequest {
                 id,
@@ -115,7 +115,7 @@ impl Stack {
     }
 
     /// Waits until the server reports `n` more completed polls than now.
-    pub async fn wait_polls(&mut self, id: i64, n: u32) {
+    pub(crate) async fn wait_polls(&mut self, id: i64, n: u32) {
         for _ in 0..n {
             let before = self.server(id).await.health.and_then(|h| h.last_poll_at);
             let admin = self.admin.clone();
@@ -139,7 +139,12 @@ impl Stack {
     }
 
     /// Waits until the server's current poller satisfies `ok`; returns its name.
-    pub async fn wait_poller(&self, id: i64, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    pub(crate) async fn wait_poller(
+        &self,
+        id: i64,
+        what: &str,
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
         let ok = &ok;
         eventually(what, WAIT, || {
             let mut admin = self.admin.clone();

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ferry_common::proto;
+use ferry_proto as proto;
 use ferry_tests::{
     AgentOptions, AmqpMessage, AmqpQueue, S3Server, TcpProxy, eventually, unique_exchange,
 };

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ferry_common::domain::Role;
-use ferry_common::pki::{PemPair, Subject, create_ca, issue};
-use ferry_common::tls::TlsPaths;
+use ferry_proto::tls::TlsPaths;
+use ferryctl::pki::{PemPair, Subject, create_ca, issue};
 
 use crate::util::{LogDir, random_hex};
 
@@ -20,7 +20,7 @@ pub struct CertFiles {
 }
 
 impl CertFiles {
-    /// The same paths as [`TlsPaths`], for `ferry_common::tls`.
+    /// The same paths as [`TlsPaths`], for `ferry_proto::tls`.
     pub fn tls_paths(&self) -> TlsPaths {
         TlsPaths {
             ca: self.ca.clone(),

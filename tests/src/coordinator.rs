@@ -8,7 +8,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_common::proto::admin_service_client::AdminServiceClient;
+use ferry_proto::admin_service_client::AdminServiceClient;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdout, Command};
 use tonic::transport::Channel;
@@ -44,7 +44,7 @@ impl Coordinator {
     /// Like [`Coordinator::start`] with extra environment variables
     /// (they override the defaults, e.g. `RUST_LOG`).
     pub async fn start_with_env(db: &TestDb, pki: &TestPki, extra: &[(&str, &str)]) -> Self {
-        ferry_common::tls::install_crypto_provider();
+        ferry_proto::tls::install_crypto_provider();
         let dir = LogDir::new("coordinator").unwrap_or_else(|e| panic!("{e:#}"));
         let certs = pki.coordinator();
         let mut env: Vec<(String, String)> = [
@@ -173,7 +173,7 @@ impl Coordinator {
 
     /// An mTLS channel to the coordinator presenting `certs`.
     pub async fn channel(&self, certs: &CertFiles) -> anyhow::Result<Channel> {
-        ferry_common::tls::install_crypto_provider();
+        ferry_proto::tls::install_crypto_provider();
         let tls = certs
             .tls_paths()
             .load()

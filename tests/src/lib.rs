@@ -37,5 +37,5 @@ pub use util::{
 
 /// Installs the process-wide rustls crypto provider (aws-lc-rs); idempotent.
 pub fn init() {
-    ferry_common::tls::install_crypto_provider();
+    ferry_proto::tls::install_crypto_provider();
 }

@@ -40,7 +40,7 @@ const MAX_READ_CHUNK: u32 = 256 * 1024 - 1024;
 
 /// OpenSSH-style fingerprint of a public key: `SHA256:` + unpadded base64 of
 /// the SHA-256 of the wire-encoded key, exactly what `ssh-keygen -lf` prints.
-pub fn fingerprint(key: &PublicKey) -> String {
+pub(crate) fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
 
@@ -157,7 +157,7 @@ enum Credentials<'a> {
 
 /// Connects, verifies the pinned host key, logs in and opens the SFTP
 /// subsystem. The whole sequence is bounded by `t.connect`.
-pub async fn connect(ep: &ServerEndpoint, t: &Timeouts) -> Result<SftpSession, SftpError> {
+pub(crate) async fn connect(ep: &ServerEndpoint, t: &Timeouts) -> Result<SftpSession, SftpError> {
     // A bad key is a configuration error: report it without touching the network.
     let credentials = match &ep.auth {
         Auth::Password(password) => Credentials::Password(password),
@@ -419,7 +419,7 @@ async fn login_key(
 /// handshake and aborts before authenticating. Returns the key's
 /// fingerprint (`SHA256:...`) and algorithm (e.g. `ssh-ed25519`): the key
 /// russh negotiates, i.e. the one [`connect`] will check against the pin.
-pub async fn probe_host_key(
+pub(crate) async fn probe_host_key(
     hostname: &str,
     port: u16,
     timeout: Duration,

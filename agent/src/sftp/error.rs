@@ -1,14 +1,12 @@
 //! [`SftpError`], the error callers of the `sftp` module branch on, and the
 //! single place where russh and russh-sftp errors are classified into it.
 
-use std::io;
-
 use russh_sftp::client::error::Error as SftpLibError;
 use russh_sftp::protocol::StatusCode;
 
 /// Why an SFTP operation failed, phrased for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SftpError {
+pub(crate) enum SftpError {
     /// The server presented a different host key than the pinned one.
     #[error("host key mismatch: expected {expected}, server presented {actual}")]
     HostKeyMismatch { expected: String, actual: String },
@@ -51,27 +49,9 @@ pub enum SftpError {
 }
 
 impl SftpError {
-    /// True when retrying the same operation later (on a new session) may
-    /// succeed without anyone changing configuration.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            SftpError::Connect(_)
-            | SftpError::Timeout(_)
-            | SftpError::Disconnected(_)
-            | SftpError::Failure { .. } => true,
-            SftpError::HostKeyMismatch { .. }
-            | SftpError::HostKeyUnknown { .. }
-            | SftpError::AuthFailed { .. }
-            | SftpError::InvalidKey(_)
-            | SftpError::NotFound(_)
-            | SftpError::PermissionDenied(_)
-            | SftpError::Protocol(_) => false,
-        }
-    }
-
     /// True when the session that produced this error should not be reused
     /// (return it to no pool; open a new one).
-    pub fn breaks_session(&self) -> bool {
+    pub(crate) fn breaks_session(&self) -> bool {
         matches!(
             self,
             SftpError::Connect(_)
@@ -80,41 +60,7 @@ impl SftpError {
                 | SftpError::Protocol(_)
         )
     }
-
-    /// Recovers the [`SftpError`] carried by an `io::Error` from
-    /// [`RemoteReader`](super::RemoteReader), or classifies a plain one.
-    pub fn from_io(err: io::Error) -> SftpError {
-        let kind = err.kind();
-        match err.into_inner().map(|inner| inner.downcast::<SftpError>()) {
-            Some(Ok(sftp)) => *sftp,
-            Some(Err(other)) => io_kind_error(kind, other.to_string()),
-            None => io_kind_error(kind, kind.to_string()),
-        }
-    }
-
-    /// Wraps this error in an `io::Error` of a matching kind (for
-    /// `AsyncRead` implementations); [`SftpError::from_io`] undoes it.
-    pub fn into_io(self) -> io::Error {
-        let kind = match &self {
-            SftpError::NotFound(_) => io::ErrorKind::NotFound,
-            SftpError::PermissionDenied(_) => io::ErrorKind::PermissionDenied,
-            SftpError::Timeout(_) => io::ErrorKind::TimedOut,
-            SftpError::Disconnected(_) => io::ErrorKind::ConnectionAborted,
-            _ => io::ErrorKind::Other,
-        };
-        io::Error::new(kind, self)
-    }
 }
-
-fn io_kind_error(kind: io::ErrorKind, message: String) -> SftpError {
-    match kind {
-        io::ErrorKind::NotFound => SftpError::NotFound(message),
-        io::ErrorKind::PermissionDenied => SftpError::PermissionDenied(message),
-        io::ErrorKind::TimedOut => SftpError::Timeout("sftp request"),
-        _ => SftpError::Disconnected(message),
-    }
-}
-
 /// A failure from either library, classified by [`classify`].
 pub(crate) enum LibError {
     Ssh(russh::Error),
@@ -233,6 +179,7 @@ fn classify_sftp(err: SftpLibError, path: &str) -> SftpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_proto::FailureKind;
     use russh_sftp::protocol::Status;
 
     fn status(code: StatusCode, message: &str) -> SftpLibError {
@@ -242,6 +189,14 @@ mod tests {
             error_message: message.to_owned(),
             language_tag: "en".to_owned(),
         })
+    }
+
+    /// The one classification of failures (`transfer::failure::classify`).
+    fn kind(err: SftpError) -> FailureKind {
+        let failure = crate::transfer::failure::classify(
+            &crate::transfer::failure::TransferError::sftp("op", err),
+        );
+        FailureKind::try_from(failure.kind).unwrap()
     }
 
     #[test]
@@ -259,7 +214,8 @@ mod tests {
             failure.to_string(),
             "/out/x: server reported failure: disk full"
         );
-        assert!(failure.is_transient() && !failure.breaks_session());
+        assert_eq!(kind(failure.clone()), FailureKind::Transient);
+        assert!(!failure.breaks_session());
         assert!(matches!(
             classify(status(StatusCode::OpUnsupported, "nope"), "/x"),
             SftpError::Protocol(_)
@@ -279,10 +235,16 @@ mod tests {
 
     #[test]
     fn ssh_errors_map_to_transient_or_permanent() {
-        assert!(classify(russh::Error::KeepaliveTimeout, "h:22").is_transient());
-        assert!(classify(russh::Error::HUP, "h:22").is_transient());
+        assert_eq!(
+            kind(classify(russh::Error::KeepaliveTimeout, "h:22")),
+            FailureKind::Transient
+        );
+        assert_eq!(
+            kind(classify(russh::Error::HUP, "h:22")),
+            FailureKind::Transient
+        );
         let version = classify(russh::Error::Version, "h:22");
-        assert!(!version.is_transient() && version.breaks_session());
+        assert!(version.breaks_session());
     }
 
     #[test]
@@ -295,7 +257,8 @@ mod tests {
             mismatch.to_string(),
             "host key mismatch: expected SHA256:aaa, server presented SHA256:bbb"
         );
-        assert!(!mismatch.is_transient());
+        // Per-server configuration an operator fixes: retried within max_attempts.
+        assert_eq!(kind(mismatch), FailureKind::Transient);
         let auth = SftpError::AuthFailed {
             user: "alice".into(),
             methods: "publickey,password".into(),
@@ -304,19 +267,6 @@ mod tests {
             auth.to_string(),
             "authentication failed for user alice (server accepts: publickey,password)"
         );
-        assert!(!auth.is_transient());
-    }
-
-    #[test]
-    fn io_round_trip_keeps_the_classification() {
-        let original = SftpError::NotFound("/in/gone.csv".into());
-        let io = original.clone().into_io();
-        assert_eq!(io.kind(), io::ErrorKind::NotFound);
-        assert_eq!(SftpError::from_io(io), original);
-        let plain = io::Error::from(io::ErrorKind::TimedOut);
-        assert_eq!(
-            SftpError::from_io(plain),
-            SftpError::Timeout("sftp request")
-        );
+        assert_eq!(kind(auth), FailureKind::Transient);
     }
 }

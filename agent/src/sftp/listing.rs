@@ -5,19 +5,21 @@
 //! servers fill with `lstat` semantics: a symlink shows up as a symlink and is
 //! skipped, so links can neither escape the watched tree nor loop.
 
+use std::sync::Arc;
+
 use globset::GlobMatcher;
+use russh_sftp::client::RawSftpSession;
 use russh_sftp::client::error::Error as SftpLibError;
 use russh_sftp::protocol::{FileAttributes, StatusCode};
 
 use super::error::SftpError;
-use super::reader::close_in_background;
 use super::session::{FileKind, RemoteFile, SftpSession};
 
 /// A listing in progress; see [`SftpSession::listing`].
 ///
 /// Holds at most one open directory handle on the server. Dropping it early
 /// closes that handle in the background.
-pub struct Listing<'a> {
+pub(crate) struct Listing<'a> {
     session: &'a SftpSession,
     glob: &'a GlobMatcher,
     recursive: bool,
@@ -66,7 +68,7 @@ impl<'a> Listing<'a> {
     /// The watch directory itself failing (missing: [`SftpError::NotFound`],
     /// unreadable, ...) is an error. A subdirectory that vanished or cannot
     /// be read is skipped (logged), so one bad subtree does not hide the rest.
-    pub async fn next_batch(&mut self) -> Result<Option<Vec<RemoteFile>>, SftpError> {
+    pub(crate) async fn next_batch(&mut self) -> Result<Option<Vec<RemoteFile>>, SftpError> {
         loop {
             let Some(dir) = &self.open else {
                 if self.open_next_dir().await? {
@@ -267,6 +269,19 @@ fn join(dir: &str, name: &str) -> String {
         format!("{dir}{name}")
     } else {
         format!("{dir}/{name}")
+    }
+}
+
+/// Sends `CLOSE` for `handle` without waiting for the answer, if a Tokio
+/// runtime is around to run it (otherwise the server frees the handle when
+/// the channel closes).
+fn close_in_background(sftp: Arc<RawSftpSession>, handle: String) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(e) = sftp.close(handle).await {
+                tracing::debug!(error = %e, "closing abandoned SFTP handle");
+            }
+        });
     }
 }
 

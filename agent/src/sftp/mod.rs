@@ -21,21 +21,18 @@
 mod connect;
 mod error;
 mod listing;
-mod reader;
 mod session;
 
 use std::fmt;
 use std::time::Duration;
 
-pub use connect::{connect, fingerprint, probe_host_key};
-pub use error::SftpError;
-pub use listing::Listing;
-pub use reader::RemoteReader;
-pub use session::{FileKind, FileStat, RemoteFile, SftpSession};
+pub(crate) use connect::{connect, probe_host_key};
+pub(crate) use error::SftpError;
+pub(crate) use session::{FileKind, FileStat, SftpSession};
 
 /// Where and how to log in to one SFTP server.
 #[derive(Clone)]
-pub struct ServerEndpoint {
+pub(crate) struct ServerEndpoint {
     pub hostname: String,
     pub port: u16,
     pub username: String,
@@ -49,7 +46,7 @@ pub struct ServerEndpoint {
 
 /// Login secret. `Debug` never prints the secret itself.
 #[derive(Clone)]
-pub enum Auth {
+pub(crate) enum Auth {
     Password(String),
     /// OpenSSH (`-----BEGIN OPENSSH PRIVATE KEY-----`), PKCS#1/PKCS#8 PEM or
     /// PuTTY key text, optionally encrypted with `passphrase`.
@@ -86,7 +83,7 @@ impl fmt::Debug for Auth {
 
 /// Time limits for one SFTP connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// Whole connection setup: DNS, TCP, SSH handshake, authentication and
     /// SFTP initialisation.
     pub connect: Duration,

@@ -8,16 +8,15 @@ use std::time::{Duration, Instant};
 use globset::GlobMatcher;
 use russh::client::Handle;
 use russh_sftp::client::RawSftpSession;
-use russh_sftp::protocol::{FileAttributes, OpenFlags};
+use russh_sftp::protocol::FileAttributes;
 
 use super::connect::PinnedHostKey;
 use super::error::{LibError, SftpError, classify};
 use super::listing::Listing;
-use super::reader::RemoteReader;
 
 /// A regular file found by a listing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RemoteFile {
+pub(crate) struct RemoteFile {
     /// Absolute remote path.
     pub path: String,
     pub size: u64,
@@ -27,7 +26,7 @@ pub struct RemoteFile {
 
 impl RemoteFile {
     /// The (size, mtime) pair the stability rule compares across polls.
-    pub fn observation(&self) -> ferry_common::stability::Observation {
+    pub(crate) fn observation(&self) -> ferry_common::stability::Observation {
         ferry_common::stability::Observation {
             size: self.size,
             mtime_unix: self.mtime_unix,
@@ -37,7 +36,7 @@ impl RemoteFile {
 
 /// What an entry is, from the `S_IFMT` bits of its mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
+pub(crate) enum FileKind {
     File,
     Dir,
     Symlink,
@@ -63,7 +62,7 @@ impl FileKind {
 
 /// Attributes of one path; fields the server did not send are `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileStat {
+pub(crate) struct FileStat {
     pub kind: FileKind,
     pub size: Option<u64>,
     pub mtime_unix: Option<i64>,
@@ -84,7 +83,7 @@ impl FileStat {
 /// Methods take `&self` and may run concurrently (SFTP requests are
 /// multiplexed by id). Dropping the session closes the channel and the
 /// connection.
-pub struct SftpSession {
+pub(crate) struct SftpSession {
     ssh: Handle<PinnedHostKey>,
     sftp: Arc<RawSftpSession>,
     read_chunk: u32,
@@ -116,43 +115,43 @@ impl SftpSession {
     /// not wrap (a pipelined reader issues `read(handle, offset, len)`
     /// requests concurrently on it). Map its errors with
     /// [`SftpSession::map_error`]. Request timeouts are already applied.
-    pub fn raw(&self) -> &Arc<RawSftpSession> {
+    pub(crate) fn raw(&self) -> &Arc<RawSftpSession> {
         &self.sftp
     }
 
     /// Bytes per SFTP read request this server accepts (from
     /// `limits@openssh.com`, else 32 KiB): the natural pipelining unit.
-    pub fn read_chunk(&self) -> u32 {
+    pub(crate) fn read_chunk(&self) -> u32 {
         self.read_chunk
     }
 
     /// `user@host:port` of this session.
-    pub fn target(&self) -> &str {
+    pub(crate) fn target(&self) -> &str {
         &self.target
     }
 
     /// Classifies an error from [`SftpSession::raw`] the way this type's own
     /// methods do.
-    pub fn map_error(&self, err: russh_sftp::client::error::Error, path: &str) -> SftpError {
+    pub(crate) fn map_error(&self, err: russh_sftp::client::error::Error, path: &str) -> SftpError {
         self.error(err, path)
     }
 
     /// False once the SSH connection has ended (server closed it, keepalive
     /// or inactivity timeout, [`SftpSession::close`]).
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         !self.ssh.is_closed()
     }
 
     /// Time since the last operation was started on this session (or since
     /// it was opened); for closing pooled sessions nobody uses.
-    pub fn idle_for(&self) -> Duration {
+    pub(crate) fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
         self.opened.elapsed().saturating_sub(last)
     }
 
     /// Closes the SFTP channel and disconnects. Best effort: a connection
     /// that is already gone is not an error.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         if let Err(e) = self.sftp.close_session() {
             tracing::debug!(target = %self.target, error = %e, "closing SFTP channel");
         }
@@ -166,7 +165,7 @@ impl SftpSession {
     }
 
     /// Attributes of `path`, following symlinks (SFTP `STAT`).
-    pub async fn stat(&self, path: &str) -> Result<FileStat, SftpError> {
+    pub(crate) async fn stat(&self, path: &str) -> Result<FileStat, SftpError> {
         self.touch();
         let attrs = self
             .sftp
@@ -178,7 +177,7 @@ impl SftpSession {
 
     /// Attributes of `path` itself, not following a symlink (SFTP `LSTAT`),
     /// like the listing sees it.
-    pub async fn lstat(&self, path: &str) -> Result<FileStat, SftpError> {
+    pub(crate) async fn lstat(&self, path: &str) -> Result<FileStat, SftpError> {
         self.touch();
         let attrs = self
             .sftp
@@ -188,26 +187,8 @@ impl SftpSession {
         Ok(FileStat::from_attrs(&attrs.attrs))
     }
 
-    /// Opens `path` for reading. The reader issues one request at a time;
-    /// throughput-sensitive code should pipeline reads on [`SftpSession::raw`].
-    pub async fn open_read(&self, path: &str) -> Result<RemoteReader, SftpError> {
-        self.touch();
-        let handle = self
-            .sftp
-            .open(path, OpenFlags::READ, FileAttributes::empty())
-            .await
-            .map_err(|e| self.error(e, path))?
-            .handle;
-        Ok(RemoteReader::new(
-            self.sftp.clone(),
-            handle,
-            path.to_owned(),
-            self.read_chunk,
-        ))
-    }
-
     /// Deletes the file `path`.
-    pub async fn remove(&self, path: &str) -> Result<(), SftpError> {
+    pub(crate) async fn remove(&self, path: &str) -> Result<(), SftpError> {
         self.touch();
         self.sftp
             .remove(path)
@@ -218,7 +199,7 @@ impl SftpSession {
 
     /// Renames `from` to `to` with plain SFTP v3 `RENAME`, which never
     /// replaces an existing `to` (OpenSSH answers `Failure`).
-    pub async fn rename(&self, from: &str, to: &str) -> Result<(), SftpError> {
+    pub(crate) async fn rename(&self, from: &str, to: &str) -> Result<(), SftpError> {
         self.touch();
         self.sftp
             .rename(from, to)
@@ -235,7 +216,7 @@ impl SftpSession {
 
     /// Creates `dir` and any missing parents; succeeds if it already exists
     /// (also when another client creates it concurrently).
-    pub async fn mkdir_all(&self, dir: &str) -> Result<(), SftpError> {
+    pub(crate) async fn mkdir_all(&self, dir: &str) -> Result<(), SftpError> {
         self.touch();
         // Common case first: the directory is already there.
         if let Ok(FileStat {
@@ -284,29 +265,14 @@ impl SftpSession {
         Ok(())
     }
 
-    /// Every regular file under `dir` whose file name matches `glob`,
-    /// descending into subdirectories when `recursive`. Symlinks and special
-    /// files are skipped. A missing `dir` is [`SftpError::NotFound`].
-    ///
-    /// Collects the whole result; use [`SftpSession::listing`] to process
-    /// huge trees batch by batch.
-    pub async fn list(
-        &self,
-        dir: &str,
-        glob: &GlobMatcher,
-        recursive: bool,
-    ) -> Result<Vec<RemoteFile>, SftpError> {
-        let mut listing = self.listing(dir, glob, recursive);
-        let mut files = Vec::new();
-        while let Some(batch) = listing.next_batch().await? {
-            files.extend(batch);
-        }
-        Ok(files)
-    }
-
     /// Streaming form of [`SftpSession::list`]: yields matches one server
     /// `READDIR` reply at a time (OpenSSH sends ~100 names per reply).
-    pub fn listing<'a>(&'a self, dir: &str, glob: &'a GlobMatcher, recursive: bool) -> Listing<'a> {
+    pub(crate) fn listing<'a>(
+        &'a self,
+        dir: &str,
+        glob: &'a GlobMatcher,
+        recursive: bool,
+    ) -> Listing<'a> {
         Listing::new(self, dir, glob, recursive)
     }
 

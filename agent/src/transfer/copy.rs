@@ -6,12 +6,13 @@
 //! Memory per transfer is bounded by the read window (about 4 MiB of
 //! requests in flight) plus `PARTS_IN_FLIGHT + 1` part buffers.
 
+use ferry_common::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::types::CompletedPart;
-use ferry_common::proto;
+use ferry_proto as proto;
 use futures::StreamExt;
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::client::error::Error as SftpLibError;
@@ -27,14 +28,14 @@ use super::sizing::{part_size, read_window};
 use crate::sftp::{FileKind, FileStat, SftpError, SftpSession};
 
 /// Part uploads running at once; one more part fills meanwhile.
-pub const PARTS_IN_FLIGHT: usize = 2;
+pub(crate) const PARTS_IN_FLIGHT: usize = 2;
 /// Least time between two progress reports.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Copies the file a task names from its SFTP server to S3 and says how it
 /// went. `progress` is called with the bytes read so far, at most about
 /// once a second.
-pub async fn transfer(
+pub(crate) async fn transfer(
     task: &proto::TaskAssignment,
     pool: &SessionPool,
     s3: &S3Target,
@@ -118,7 +119,7 @@ async fn checkout_and_stat(
 
 /// How `stat` differs from the version the task names, or `None`. Fields
 /// the server did not send are not compared.
-pub fn describe_change(size: u64, mtime_unix: i64, stat: &FileStat) -> Option<String> {
+pub(crate) fn describe_change(size: u64, mtime_unix: i64, stat: &FileStat) -> Option<String> {
     if !matches!(stat.kind, FileKind::File | FileKind::Unknown) {
         return Some(format!("now a {:?}, not a regular file", stat.kind).to_lowercase());
     }
@@ -191,7 +192,10 @@ async fn copy_single(
 }
 
 /// Large file: multipart upload; aborted on any failure.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the open source handle, target, sizing and progress of one copy"
+)]
 async fn copy_multipart(
     task: &proto::TaskAssignment,
     server: &str,
@@ -424,7 +428,7 @@ impl<'a> Multipart<'a> {
 
     /// An emptied buffer of an uploaded part, if one came back.
     fn take_spare(&self) -> Option<Vec<u8>> {
-        self.spare.lock().expect("spare lock").pop()
+        lock(&self.spare).pop()
     }
 
     /// Starts uploading `body` as the next part, after waiting for a free
@@ -461,7 +465,7 @@ impl<'a> Multipart<'a> {
             if let Ok(buffer) = ours.try_into_mut() {
                 let mut buffer = Vec::from(buffer);
                 buffer.clear();
-                spare.lock().expect("spare lock").push(buffer);
+                lock(&spare).push(buffer);
             }
             result
         });

@@ -10,7 +10,7 @@ use std::fmt;
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use ferry_common::proto;
+use ferry_proto as proto;
 
 use crate::sftp::SftpError;
 
@@ -33,7 +33,7 @@ const PERMANENT_S3_CODES: &[&str] = &[
 /// Why a transfer failed. `Display` is the message reported to the
 /// coordinator (after the kind decided by [`classify`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TransferError {
+pub(crate) enum TransferError {
     /// An SFTP operation failed; `op` names it and its path
     /// (`read /in/a.csv at offset 8388608`).
     Sftp { op: String, err: SftpError },
@@ -60,13 +60,22 @@ impl fmt::Display for TransferError {
     }
 }
 
+impl StdError for TransferError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            TransferError::Sftp { err, .. } => Some(err),
+            _ => None,
+        }
+    }
+}
+
 impl TransferError {
-    pub fn sftp(op: impl Into<String>, err: SftpError) -> Self {
+    pub(crate) fn sftp(op: impl Into<String>, err: SftpError) -> Self {
         TransferError::Sftp { op: op.into(), err }
     }
 
     /// Flattens an SDK error of the S3 operation `op`.
-    pub fn s3<E>(op: impl Into<String>, err: &SdkError<E, HttpResponse>) -> Self
+    pub(crate) fn s3<E>(op: impl Into<String>, err: &SdkError<E, HttpResponse>) -> Self
     where
         E: ProvideErrorMetadata + StdError + 'static,
     {
@@ -79,7 +88,7 @@ impl TransferError {
 
 /// How an S3 request failed, independent of the SDK's types.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum S3FaultKind {
+pub(crate) enum S3FaultKind {
     /// No answer in time (connect or attempt timeout).
     Timeout,
     /// The request never got an HTTP response: refused, reset, DNS, TLS.
@@ -93,7 +102,7 @@ pub enum S3FaultKind {
 
 /// A flattened S3 SDK error.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Fault {
+pub(crate) struct S3Fault {
     pub kind: S3FaultKind,
     /// HTTP status of the error response, if one arrived.
     pub status: Option<u16>,
@@ -105,7 +114,7 @@ pub struct S3Fault {
 }
 
 impl S3Fault {
-    pub fn from_sdk<E>(err: &SdkError<E, HttpResponse>) -> S3Fault
+    pub(crate) fn from_sdk<E>(err: &SdkError<E, HttpResponse>) -> S3Fault
     where
         E: ProvideErrorMetadata + StdError + 'static,
     {
@@ -142,7 +151,7 @@ impl S3Fault {
 }
 
 /// The failure reported to the coordinator for `err`.
-pub fn classify(err: &TransferError) -> proto::TaskFailure {
+pub(crate) fn classify(err: &TransferError) -> proto::TaskFailure {
     use proto::FailureKind as K;
     let kind = match err {
         TransferError::Sftp { err, .. } => match err {

@@ -21,20 +21,17 @@
 //! CreateMultipartUpload aborts the upload.
 
 mod copy;
-mod failure;
+pub(crate) mod failure;
 mod object;
 mod pool;
 mod s3;
 mod sizing;
 
-use ferry_common::proto;
+use ferry_proto as proto;
 
-pub use copy::{PARTS_IN_FLIGHT, describe_change, transfer};
-pub use failure::{S3Fault, S3FaultKind, TransferError, classify};
-pub use object::{check_destination, encode_value, metadata};
-pub use pool::{DEFAULT_MAX_SESSIONS, IDLE_LIMIT, PooledSession, SessionPool};
-pub use s3::{DEFAULT_REGION, S3Target};
-pub use sizing::{MAX_PARTS, MIN_PART_SIZE, part_size, read_window};
+pub(crate) use copy::transfer;
+pub(crate) use pool::SessionPool;
+pub(crate) use s3::S3Target;
 
 use crate::sftp::SftpError;
 
@@ -43,7 +40,7 @@ const MAX_MOVE_SUFFIX: u32 = 1000;
 
 /// What a post-action request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PostAction {
+pub(crate) enum PostAction {
     Delete,
     /// Move into this directory, keeping the file name.
     Move(String),
@@ -51,7 +48,7 @@ pub enum PostAction {
 
 impl PostAction {
     /// Parses `delete` or `move:<dir>`.
-    pub fn parse(action: &str) -> Result<PostAction, String> {
+    pub(crate) fn parse(action: &str) -> Result<PostAction, String> {
         match action {
             "delete" => Ok(PostAction::Delete),
             other => match other.strip_prefix("move:") {
@@ -68,7 +65,10 @@ impl PostAction {
 /// no longer there counts as done (the request may be a repeat after a lost
 /// answer). A move never replaces an existing file: if `dir/<name>` is
 /// taken, `dir/<name>.1`, `dir/<name>.2`, ... are tried.
-pub async fn post_action(req: &proto::PostActionRequest, pool: &SessionPool) -> Result<(), String> {
+pub(crate) async fn post_action(
+    req: &proto::PostActionRequest,
+    pool: &SessionPool,
+) -> Result<(), String> {
     let action = PostAction::parse(&req.action)?;
     let conn = req
         .source

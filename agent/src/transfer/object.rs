@@ -6,14 +6,14 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 /// S3 limit on user metadata: the sum of key and value lengths, in bytes.
-pub const METADATA_LIMIT: usize = 2048;
+pub(super) const METADATA_LIMIT: usize = 2048;
 /// S3 limit on object key length, in bytes.
 const MAX_KEY_LEN: usize = 1024;
 
 /// Checks what the coordinator named as destination. The coordinator derives
 /// keys safely already; this guards against writing somewhere surprising
 /// if it ever did not.
-pub fn check_destination(bucket: &str, key: &str) -> Result<(), String> {
+pub(crate) fn check_destination(bucket: &str, key: &str) -> Result<(), String> {
     if bucket.is_empty() {
         return Err("no destination bucket".to_owned());
     }
@@ -38,7 +38,7 @@ pub fn check_destination(bucket: &str, key: &str) -> Result<(), String> {
 
 /// Percent-encodes every byte outside printable ASCII, and `%` itself, so
 /// the value is a valid header value and decodes back to the original bytes.
-pub fn encode_value(value: &str) -> String {
+pub(crate) fn encode_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for &b in value.as_bytes() {
         if (0x20..0x7f).contains(&b) && b != b'%' {
@@ -64,7 +64,7 @@ fn normalize_key(key: &str) -> Option<String> {
 
 /// What ferry knows about the source of an object.
 #[derive(Debug, Clone, Copy)]
-pub struct Source<'a> {
+pub(crate) struct Source<'a> {
     /// Server name.
     pub server: &'a str,
     pub path: &'a str,
@@ -79,7 +79,10 @@ pub struct Source<'a> {
 /// override ferry's). Entries with unusable keys are skipped; entries that
 /// would exceed [`METADATA_LIMIT`] are dropped, least important first
 /// (task entries, then the path).
-pub fn metadata(source: &Source<'_>, extra: &HashMap<String, String>) -> HashMap<String, String> {
+pub(crate) fn metadata(
+    source: &Source<'_>,
+    extra: &HashMap<String, String>,
+) -> HashMap<String, String> {
     let mut entries: Vec<(String, String)> = Vec::new();
     if let Some(sha) = source.sha256 {
         entries.push(("ferry-sha256".into(), sha.to_owned()));

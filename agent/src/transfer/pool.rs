@@ -11,27 +11,28 @@
 //! `max_sessions`) gets a fresh slot; the old slot's idle sessions are
 //! closed at once, its busy ones when the last of them is returned.
 
+use ferry_common::sync::lock;
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use ferry_common::proto;
+use ferry_proto as proto;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::poller::endpoint;
 use crate::sftp::{self, SftpError, SftpSession, Timeouts};
 
 /// Sessions per server when the assignment says 0.
-pub const DEFAULT_MAX_SESSIONS: u32 = 4;
+pub(crate) const DEFAULT_MAX_SESSIONS: u32 = 4;
 /// Close a pooled session nobody used for this long.
-pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// SFTP sessions per server id, shared by all transfers of the agent.
 ///
 /// Created inside a Tokio runtime, the pool runs a background task that
 /// closes idle sessions; the task ends when the pool is dropped.
-pub struct SessionPool {
+pub(crate) struct SessionPool {
     inner: Arc<Inner>,
 }
 
@@ -52,11 +53,11 @@ struct Slot {
 }
 
 impl SessionPool {
-    pub fn new(timeouts: Timeouts) -> SessionPool {
+    pub(crate) fn new(timeouts: Timeouts) -> SessionPool {
         SessionPool::with_idle_limit(timeouts, IDLE_LIMIT)
     }
 
-    pub fn with_idle_limit(timeouts: Timeouts, idle_limit: Duration) -> SessionPool {
+    pub(crate) fn with_idle_limit(timeouts: Timeouts, idle_limit: Duration) -> SessionPool {
         let inner = Arc::new(Inner {
             timeouts,
             idle_limit,
@@ -71,7 +72,7 @@ impl SessionPool {
     /// A session to `conn`'s server: an idle pooled one if any is alive,
     /// else a new connection. Waits while the server's `max_sessions`
     /// sessions are all in use.
-    pub async fn checkout(
+    pub(crate) async fn checkout(
         &self,
         conn: &proto::ServerConnection,
     ) -> Result<PooledSession, SftpError> {
@@ -110,19 +111,6 @@ impl SessionPool {
             reused,
             broken: false,
         })
-    }
-
-    /// Closes pooled sessions that are dead or idle beyond the limit (the
-    /// background task does this every quarter of the limit).
-    pub fn close_idle(&self) {
-        self.inner.close_idle();
-    }
-
-    /// Number of open idle sessions for `server_id` (for tests and metrics).
-    pub fn idle_count(&self, server_id: i64) -> usize {
-        lock(&self.inner.servers)
-            .get(&server_id)
-            .map_or(0, |slot| lock(&slot.idle).len())
     }
 }
 
@@ -187,7 +175,7 @@ async fn reap(pool: Weak<Inner>) {
 }
 
 /// A session checked out of a [`SessionPool`]; derefs to [`SftpSession`].
-pub struct PooledSession {
+pub(crate) struct PooledSession {
     session: Option<SftpSession>,
     slot: Arc<Slot>,
     _permit: OwnedSemaphorePermit,
@@ -198,20 +186,20 @@ pub struct PooledSession {
 impl PooledSession {
     /// True if the session came from the pool rather than a new connection
     /// (a pooled session may have died unnoticed: worth one retry).
-    pub fn reused(&self) -> bool {
+    pub(crate) fn reused(&self) -> bool {
         self.reused
     }
 
     /// Records an error seen on this session; one that breaks the session
     /// keeps it out of the pool.
-    pub fn note(&mut self, err: &SftpError) {
+    pub(crate) fn note(&mut self, err: &SftpError) {
         if err.breaks_session() {
             self.broken = true;
         }
     }
 
     /// Keeps this session out of the pool.
-    pub fn discard(&mut self) {
+    pub(crate) fn discard(&mut self) {
         self.broken = true;
     }
 }
@@ -219,8 +207,8 @@ impl PooledSession {
 impl Deref for PooledSession {
     type Target = SftpSession;
 
+    #[expect(clippy::expect_used, reason = "only `Drop` takes the session out")]
     fn deref(&self) -> &SftpSession {
-        // Only `Drop` takes the session out.
         self.session
             .as_ref()
             .expect("pooled session present until drop")
@@ -253,9 +241,4 @@ fn close_all(sessions: Vec<SftpSession>) {
             }
         });
     }
-}
-
-/// Locks a mutex whose data stays consistent even if a holder panicked.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -7,6 +7,7 @@
 //! trailers by default that older MinIO and s3s reject). Payloads are still
 //! SigV4-signed, so the server verifies every part's bytes.
 
+use ferry_common::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use super::failure::{S3Fault, S3FaultKind, TransferError};
 
 /// Region when none is configured (MinIO ignores it, but SigV4 needs one).
-pub const DEFAULT_REGION: &str = "us-east-1";
+pub(crate) const DEFAULT_REGION: &str = "us-east-1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One attempt of one request; a part of up to a few hundred MiB must fit.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -32,7 +33,7 @@ const MAX_ATTEMPTS: u32 = 3;
 
 /// Where objects go: an S3 client for the configured endpoint.
 #[derive(Clone, Debug)]
-pub struct S3Target {
+pub(crate) struct S3Target {
     client: Client,
     /// Buckets a `HeadBucket` found to exist.
     known_buckets: Arc<Mutex<HashSet<String>>>,
@@ -40,7 +41,7 @@ pub struct S3Target {
 
 /// One object being written, for messages and requests.
 #[derive(Debug, Clone, Copy)]
-pub struct ObjectRef<'a> {
+pub(crate) struct ObjectRef<'a> {
     pub bucket: &'a str,
     pub key: &'a str,
 }
@@ -55,7 +56,7 @@ impl S3Target {
     /// Reads `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`
     /// and `AWS_REGION` (default us-east-1), plus whatever else the SDK's
     /// default chain supports (profiles, web identity, ...).
-    pub async fn from_env() -> S3Target {
+    pub(crate) async fn from_env() -> S3Target {
         let region = RegionProviderChain::default_provider().or_else(Region::new(DEFAULT_REGION));
         let sdk = aws_config::defaults(BehaviorVersion::latest())
             .region(region)
@@ -66,7 +67,7 @@ impl S3Target {
 
     /// Applies ferry's S3 settings (addressing, checksums, timeouts,
     /// retries) on top of a loaded SDK configuration.
-    pub fn from_sdk_config(sdk: &aws_config::SdkConfig) -> S3Target {
+    pub(crate) fn from_sdk_config(sdk: &aws_config::SdkConfig) -> S3Target {
         let mut config = aws_sdk_s3::config::Builder::from(sdk)
             .force_path_style(true)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
@@ -87,11 +88,6 @@ impl S3Target {
         }
     }
 
-    /// The underlying SDK client.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// Fails with `NoSuchBucket` if `bucket` does not exist; checked once
     /// per bucket with `HeadBucket`. Some S3 servers (s3s-fs) create a
     /// missing bucket on upload instead of refusing it; this makes a
@@ -99,21 +95,13 @@ impl S3Target {
     /// but 404 (e.g. 403 for a login allowed to write but not to list)
     /// lets the upload go ahead and report for itself.
     pub(crate) async fn check_bucket(&self, bucket: &str) -> Result<(), TransferError> {
-        let known = |b: &str| {
-            self.known_buckets
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains(b)
-        };
+        let known = |b: &str| lock(&self.known_buckets).contains(b);
         if known(bucket) {
             return Ok(());
         }
         match self.client.head_bucket().bucket(bucket).send().await {
             Ok(_) => {
-                self.known_buckets
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(bucket.to_owned());
+                lock(&self.known_buckets).insert(bucket.to_owned());
                 Ok(())
             }
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => {
@@ -276,7 +264,7 @@ mod tests {
             .behavior_version(BehaviorVersion::latest())
             .build();
         let target = S3Target::from_sdk_config(&sdk);
-        let conf = target.client().config();
+        let conf = target.client.config();
         assert_eq!(conf.region().map(|r| r.as_ref()), Some(DEFAULT_REGION));
         let timeouts = conf.timeout_config().expect("timeouts set");
         assert_eq!(timeouts.connect_timeout(), Some(CONNECT_TIMEOUT));

@@ -2,15 +2,15 @@
 //! SFTP read requests to keep in flight.
 
 /// One mebibyte.
-pub const MIB: u64 = 1024 * 1024;
+pub(super) const MIB: u64 = 1024 * 1024;
 /// Smallest part ferry uploads. S3 requires 5 MiB for every part but the
 /// last; 8 MiB halves the request count at little memory cost.
-pub const MIN_PART_SIZE: u64 = 8 * MIB;
+pub(crate) const MIN_PART_SIZE: u64 = 8 * MIB;
 /// S3's limit on the parts of one multipart upload.
-pub const MAX_PARTS: u64 = 10_000;
+pub(crate) const MAX_PARTS: u64 = 10_000;
 /// Bytes of SFTP read requests to keep in flight; divided by the server's
 /// read chunk to give the request count (see [`read_window`]).
-pub const READ_WINDOW_BYTES: u64 = 4 * MIB;
+pub(super) const READ_WINDOW_BYTES: u64 = 4 * MIB;
 /// Bounds of the number of pipelined read requests.
 const MIN_READS_IN_FLIGHT: usize = 16;
 const MAX_READS_IN_FLIGHT: usize = 64;
@@ -18,14 +18,14 @@ const MAX_READS_IN_FLIGHT: usize = 64;
 /// Part size for a file of `file_size` bytes: at least [`MIN_PART_SIZE`],
 /// and large enough that the file needs at most [`MAX_PARTS`] parts, rounded
 /// up to a whole MiB.
-pub fn part_size(file_size: u64) -> u64 {
+pub(crate) fn part_size(file_size: u64) -> u64 {
     let needed = file_size.div_ceil(MAX_PARTS);
     needed.div_ceil(MIB).saturating_mul(MIB).max(MIN_PART_SIZE)
 }
 
 /// Number of read requests of `chunk` bytes to keep in flight: about
 /// [`READ_WINDOW_BYTES`], within 16..=64 requests.
-pub fn read_window(chunk: u32) -> usize {
+pub(crate) fn read_window(chunk: u32) -> usize {
     let by_bytes = READ_WINDOW_BYTES / u64::from(chunk.max(1));
     usize::try_from(by_bytes)
         .unwrap_or(MAX_READS_IN_FLIGHT)

@@ -204,11 +204,15 @@ pub enum ServersCmd {
         /// Server id or name.
         server: ServerRef,
     },
-    /// Connect to an SFTP server and print its host key fingerprint (nothing is pinned).
+    /// Read an SFTP server's host key fingerprint through a connected agent of
+    /// the server's site (nothing is pinned).
     Probe {
-        /// SFTP host name or IP address.
+        /// SFTP host name or IP address, as the site's agents reach it.
         #[arg(long)]
         host: String,
+        /// Site whose agent connects to the server.
+        #[arg(long, default_value = "default")]
+        site: String,
         /// SFTP port.
         #[arg(long, default_value_t = 22, value_parser = clap::value_parser!(u16).range(1..))]
         port: u16,
@@ -522,7 +526,7 @@ fn command() -> clap::Command {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    ferry_common::tls::install_crypto_provider();
+    ferry_proto::tls::install_crypto_provider();
     let matches = command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

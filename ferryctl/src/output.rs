@@ -9,7 +9,8 @@
 use std::io::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use ferry_common::{domain::FileStatus, proto};
+use ferry_common::domain::FileStatus;
+use ferry_proto as proto;
 use serde_json::Value;
 
 /// `writeln!` to stdout, returning `io::Result<()>`.
@@ -22,13 +23,13 @@ macro_rules! outln {
 pub(crate) use outln;
 
 /// A left-aligned text table; columns are as wide as their widest cell.
-pub struct Table {
+pub(crate) struct Table {
     headers: Vec<&'static str>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    pub fn new(headers: &[&'static str]) -> Self {
+    pub(crate) fn new(headers: &[&'static str]) -> Self {
         Table {
             headers: headers.to_vec(),
             rows: Vec::new(),
@@ -36,17 +37,17 @@ impl Table {
     }
 
     /// Adds a row; cells are escaped with [`clean`], missing cells are empty.
-    pub fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         self.rows
             .push(cells.into_iter().map(|c| clean(&c)).collect());
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
 
     /// The table as text, one line per row, each ending in `\n`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let columns = self.headers.len();
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
         for row in &self.rows {
@@ -73,7 +74,7 @@ impl Table {
     }
 
     /// Prints the table, or `empty` on stderr when it has no rows.
-    pub fn print_or(&self, empty: &str) -> std::io::Result<()> {
+    pub(crate) fn print_or(&self, empty: &str) -> std::io::Result<()> {
         if self.is_empty() {
             eprintln!("{empty}");
             return Ok(());
@@ -85,7 +86,7 @@ impl Table {
 }
 
 /// Prints `label: value` lines with the values aligned.
-pub fn print_fields(fields: &[(&str, String)]) -> std::io::Result<()> {
+pub(crate) fn print_fields(fields: &[(&str, String)]) -> std::io::Result<()> {
     let width = fields
         .iter()
         .map(|(k, _)| k.chars().count())
@@ -99,14 +100,14 @@ pub fn print_fields(fields: &[(&str, String)]) -> std::io::Result<()> {
 }
 
 /// Prints a JSON document (pretty, for scripts and humans alike).
-pub fn print_json(value: &Value) -> std::io::Result<()> {
+pub(crate) fn print_json(value: &Value) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     outln!("{text}")
 }
 
 /// Escapes control characters so that remote-controlled text (file names,
 /// error messages) cannot move the cursor or recolour the terminal.
-pub fn clean(text: &str) -> String {
+pub(crate) fn clean(text: &str) -> String {
     if !text.chars().any(char::is_control) {
         return text.to_string();
     }
@@ -122,7 +123,7 @@ pub fn clean(text: &str) -> String {
 }
 
 /// Shortens `text` to at most `max` characters, marking the cut with `…`.
-pub fn truncate(text: &str, max: usize) -> String {
+pub(crate) fn truncate(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         return text.to_string();
     }
@@ -132,7 +133,7 @@ pub fn truncate(text: &str, max: usize) -> String {
 }
 
 /// `-` for empty strings, for table cells.
-pub fn or_dash(text: &str) -> String {
+pub(crate) fn or_dash(text: &str) -> String {
     if text.is_empty() {
         "-".to_string()
     } else {
@@ -141,32 +142,32 @@ pub fn or_dash(text: &str) -> String {
 }
 
 /// `1 file`, `3 files`, `2 watches`.
-pub fn count(n: u64, one: &str, many: &str) -> String {
+pub(crate) fn count(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-pub fn yes_no(value: bool) -> String {
+pub(crate) fn yes_no(value: bool) -> String {
     if value { "yes" } else { "no" }.to_string()
 }
 
 /// A protobuf timestamp as a UTC time; `None` when unset or out of range.
-pub fn time(ts: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+pub(crate) fn time(ts: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     let ts = ts?;
     DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
 }
 
 /// RFC 3339 (UTC, `Z`), e.g. `2025-03-01T12:00:00.123456Z`.
-pub fn rfc3339(time: DateTime<Utc>) -> String {
+pub(crate) fn rfc3339(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// A timestamp as a JSON RFC 3339 string, or `null` when unset.
-pub fn json_time(ts: Option<&prost_types::Timestamp>) -> Value {
+pub(crate) fn json_time(ts: Option<&prost_types::Timestamp>) -> Value {
     time(ts).map_or(Value::Null, |t| Value::String(rfc3339(t)))
 }
 
 /// A string as JSON, `null` when empty (for optional text such as errors).
-pub fn json_opt(text: &str) -> Value {
+pub(crate) fn json_opt(text: &str) -> Value {
     if text.is_empty() {
         Value::Null
     } else {
@@ -175,7 +176,7 @@ pub fn json_opt(text: &str) -> Value {
 }
 
 /// A compact duration: `45s`, `3m12s`, `2h05m`, `3d4h`.
-pub fn short_duration(secs: u64) -> String {
+pub(crate) fn short_duration(secs: u64) -> String {
     match secs {
         0..60 => format!("{secs}s"),
         60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
@@ -185,7 +186,7 @@ pub fn short_duration(secs: u64) -> String {
 }
 
 /// How long ago (`3s ago`) or how far ahead (`in 5m00s`) `then` is from `now`.
-pub fn relative(then: DateTime<Utc>, now: DateTime<Utc>) -> String {
+pub(crate) fn relative(then: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let delta = now.signed_duration_since(then).num_seconds();
     if delta >= 0 {
         format!("{} ago", short_duration(delta.unsigned_abs()))
@@ -195,12 +196,12 @@ pub fn relative(then: DateTime<Utc>, now: DateTime<Utc>) -> String {
 }
 
 /// [`relative`] to now for a protobuf timestamp; `-` when unset.
-pub fn age(ts: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn age(ts: Option<&prost_types::Timestamp>) -> String {
     time(ts).map_or_else(|| "-".to_string(), |t| relative(t, Utc::now()))
 }
 
 /// RFC 3339 plus the relative age, for detail views; `-` when unset.
-pub fn time_and_age(ts: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn time_and_age(ts: Option<&prost_types::Timestamp>) -> String {
     time(ts).map_or_else(
         || "-".to_string(),
         |t| format!("{} ({})", rfc3339(t), relative(t, Utc::now())),
@@ -208,15 +209,15 @@ pub fn time_and_age(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 /// Lower-case status name (`in_progress`); `unspecified` for 0 or unknown values.
-pub fn status_name(status: i32) -> &'static str {
+pub(crate) fn status_name(status: i32) -> &'static str {
     proto::FileStatus::try_from(status)
         .ok()
-        .and_then(FileStatus::from_proto)
+        .and_then(ferry_proto::convert::status_from_proto)
         .map_or("unspecified", FileStatus::as_str)
 }
 
 /// `password`, `private_key` or `unspecified`.
-pub fn auth_kind_name(kind: i32) -> &'static str {
+pub(crate) fn auth_kind_name(kind: i32) -> &'static str {
     match proto::AuthKind::try_from(kind) {
         Ok(proto::AuthKind::Password) => "password",
         Ok(proto::AuthKind::PrivateKey) => "private_key",
@@ -225,7 +226,7 @@ pub fn auth_kind_name(kind: i32) -> &'static str {
 }
 
 /// Byte count in binary units: `512 B`, `1.5 KiB`, `3.2 GiB`.
-pub fn size(bytes: u64) -> String {
+pub(crate) fn size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     if bytes < 1024 {
         return format!("{bytes} B");

@@ -10,8 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ferry/v1/admin.proto",
         "ferry/v1/agent.proto",
     ];
-    println!("cargo:rerun-if-changed=../proto");
-    let fds = protox::compile(files, ["../proto"])?;
+    println!("cargo:rerun-if-changed=ferry");
+    let fds = protox::compile(files, ["."])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out.join("ferry_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()

@@ -1,7 +1,7 @@
 //! `ferryctl files ...`: list files (paginated), show one file with its
 //! history, requeue failures, and follow the live `WatchEvents` stream.
 
-use ferry_common::proto::{
+use ferry_proto::{
     File, FileEvent, GetFileRequest, ListFilesRequest, RetryFilesRequest, WatchEventsRequest,
 };
 use serde_json::{Value, json};
@@ -14,7 +14,7 @@ use crate::{FilesCmd, FilesListArgs, ServerRef};
 /// Largest page the API serves.
 const MAX_PAGE: u32 = 1000;
 
-pub async fn run(admin: &Admin, cmd: FilesCmd, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn run(admin: &Admin, cmd: FilesCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         FilesCmd::List(args) => list(admin, args, json).await,
         FilesCmd::Show { id } => show(admin, id, json).await,
@@ -23,7 +23,10 @@ pub async fn run(admin: &Admin, cmd: FilesCmd, json: bool) -> anyhow::Result<()>
             status,
             server,
         } => {
-            let statuses = status.iter().map(|s| s.to_proto() as i32).collect();
+            let statuses = status
+                .iter()
+                .map(|s| ferry_proto::convert::status_to_wire(*s))
+                .collect();
             retry(admin, ids, statuses, server.as_ref(), json).await
         }
         FilesCmd::Watch { server, watch_id } => {
@@ -34,7 +37,11 @@ pub async fn run(admin: &Admin, cmd: FilesCmd, json: bool) -> anyhow::Result<()>
 
 async fn list(admin: &Admin, args: FilesListArgs, json: bool) -> anyhow::Result<()> {
     let server_id = servers::resolve_filter(admin, args.server.as_ref()).await?;
-    let statuses: Vec<i32> = args.status.iter().map(|s| s.to_proto() as i32).collect();
+    let statuses: Vec<i32> = args
+        .status
+        .iter()
+        .map(|s| ferry_proto::convert::status_to_wire(*s))
+        .collect();
     let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
     let mut files: Vec<File> = Vec::new();
     let mut page_token = String::new();
@@ -265,7 +272,7 @@ fn display_status(status: i32) -> String {
 }
 
 /// JSON shape of a file.
-pub fn file_json(f: &File) -> Value {
+pub(crate) fn file_json(f: &File) -> Value {
     let mtime = chrono::DateTime::from_timestamp(f.mtime_unix, 0)
         .map_or(Value::Null, |t| Value::String(output::rfc3339(t)));
     json!({
@@ -294,7 +301,7 @@ pub fn file_json(f: &File) -> Value {
 }
 
 /// JSON shape of a history event (also one line of `files watch --json`).
-pub fn event_json(e: &FileEvent) -> Value {
+pub(crate) fn event_json(e: &FileEvent) -> Value {
     let status = |s: i32| match output::status_name(s) {
         "unspecified" => Value::Null,
         name => Value::String(name.into()),
@@ -316,7 +323,7 @@ pub fn event_json(e: &FileEvent) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_common::proto::FileStatus as P;
+    use ferry_proto::FileStatus as P;
 
     #[test]
     fn event_lines_and_json() {

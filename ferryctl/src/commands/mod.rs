@@ -3,7 +3,7 @@
 //! the JSON shape of the messages it is about (`server_json`, `watch_json`,
 //! ...) so that list and show print the same objects.
 
-pub mod agents;
-pub mod files;
-pub mod servers;
-pub mod watches;
+pub(crate) mod agents;
+pub(crate) mod files;
+pub(crate) mod servers;
+pub(crate) mod watches;

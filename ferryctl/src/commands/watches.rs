@@ -1,7 +1,7 @@
 //! `ferryctl watches ...`: the directories the agents poll, with their glob,
 //! schedule, destination and post-action.
 
-use ferry_common::proto::{
+use ferry_proto::{
     AddWatchRequest, ListWatchesRequest, RemoveWatchRequest, UpdateWatchRequest, Watch,
 };
 use serde_json::{Value, json};
@@ -11,7 +11,7 @@ use crate::connect::Admin;
 use crate::output::{self, Table, outln};
 use crate::{UsageError, WatchAddArgs, WatchUpdateArgs, WatchesCmd};
 
-pub async fn run(admin: &Admin, cmd: WatchesCmd, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn run(admin: &Admin, cmd: WatchesCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         WatchesCmd::Add(args) => add(admin, args, json).await,
         WatchesCmd::Update(args) => update(admin, args, json).await,
@@ -109,7 +109,7 @@ async fn list(admin: &Admin, server: Option<&crate::ServerRef>, json: bool) -> a
 }
 
 /// The watch table, shared with `servers show`.
-pub fn table(watches: &[Watch]) -> Table {
+pub(crate) fn table(watches: &[Watch]) -> Table {
     let mut table = Table::new(&[
         "ID",
         "SERVER",
@@ -160,7 +160,7 @@ fn print_detail(w: &Watch) -> std::io::Result<()> {
 }
 
 /// JSON shape of a watch.
-pub fn watch_json(w: &Watch) -> Value {
+pub(crate) fn watch_json(w: &Watch) -> Value {
     json!({
         "id": w.id,
         "server_id": w.server_id,

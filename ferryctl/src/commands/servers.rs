@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::Context;
-use ferry_common::proto::{
+use ferry_proto::{
     AddServerRequest, GetServerRequest, ListServersRequest, ListWatchesRequest,
     ProbeHostKeyRequest, RemoveServerRequest, Server, UpdateServerRequest,
 };
@@ -22,19 +22,19 @@ use crate::{
     UsageError,
 };
 
-pub async fn run(admin: &Admin, cmd: ServersCmd, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn run(admin: &Admin, cmd: ServersCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         ServersCmd::Add(args) => add(admin, args, json).await,
         ServersCmd::Update(args) => update(admin, args, json).await,
         ServersCmd::Remove { server } => remove(admin, &server, json).await,
         ServersCmd::List => list(admin, json).await,
         ServersCmd::Show { server } => show(admin, &server, json).await,
-        ServersCmd::Probe { host, port } => probe(admin, host, port, json).await,
+        ServersCmd::Probe { host, port, site } => probe(admin, host, port, site, json).await,
     }
 }
 
 /// Fetches a server by id or name (`GetServer`).
-pub async fn get(admin: &Admin, server: &ServerRef) -> anyhow::Result<Server> {
+pub(crate) async fn get(admin: &Admin, server: &ServerRef) -> anyhow::Result<Server> {
     let request = match server {
         ServerRef::Id(id) => GetServerRequest {
             id: *id,
@@ -49,7 +49,7 @@ pub async fn get(admin: &Admin, server: &ServerRef) -> anyhow::Result<Server> {
 }
 
 /// The id of a server reference; names cost one `GetServer` call.
-pub async fn resolve_id(admin: &Admin, server: &ServerRef) -> anyhow::Result<i64> {
+pub(crate) async fn resolve_id(admin: &Admin, server: &ServerRef) -> anyhow::Result<i64> {
     match server {
         ServerRef::Id(id) => Ok(*id),
         ServerRef::Name(_) => Ok(get(admin, server).await?.id),
@@ -57,7 +57,10 @@ pub async fn resolve_id(admin: &Admin, server: &ServerRef) -> anyhow::Result<i64
 }
 
 /// [`resolve_id`] for optional filters; 0 (the API's "any") when absent.
-pub async fn resolve_filter(admin: &Admin, server: Option<&ServerRef>) -> anyhow::Result<i64> {
+pub(crate) async fn resolve_filter(
+    admin: &Admin,
+    server: Option<&ServerRef>,
+) -> anyhow::Result<i64> {
     match server {
         Some(server) => resolve_id(admin, server).await,
         None => Ok(0),
@@ -285,10 +288,17 @@ async fn show(admin: &Admin, server: &ServerRef, json: bool) -> anyhow::Result<(
     Ok(watches::table(&watches).print_or("")?)
 }
 
-async fn probe(admin: &Admin, host: String, port: u16, json: bool) -> anyhow::Result<()> {
+async fn probe(
+    admin: &Admin,
+    host: String,
+    port: u16,
+    site: String,
+    json: bool,
+) -> anyhow::Result<()> {
     let request = ProbeHostKeyRequest {
         hostname: host.clone(),
         port: u32::from(port),
+        site,
     };
     let response = admin.call(admin.client().probe_host_key(request)).await?;
     if json {
@@ -313,7 +323,7 @@ async fn probe(admin: &Admin, host: String, port: u16, json: bool) -> anyhow::Re
 }
 
 /// `3s ago (12 files)`, or `never`.
-fn last_poll(health: &ferry_common::proto::ServerHealth) -> String {
+fn last_poll(health: &ferry_proto::ServerHealth) -> String {
     if health.last_poll_at.is_none() {
         return "never".into();
     }
@@ -351,7 +361,7 @@ fn print_detail(s: &Server) -> std::io::Result<()> {
 }
 
 /// JSON shape of a server (secrets are never part of the message).
-pub fn server_json(s: &Server) -> Value {
+pub(crate) fn server_json(s: &Server) -> Value {
     let health = s.health.clone().unwrap_or_default();
     json!({
         "id": s.id,
@@ -393,7 +403,7 @@ mod tests {
         let server = Server {
             id: 3,
             name: "s1".into(),
-            auth_kind: ferry_common::proto::AuthKind::PrivateKey as i32,
+            auth_kind: ferry_proto::AuthKind::PrivateKey as i32,
             created_at: Some(prost_types::Timestamp {
                 seconds: 0,
                 nanos: 0,

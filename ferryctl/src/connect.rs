@@ -7,14 +7,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_common::proto::admin_service_client::AdminServiceClient;
-use ferry_common::tls::{TlsPaths, endpoint_host};
+use ferry_proto::admin_service_client::AdminServiceClient;
+use ferry_proto::tls::{TlsPaths, endpoint_host};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{GlobalArgs, UsageError};
 
 /// A connected admin client and the deadline applied to each unary call.
-pub struct Admin {
+pub(crate) struct Admin {
     client: AdminServiceClient<Channel>,
     endpoint: String,
     timeout: Duration,
@@ -22,7 +22,7 @@ pub struct Admin {
 
 impl Admin {
     /// Loads the TLS files and connects (TCP + TLS handshake) within `--timeout`.
-    pub async fn connect(global: &GlobalArgs) -> anyhow::Result<Admin> {
+    pub(crate) async fn connect(global: &GlobalArgs) -> anyhow::Result<Admin> {
         let endpoint = normalize_endpoint(&global.endpoint)?;
         let paths = tls_paths(global)?;
         let material = paths.load()?;
@@ -51,13 +51,13 @@ impl Admin {
     }
 
     /// A handle for one call (cheap: clones share the connection).
-    pub fn client(&self) -> AdminServiceClient<Channel> {
+    pub(crate) fn client(&self) -> AdminServiceClient<Channel> {
         self.client.clone()
     }
 
     /// Awaits a unary call (or the start of a stream) within `--timeout`.
     /// Failures, including the deadline, come back as `tonic::Status`.
-    pub async fn call<T>(
+    pub(crate) async fn call<T>(
         &self,
         request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> anyhow::Result<T> {

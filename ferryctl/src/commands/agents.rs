@@ -1,13 +1,13 @@
 //! `ferryctl agents`: the agents known to the coordinators and their health
 //! (connection, last heartbeat, load, polled servers, counters).
 
-use ferry_common::proto::{Agent, ListAgentsRequest};
+use ferry_proto::{Agent, ListAgentsRequest};
 use serde_json::{Value, json};
 
 use crate::connect::Admin;
 use crate::output::{self, Table};
 
-pub async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
     let agents = admin
         .call(admin.client().list_agents(ListAgentsRequest {}))
         .await?
@@ -56,7 +56,7 @@ pub async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
 }
 
 /// JSON shape of an agent.
-pub fn agent_json(a: &Agent) -> Value {
+pub(crate) fn agent_json(a: &Agent) -> Value {
     json!({
         "name": a.name,
         "site": a.site,

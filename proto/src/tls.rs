@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::domain::Role;
+use ferry_common::domain::Role;
 
 /// Installs aws-lc-rs as the process-wide rustls provider. Call first thing in `main`:
 /// it keeps rustls from panicking if any dependency ever enables a second provider.

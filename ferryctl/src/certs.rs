@@ -1,6 +1,6 @@
 //! `ferryctl certs`: a development PKI on disk. `init` creates a CA in a
 //! directory, `issue` signs coordinator, agent and admin certificates with it
-//! (via `ferry_common::pki`). Private keys are written with mode 0600, and no
+//! (via `ferryctl::pki`). Private keys are written with mode 0600, and no
 //! existing file is replaced without `--force`.
 
 use std::fs::OpenOptions;
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ferry_common::domain::Role;
-use ferry_common::pki::{self, PemPair, Subject};
+use ferryctl::pki::{self, PemPair, Subject};
 use serde_json::json;
 
 use crate::output::{outln, print_json};
@@ -26,7 +26,7 @@ struct Output {
     what: String,
 }
 
-pub fn run(cmd: &CertsCmd, json: bool) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &CertsCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         CertsCmd::Init {
             dir,

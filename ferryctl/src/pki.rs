@@ -1,6 +1,6 @@
 //! Development PKI: a CA and the coordinator, agent and admin certificates that
 //! `ferryctl certs` and the test harness issue. Production operators bring their
-//! own PKI; only the SAN URI convention of [`crate::domain::Role`] matters.
+//! own PKI; only the SAN URI convention of [`ferry_common::domain::Role`] matters.
 
 use std::net::IpAddr;
 
@@ -10,7 +10,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use crate::domain::Role;
+use ferry_common::domain::Role;
 
 /// A certificate and its private key, both PEM.
 #[derive(Debug, Clone)]
@@ -109,7 +109,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            crate::tls::roles_of_certificate(&der),
+            ferry_proto::tls::roles_of_certificate(&der),
             vec![Role::Agent("a1".into())]
         );
     }
