@@ -7,6 +7,7 @@ mod architecture;
 mod ctl;
 mod discovery;
 mod harness_smoke;
+mod remote_site;
 mod security;
 mod stack;
 mod transfer;

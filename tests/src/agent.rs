@@ -18,6 +18,7 @@ pub struct Agent {
     env: Vec<(String, String)>,
     child: Option<ChildGuard>,
     log: PathBuf,
+    netns: Option<String>,
 }
 
 /// How to start an agent.
@@ -27,6 +28,8 @@ pub struct AgentOptions {
     pub capacity: u32,
     /// Extra environment (e.g. the `AWS_*` variables of an S3 server).
     pub env: Vec<(String, String)>,
+    /// Network namespace to run in (see [`crate::Site`]); `None`: the test's own.
+    pub netns: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -35,6 +38,7 @@ impl Default for AgentOptions {
             site: "default".into(),
             capacity: 4,
             env: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -57,6 +61,7 @@ impl Agent {
             ("FERRY_CAPACITY".into(), opts.capacity.to_string()),
             ("RUST_LOG".into(), "info,ferry_agent=debug".into()),
         ];
+        let netns = opts.netns.clone();
         env.extend(opts.env);
         let log = dir.path().join(format!("agent-{name}.log"));
         let mut agent = Agent {
@@ -65,6 +70,7 @@ impl Agent {
             env,
             child: None,
             log,
+            netns,
         };
         agent.spawn();
         agent
@@ -77,7 +83,15 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
-        let child = Command::new(&bin)
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str()]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = command
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

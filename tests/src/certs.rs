@@ -90,6 +90,28 @@ impl TestPki {
         self.coordinator.clone()
     }
 
+    /// Another coordinator server certificate, valid for `hosts` (names or
+    /// IP addresses) besides `localhost` and `127.0.0.1`.
+    pub fn coordinator_for(&self, hosts: &[&str]) -> CertFiles {
+        let mut all = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        all.extend(hosts.iter().map(|h| h.to_string()));
+        let pair = issue(
+            &self.ca,
+            &Subject::Coordinator {
+                name: "ferry-coordinator".into(),
+                hosts: all,
+            },
+        )
+        .unwrap_or_else(|e| panic!("issue coordinator certificate for {hosts:?}: {e:#}"));
+        write_pair(
+            self.dir.path(),
+            &format!("coordinator-{}", random_hex(4)),
+            &pair,
+            &self.ca_path,
+        )
+        .unwrap_or_else(|e| panic!("write coordinator certificate: {e:#}"))
+    }
+
     /// A client certificate with SAN `spiffe://ferry/admin/<name>`.
     pub fn admin(&self, name: &str) -> CertFiles {
         self.client(Role::Admin(name.into()), &format!("admin-{name}"))

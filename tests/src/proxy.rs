@@ -2,14 +2,14 @@
 //! dependency (S3 server, RabbitMQ) to cut and heal the connection without
 //! touching the dependency itself (the machine's RabbitMQ is shared).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// Forwards 127.0.0.1:<port> to `target` while enabled.
+/// Forwards 127.0.0.1:<port> (or another local address) to `target` while enabled.
 #[derive(Debug)]
 pub struct TcpProxy {
     addr: SocketAddr,
@@ -21,7 +21,14 @@ pub struct TcpProxy {
 
 impl TcpProxy {
     pub async fn start(target: SocketAddr) -> TcpProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        Self::start_on(IpAddr::from([127, 0, 0, 1]), target).await
+    }
+
+    /// Like [`TcpProxy::start`], listening on a free port of `ip`.
+    pub async fn start_on(ip: IpAddr, target: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0))
+            .await
+            .unwrap_or_else(|e| panic!("bind proxy on {ip}: {e}"));
         let addr = listener.local_addr().expect("proxy address");
         let enabled = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use tokio::process::Command;
 
+use crate::netns::Site;
 use crate::util::{ChildGuard, LogDir, free_port, log_tail, random_hex};
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -55,12 +56,20 @@ impl Sshd {
     /// Generates keys, writes the config, starts sshd and waits for its port.
     /// Panics with the sshd log tail if it does not come up.
     pub async fn start() -> Self {
-        Self::try_start()
+        Self::try_start(None)
             .await
             .unwrap_or_else(|e| panic!("start sshd: {e:#}"))
     }
 
-    async fn try_start() -> anyhow::Result<Self> {
+    /// Like [`Sshd::start`], inside `site`: it listens on the site's own
+    /// 127.0.0.1, which nothing outside the site can reach.
+    pub async fn start_in(site: &Site) -> Self {
+        Self::try_start(Some(site))
+            .await
+            .unwrap_or_else(|e| panic!("start sshd in {}: {e:#}", site.name()))
+    }
+
+    async fn try_start(site: Option<&Site>) -> anyhow::Result<Self> {
         let (uid, gid) = lookup_user(USER)?;
         let dir = LogDir::new("sshd")?;
         // sshd reads authorized_keys as the login user: it must reach the dir.
@@ -110,7 +119,15 @@ impl Sshd {
             )
             .context("write sshd_config")?;
             let stderr = std::fs::File::create(&stderr_log).context("create sshd stderr log")?;
-            let child = Command::new(SSHD)
+            let mut command = match site {
+                Some(site) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", site.name(), SSHD]);
+                    c
+                }
+                None => Command::new(SSHD),
+            };
+            let child = command
                 .arg("-D")
                 .arg("-E")
                 .arg(&log)
@@ -123,13 +140,21 @@ impl Sshd {
                 .spawn()
                 .with_context(|| format!("spawn {SSHD} (is openssh-server installed?)"))?;
             let mut child = ChildGuard::new(child, "sshd");
-            match child
-                .wait_for_port(
-                    SocketAddr::from(([127, 0, 0, 1], port)),
-                    Duration::from_secs(10),
-                )
-                .await
-            {
+            let up = match site {
+                // The site's loopback is out of reach from here: sshd's log says when it listens.
+                Some(_) => {
+                    wait_for_log(&log, &format!("port {port}."), Duration::from_secs(10)).await
+                }
+                None => {
+                    child
+                        .wait_for_port(
+                            SocketAddr::from(([127, 0, 0, 1], port)),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                }
+            };
+            match up {
                 Ok(()) => {
                     return Ok(Self {
                         client_ed25519: read(&client_ed)?,
@@ -340,6 +365,23 @@ impl Sshd {
 impl Drop for Sshd {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Waits until the file at `log` contains `needle` ("Server listening on ... port N.").
+async fn wait_for_log(log: &Path, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "sshd log {} did not say {needle:?} within {timeout:?}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
