@@ -437,3 +437,354 @@ fn announcement(
         uploaded_at,
     })
 }
+
+/// The store against a real Postgres (`FERRY_TEST_PG_URL`, default the local
+/// server): a fresh database per test, migrated, dropped at the end.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_common::backoff::Backoff;
+    use sqlx::{Connection, Executor};
+
+    const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    struct Db {
+        pool: PgPool,
+        name: String,
+        admin_url: String,
+    }
+
+    impl Db {
+        async fn create() -> Db {
+            let admin_url = std::env::var("FERRY_TEST_PG_URL").unwrap_or_else(|_| ADMIN_URL.into());
+            let name = format!("ferry_u_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+            admin
+                .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let (base, _) = admin_url.rsplit_once('/').unwrap();
+            let pool = PgPool::connect(&format!("{base}/{name}")).await.unwrap();
+            crate::db::migrate(&pool).await.unwrap();
+            Db {
+                pool,
+                name,
+                admin_url,
+            }
+        }
+
+        async fn drop(self) {
+            self.pool.close().await;
+            let mut admin = PgConnection::connect(&self.admin_url).await.unwrap();
+            admin
+                .execute(format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name).as_str())
+                .await
+                .unwrap();
+        }
+
+        /// A server, a watch and two `new` files; returns the file ids.
+        async fn seed(&self) -> (i64, i64) {
+            let server: i64 = sqlx::query_scalar(
+                "INSERT INTO servers (name, hostname, username, auth_kind, secret_ciphertext, host_key_fingerprint) \
+                 VALUES ('acme', 'h', 'u', 'password', '\\x00', 'SHA256:x') RETURNING id",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            let watch: i64 = sqlx::query_scalar(
+                "INSERT INTO watches (server_id, directory, bucket) VALUES ($1, '/in', 'bkt') RETURNING id",
+            )
+            .bind(server)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
+                 VALUES ($1, $2, '/in/a.csv', 12, 1800000000), ($1, $2, '/in/b.csv', 5, 1800000000) \
+                 RETURNING id",
+            )
+            .bind(server)
+            .bind(watch)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+            (ids[0], ids[1])
+        }
+
+        async fn file(&self, id: i64) -> (String, i64, i32, Option<String>, Option<String>) {
+            sqlx::query_as(
+                "SELECT status, fencing_token, attempts, lease_owner, last_error FROM files WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+        }
+
+        async fn events(&self, id: i64) -> Vec<(Option<String>, String, String, String)> {
+            sqlx::query_as(
+                "SELECT from_status, to_status, actor, reason FROM file_events WHERE file_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+        }
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+        }
+    }
+
+    fn assigned() -> Event {
+        Event::Assigned {
+            agent: "a1".into(),
+            lease: Duration::from_secs(60),
+        }
+    }
+
+    fn stored(size: u64) -> Event {
+        Event::Stored(Stored {
+            bucket: "bkt".into(),
+            key: "acme/a.csv".into(),
+            etag: "etag-1".into(),
+            size,
+            sha256: "ab".repeat(32),
+        })
+    }
+
+    fn moved(from: FileStatus, to: FileStatus, reason: &str) -> Outcome {
+        Outcome::Moved {
+            from,
+            to,
+            reason: reason.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn applies_guards_the_table_and_the_outbox() {
+        use FileStatus as S;
+        let db = Db::create().await;
+        let (a, b) = db.seed().await;
+        sqlx::query("UPDATE files SET status = 'processed' WHERE id = $1")
+            .bind(b)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let p = policy();
+
+        // One batch: a move, a repeat of the same file, an illegal event, a missing file.
+        let applied = apply_batch(
+            &db.pool,
+            "coordinator:c1",
+            &p,
+            &[
+                Change::new(a, assigned()),
+                Change::new(a, assigned()),
+                Change::new(b, assigned()),
+                Change::new(i64::MAX, assigned()),
+            ],
+        )
+        .await
+        .unwrap();
+        let outcomes: Vec<Outcome> = applied.into_iter().map(|a| a.outcome).collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                moved(S::New, S::InProgress, "assigned to agent a1 (attempt 1)"),
+                Outcome::Stale,
+                Outcome::Illegal(IllegalTransition {
+                    from: S::Processed,
+                    event: lifecycle::EventKind::Assigned,
+                }),
+                Outcome::Stale,
+            ]
+        );
+        assert_eq!(
+            db.file(a).await,
+            ("in_progress".into(), 1, 1, Some("a1".into()), None)
+        );
+        assert_eq!(db.file(b).await.0, "processed");
+        assert!(
+            db.events(b).await.is_empty(),
+            "an illegal event writes nothing"
+        );
+
+        // Guards: an older token, and a lease that has not expired, are stale.
+        let stale = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 0, stored(12)))
+            .await
+            .unwrap();
+        assert_eq!(stale, Outcome::Stale);
+        let not_expired = Event::LeaseExpired {
+            owner: Some("a1".into()),
+        };
+        let stale = apply_one(&db.pool, "coordinator:c1", &p, Change::new(a, not_expired))
+            .await
+            .unwrap();
+        assert_eq!(stale, Outcome::Stale);
+        assert_eq!(db.file(a).await.0, "in_progress");
+
+        // A success report that does not match the file is a failed attempt.
+        let wrong = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 1, stored(13)))
+            .await
+            .unwrap();
+        assert_eq!(wrong.moved_to(), Some(S::Error));
+        let (status, token, attempts, owner, error) = db.file(a).await;
+        assert_eq!(
+            (status.as_str(), token, attempts, owner),
+            ("error", 1, 1, None)
+        );
+        assert!(error.unwrap().contains("expected 12 bytes"));
+        let later: bool = sqlx::query_scalar(
+            "SELECT next_attempt_at > now() + interval '20 seconds' FROM files WHERE id = $1",
+        )
+        .bind(a)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(later, "an error file waits for its backoff");
+
+        // Reassigned (token 2), then stored: uploaded, with its announcement in the outbox.
+        sqlx::query("UPDATE files SET next_attempt_at = now() WHERE id = $1")
+            .bind(a)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let again = apply_one(&db.pool, "coordinator:c1", &p, Change::new(a, assigned()))
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            moved(S::Error, S::InProgress, "assigned to agent a1 (attempt 2)")
+        );
+        let ok = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 2, stored(12)))
+            .await
+            .unwrap();
+        assert_eq!(ok.moved_to(), Some(S::Uploaded));
+        assert_eq!(
+            db.file(a).await,
+            ("uploaded".into(), 2, 2, None, None),
+            "the lease and the last error are cleared"
+        );
+        let payloads: Vec<serde_json::Value> =
+            sqlx::query_scalar("SELECT payload FROM outbox WHERE file_id = $1")
+                .bind(a)
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(payloads.len(), 1);
+        let body: Announcement = serde_json::from_value(payloads[0].clone()).unwrap();
+        assert_eq!(body.schema_version, 1);
+        assert_eq!((body.file_id, body.server.as_str()), (a, "acme"));
+        assert_eq!((body.path.as_str(), body.size), ("/in/a.csv", 12));
+        assert_eq!(
+            (body.bucket.as_str(), body.key.as_str()),
+            ("bkt", "acme/a.csv")
+        );
+        assert_eq!(
+            (body.etag.as_str(), body.sha256),
+            ("etag-1", "ab".repeat(32))
+        );
+        assert_eq!(body.mtime.timestamp(), 1_800_000_000);
+        assert_eq!(payloads[0]["mtime"], "2027-01-15T08:00:00Z");
+
+        // Confirmed by the broker: processed.
+        let done = apply_one(
+            &db.pool,
+            "coordinator:c1",
+            &p,
+            Change::new(a, Event::Announced),
+        )
+        .await
+        .unwrap();
+        assert_eq!(done, moved(S::Uploaded, S::Processed, "announced on AMQP"));
+        let history: Vec<String> = db
+            .events(a)
+            .await
+            .into_iter()
+            .map(|(from, to, actor, _)| format!("{}>{to} {actor}", from.unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                "new>in_progress coordinator:c1",
+                "in_progress>error agent:a1",
+                "error>in_progress coordinator:c1",
+                "in_progress>uploaded agent:a1",
+                "uploaded>processed coordinator:c1",
+            ]
+        );
+        db.drop().await;
+    }
+
+    #[tokio::test]
+    async fn expired_leases_and_admin_retries() {
+        use FileStatus as S;
+        let db = Db::create().await;
+        let (a, b) = db.seed().await;
+        let p = policy();
+        apply_batch(
+            &db.pool,
+            "coordinator:c1",
+            &p,
+            &[Change::new(a, assigned()), Change::new(b, assigned())],
+        )
+        .await
+        .unwrap();
+        sqlx::query("UPDATE files SET lease_expires_at = now() - interval '1 second'")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let expired = |owner: &str| Event::LeaseExpired {
+            owner: Some(owner.into()),
+        };
+        let applied = apply_batch(
+            &db.pool,
+            "coordinator:c1",
+            &p,
+            &[
+                Change::new(a, expired("a1")),
+                Change::new(b, expired("other")),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            applied[0].outcome,
+            moved(
+                S::InProgress,
+                S::Error,
+                "lease expired: agent a1 stopped reporting"
+            )
+        );
+        assert_eq!(applied[1].outcome, Outcome::Stale, "another owner's lease");
+        let (status, _, _, owner, error) = db.file(a).await;
+        assert_eq!((status.as_str(), owner), ("error", None));
+        assert_eq!(
+            error.as_deref(),
+            Some("lease expired: agent a1 stopped reporting")
+        );
+
+        // An admin retry requeues the error file and leaves the running one alone.
+        let applied = apply_batch(
+            &db.pool,
+            "admin:alice",
+            &p,
+            &[
+                Change::new(a, Event::AdminRetry),
+                Change::new(b, Event::AdminRetry),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(applied[0].outcome, moved(S::Error, S::New, "manual retry"));
+        assert!(matches!(applied[1].outcome, Outcome::Illegal(_)));
+        assert_eq!(db.file(a).await, ("new".into(), 1, 0, None, None));
+        assert_eq!(db.file(b).await.0, "in_progress");
+        db.drop().await;
+    }
+}
