@@ -1,13 +1,15 @@
-//! The ferry domain: file statuses and their rules, post-actions, roles,
-//! validation of admin input, object key templates, the stable-file rule and
-//! backoff. Pure: no IO, no async runtime, no protocol or database types.
+//! The ferry domain: file statuses and their transition table, the AMQP
+//! announcement, post-actions, roles, validation of admin input, object key
+//! templates, the stable-file rule and backoff. Pure: no IO, no async runtime, no protocol or database types.
 //!
 //! **Architecture invariant:** this crate depends on no tokio, tonic, prost or
 //! sqlx (checked by `tests/e2e/architecture.rs`).
 
+pub mod announcement;
 pub mod backoff;
 pub mod domain;
 pub mod keys;
+pub mod lifecycle;
 pub mod stability;
 pub mod sync;
 pub mod validate;

@@ -450,7 +450,9 @@ impl AdminService for Admin {
                 statuses,
                 server_id: none_if_zero(r.server_id),
             };
-            let requeued = files::retry_files(&self.coord.db, &sel, &actor).await?;
+            let requeued =
+                files::retry_files(&self.coord.db, &sel, &actor, &self.agents.settings.retry)
+                    .await?;
             self.coord.files_due().await;
             Ok(proto::RetryFilesResponse { requeued })
         }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_common::domain::Role;
+use ferry_common::lifecycle::RetryPolicy;
 use ferry_common::validate;
 use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
 use futures::Stream;
@@ -25,8 +26,9 @@ use uuid::Uuid;
 use crate::discovery::{self, Discovered};
 use crate::hostkey::{PROBE_ANSWER_TIMEOUT, PendingProbes, ProbeError, ProbedKey};
 use crate::polls;
-use crate::results::{self, Applied, RetryPolicy};
+use crate::results;
 use crate::state::Coordinator;
+use crate::transitions::Outcome;
 
 /// Seconds between agent heartbeats, announced in the welcome.
 pub(crate) const HEARTBEAT_SECS: u32 = 5;
@@ -160,6 +162,11 @@ impl AgentStreams {
         }
     }
 
+    /// The open session of `agent` on this coordinator, if it has one.
+    pub(crate) fn session(&self, agent: &str) -> Option<Session> {
+        lock(&self.sessions).get(agent).cloned()
+    }
+
     /// The sessions open right now.
     pub(crate) fn snapshot(&self) -> Vec<Session> {
         lock(&self.sessions).values().cloned().collect()
@@ -289,12 +296,11 @@ impl AgentStreams {
             }
             Body::TaskResult(r) => {
                 s.task_finished(r.file_id);
-                let applied = results::apply(db, &s.agent, &r, &self.settings.retry).await?;
-                match applied {
-                    Applied::Moved(status) => {
-                        tracing::info!(agent = %s.agent, file = r.file_id, status, "transfer result")
+                match results::apply(db, &s.agent, &r, &self.settings.retry).await? {
+                    Outcome::Moved { to, .. } => {
+                        tracing::info!(agent = %s.agent, file = r.file_id, status = %to, "transfer result")
                     }
-                    Applied::Stale => {
+                    Outcome::Stale | Outcome::Illegal(_) => {
                         tracing::warn!(agent = %s.agent, file = r.file_id, token = r.fencing_token, "stale transfer result ignored")
                     }
                 }

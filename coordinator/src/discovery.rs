@@ -1,9 +1,11 @@
 //! Recording what agents discover: new file versions become `new` rows with a
-//! `file_events` row, idempotent on (watch, path, size, mtime), one statement per batch.
+//! `file_events` row (`NULL -> new`), idempotent on (watch, path, size, mtime),
+//! one statement per batch. Creating a row is not a move between statuses, so
+//! it does not go through [`crate::transitions`].
 
 use sqlx::PgPool;
 
-use crate::error::ApiResult;
+use crate::error::StoreResult;
 
 /// One stable remote file reported by an agent.
 #[derive(Debug, Clone)]
@@ -21,7 +23,7 @@ pub(crate) async fn record_batch(
     server_id: i64,
     watch_id: i64,
     entries: &[Discovered],
-) -> ApiResult<u64> {
+) -> StoreResult<u64> {
     if entries.is_empty() {
         return Ok(0);
     }

@@ -1,4 +1,6 @@
-//! Errors of the admin and agent APIs, mapped to `tonic::Status` in one place.
+//! Errors split by who branches on them: [`StoreError`] for the store
+//! functions background loops call (they retry or skip), [`ApiError`] at the
+//! API edge only, mapped to `tonic::Status` in one place.
 
 use ferry_common::validate::FieldError;
 use tonic::Status;
@@ -22,6 +24,28 @@ pub enum ApiError {
 }
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// A failure of a store function (Postgres reads and writes of file state).
+/// Background loops log it and retry their round; the API edge turns it into
+/// an internal error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// Postgres failed or is unreachable; the transaction was rolled back.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A row holds something the code cannot read (e.g. an unknown status):
+    /// retrying will not help until the row is repaired.
+    #[error("file {file_id}: {what}")]
+    Corrupt { file_id: i64, what: String },
+}
+
+pub(crate) type StoreResult<T> = Result<T, StoreError>;
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Internal(anyhow::Error::new(e).context("store"))
+    }
+}
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {

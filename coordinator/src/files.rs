@@ -1,10 +1,13 @@
-//! Queries over file versions and their history (`files`, `file_events`).
+//! Queries over file versions and their history (`files`, `file_events`),
+//! and the admin retry (applied through [`crate::transitions`]).
 
 use chrono::{DateTime, Utc};
 use ferry_common::domain::FileStatus;
+use ferry_common::lifecycle::{Event, RetryPolicy};
 use sqlx::PgPool;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, StoreResult};
+use crate::transitions::{self, Change};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct FileRow {
@@ -146,38 +149,46 @@ pub(crate) struct RetrySelection {
 }
 
 /// Requeues the selected files as `new` (attempts reset), with a history row
-/// each. Only files in error/failed/lost move; others are left alone.
-pub(crate) async fn retry_files(db: &PgPool, sel: &RetrySelection, actor: &str) -> ApiResult<u64> {
-    let statuses: Vec<String> = if sel.statuses.is_empty() {
-        vec!["error".into(), "failed".into(), "lost".into()]
-    } else {
-        sel.statuses
-            .iter()
-            .map(|s| s.as_str().to_string())
+/// each, in one transaction. Only files the lifecycle lets an admin retry
+/// (error, failed, lost) move; others are left alone. Returns how many moved.
+pub(crate) async fn retry_files(
+    db: &PgPool,
+    sel: &RetrySelection,
+    actor: &str,
+    policy: &RetryPolicy,
+) -> StoreResult<u64> {
+    let statuses: Vec<&str> = if sel.statuses.is_empty() {
+        FileStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_retryable_by_admin())
+            .map(FileStatus::as_str)
             .collect()
+    } else {
+        sel.statuses.iter().map(|s| s.as_str()).collect()
     };
-    let n = sqlx::query(
-        "WITH picked AS ( \
-            SELECT id, status FROM files \
-            WHERE status = ANY($1) AND status IN ('error','failed','lost') \
-              AND (cardinality($2::BIGINT[]) = 0 OR id = ANY($2)) \
-              AND ($3::BIGINT IS NULL OR server_id = $3) \
-            FOR UPDATE), \
-         moved AS ( \
-            UPDATE files f SET status='new', attempts=0, next_attempt_at=now(), last_error=NULL, \
-                   lease_owner=NULL, lease_expires_at=NULL, updated_at=now() \
-            FROM picked WHERE f.id = picked.id RETURNING f.id, picked.status AS old) \
-         INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
-         SELECT id, old, 'new', $4, 'manual retry' FROM moved",
+    let mut tx = db.begin().await?;
+    let picked: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM files \
+         WHERE status = ANY($1) \
+           AND (cardinality($2::BIGINT[]) = 0 OR id = ANY($2)) \
+           AND ($3::BIGINT IS NULL OR server_id = $3) \
+         ORDER BY id FOR UPDATE",
     )
     .bind(&statuses)
     .bind(&sel.ids)
     .bind(sel.server_id)
-    .bind(actor)
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(n)
+    .fetch_all(&mut *tx)
+    .await?;
+    let changes: Vec<Change> = picked
+        .into_iter()
+        .map(|id| Change::new(id, Event::AdminRetry))
+        .collect();
+    let applied = transitions::apply(&mut tx, actor, policy, &changes).await?;
+    tx.commit().await?;
+    Ok(applied
+        .iter()
+        .filter(|a| a.outcome.moved_to().is_some())
+        .count() as u64)
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -21,6 +21,7 @@ mod secrets;
 mod server;
 mod state;
 mod tasks;
+mod transitions;
 
 use crate::config::{Cli, Command};
 use clap::Parser;

@@ -1,11 +1,12 @@
 //! The outbox relay: publishes committed `outbox` rows to AMQP and marks them.
 //!
-//! A row is written in the same transaction that sets its file `uploaded`. The
-//! relay locks a batch of unpublished rows (`FOR UPDATE SKIP LOCKED`, so two
+//! A row is written in the same transaction that sets its file `uploaded`
+//! ([`crate::transitions`]); its payload is an
+//! [`ferry_common::announcement::Announcement`]. The relay locks a batch of unpublished rows (`FOR UPDATE SKIP LOCKED`, so two
 //! coordinators never publish the same row at once), publishes each one
 //! (persistent, `mandatory`, publisher confirms), and in the same transaction
 //! marks the confirmed rows published and moves their files `uploaded` ->
-//! `processed` with a `file_events` row. A NACK or a returned (unroutable)
+//! `processed` (the `Announced` event, applied by [`crate::transitions`]). A NACK or a returned (unroutable)
 //! message only bumps the row's `attempts`; a broken connection rolls the
 //! whole batch back and reconnects with backoff.
 //!
@@ -18,7 +19,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use ferry_common::announcement::Properties;
 use ferry_common::backoff::Backoff;
+use ferry_common::lifecycle::{Event, RetryPolicy};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
@@ -27,7 +30,9 @@ use lapin::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::StoreError;
 use crate::state::Coordinator;
+use crate::transitions::{self, Change};
 
 /// Where and how the relay publishes.
 #[derive(Debug, Clone)]
@@ -40,10 +45,10 @@ pub(crate) struct RelayConfig {
     pub routing_key: String,
     /// Rows published per transaction.
     pub batch: i64,
+    /// The retry policy the lifecycle table is applied with.
+    pub retry: RetryPolicy,
 }
 
-/// AMQP `type` property of every announcement.
-pub(crate) const MESSAGE_TYPE: &str = "ferry.file.stored";
 /// Header carrying the outbox row id, used to match returned messages to rows.
 pub(crate) const OUTBOX_ID_HEADER: &str = "ferry-outbox-id";
 
@@ -173,8 +178,14 @@ async fn connect(cfg: &RelayConfig, coordinator_id: &str) -> anyhow::Result<(Con
 enum RoundError {
     #[error("broker: {0:#}")]
     Broker(anyhow::Error),
-    #[error("database: {0:#}")]
-    Db(#[from] sqlx::Error),
+    #[error("{0}")]
+    Db(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for RoundError {
+    fn from(e: sqlx::Error) -> Self {
+        RoundError::Db(StoreError::Db(e))
+    }
 }
 
 /// What one round did.
@@ -290,19 +301,16 @@ async fn round(
             .bind(&published)
             .execute(&mut *tx)
             .await?;
-        let moved: Vec<i64> = sqlx::query_scalar(
-            "WITH moved AS ( \
-                 UPDATE files SET status = 'processed', updated_at = now() \
-                 WHERE id = ANY($1) AND status = 'uploaded' RETURNING id) \
-             INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
-             SELECT id, 'uploaded', 'processed', $2, 'announced on AMQP' FROM moved \
-             RETURNING file_id",
-        )
-        .bind(&published_files)
-        .bind(format!("coordinator:{}", coord.id))
-        .fetch_all(&mut *tx)
-        .await?;
-        processed = moved.len();
+        let changes: Vec<Change> = published_files
+            .iter()
+            .map(|&id| Change::new(id, Event::Announced))
+            .collect();
+        let actor = format!("coordinator:{}", coord.id);
+        let moved = transitions::apply(&mut tx, &actor, &cfg.retry, &changes).await?;
+        processed = moved
+            .iter()
+            .filter(|a| a.outcome.moved_to().is_some())
+            .count();
     }
     if !failures.is_empty() {
         let (ids, errors): (Vec<i64>, Vec<String>) =
@@ -356,12 +364,15 @@ async fn publish_batch(
         let body = serde_json::to_vec(&row.payload).context("encode outbox payload")?;
         let mut headers = FieldTable::default();
         headers.insert(OUTBOX_ID_HEADER.into(), AMQPValue::LongLongInt(row.id));
+        // From the announcement type, without decoding the body: rows written
+        // by an older version go out as they were stored.
+        let announced = Properties::for_file(row.file_id);
         let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(row.file_id.to_string().into())
+            .with_delivery_mode(announced.delivery_mode)
+            .with_content_type(announced.content_type.into())
+            .with_message_id(announced.message_id.into())
             .with_timestamp(timestamp)
-            .with_type(MESSAGE_TYPE.into())
+            .with_type(announced.kind.into())
             .with_headers(headers);
         let confirm = channel
             .basic_publish(

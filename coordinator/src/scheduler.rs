@@ -1,11 +1,12 @@
 //! Task assignment: claims due files (`new`, and `error` whose backoff passed)
-//! and hands them to connected agents of the server's site with free capacity.
+//! and hands them to connected agents of the server's site with free capacity;
+//! and the lease reaper, which requeues transfers whose agent went silent.
 //!
 //! **Architecture invariants:**
 //! - A claim locks the server row (`FOR UPDATE`) before counting its running
 //!   transfers, so `max_sessions` holds across all coordinators.
-//! - Every assignment bumps the file's fencing token; a result carrying an
-//!   older token is rejected ([`crate::results`]).
+//! - Every assignment bumps the file's fencing token ([`crate::transitions`]);
+//!   a result carrying an older token is stale.
 //! - Claims rotate over servers one file at a time, so a busy server cannot
 //!   starve the others.
 
@@ -13,14 +14,17 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ferry_common::keys::{self, KeyInputs};
+use ferry_common::domain::FileStatus;
+use ferry_common::keys::{self, KeyError, KeyInputs};
+use ferry_common::lifecycle::{Event, RetryPolicy};
 use ferry_proto::{self as proto, coordinator_message::Body};
 use sqlx::PgPool;
 
 use crate::agents::Session;
-use crate::error::ApiResult;
+use crate::error::{StoreError, StoreResult};
 use crate::registry::{CONNECTION_COLUMNS, ConnectionRow};
 use crate::secrets::SecretBox;
+use crate::transitions::{self, Change, Outcome};
 
 /// A claimed file, ready to become a task assignment.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -35,7 +39,7 @@ pub(crate) struct Claimed {
 }
 
 /// Servers of `site` that have due files, in a rotating order.
-pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> ApiResult<Vec<i64>> {
+pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> StoreResult<Vec<i64>> {
     Ok(sqlx::query_scalar(
         "SELECT s.id FROM servers s \
          WHERE s.site = $1 AND s.enabled AND s.deleted_at IS NULL \
@@ -49,16 +53,25 @@ pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> ApiResult
     .await?)
 }
 
-/// Claims up to `want` due files of one server for `agent`, within the
-/// server's free sessions. Returns the claimed files (possibly none).
+/// Who claims: the coordinator's id, the agent that gets the files, and
+/// the lease and retry policy they run under.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Claimant<'a> {
+    pub coordinator: &'a str,
+    pub agent: &'a str,
+    pub lease: Duration,
+    pub policy: &'a RetryPolicy,
+}
+
+/// Claims up to `want` due files of one server for the claimant's agent,
+/// within the server's free sessions, in one transaction. Returns the claimed
+/// files (possibly none).
 pub(crate) async fn claim(
     db: &PgPool,
-    coordinator: &str,
-    agent: &str,
+    who: Claimant<'_>,
     server_id: i64,
     want: i64,
-    lease: Duration,
-) -> ApiResult<Vec<Claimed>> {
+) -> StoreResult<Vec<Claimed>> {
     let mut tx = db.begin().await?;
     let max: Option<i32> = sqlx::query_scalar(
         "SELECT max_sessions FROM servers WHERE id = $1 AND enabled AND deleted_at IS NULL FOR UPDATE",
@@ -79,30 +92,45 @@ pub(crate) async fn claim(
     if n <= 0 {
         return Ok(Vec::new());
     }
-    let claimed = sqlx::query_as::<_, Claimed>(
-        "WITH picked AS ( \
-            SELECT f.id, f.status FROM files f JOIN watches w ON w.id = f.watch_id \
-            WHERE f.server_id = $1 AND f.status IN ('new', 'error') AND f.next_attempt_at <= now() \
-              AND w.deleted_at IS NULL \
-            ORDER BY f.next_attempt_at, f.id LIMIT $2 FOR UPDATE OF f SKIP LOCKED), \
-         moved AS ( \
-            UPDATE files f SET status = 'in_progress', attempts = f.attempts + 1, \
-                   fencing_token = f.fencing_token + 1, lease_owner = $3, \
-                   lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
-            FROM picked WHERE f.id = picked.id \
-            RETURNING f.id, f.server_id, f.watch_id, f.path, f.size, f.mtime_unix, f.fencing_token, \
-                      f.attempts, f.discovered_at, picked.status AS old), \
-         events AS ( \
-            INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
-            SELECT id, old, 'in_progress', 'coordinator:' || $5, \
-                   'assigned to agent ' || $3 || ' (attempt ' || attempts || ')' FROM moved) \
-         SELECT id, server_id, watch_id, path, size, mtime_unix, fencing_token, attempts, discovered_at FROM moved",
+    let picked: Vec<i64> = sqlx::query_scalar(
+        "SELECT f.id FROM files f JOIN watches w ON w.id = f.watch_id \
+         WHERE f.server_id = $1 AND f.status IN ('new', 'error') AND f.next_attempt_at <= now() \
+           AND w.deleted_at IS NULL \
+         ORDER BY f.next_attempt_at, f.id LIMIT $2 FOR UPDATE OF f SKIP LOCKED",
     )
     .bind(server_id)
     .bind(n)
-    .bind(agent)
-    .bind(lease.as_secs_f64())
-    .bind(coordinator)
+    .fetch_all(&mut *tx)
+    .await?;
+    let changes: Vec<Change> = picked
+        .iter()
+        .map(|&id| {
+            Change::new(
+                id,
+                Event::Assigned {
+                    agent: who.agent.to_string(),
+                    lease: who.lease,
+                },
+            )
+        })
+        .collect();
+    let applied = transitions::apply(
+        &mut tx,
+        &format!("coordinator:{}", who.coordinator),
+        who.policy,
+        &changes,
+    )
+    .await?;
+    let moved: Vec<i64> = applied
+        .iter()
+        .filter(|a| a.outcome.moved_to() == Some(FileStatus::InProgress))
+        .map(|a| a.file_id)
+        .collect();
+    let claimed = sqlx::query_as::<_, Claimed>(
+        "SELECT id, watch_id, path, size, mtime_unix, fencing_token, discovered_at \
+         FROM files WHERE id = ANY($1) ORDER BY array_position($1, id)",
+    )
+    .bind(&moved)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -118,14 +146,28 @@ struct Source {
     key_template: String,
 }
 
-/// Builds the task for a claimed file. `Err` carries a permanent failure
-/// (e.g. a path that cannot become a safe object key).
+/// Why a claimed file did not become a task.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AssignmentError {
+    /// The file can never become a task (its path cannot be a safe object
+    /// key): it fails permanently.
+    #[error(transparent)]
+    UnsafeKey(#[from] KeyError),
+    /// Reading what the task needs failed: the round is retried.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The server's credentials could not be unsealed: the round is retried.
+    #[error("server credentials: {0:#}")]
+    Secrets(anyhow::Error),
+}
+
+/// Builds the task for a claimed file.
 pub(crate) async fn assignment(
     db: &PgPool,
     secrets: &SecretBox,
     file: &Claimed,
     lease: Duration,
-) -> anyhow::Result<Result<proto::TaskAssignment, String>> {
+) -> Result<proto::TaskAssignment, AssignmentError> {
     let src = sqlx::query_as::<_, Source>(&format!(
         "SELECT {CONNECTION_COLUMNS}, w.directory, w.bucket, w.key_template \
          FROM files f JOIN servers s ON s.id = f.server_id JOIN watches w ON w.id = f.watch_id \
@@ -133,9 +175,10 @@ pub(crate) async fn assignment(
     ))
     .bind(file.id)
     .fetch_one(db)
-    .await?;
+    .await
+    .map_err(StoreError::from)?;
     let date = file.discovered_at.format("%Y-%m-%d").to_string();
-    let key = match keys::render(
+    let key = keys::render(
         &src.key_template,
         &KeyInputs {
             server: &src.conn.name,
@@ -144,17 +187,17 @@ pub(crate) async fn assignment(
             remote_path: &file.path,
             date: &date,
         },
-    ) {
-        Ok(k) => k,
-        Err(e) => return Ok(Err(e.to_string())),
-    };
-    let source = src.conn.to_proto(secrets)?;
+    )?;
+    let source = src
+        .conn
+        .to_proto(secrets)
+        .map_err(AssignmentError::Secrets)?;
     let metadata = HashMap::from([
         ("ferry-file-id".to_string(), file.id.to_string()),
         ("ferry-server".to_string(), src.conn.name.clone()),
         ("ferry-mtime".to_string(), file.mtime_unix.to_string()),
     ]);
-    Ok(Ok(proto::TaskAssignment {
+    Ok(proto::TaskAssignment {
         file_id: file.id,
         fencing_token: file.fencing_token as u64,
         lease_secs: lease.as_secs() as u32,
@@ -165,7 +208,7 @@ pub(crate) async fn assignment(
         bucket: src.bucket,
         key,
         metadata,
-    }))
+    })
 }
 
 /// One scheduling round for the agents of `sessions` (all of one site):
@@ -178,6 +221,7 @@ pub(crate) async fn schedule_site(
     site: &str,
     sessions: &[Session],
     lease: Duration,
+    policy: &RetryPolicy,
 ) -> anyhow::Result<usize> {
     let mut free: Vec<(Session, i64)> = sessions
         .iter()
@@ -200,11 +244,17 @@ pub(crate) async fn schedule_site(
                 still_due.push(server_id);
                 continue;
             }
-            let claimed = claim(db, coordinator, &session.agent, server_id, 1, lease).await?;
+            let who = Claimant {
+                coordinator,
+                agent: &session.agent,
+                lease,
+                policy,
+            };
+            let claimed = claim(db, who, server_id, 1).await?;
             let Some(file) = claimed.into_iter().next() else {
                 continue;
             };
-            match assignment(db, secrets, &file, lease).await? {
+            match assignment(db, secrets, &file, lease).await {
                 Ok(task) => {
                     session.task_started(file.id);
                     if !session.send(Body::TaskAssignment(task)).await {
@@ -215,15 +265,20 @@ pub(crate) async fn schedule_site(
                     *slots -= 1;
                     sent += 1;
                 }
-                Err(why) => {
-                    crate::results::fail_permanently(
-                        db,
-                        coordinator,
+                Err(AssignmentError::UnsafeKey(why)) => {
+                    let change = Change::fenced(
                         file.id,
                         file.fencing_token,
-                        &why,
-                    )
-                    .await?;
+                        Event::Rejected {
+                            why: why.to_string(),
+                        },
+                    );
+                    let actor = format!("coordinator:{coordinator}");
+                    transitions::apply_one(db, &actor, policy, change).await?;
+                }
+                // The claimed file keeps its lease; the reaper requeues it.
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("assign file {}", file.id)));
                 }
             }
             still_due.push(server_id);
@@ -236,28 +291,64 @@ pub(crate) async fn schedule_site(
     Ok(sent)
 }
 
-/// Requeues transfers whose lease expired (agent died or went silent).
+/// A transfer the reaper took away from its silent agent.
+#[derive(Debug, Clone)]
+pub(crate) struct Reaped {
+    pub file_id: i64,
+    /// The agent that held the lease; it should stop (`TaskCancellation`).
+    pub owner: Option<String>,
+    pub to: FileStatus,
+    pub reason: String,
+}
+
+/// Requeues transfers whose lease expired (agent died or went silent), in
+/// one transaction; rows another coordinator is reaping are skipped.
 pub(crate) async fn reap_expired(
     db: &PgPool,
     coordinator: &str,
-    max_attempts: i32,
-) -> ApiResult<u64> {
-    let n = sqlx::query(
-        "WITH expired AS ( \
-            SELECT id, attempts, lease_owner FROM files \
-            WHERE status = 'in_progress' AND lease_expires_at < now() FOR UPDATE SKIP LOCKED), \
-         moved AS ( \
-            UPDATE files f SET status = CASE WHEN expired.attempts >= $2 THEN 'failed' ELSE 'error' END, \
-                   last_error = 'lease expired: agent ' || COALESCE(expired.lease_owner, '?') || ' stopped reporting', \
-                   lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = now(), updated_at = now() \
-            FROM expired WHERE f.id = expired.id RETURNING f.id, f.status, f.last_error) \
-         INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
-         SELECT id, 'in_progress', status, 'coordinator:' || $1, last_error FROM moved",
+    policy: &RetryPolicy,
+) -> StoreResult<Vec<Reaped>> {
+    let mut tx = db.begin().await?;
+    let expired: Vec<(i64, Option<String>)> = sqlx::query_as(
+        "SELECT id, lease_owner FROM files \
+         WHERE status = 'in_progress' AND lease_expires_at < now() \
+         ORDER BY id FOR UPDATE SKIP LOCKED",
     )
-    .bind(coordinator)
-    .bind(max_attempts)
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(n)
+    .fetch_all(&mut *tx)
+    .await?;
+    if expired.is_empty() {
+        return Ok(Vec::new());
+    }
+    let changes: Vec<Change> = expired
+        .iter()
+        .map(|(id, owner)| {
+            Change::new(
+                *id,
+                Event::LeaseExpired {
+                    owner: owner.clone(),
+                },
+            )
+        })
+        .collect();
+    let applied = transitions::apply(
+        &mut tx,
+        &format!("coordinator:{coordinator}"),
+        policy,
+        &changes,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(applied
+        .into_iter()
+        .zip(expired)
+        .filter_map(|(a, (_, owner))| match a.outcome {
+            Outcome::Moved { to, reason, .. } => Some(Reaped {
+                file_id: a.file_id,
+                owner,
+                to,
+                reason,
+            }),
+            Outcome::Stale | Outcome::Illegal(_) => None,
+        })
+        .collect())
 }

@@ -20,10 +20,10 @@ use crate::agents::{AgentStreams, TaskSettings};
 use crate::auth::{require_admin, require_agent};
 use crate::config::ServeArgs;
 use crate::relay::{self, RelayConfig};
-use crate::results::RetryPolicy;
 use crate::secrets::SecretBox;
 use crate::state::Coordinator;
 use crate::{db, tasks};
+use ferry_common::lifecycle::RetryPolicy;
 
 fn default_coordinator_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -108,6 +108,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
                 exchange: args.amqp_exchange.clone(),
                 routing_key: args.amqp_routing_key.clone(),
                 batch: args.amqp_batch.clamp(1, 10_000),
+                retry: settings.retry,
             };
             background.spawn(relay::run(coord.clone(), relay, cancel.clone()));
         }

@@ -1,7 +1,8 @@
 //! Background loops of a coordinator, each closing a gap between intent in
 //! Postgres and what agents were told:
 //! - the poll reconciler renews and claims poll leases and sends assignments;
-//! - the scheduler hands due files to agents and reaps expired task leases;
+//! - the scheduler hands due files to agents and reaps expired task leases,
+//!   telling a reaped transfer's agent to stop (`TaskCancellation`);
 //! - the post-action dispatcher asks agents to delete or move processed files.
 
 use ferry_common::sync::lock;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AgentStreams, Session};
 use crate::post_actions::PostActions;
+use crate::scheduler::Reaped;
 use crate::state::Coordinator;
 use crate::{polls, scheduler};
 
@@ -54,11 +56,15 @@ async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancell
     let mut post_actions = PostActions::default();
     loop {
         let sessions = agents.snapshot();
-        match scheduler::reap_expired(&coord.db, &coord.id, agents.settings.retry.max_attempts)
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(files = n, "requeued transfers whose lease expired"),
+        match scheduler::reap_expired(&coord.db, &coord.id, &agents.settings.retry).await {
+            Ok(reaped) if reaped.is_empty() => {}
+            Ok(reaped) => {
+                tracing::warn!(
+                    files = reaped.len(),
+                    "requeued transfers whose lease expired"
+                );
+                cancel_reaped(&agents, reaped).await;
+            }
             Err(e) => tracing::warn!(error = %e, "lease reaper failed"),
         }
         let mut by_site: BTreeMap<String, Vec<Session>> = BTreeMap::new();
@@ -73,6 +79,7 @@ async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancell
                 site,
                 members,
                 agents.settings.lease,
+                &agents.settings.retry,
             )
             .await
             {
@@ -87,6 +94,27 @@ async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancell
             _ = due.changed() => {}
             _ = agents.changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Tells the old owners of reaped transfers that hold a stream here to stop,
+/// so a late agent does not keep uploading; its late result would be stale
+/// anyway. Owners connected elsewhere, or gone, are not told.
+async fn cancel_reaped(agents: &AgentStreams, reaped: Vec<Reaped>) {
+    for r in reaped {
+        let Some(session) = r.owner.as_deref().and_then(|owner| agents.session(owner)) else {
+            continue;
+        };
+        session.task_finished(r.file_id);
+        let sent = session
+            .send(Body::TaskCancellation(proto::TaskCancellation {
+                file_id: r.file_id,
+                reason: r.reason,
+            }))
+            .await;
+        if sent {
+            tracing::info!(agent = %session.agent, file = r.file_id, status = %r.to, "transfer cancelled after its lease expired");
         }
     }
 }

@@ -477,3 +477,77 @@ async fn sigterm_lets_the_running_transfer_finish_before_exiting() {
         sha256_hex(&bytes)
     );
 }
+
+/// Sends `signal` (e.g. "STOP", "CONT") to `pid` via `/bin/kill`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("/bin/kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+#[tokio::test]
+async fn a_silent_agent_is_told_to_stop_when_its_lease_is_reaped() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("stop")).await;
+    f.watch(id, "in", "keep").await;
+    let bytes = content(7, 300 << 20);
+    f.s.sshd.write_file("in/big.bin", &bytes);
+    let a1 = f.s.agent_with("a1", f.agent_opts(1)).await;
+    f.wait_status(1, "in_progress", WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Frozen mid-transfer: no progress, so the 6 s lease expires, while the
+    // stream stays open (HTTP/2 keepalive gives up only after 30 s).
+    let pid = a1.pid().unwrap();
+    signal(pid, "STOP");
+    let _a2 = f.s.agent_with("a2", f.agent_opts(4)).await;
+    let reaped = eventually("lease reaped", WAIT, || async {
+        let reasons: Vec<String> =
+            sqlx::query_scalar("SELECT reason FROM file_events WHERE reason LIKE 'lease expired%'")
+                .fetch_all(f.s.db.pool())
+                .await
+                .unwrap();
+        reasons.into_iter().next()
+    })
+    .await;
+    signal(pid, "CONT");
+    assert_eq!(reaped, "lease expired: agent a1 stopped reporting");
+    eventually("a1 cancels its transfer", WAIT, || async {
+        let log = std::fs::read_to_string(a1.log_path()).unwrap_or_default();
+        log.contains("transfer cancelled").then_some(())
+    })
+    .await;
+    f.wait_status(1, "processed", Duration::from_secs(180))
+        .await;
+    let stored = f.s3.get_object(BUCKET, "stop/big.bin").await;
+    assert_eq!(sha256_hex(&stored), sha256_hex(&bytes), "object complete");
+    let history: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT to_status, actor, reason FROM file_events ORDER BY id")
+            .fetch_all(f.s.db.pool())
+            .await
+            .unwrap();
+    assert!(
+        !history
+            .iter()
+            .any(|(st, actor, _)| actor == "agent:a1" && st != "new"),
+        "only a1's discovery is in the history; its late result must not count: {history:?}"
+    );
+    assert!(
+        history
+            .iter()
+            .any(|(st, actor, _)| st == "uploaded" && actor == "agent:a2"),
+        "{history:?}"
+    );
+    let msgs = f.messages(1).await;
+    assert_eq!(msgs.len(), 1, "announced once");
+    let body: ferry_common::announcement::Announcement =
+        serde_json::from_slice(&msgs[0].body).unwrap();
+    assert_eq!(body.schema_version, 1);
+    assert_eq!(body.key, "stop/big.bin");
+    assert_eq!(body.sha256, sha256_hex(&bytes));
+    assert_eq!(
+        msgs[0].message_id.as_deref(),
+        Some(body.file_id.to_string().as_str())
+    );
+}

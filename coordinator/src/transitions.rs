@@ -1,0 +1,790 @@
+//! The one place file statuses change: applies a batch of lifecycle events
+//! ([`ferry_common::lifecycle`]) in one transaction.
+//!
+//! [`apply`] locks the batch's rows (`FOR UPDATE`, in id order), checks each
+//! change's guard against its row, asks the pure table where the event leads,
+//! then writes with set-based statements (`unnest` arrays, one statement per
+//! table, not one per file): the `files` columns each event owns, one
+//! `file_events` row per move, and for `Stored` the `outbox` row carrying the
+//! [`Announcement`], built here from the locked row.
+//!
+//! **Architecture invariant:** the fencing check lives here. A change that
+//! names a fencing token (an agent's result, the rejection of a claim) counts
+//! only while the file is `in_progress` with exactly that token; a lease
+//! expiry counts only while the named owner still holds an expired lease.
+//! Anything else is [`Outcome::Stale`] and writes nothing.
+//!
+//! Every status change goes through here: the scheduler's claim and lease
+//! reaper, transfer results, rejections of unsafe keys, the relay's confirms
+//! and admin retries. Two writes stay outside, because they are not moves
+//! between statuses: discovery inserts new rows with their first event
+//! (`NULL -> new`, [`crate::discovery`], one idempotent `INSERT ... ON
+//! CONFLICT` per batch), and post-action outcomes are recorded on `processed`
+//! files ([`crate::results::record_post_action`]).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ferry_common::announcement::{Announcement, SCHEMA_VERSION};
+use ferry_common::domain::FileStatus;
+use ferry_common::lifecycle::{
+    self, Event, FailureKind, IllegalTransition, RetryPolicy, Stored, Transition,
+};
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::{StoreError, StoreResult};
+
+/// One event for one file.
+#[derive(Debug, Clone)]
+pub(crate) struct Change {
+    pub file_id: i64,
+    pub event: Event,
+    /// The assignment this change belongs to: `Some` for agents' results and
+    /// rejections of a claim, checked against the file's fencing token.
+    pub token: Option<i64>,
+}
+
+impl Change {
+    pub(crate) fn new(file_id: i64, event: Event) -> Self {
+        Change {
+            file_id,
+            event,
+            token: None,
+        }
+    }
+
+    /// A change valid only for the assignment with fencing token `token`.
+    pub(crate) fn fenced(file_id: i64, token: i64, event: Event) -> Self {
+        Change {
+            file_id,
+            event,
+            token: Some(token),
+        }
+    }
+}
+
+/// What a change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The file moved; `reason` is its history text.
+    Moved {
+        from: FileStatus,
+        to: FileStatus,
+        reason: String,
+    },
+    /// The guard did not hold: no such file, an older fencing token, no
+    /// longer in progress, another lease owner, a renewed lease, or the file
+    /// already changed earlier in the same batch. Nothing was written.
+    Stale,
+    /// The table does not allow this event in the file's status.
+    Illegal(IllegalTransition),
+}
+
+impl Outcome {
+    /// The status the file moved to, if it moved.
+    pub(crate) fn moved_to(&self) -> Option<FileStatus> {
+        match self {
+            Outcome::Moved { to, .. } => Some(*to),
+            Outcome::Stale | Outcome::Illegal(_) => None,
+        }
+    }
+}
+
+/// The outcome of one change of a batch, in the batch's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Applied {
+    pub file_id: i64,
+    pub outcome: Outcome,
+}
+
+/// The locked row: what guards, the table and the announcement read.
+#[derive(Debug, sqlx::FromRow)]
+struct Row {
+    id: i64,
+    status: String,
+    attempts: i32,
+    fencing_token: i64,
+    lease_owner: Option<String>,
+    lease_expired: bool,
+    server_id: i64,
+    server: String,
+    watch_id: i64,
+    path: String,
+    size: i64,
+    mtime_unix: i64,
+    discovered_at: DateTime<Utc>,
+}
+
+/// Applies `changes` in its own transaction; see [`apply`].
+pub(crate) async fn apply_batch(
+    db: &PgPool,
+    actor: &str,
+    policy: &RetryPolicy,
+    changes: &[Change],
+) -> StoreResult<Vec<Applied>> {
+    let mut tx = db.begin().await?;
+    let applied = apply(&mut tx, actor, policy, changes).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Applies one change in its own transaction.
+pub(crate) async fn apply_one(
+    db: &PgPool,
+    actor: &str,
+    policy: &RetryPolicy,
+    change: Change,
+) -> StoreResult<Outcome> {
+    let file_id = change.file_id;
+    let applied = apply_batch(db, actor, policy, &[change]).await?;
+    Ok(applied
+        .into_iter()
+        .find(|a| a.file_id == file_id)
+        .map_or(Outcome::Stale, |a| a.outcome))
+}
+
+/// Applies `changes` inside the caller's transaction (so a claim can hold its
+/// server lock, and the relay can mark its outbox rows, in the same commit).
+/// `actor` goes into every history row (`agent:<name>`, `coordinator:<id>`,
+/// `admin:<name>`). A file should appear once per batch; a repeat is `Stale`.
+pub(crate) async fn apply(
+    conn: &mut PgConnection,
+    actor: &str,
+    policy: &RetryPolicy,
+    changes: &[Change],
+) -> StoreResult<Vec<Applied>> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = changes.iter().map(|c| c.file_id).collect();
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT f.id, f.status, f.attempts, f.fencing_token, f.lease_owner, \
+                COALESCE(f.lease_expires_at < now(), false) AS lease_expired, \
+                f.server_id, s.name AS server, f.watch_id, f.path, f.size, f.mtime_unix, f.discovered_at \
+         FROM files f JOIN servers s ON s.id = f.server_id \
+         WHERE f.id = ANY($1) ORDER BY f.id FOR UPDATE OF f",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let rows: HashMap<i64, Row> = rows.into_iter().map(|r| (r.id, r)).collect();
+
+    let mut seen = HashSet::with_capacity(changes.len());
+    let mut applied = Vec::with_capacity(changes.len());
+    let mut writes = Writes::default();
+    for change in changes {
+        let outcome = match rows.get(&change.file_id) {
+            Some(row) if seen.insert(change.file_id) => decide(row, change, policy)?,
+            _ => Decision::Stale,
+        };
+        let outcome = match outcome {
+            Decision::Stale => Outcome::Stale,
+            Decision::Illegal(e) => Outcome::Illegal(e),
+            Decision::Move { from, event, t } => {
+                let reason = t.reason.clone();
+                let to = t.to;
+                writes.push(change.file_id, from, &event, t);
+                Outcome::Moved { from, to, reason }
+            }
+        };
+        applied.push(Applied {
+            file_id: change.file_id,
+            outcome,
+        });
+    }
+    writes.execute(conn, actor, &rows).await?;
+    Ok(applied)
+}
+
+enum Decision {
+    Stale,
+    Illegal(IllegalTransition),
+    /// `event` is the one to record: a `Stored` report that does not match
+    /// the file has become a failed attempt.
+    Move {
+        from: FileStatus,
+        event: Event,
+        t: Transition,
+    },
+}
+
+/// Guards, then the table.
+fn decide(row: &Row, change: &Change, policy: &RetryPolicy) -> StoreResult<Decision> {
+    let from: FileStatus = row.status.parse().map_err(|e| StoreError::Corrupt {
+        file_id: row.id,
+        what: e,
+    })?;
+    if let Some(token) = change.token
+        && (from != FileStatus::InProgress || row.fencing_token != token)
+    {
+        return Ok(Decision::Stale);
+    }
+    if let Event::LeaseExpired { owner } = &change.event
+        && (!row.lease_expired || row.lease_owner != *owner)
+    {
+        return Ok(Decision::Stale);
+    }
+    let event = match &change.event {
+        Event::Stored(s) => match s.mismatch(size(row)?) {
+            Some(message) => Event::TransferFailed {
+                kind: FailureKind::Transient,
+                message,
+            },
+            None => change.event.clone(),
+        },
+        other => other.clone(),
+    };
+    Ok(
+        match lifecycle::transition(from, &event, row.attempts, policy) {
+            Ok(t) => Decision::Move { from, event, t },
+            Err(e) => Decision::Illegal(e),
+        },
+    )
+}
+
+fn size(row: &Row) -> StoreResult<u64> {
+    u64::try_from(row.size).map_err(|_| StoreError::Corrupt {
+        file_id: row.id,
+        what: format!("negative size {}", row.size),
+    })
+}
+
+/// Column arrays of the moves of one batch, one entry per moved file.
+#[derive(Debug, Default)]
+struct Writes {
+    id: Vec<i64>,
+    from: Vec<&'static str>,
+    status: Vec<&'static str>,
+    reason: Vec<String>,
+    attempts: Vec<i32>,
+    /// Assignment: bump the fencing token.
+    bump: Vec<bool>,
+    /// Assignment: the new lease; every other move ends the lease.
+    lease_owner: Vec<Option<String>>,
+    lease_secs: Vec<Option<f64>>,
+    /// Due again after this many seconds (`None`: due time unchanged).
+    retry_secs: Vec<Option<f64>>,
+    /// Whether `last_error` is overwritten (with `error`, NULL clears it).
+    set_error: Vec<bool>,
+    error: Vec<Option<String>>,
+    bucket: Vec<Option<String>>,
+    key: Vec<Option<String>>,
+    etag: Vec<Option<String>>,
+    sha256: Vec<Option<String>>,
+    /// Stored moves, for `uploaded_at` and the announcement.
+    stored: Vec<Option<Stored>>,
+}
+
+impl Writes {
+    fn push(&mut self, file_id: i64, from: FileStatus, event: &Event, t: Transition) {
+        let (set_error, error) = match event {
+            Event::TransferFailed { message, .. } => (true, Some(message.clone())),
+            Event::Rejected { why } => (true, Some(why.clone())),
+            Event::LeaseExpired { .. } => (true, Some(t.reason.clone())),
+            Event::Stored(_) | Event::AdminRetry => (true, None),
+            Event::Assigned { .. } | Event::Announced => (false, None),
+        };
+        let (lease_owner, lease) = match event {
+            Event::Assigned { agent, lease } => (Some(agent.clone()), Some(*lease)),
+            _ => (None, None),
+        };
+        let stored = match event {
+            Event::Stored(s) => Some(s.clone()),
+            _ => None,
+        };
+        self.id.push(file_id);
+        self.from.push(from.as_str());
+        self.status.push(t.to.as_str());
+        self.attempts.push(t.attempts);
+        self.bump.push(lease.is_some());
+        self.lease_owner.push(lease_owner);
+        self.lease_secs.push(lease.map(|l| l.as_secs_f64()));
+        self.retry_secs
+            .push(t.retry_in.map(|d: Duration| d.as_secs_f64()));
+        self.set_error.push(set_error);
+        self.error.push(error);
+        self.bucket.push(stored.as_ref().map(|s| s.bucket.clone()));
+        self.key.push(stored.as_ref().map(|s| s.key.clone()));
+        self.etag.push(stored.as_ref().map(|s| s.etag.clone()));
+        self.sha256.push(stored.as_ref().map(|s| s.sha256.clone()));
+        self.stored.push(stored);
+        self.reason.push(t.reason);
+    }
+
+    async fn execute(
+        self,
+        conn: &mut PgConnection,
+        actor: &str,
+        rows: &HashMap<i64, Row>,
+    ) -> StoreResult<()> {
+        if self.id.is_empty() {
+            return Ok(());
+        }
+        let updated: Vec<(i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "UPDATE files f SET status = u.status, attempts = u.attempts, \
+                    fencing_token = f.fencing_token + CASE WHEN u.bump THEN 1 ELSE 0 END, \
+                    lease_owner = u.lease_owner, \
+                    lease_expires_at = now() + u.lease_secs * interval '1 second', \
+                    next_attempt_at = COALESCE(now() + u.retry_secs * interval '1 second', f.next_attempt_at), \
+                    last_error = CASE WHEN u.set_error THEN u.error ELSE f.last_error END, \
+                    bucket = COALESCE(u.bucket, f.bucket), object_key = COALESCE(u.object_key, f.object_key), \
+                    etag = COALESCE(u.etag, f.etag), sha256 = COALESCE(u.sha256, f.sha256), \
+                    uploaded_at = CASE WHEN u.stored THEN now() ELSE f.uploaded_at END, \
+                    updated_at = now() \
+             FROM unnest($1::bigint[], $2::text[], $3::int4[], $4::bool[], $5::text[], $6::float8[], \
+                         $7::float8[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], \
+                         $13::text[], $14::bool[]) \
+                  AS u(id, status, attempts, bump, lease_owner, lease_secs, retry_secs, set_error, \
+                       error, bucket, object_key, etag, sha256, stored) \
+             WHERE f.id = u.id \
+             RETURNING f.id, f.uploaded_at",
+        )
+        .bind(&self.id)
+        .bind(&self.status)
+        .bind(&self.attempts)
+        .bind(&self.bump)
+        .bind(&self.lease_owner)
+        .bind(&self.lease_secs)
+        .bind(&self.retry_secs)
+        .bind(&self.set_error)
+        .bind(&self.error)
+        .bind(&self.bucket)
+        .bind(&self.key)
+        .bind(&self.etag)
+        .bind(&self.sha256)
+        .bind(self.stored.iter().map(Option::is_some).collect::<Vec<bool>>())
+        .fetch_all(&mut *conn)
+        .await?;
+
+        sqlx::query(
+            "INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
+             SELECT id, from_status, to_status, $5, reason \
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) \
+                  AS e(id, from_status, to_status, reason)",
+        )
+        .bind(&self.id)
+        .bind(&self.from)
+        .bind(&self.status)
+        .bind(&self.reason)
+        .bind(actor)
+        .execute(&mut *conn)
+        .await?;
+
+        let uploaded_at: HashMap<i64, Option<DateTime<Utc>>> = updated.into_iter().collect();
+        let mut outbox_files = Vec::new();
+        let mut payloads = Vec::new();
+        for (id, stored) in self.id.iter().zip(&self.stored) {
+            let (Some(stored), Some(row)) = (stored, rows.get(id)) else {
+                continue;
+            };
+            let uploaded_at =
+                uploaded_at
+                    .get(id)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| StoreError::Corrupt {
+                        file_id: *id,
+                        what: "stored without an upload time".into(),
+                    })?;
+            let announcement = announcement(row, stored, uploaded_at)?;
+            let payload =
+                serde_json::to_string(&announcement).map_err(|e| StoreError::Corrupt {
+                    file_id: *id,
+                    what: format!("encode announcement: {e}"),
+                })?;
+            outbox_files.push(*id);
+            payloads.push(payload);
+        }
+        if !outbox_files.is_empty() {
+            sqlx::query(
+                "INSERT INTO outbox (file_id, payload) \
+                 SELECT id, payload::jsonb FROM unnest($1::bigint[], $2::text[]) AS o(id, payload)",
+            )
+            .bind(&outbox_files)
+            .bind(&payloads)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The announcement of a file that is being stored now.
+fn announcement(
+    row: &Row,
+    stored: &Stored,
+    uploaded_at: DateTime<Utc>,
+) -> StoreResult<Announcement> {
+    let mtime = DateTime::from_timestamp(row.mtime_unix, 0).ok_or_else(|| StoreError::Corrupt {
+        file_id: row.id,
+        what: format!("mtime {} is not a representable time", row.mtime_unix),
+    })?;
+    Ok(Announcement {
+        schema_version: SCHEMA_VERSION,
+        file_id: row.id,
+        server: row.server.clone(),
+        server_id: row.server_id,
+        watch_id: row.watch_id,
+        path: row.path.clone(),
+        size: size(row)?,
+        mtime,
+        sha256: stored.sha256.clone(),
+        bucket: stored.bucket.clone(),
+        key: stored.key.clone(),
+        etag: stored.etag.clone(),
+        discovered_at: row.discovered_at,
+        uploaded_at,
+    })
+}
+
+/// The store against a real Postgres (`FERRY_TEST_PG_URL`, default the local
+/// server): a fresh database per test, migrated, dropped at the end.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_common::backoff::Backoff;
+    use sqlx::{Connection, Executor};
+
+    const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    struct Db {
+        pool: PgPool,
+        name: String,
+        admin_url: String,
+    }
+
+    impl Db {
+        async fn create() -> Db {
+            let admin_url = std::env::var("FERRY_TEST_PG_URL").unwrap_or_else(|_| ADMIN_URL.into());
+            let name = format!("ferry_u_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+            admin
+                .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let (base, _) = admin_url.rsplit_once('/').unwrap();
+            let pool = PgPool::connect(&format!("{base}/{name}")).await.unwrap();
+            crate::db::migrate(&pool).await.unwrap();
+            Db {
+                pool,
+                name,
+                admin_url,
+            }
+        }
+
+        async fn drop(self) {
+            self.pool.close().await;
+            let mut admin = PgConnection::connect(&self.admin_url).await.unwrap();
+            admin
+                .execute(format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name).as_str())
+                .await
+                .unwrap();
+        }
+
+        /// A server, a watch and two `new` files; returns the file ids.
+        async fn seed(&self) -> (i64, i64) {
+            let server: i64 = sqlx::query_scalar(
+                "INSERT INTO servers (name, hostname, username, auth_kind, secret_ciphertext, host_key_fingerprint) \
+                 VALUES ('acme', 'h', 'u', 'password', '\\x00', 'SHA256:x') RETURNING id",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            let watch: i64 = sqlx::query_scalar(
+                "INSERT INTO watches (server_id, directory, bucket) VALUES ($1, '/in', 'bkt') RETURNING id",
+            )
+            .bind(server)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
+                 VALUES ($1, $2, '/in/a.csv', 12, 1800000000), ($1, $2, '/in/b.csv', 5, 1800000000) \
+                 RETURNING id",
+            )
+            .bind(server)
+            .bind(watch)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+            (ids[0], ids[1])
+        }
+
+        async fn file(&self, id: i64) -> (String, i64, i32, Option<String>, Option<String>) {
+            sqlx::query_as(
+                "SELECT status, fencing_token, attempts, lease_owner, last_error FROM files WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+        }
+
+        async fn events(&self, id: i64) -> Vec<(Option<String>, String, String, String)> {
+            sqlx::query_as(
+                "SELECT from_status, to_status, actor, reason FROM file_events WHERE file_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+        }
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+        }
+    }
+
+    fn assigned() -> Event {
+        Event::Assigned {
+            agent: "a1".into(),
+            lease: Duration::from_secs(60),
+        }
+    }
+
+    fn stored(size: u64) -> Event {
+        Event::Stored(Stored {
+            bucket: "bkt".into(),
+            key: "acme/a.csv".into(),
+            etag: "etag-1".into(),
+            size,
+            sha256: "ab".repeat(32),
+        })
+    }
+
+    fn moved(from: FileStatus, to: FileStatus, reason: &str) -> Outcome {
+        Outcome::Moved {
+            from,
+            to,
+            reason: reason.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn applies_guards_the_table_and_the_outbox() {
+        use FileStatus as S;
+        let db = Db::create().await;
+        let (a, b) = db.seed().await;
+        sqlx::query("UPDATE files SET status = 'processed' WHERE id = $1")
+            .bind(b)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let p = policy();
+
+        // One batch: a move, a repeat of the same file, an illegal event, a missing file.
+        let applied = apply_batch(
+            &db.pool,
+            "coordinator:c1",
+            &p,
+            &[
+                Change::new(a, assigned()),
+                Change::new(a, assigned()),
+                Change::new(b, assigned()),
+                Change::new(i64::MAX, assigned()),
+            ],
+        )
+        .await
+        .unwrap();
+        let outcomes: Vec<Outcome> = applied.into_iter().map(|a| a.outcome).collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                moved(S::New, S::InProgress, "assigned to agent a1 (attempt 1)"),
+                Outcome::Stale,
+                Outcome::Illegal(IllegalTransition {
+                    from: S::Processed,
+                    event: lifecycle::EventKind::Assigned,
+                }),
+                Outcome::Stale,
+            ]
+        );
+        assert_eq!(
+            db.file(a).await,
+            ("in_progress".into(), 1, 1, Some("a1".into()), None)
+        );
+        assert_eq!(db.file(b).await.0, "processed");
+        assert!(
+            db.events(b).await.is_empty(),
+            "an illegal event writes nothing"
+        );
+
+        // Guards: an older token, and a lease that has not expired, are stale.
+        let stale = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 0, stored(12)))
+            .await
+            .unwrap();
+        assert_eq!(stale, Outcome::Stale);
+        let not_expired = Event::LeaseExpired {
+            owner: Some("a1".into()),
+        };
+        let stale = apply_one(&db.pool, "coordinator:c1", &p, Change::new(a, not_expired))
+            .await
+            .unwrap();
+        assert_eq!(stale, Outcome::Stale);
+        assert_eq!(db.file(a).await.0, "in_progress");
+
+        // A success report that does not match the file is a failed attempt.
+        let wrong = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 1, stored(13)))
+            .await
+            .unwrap();
+        assert_eq!(wrong.moved_to(), Some(S::Error));
+        let (status, token, attempts, owner, error) = db.file(a).await;
+        assert_eq!(
+            (status.as_str(), token, attempts, owner),
+            ("error", 1, 1, None)
+        );
+        assert!(error.unwrap().contains("expected 12 bytes"));
+        let later: bool = sqlx::query_scalar(
+            "SELECT next_attempt_at > now() + interval '20 seconds' FROM files WHERE id = $1",
+        )
+        .bind(a)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(later, "an error file waits for its backoff");
+
+        // Reassigned (token 2), then stored: uploaded, with its announcement in the outbox.
+        sqlx::query("UPDATE files SET next_attempt_at = now() WHERE id = $1")
+            .bind(a)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let again = apply_one(&db.pool, "coordinator:c1", &p, Change::new(a, assigned()))
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            moved(S::Error, S::InProgress, "assigned to agent a1 (attempt 2)")
+        );
+        let ok = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 2, stored(12)))
+            .await
+            .unwrap();
+        assert_eq!(ok.moved_to(), Some(S::Uploaded));
+        assert_eq!(
+            db.file(a).await,
+            ("uploaded".into(), 2, 2, None, None),
+            "the lease and the last error are cleared"
+        );
+        let payloads: Vec<serde_json::Value> =
+            sqlx::query_scalar("SELECT payload FROM outbox WHERE file_id = $1")
+                .bind(a)
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(payloads.len(), 1);
+        let body: Announcement = serde_json::from_value(payloads[0].clone()).unwrap();
+        assert_eq!(body.schema_version, 1);
+        assert_eq!((body.file_id, body.server.as_str()), (a, "acme"));
+        assert_eq!((body.path.as_str(), body.size), ("/in/a.csv", 12));
+        assert_eq!(
+            (body.bucket.as_str(), body.key.as_str()),
+            ("bkt", "acme/a.csv")
+        );
+        assert_eq!(
+            (body.etag.as_str(), body.sha256),
+            ("etag-1", "ab".repeat(32))
+        );
+        assert_eq!(body.mtime.timestamp(), 1_800_000_000);
+        assert_eq!(payloads[0]["mtime"], "2027-01-15T08:00:00Z");
+
+        // Confirmed by the broker: processed.
+        let done = apply_one(
+            &db.pool,
+            "coordinator:c1",
+            &p,
+            Change::new(a, Event::Announced),
+        )
+        .await
+        .unwrap();
+        assert_eq!(done, moved(S::Uploaded, S::Processed, "announced on AMQP"));
+        let history: Vec<String> = db
+            .events(a)
+            .await
+            .into_iter()
+            .map(|(from, to, actor, _)| format!("{}>{to} {actor}", from.unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                "new>in_progress coordinator:c1",
+                "in_progress>error agent:a1",
+                "error>in_progress coordinator:c1",
+                "in_progress>uploaded agent:a1",
+                "uploaded>processed coordinator:c1",
+            ]
+        );
+        db.drop().await;
+    }
+
+    #[tokio::test]
+    async fn expired_leases_and_admin_retries() {
+        use FileStatus as S;
+        let db = Db::create().await;
+        let (a, b) = db.seed().await;
+        let p = policy();
+        apply_batch(
+            &db.pool,
+            "coordinator:c1",
+            &p,
+            &[Change::new(a, assigned()), Change::new(b, assigned())],
+        )
+        .await
+        .unwrap();
+        sqlx::query("UPDATE files SET lease_expires_at = now() - interval '1 second'")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let expired = |owner: &str| Event::LeaseExpired {
+            owner: Some(owner.into()),
+        };
+        let applied = apply_batch(
+            &db.pool,
+            "coordinator:c1",
+            &p,
+            &[
+                Change::new(a, expired("a1")),
+                Change::new(b, expired("other")),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            applied[0].outcome,
+            moved(
+                S::InProgress,
+                S::Error,
+                "lease expired: agent a1 stopped reporting"
+            )
+        );
+        assert_eq!(applied[1].outcome, Outcome::Stale, "another owner's lease");
+        let (status, _, _, owner, error) = db.file(a).await;
+        assert_eq!((status.as_str(), owner), ("error", None));
+        assert_eq!(
+            error.as_deref(),
+            Some("lease expired: agent a1 stopped reporting")
+        );
+
+        // An admin retry requeues the error file and leaves the running one alone.
+        let applied = apply_batch(
+            &db.pool,
+            "admin:alice",
+            &p,
+            &[
+                Change::new(a, Event::AdminRetry),
+                Change::new(b, Event::AdminRetry),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(applied[0].outcome, moved(S::Error, S::New, "manual retry"));
+        assert!(matches!(applied[1].outcome, Outcome::Illegal(_)));
+        assert_eq!(db.file(a).await, ("new".into(), 1, 0, None, None));
+        assert_eq!(db.file(b).await.0, "in_progress");
+        db.drop().await;
+    }
+}
