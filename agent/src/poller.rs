@@ -48,22 +48,23 @@ impl Trackers {
 }
 
 /// Builds the SFTP endpoint of an assignment.
-pub(crate) fn endpoint(conn: &proto::ServerConnection) -> ServerEndpoint {
-    let auth = if conn.private_key.is_empty() {
-        Auth::Password(conn.password.clone())
-    } else {
-        Auth::PrivateKey {
-            pem: conn.private_key.clone(),
-            passphrase: (!conn.passphrase.is_empty()).then(|| conn.passphrase.clone()),
-        }
+pub(crate) fn endpoint(conn: &proto::ServerConnection) -> Result<ServerEndpoint, SftpError> {
+    use proto::server_connection::Auth as WireAuth;
+    let auth = match &conn.auth {
+        Some(WireAuth::Password(p)) => Auth::Password(p.password.clone()),
+        Some(WireAuth::PrivateKey(k)) => Auth::PrivateKey {
+            pem: k.pem.clone(),
+            passphrase: (!k.passphrase.is_empty()).then(|| k.passphrase.clone()),
+        },
+        None => return Err(SftpError::NoCredential),
     };
-    ServerEndpoint {
+    Ok(ServerEndpoint {
         hostname: conn.hostname.clone(),
         port: u16::try_from(conn.port).unwrap_or(22),
         username: conn.username.clone(),
         auth,
         host_key_fingerprint: conn.host_key_fingerprint.clone(),
-    }
+    })
 }
 
 struct WatchState {
@@ -84,7 +85,23 @@ pub(crate) async fn run(
         return;
     };
     let server_id = conn.server_id;
-    let ep = endpoint(&conn);
+    let ep = match endpoint(&conn) {
+        Ok(ep) => ep,
+        Err(e) => {
+            tracing::warn!(server = %conn.name, error = %e, "cannot poll");
+            let report = proto::PollReport {
+                server_id,
+                ok: false,
+                error: e.to_string(),
+                at: Some(now_timestamp()),
+                ..Default::default()
+            };
+            if out.send(message(Body::PollReport(report))).await.is_ok() {
+                cancel.cancelled().await;
+            }
+            return;
+        }
+    };
     let mut watches: Vec<WatchState> = Vec::new();
     for spec in assignment.watches {
         match globset::GlobBuilder::new(&spec.glob)

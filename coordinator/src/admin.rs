@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use ferry_common::domain::{FileStatus, Role};
 use ferry_common::validate::{self, FieldError};
-use ferry_proto::{self as proto, admin_service_server::AdminService};
+use ferry_proto::{
+    self as proto, add_server_request, admin_service_server::AdminService, update_server_request,
+};
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -99,8 +101,19 @@ impl Admin {
             validate::port(r.port)?
         };
         validate::username(&r.username)?;
-        let credential =
-            registry::credential(Some(&r.password), Some(&r.private_key), Some(&r.passphrase))?;
+        let credential = match &r.auth {
+            None => {
+                return Err(
+                    FieldError::new("auth", "a password or a private_key is required").into(),
+                );
+            }
+            Some(add_server_request::Auth::Password(p)) => {
+                registry::password_credential(&p.password)?
+            }
+            Some(add_server_request::Auth::PrivateKey(k)) => {
+                registry::key_credential(&k.pem, &k.passphrase)?
+            }
+        };
         let site = if r.site.is_empty() {
             "default".to_string()
         } else {
@@ -145,25 +158,26 @@ impl Admin {
         let db = &self.coord.db;
         let row = registry::get_server(db, r.id).await?;
         let current = registry::server_credential(db, &self.coord.secrets, r.id).await?;
-        let credential_changed =
-            r.password.is_some() || r.private_key.is_some() || r.passphrase.is_some();
-        let credential = if credential_changed {
-            match (&r.password, &r.private_key) {
-                (None, None) => {
-                    // Only the passphrase changes: it must unlock the stored key.
-                    let Credential::PrivateKey { pem, .. } = &current else {
-                        return Err(
-                            FieldError::new("passphrase", "only applies to a private_key").into(),
-                        );
-                    };
-                    registry::credential(None, Some(pem), r.passphrase.as_deref())?
-                }
-                (p, k) => {
-                    registry::credential(p.as_deref(), k.as_deref(), r.passphrase.as_deref())?
-                }
+        let credential_changed = r.auth.is_some();
+        let credential = match &r.auth {
+            None => current,
+            Some(update_server_request::Auth::Password(p)) => {
+                registry::password_credential(&p.password)?
             }
-        } else {
-            current
+            Some(update_server_request::Auth::PrivateKey(k)) => {
+                registry::key_credential(&k.pem, &k.passphrase)?
+            }
+            Some(update_server_request::Auth::Passphrase(passphrase)) => {
+                // Only the passphrase changes: it must belong to the stored key.
+                let Credential::PrivateKey { pem, .. } = &current else {
+                    return Err(FieldError::new(
+                        "passphrase",
+                        "only applies to a private_key, and this server logs in with a password",
+                    )
+                    .into());
+                };
+                registry::key_credential(pem, passphrase)?
+            }
         };
         let hostname = r.hostname.unwrap_or(row.hostname);
         validate::hostname(&hostname)?;

@@ -52,51 +52,37 @@ pub(crate) struct ServerSpec {
     pub enabled: bool,
 }
 
-/// Checks a credential: exactly one of password / private key, and a key that parses.
-pub(crate) fn credential(
-    password: Option<&str>,
-    private_key: Option<&str>,
-    passphrase: Option<&str>,
-) -> Result<Credential, FieldError> {
-    let password = password.filter(|p| !p.is_empty());
-    let private_key = private_key.filter(|k| !k.trim().is_empty());
-    let passphrase = passphrase.filter(|p| !p.is_empty());
-    match (password, private_key) {
-        (Some(_), Some(_)) => Err(FieldError::new(
-            "auth",
-            "give either password or private_key, not both",
-        )),
-        (None, None) => Err(FieldError::new(
-            "auth",
-            "a password or a private_key is required",
-        )),
-        (Some(p), None) => {
-            if passphrase.is_some() {
-                return Err(FieldError::new(
-                    "passphrase",
-                    "only applies to a private_key",
-                ));
-            }
-            Ok(Credential::Password(p.to_string()))
-        }
-        (None, Some(pem)) => {
-            let protection = validate::private_key_shape(pem)?;
-            if protection == validate::KeyProtection::Encrypted && passphrase.is_none() {
-                return Err(FieldError::new(
-                    "passphrase",
-                    "the private_key is encrypted: a passphrase is required",
-                ));
-            }
-            Ok(Credential::PrivateKey {
-                pem: pem.to_string(),
-                passphrase: passphrase.map(str::to_string),
-            })
-        }
+/// Checks a password credential.
+pub(crate) fn password_credential(password: &str) -> Result<Credential, FieldError> {
+    if password.is_empty() {
+        return Err(FieldError::new("password", "must not be empty"));
     }
+    Ok(Credential::Password(password.to_string()))
+}
+
+/// Checks a private-key credential: a key that parses, and a passphrase when
+/// the key is encrypted. An empty passphrase means "none".
+pub(crate) fn key_credential(pem: &str, passphrase: &str) -> Result<Credential, FieldError> {
+    if pem.trim().is_empty() {
+        return Err(FieldError::new("private_key", "must not be empty"));
+    }
+    let passphrase = (!passphrase.is_empty()).then_some(passphrase);
+    let protection = validate::private_key_shape(pem)?;
+    if protection == validate::KeyProtection::Encrypted && passphrase.is_none() {
+        return Err(FieldError::new(
+            "passphrase",
+            "the private_key is encrypted: a passphrase is required",
+        ));
+    }
+    Ok(Credential::PrivateKey {
+        pem: pem.to_string(),
+        passphrase: passphrase.map(str::to_string),
+    })
 }
 
 impl ServerSpec {
-    /// Validates every field except the credential (checked by [`credential`]).
+    /// Validates every field except the credential (checked by [`password_credential`]
+    /// and [`key_credential`]).
     pub(crate) fn check(&self) -> Result<(), FieldError> {
         validate::server_name(&self.name)?;
         validate::hostname(&self.hostname)?;
@@ -422,10 +408,14 @@ impl ConnectionRow {
         &self,
         secrets: &SecretBox,
     ) -> anyhow::Result<ferry_proto::ServerConnection> {
-        let (password, private_key, passphrase) = match secrets.open(&self.secret_ciphertext)? {
-            Credential::Password(p) => (p, String::new(), String::new()),
+        use ferry_proto::server_connection::Auth;
+        let auth = match secrets.open(&self.secret_ciphertext)? {
+            Credential::Password(password) => Auth::Password(ferry_proto::Password { password }),
             Credential::PrivateKey { pem, passphrase } => {
-                (String::new(), pem, passphrase.unwrap_or_default())
+                Auth::PrivateKey(ferry_proto::PrivateKey {
+                    pem,
+                    passphrase: passphrase.unwrap_or_default(),
+                })
             }
         };
         Ok(ferry_proto::ServerConnection {
@@ -434,9 +424,7 @@ impl ConnectionRow {
             hostname: self.hostname.clone(),
             port: self.port as u32,
             username: self.username.clone(),
-            password,
-            private_key,
-            passphrase,
+            auth: Some(auth),
             host_key_fingerprint: self.host_key_fingerprint.clone(),
             max_sessions: self.max_sessions as u32,
         })

@@ -1,6 +1,7 @@
 //! AdminService through the generated client: CRUD round trips, validation of
 //! every bad input (with the tables unchanged afterwards), secrets at rest.
 
+use ferry_proto::add_server_request::Auth;
 use ferry_proto::{self as proto, admin_service_client::AdminServiceClient};
 use ferry_tests::{Coordinator, TestDb, TestPki};
 use tonic::Code;
@@ -34,7 +35,9 @@ fn server_req(name: &str) -> proto::AddServerRequest {
         hostname: "sftp.example.com".into(),
         port: 2222,
         username: "ingest".into(),
-        password: "s3cret-pa55".into(),
+        auth: Some(Auth::Password(proto::Password {
+            password: "s3cret-pa55".into(),
+        })),
         host_key_fingerprint: FP.into(),
         site: "site-a".into(),
         ..Default::default()
@@ -241,16 +244,22 @@ async fn bad_server_input_is_rejected_and_nothing_is_written() {
         ("hostname", Box::new(|r| r.hostname = "bad host!".into())),
         ("port", Box::new(|r| r.port = 70000)),
         ("username", Box::new(|r| r.username = String::new())),
-        ("auth", Box::new(|r| r.password = String::new())),
+        ("auth", Box::new(|r| r.auth = None)),
         (
-            "auth",
-            Box::new(|r| r.private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n".into()),
+            "password",
+            Box::new(|r| r.auth = Some(Auth::Password(proto::Password::default()))),
+        ),
+        (
+            "private_key",
+            Box::new(|r| r.auth = Some(Auth::PrivateKey(proto::PrivateKey::default()))),
         ),
         (
             "private_key",
             Box::new(|r| {
-                r.password = String::new();
-                r.private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n".into();
+                r.auth = Some(Auth::PrivateKey(proto::PrivateKey {
+                    pem: "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n".into(),
+                    passphrase: String::new(),
+                }));
             }),
         ),
         (
@@ -453,7 +462,9 @@ async fn secrets_are_encrypted_at_rest_and_never_returned() {
     let s = e
         .client
         .add_server(proto::AddServerRequest {
-            password: password.into(),
+            auth: Some(Auth::Password(proto::Password {
+                password: password.into(),
+            })),
             ..server_req("sec")
         })
         .await

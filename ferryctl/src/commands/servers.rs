@@ -9,8 +9,9 @@ use std::path::Path;
 
 use anyhow::Context;
 use ferry_proto::{
-    AddServerRequest, GetServerRequest, ListServersRequest, ListWatchesRequest,
-    ProbeHostKeyRequest, RemoveServerRequest, Server, UpdateServerRequest,
+    AddServerRequest, GetServerRequest, ListServersRequest, ListWatchesRequest, Password,
+    PrivateKey, ProbeHostKeyRequest, RemoveServerRequest, Server, UpdateServerRequest,
+    add_server_request, update_server_request,
 };
 use serde_json::{Value, json};
 
@@ -115,6 +116,40 @@ impl Secrets {
     }
 }
 
+impl Secrets {
+    /// The credential of an add request; `None` lets the coordinator name
+    /// the missing field.
+    fn auth(self) -> Option<add_server_request::Auth> {
+        match (self.password, self.private_key) {
+            (Some(password), _) => Some(add_server_request::Auth::Password(Password { password })),
+            (None, Some(pem)) => Some(add_server_request::Auth::PrivateKey(PrivateKey {
+                pem,
+                passphrase: self.passphrase.unwrap_or_default(),
+            })),
+            (None, None) => None,
+        }
+    }
+
+    /// The credential change of an update request; `None` keeps the stored one.
+    fn update_auth(self) -> Option<update_server_request::Auth> {
+        match (self.password, self.private_key, self.passphrase) {
+            (Some(password), ..) => {
+                Some(update_server_request::Auth::Password(Password { password }))
+            }
+            (None, Some(pem), passphrase) => {
+                Some(update_server_request::Auth::PrivateKey(PrivateKey {
+                    pem,
+                    passphrase: passphrase.unwrap_or_default(),
+                }))
+            }
+            (None, None, Some(passphrase)) => {
+                Some(update_server_request::Auth::Passphrase(passphrase))
+            }
+            (None, None, None) => None,
+        }
+    }
+}
+
 fn from_env(var: &str, what: &str) -> anyhow::Result<String> {
     match std::env::var(var) {
         Ok(value) => Ok(value),
@@ -153,9 +188,7 @@ async fn add(admin: &Admin, args: ServerAddArgs, json: bool) -> anyhow::Result<(
         hostname: args.host,
         port: u32::from(args.port),
         username: args.user,
-        password: secrets.password.unwrap_or_default(),
-        private_key: secrets.private_key.unwrap_or_default(),
-        passphrase: secrets.passphrase.unwrap_or_default(),
+        auth: secrets.auth(),
         host_key_fingerprint: args.host_key.host_key.unwrap_or_default(),
         trust_host_key: args.host_key.trust_host_key,
         site: args.site.unwrap_or_default(),
@@ -184,9 +217,7 @@ async fn update(admin: &Admin, args: ServerUpdateArgs, json: bool) -> anyhow::Re
         hostname: args.host,
         port: args.port.map(u32::from),
         username: args.user,
-        password: secrets.password,
-        private_key: secrets.private_key,
-        passphrase: secrets.passphrase,
+        auth: secrets.update_auth(),
         host_key_fingerprint: args.host_key.host_key,
         trust_host_key: args.host_key.trust_host_key,
         site: args.site,
