@@ -185,7 +185,7 @@ impl Runner {
         tokio::spawn(async move {
             let result = transfer::post_action(&req, &runner.0.pool).await;
             if let Err(e) = &result {
-                tracing::warn!(file = req.file_id, action = %req.action, error = %e, "post-action failed");
+                tracing::warn!(file = req.file_id, error = %e, "post-action failed");
             }
             runner.queue(message(Body::PostActionResult(proto::PostActionResult {
                 file_id: req.file_id,

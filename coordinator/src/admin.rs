@@ -4,8 +4,9 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use ferry_common::domain::{FileStatus, Role};
+use ferry_common::domain::{FileStatus, PostAction, Role};
 use ferry_common::validate::{self, FieldError};
+use ferry_proto::convert::post_action_from_proto;
 use ferry_proto::{
     self as proto, add_server_request, admin_service_server::AdminService, update_server_request,
 };
@@ -240,7 +241,10 @@ impl Admin {
             min_age_secs: r.min_age_secs.unwrap_or(0),
             bucket: r.bucket,
             key_template: r.key_template,
-            post_action: validate::post_action(&r.post_action)?,
+            post_action: match &r.post_action {
+                Some(action) => post_action_from_proto(action)?,
+                None => PostAction::Keep,
+            },
             enabled: r.enabled.unwrap_or(true),
         }
         .checked()?;
@@ -263,9 +267,10 @@ impl Admin {
             min_age_secs: r.min_age_secs.unwrap_or(row.min_age_secs as u32),
             bucket: r.bucket.unwrap_or(row.bucket),
             key_template: r.key_template.unwrap_or(row.key_template),
-            post_action: validate::post_action(
-                r.post_action.as_deref().unwrap_or(&row.post_action),
-            )?,
+            post_action: match &r.post_action {
+                Some(action) => post_action_from_proto(action)?,
+                None => row.post_action,
+            },
             enabled: r.enabled.unwrap_or(row.enabled),
         }
         .checked()?;

@@ -65,7 +65,7 @@ pub(crate) fn watch(row: &WatchRow) -> proto::Watch {
         min_age_secs: row.min_age_secs as u32,
         bucket: row.bucket.clone(),
         key_template: row.key_template.clone(),
-        post_action: row.post_action.clone(),
+        post_action: Some((&row.post_action).into()),
         enabled: row.enabled,
         created_at: Some(timestamp(row.created_at)),
         updated_at: Some(timestamp(row.updated_at)),

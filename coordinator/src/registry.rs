@@ -252,7 +252,8 @@ pub(crate) struct WatchRow {
     pub min_age_secs: i32,
     pub bucket: String,
     pub key_template: String,
-    pub post_action: String,
+    #[sqlx(try_from = "String")]
+    pub post_action: PostAction,
     pub enabled: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

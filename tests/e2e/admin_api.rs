@@ -44,6 +44,16 @@ fn server_req(name: &str) -> proto::AddServerRequest {
     }
 }
 
+fn move_to(directory: &str) -> proto::PostAction {
+    proto::PostAction {
+        action: Some(proto::post_action::Action::MoveTo(
+            proto::post_action::MoveTo {
+                directory: directory.into(),
+            },
+        )),
+    }
+}
+
 async fn count(db: &TestDb, table: &str) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
         .fetch_one(db.pool())
@@ -101,7 +111,7 @@ async fn server_and_watch_crud_round_trip() {
             directory: "/outbox/".into(),
             glob: "*.csv".into(),
             bucket: "ferry-inbox".into(),
-            post_action: "move:/archive".into(),
+            post_action: Some(move_to("/archive")),
             ..Default::default()
         })
         .await
@@ -116,8 +126,8 @@ async fn server_and_watch_crud_round_trip() {
         ("/outbox", "*.csv", "{server}/{path}")
     );
     assert_eq!(
-        (w.poll_interval_secs, w.post_action.as_str()),
-        (30, "move:/archive")
+        (w.poll_interval_secs, w.post_action),
+        (30, Some(move_to("/archive")))
     );
 
     let w2 = e
@@ -414,7 +424,17 @@ async fn bad_watch_input_is_rejected_and_nothing_is_written() {
         (
             "post_action",
             Code::InvalidArgument,
-            Box::new(|r| r.post_action = "shred".into()),
+            Box::new(|r| r.post_action = Some(move_to("relative/archive"))),
+        ),
+        (
+            "post_action",
+            Code::InvalidArgument,
+            Box::new(|r| r.post_action = Some(proto::PostAction { action: None })),
+        ),
+        (
+            "post_action",
+            Code::InvalidArgument,
+            Box::new(|r| r.post_action = Some(move_to("/in"))),
         ),
         ("server", Code::NotFound, Box::new(|r| r.server_id = 4242)),
     ];
