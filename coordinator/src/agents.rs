@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_common::domain::Role;
-use ferry_common::validate;
+use ferry_common::validate::{self, FieldError};
 use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
 use futures::Stream;
 use tokio::sync::{Notify, mpsc};
@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::discovery::{self, Discovered};
+use crate::error::ApiError;
 use crate::hostkey::{PROBE_ANSWER_TIMEOUT, PendingProbes, ProbeError, ProbedKey};
 use crate::polls;
 use crate::results::{self, Applied, RetryPolicy};
@@ -198,7 +199,7 @@ impl AgentStreams {
         } else {
             hello.site.as_str()
         };
-        validate::site(site).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate::site(site).map_err(|e| Status::from(ApiError::from(e)))?;
         let id = Uuid::new_v4().to_string();
         sqlx::query(
             "INSERT INTO agents (name, site, version, capacity, connected, connected_coordinator, \
@@ -215,7 +216,7 @@ impl AgentStreams {
         .bind(&id)
         .execute(&self.coord.db)
         .await
-        .map_err(|e| Status::from(crate::error::ApiError::from(e)))?;
+        .map_err(|e| Status::from(ApiError::from(e)))?;
         let (tx, _) = mpsc::channel(1);
         Ok(Session {
             agent: agent.to_string(),
@@ -339,7 +340,9 @@ impl AgentService for AgentStreams {
             body: Some(Body::Hello(hello)),
         }) = first
         else {
-            return Err(Status::invalid_argument("the first message must be hello"));
+            return Err(
+                ApiError::from(FieldError::new("body", "the first message must be hello")).into(),
+            );
         };
         let mut session = self.register(&agent, &hello).await?;
         for t in &hello.running_tasks {

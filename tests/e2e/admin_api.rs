@@ -6,6 +6,7 @@ use ferry_proto::{self as proto, admin_service_client::AdminServiceClient};
 use ferry_tests::{Coordinator, TestDb, TestPki};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 const FP: &str = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
 
@@ -42,6 +43,32 @@ fn server_req(name: &str) -> proto::AddServerRequest {
         site: "site-a".into(),
         ..Default::default()
     }
+}
+
+/// INVALID_ARGUMENT whose message and `google.rpc.BadRequest` detail both
+/// name exactly `field`.
+fn assert_bad_request(err: &tonic::Status, field: &str) {
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "{field}: {}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(field),
+        "message {:?} should name {field}",
+        err.message()
+    );
+    let details = err
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest details on {:?}", err.message()));
+    let fields: Vec<&str> = details
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, vec![field], "violations of {:?}", err.message());
+    assert!(!details.field_violations[0].description.is_empty());
 }
 
 fn move_to(directory: &str) -> proto::PostAction {
@@ -291,17 +318,7 @@ async fn bad_server_input_is_rejected_and_nothing_is_written() {
         let mut req = base.clone();
         edit(&mut req);
         let err = e.client.add_server(req).await.expect_err(field);
-        assert_eq!(
-            err.code(),
-            Code::InvalidArgument,
-            "{field}: {}",
-            err.message()
-        );
-        assert!(
-            err.message().contains(field),
-            "message {:?} should name {field}",
-            err.message()
-        );
+        assert_bad_request(&err, field);
     }
     // Port 0 means "default 22", so it is the update path that rejects it.
     let s = e
@@ -319,8 +336,18 @@ async fn bad_server_input_is_rejected_and_nothing_is_written() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("port"));
+    assert_bad_request(&err, "port");
+    // A passphrase alone re-keys a stored private key; this server has a password.
+    let err = e
+        .client
+        .update_server(proto::UpdateServerRequest {
+            id: s.id,
+            auth: Some(proto::update_server_request::Auth::Passphrase("pp".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "passphrase");
     // Missing pin explains how to pin.
     let mut unpinned = server_req("unpinned");
     unpinned.host_key_fingerprint.clear();
@@ -448,6 +475,9 @@ async fn bad_watch_input_is_rejected_and_nothing_is_written() {
             "message {:?} should name {field}",
             err.message()
         );
+        if *code == Code::InvalidArgument {
+            assert_bad_request(&err, field);
+        }
     }
     let w = e.client.add_watch(base).await.unwrap().into_inner();
     let err = e
@@ -459,8 +489,7 @@ async fn bad_watch_input_is_rejected_and_nothing_is_written() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("poll_interval_secs"));
+    assert_bad_request(&err, "poll_interval_secs");
     let err = e
         .client
         .remove_watch(proto::RemoveWatchRequest { id: 777 })
@@ -619,7 +648,7 @@ async fn file_listing_filters_pages_and_retries() {
         })
         .await
         .unwrap_err();
-    assert!(err.message().contains("page_token"));
+    assert_bad_request(&err, "page_token");
     let err = e
         .client
         .get_file(proto::GetFileRequest { id: 123_456 })
