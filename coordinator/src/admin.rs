@@ -19,6 +19,7 @@ use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::files::{self, FileFilter, RetrySelection};
 use crate::hostkey;
+use crate::paging::{self, Listing};
 use crate::registry::{self, ServerSpec, WatchSpec};
 use crate::secrets::Credential;
 use crate::state::Coordinator;
@@ -280,33 +281,89 @@ impl Admin {
     }
 
     async fn list_files(&self, r: proto::ListFilesRequest) -> ApiResult<proto::ListFilesResponse> {
-        let limit = match r.page_size {
-            0 => 100,
-            n if n <= 1000 => i64::from(n),
-            n => return Err(FieldError::new("page_size", format!("{n} is more than 1000")).into()),
-        };
-        let after_id = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token.parse::<i64>().map_err(|_| {
-                FieldError::new("page_token", "is not a token from a previous response")
-            })?
-        };
-        let statuses = statuses(&r.statuses, "statuses")?;
+        let mut statuses = statuses(&r.statuses, "statuses")?;
+        statuses.sort_by_key(|s| s.as_str());
+        statuses.dedup();
+        let listing = Listing::new(
+            "files",
+            &format!(
+                "statuses={};server={};watch={}",
+                statuses
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                r.server_id,
+                r.watch_id
+            ),
+        );
+        let after_id = paging::id_after(listing.start_after(&r.page_token)?)?;
         let filter = FileFilter {
             statuses,
             server_id: none_if_zero(r.server_id),
             watch_id: none_if_zero(r.watch_id),
             after_id,
-            limit,
+            limit: i64::from(paging::page_size(r.page_size)),
         };
         let (rows, more) = files::list_files(&self.coord.db, &filter).await?;
         let next_page_token = match rows.last() {
-            Some(last) if more => last.id.to_string(),
+            Some(last) if more => listing.token_after(&last.id.to_string()),
             _ => String::new(),
         };
         Ok(proto::ListFilesResponse {
             files: rows.iter().map(convert::file).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn list_servers(
+        &self,
+        r: proto::ListServersRequest,
+    ) -> ApiResult<proto::ListServersResponse> {
+        let listing = Listing::new("servers", "");
+        let after_id = paging::id_after(listing.start_after(&r.page_token)?)?;
+        let size = paging::page_size(r.page_size);
+        let rows = registry::list_servers(&self.coord.db, after_id, i64::from(size) + 1).await?;
+        let (rows, next_page_token) = listing.page(rows, size, |s| s.id.to_string());
+        Ok(proto::ListServersResponse {
+            servers: rows.iter().map(convert::server).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn list_watches(
+        &self,
+        r: proto::ListWatchesRequest,
+    ) -> ApiResult<proto::ListWatchesResponse> {
+        let listing = Listing::new("watches", &format!("server={}", r.server_id));
+        let after_id = paging::id_after(listing.start_after(&r.page_token)?)?;
+        let size = paging::page_size(r.page_size);
+        let rows = registry::list_watches(
+            &self.coord.db,
+            none_if_zero(r.server_id),
+            after_id,
+            i64::from(size) + 1,
+        )
+        .await?;
+        let (rows, next_page_token) = listing.page(rows, size, |w| w.id.to_string());
+        Ok(proto::ListWatchesResponse {
+            watches: rows.iter().map(convert::watch).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn list_agents(
+        &self,
+        r: proto::ListAgentsRequest,
+    ) -> ApiResult<proto::ListAgentsResponse> {
+        let listing = Listing::new("agents", "");
+        let after = listing.start_after(&r.page_token)?;
+        let size = paging::page_size(r.page_size);
+        let rows =
+            files::list_agents(&self.coord.db, after.as_deref(), i64::from(size) + 1).await?;
+        let (rows, next_page_token) = listing.page(rows, size, |a| a.name.clone());
+        Ok(proto::ListAgentsResponse {
+            agents: rows.iter().map(convert::agent).collect(),
             next_page_token,
         })
     }
@@ -360,13 +417,9 @@ impl AdminService for Admin {
 
     async fn list_servers(
         &self,
-        _req: Request<proto::ListServersRequest>,
+        req: Request<proto::ListServersRequest>,
     ) -> Rpc<proto::ListServersResponse> {
-        ok(registry::list_servers(&self.coord.db)
-            .await
-            .map(|rows| proto::ListServersResponse {
-                servers: rows.iter().map(convert::server).collect(),
-            }))
+        ok(Admin::list_servers(self, req.into_inner()).await)
     }
 
     async fn probe_host_key(
@@ -420,12 +473,7 @@ impl AdminService for Admin {
         &self,
         req: Request<proto::ListWatchesRequest>,
     ) -> Rpc<proto::ListWatchesResponse> {
-        let server = none_if_zero(req.into_inner().server_id);
-        ok(registry::list_watches(&self.coord.db, server)
-            .await
-            .map(|rows| proto::ListWatchesResponse {
-                watches: rows.iter().map(convert::watch).collect(),
-            }))
+        ok(Admin::list_watches(self, req.into_inner()).await)
     }
 
     async fn list_files(
@@ -479,13 +527,9 @@ impl AdminService for Admin {
 
     async fn list_agents(
         &self,
-        _req: Request<proto::ListAgentsRequest>,
+        req: Request<proto::ListAgentsRequest>,
     ) -> Rpc<proto::ListAgentsResponse> {
-        ok(files::list_agents(&self.coord.db)
-            .await
-            .map(|rows| proto::ListAgentsResponse {
-                agents: rows.iter().map(convert::agent).collect(),
-            }))
+        ok(Admin::list_agents(self, req.into_inner()).await)
     }
 
     type WatchEventsStream = EventStream;

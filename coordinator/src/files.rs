@@ -197,15 +197,23 @@ pub(crate) struct AgentRow {
     pub polled_servers: Vec<String>,
 }
 
-pub(crate) async fn list_agents(db: &PgPool) -> ApiResult<Vec<AgentRow>> {
+/// Up to `limit` agents named after `after` (all when `None`), in name order.
+pub(crate) async fn list_agents(
+    db: &PgPool,
+    after: Option<&str>,
+    limit: i64,
+) -> ApiResult<Vec<AgentRow>> {
     Ok(sqlx::query_as::<_, AgentRow>(
         "SELECT a.name, a.site, a.version, a.capacity, a.connected, a.connected_coordinator, \
          a.connected_at, a.last_seen_at, a.in_flight, a.files_transferred, a.bytes_transferred, \
          a.errors, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
          AS polled_servers FROM agents a \
          LEFT JOIN servers s ON s.poller_agent = a.name AND s.deleted_at IS NULL \
-         GROUP BY a.name ORDER BY a.name",
+         WHERE $1::TEXT IS NULL OR a.name > $1 \
+         GROUP BY a.name ORDER BY a.name LIMIT $2",
     )
+    .bind(after)
+    .bind(limit)
     .fetch_all(db)
     .await?)
 }

@@ -190,9 +190,21 @@ pub(crate) async fn get_server_by_name(db: &PgPool, name: &str) -> ApiResult<Ser
         .ok_or_else(|| ApiError::NotFound(format!("no server named {name:?}")))
 }
 
-pub(crate) async fn list_servers(db: &PgPool) -> ApiResult<Vec<ServerRow>> {
-    let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE deleted_at IS NULL ORDER BY id");
-    Ok(sqlx::query_as::<_, ServerRow>(&sql).fetch_all(db).await?)
+/// Up to `limit` live servers with ids above `after_id`, in id order.
+pub(crate) async fn list_servers(
+    db: &PgPool,
+    after_id: i64,
+    limit: i64,
+) -> ApiResult<Vec<ServerRow>> {
+    let sql = format!(
+        "SELECT {SERVER_COLUMNS} FROM servers WHERE deleted_at IS NULL AND id > $1 \
+         ORDER BY id LIMIT $2"
+    );
+    Ok(sqlx::query_as::<_, ServerRow>(&sql)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(db)
+        .await?)
 }
 
 /// Decrypts the credential of a live server.
@@ -359,14 +371,22 @@ pub(crate) async fn get_watch(db: &PgPool, id: i64) -> ApiResult<WatchRow> {
         .ok_or_else(|| watch_not_found(id))
 }
 
-/// Live watches, of one server or (`None`) of all.
-pub(crate) async fn list_watches(db: &PgPool, server_id: Option<i64>) -> ApiResult<Vec<WatchRow>> {
+/// Up to `limit` live watches with ids above `after_id`, of one server or
+/// (`None`) of all, in id order.
+pub(crate) async fn list_watches(
+    db: &PgPool,
+    server_id: Option<i64>,
+    after_id: i64,
+    limit: i64,
+) -> ApiResult<Vec<WatchRow>> {
     let sql = format!(
         "{WATCH_SELECT} WHERE w.deleted_at IS NULL AND ($1::BIGINT IS NULL OR w.server_id=$1) \
-         ORDER BY w.id"
+         AND w.id > $2 ORDER BY w.id LIMIT $3"
     );
     Ok(sqlx::query_as::<_, WatchRow>(&sql)
         .bind(server_id)
+        .bind(after_id)
+        .bind(limit)
         .fetch_all(db)
         .await?)
 }

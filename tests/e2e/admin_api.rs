@@ -173,7 +173,10 @@ async fn server_and_watch_crud_round_trip() {
 
     let list = e
         .client
-        .list_watches(proto::ListWatchesRequest { server_id: s.id })
+        .list_watches(proto::ListWatchesRequest {
+            server_id: s.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -188,7 +191,7 @@ async fn server_and_watch_crud_round_trip() {
     assert!(files.files.is_empty() && files.next_page_token.is_empty());
     let agents = e
         .client
-        .list_agents(proto::ListAgentsRequest {})
+        .list_agents(proto::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -200,7 +203,7 @@ async fn server_and_watch_crud_round_trip() {
         .unwrap();
     assert!(
         e.client
-            .list_watches(proto::ListWatchesRequest { server_id: 0 })
+            .list_watches(proto::ListWatchesRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -245,7 +248,7 @@ async fn removing_a_server_soft_deletes_it_with_its_watches() {
     assert_eq!(err.code(), Code::NotFound);
     assert!(
         e.client
-            .list_servers(proto::ListServersRequest {})
+            .list_servers(proto::ListServersRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -521,7 +524,7 @@ async fn secrets_are_encrypted_at_rest_and_never_returned() {
         .into_inner();
     let listed = e
         .client
-        .list_servers(proto::ListServersRequest {})
+        .list_servers(proto::ListServersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -655,4 +658,201 @@ async fn file_listing_filters_pages_and_retries() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+/// Every `List*` call pages: walking the pages returns each item exactly
+/// once, and a token only works with the call and filter that issued it.
+#[tokio::test]
+async fn every_listing_pages_and_tokens_are_bound_to_their_filter() {
+    let mut e = env().await;
+    let mut server_ids = Vec::new();
+    for i in 0..7 {
+        let s = e
+            .client
+            .add_server(server_req(&format!("p{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        server_ids.push(s.id);
+    }
+    let mut watch_ids = Vec::new();
+    for i in 0..5 {
+        let w = e
+            .client
+            .add_watch(proto::AddWatchRequest {
+                server_id: server_ids[0],
+                directory: format!("/in/{i}"),
+                bucket: "bkt".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        watch_ids.push(w.id);
+    }
+    // A watch of another server, which the server filter must leave out.
+    e.client
+        .add_watch(proto::AddWatchRequest {
+            server_id: server_ids[1],
+            directory: "/other".into(),
+            bucket: "bkt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO agents (name, site) SELECT 'agent-' || g, 'default' FROM generate_series(1, 5) g")
+        .execute(e.db.pool())
+        .await
+        .unwrap();
+
+    // Servers, 3 per page: 3 + 3 + 1.
+    let mut servers = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = e
+            .client
+            .list_servers(proto::ListServersRequest {
+                page_size: 3,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.servers.len() <= 3);
+        servers.extend(page.servers.iter().map(|s| s.id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(servers, server_ids, "each server once, in id order");
+    assert_eq!(pages, 3);
+
+    // Watches of one server, 2 per page.
+    let mut watches = Vec::new();
+    let mut token = String::new();
+    let mut first_token = String::new();
+    loop {
+        let page = e
+            .client
+            .list_watches(proto::ListWatchesRequest {
+                server_id: server_ids[0],
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        watches.extend(page.watches.iter().map(|w| w.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        if first_token.is_empty() {
+            first_token = page.next_page_token.clone();
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(watches, watch_ids);
+
+    // Agents, 2 per page, by name.
+    let mut agents = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = e
+            .client
+            .list_agents(proto::ListAgentsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        agents.extend(page.agents.into_iter().map(|a| a.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        agents,
+        (1..=5).map(|i| format!("agent-{i}")).collect::<Vec<_>>()
+    );
+
+    // The watches token with another server filter, on another call, or garbled.
+    let err = e
+        .client
+        .list_watches(proto::ListWatchesRequest {
+            server_id: server_ids[1],
+            page_size: 2,
+            page_token: first_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "page_token");
+    let err = e
+        .client
+        .list_servers(proto::ListServersRequest {
+            page_size: 2,
+            page_token: first_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "page_token");
+    let err = e
+        .client
+        .list_agents(proto::ListAgentsRequest {
+            page_size: 2,
+            page_token: format!("{first_token}x"),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "page_token");
+
+    // Files: a token of one status filter does not page another.
+    sqlx::query(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status) \
+         SELECT $1, $2, '/in/0/f' || g, g, 1700000000, 'new' FROM generate_series(1, 3) g",
+    )
+    .bind(server_ids[0])
+    .bind(watch_ids[0])
+    .execute(e.db.pool())
+    .await
+    .unwrap();
+    let page = e
+        .client
+        .list_files(proto::ListFilesRequest {
+            statuses: vec![proto::FileStatus::New as i32],
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.files.len(), 1);
+    assert!(!page.next_page_token.is_empty());
+    let err = e
+        .client
+        .list_files(proto::ListFilesRequest {
+            statuses: vec![proto::FileStatus::Failed as i32],
+            page_size: 1,
+            page_token: page.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "page_token");
+    // Page sizes above the maximum are served, capped.
+    let all = e
+        .client
+        .list_files(proto::ListFilesRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.files.len(), 3);
+    assert!(all.next_page_token.is_empty());
 }

@@ -266,7 +266,7 @@ async fn poll_moves_to_the_other_agent_of_the_site_and_never_to_another_site() {
     );
     let agents = s
         .admin
-        .list_agents(proto::ListAgentsRequest {})
+        .list_agents(proto::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -291,7 +291,7 @@ async fn agent_survives_a_coordinator_restart() {
     assert_eq!(s.file_count().await, 2);
     let agents = s
         .admin
-        .list_agents(proto::ListAgentsRequest {})
+        .list_agents(proto::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()

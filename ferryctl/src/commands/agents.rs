@@ -4,14 +4,20 @@
 use ferry_proto::{Agent, ListAgentsRequest};
 use serde_json::{Value, json};
 
-use crate::connect::Admin;
+use crate::connect::{Admin, FULL_PAGE, all_pages};
 use crate::output::{self, Table};
 
 pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
-    let agents = admin
-        .call(admin.client().list_agents(ListAgentsRequest {}))
-        .await?
-        .agents;
+    let agents = all_pages(|page_token| async move {
+        let page = admin
+            .call(admin.client().list_agents(ListAgentsRequest {
+                page_size: FULL_PAGE,
+                page_token,
+            }))
+            .await?;
+        Ok((page.agents, page.next_page_token))
+    })
+    .await?;
     if json {
         return Ok(output::print_json(&Value::Array(
             agents.iter().map(agent_json).collect(),

@@ -9,14 +9,14 @@ use std::path::Path;
 
 use anyhow::Context;
 use ferry_proto::{
-    AddServerRequest, GetServerRequest, ListServersRequest, ListWatchesRequest, Password,
-    PrivateKey, ProbeHostKeyRequest, RemoveServerRequest, Server, UpdateServerRequest,
-    add_server_request, update_server_request,
+    AddServerRequest, GetServerRequest, ListServersRequest, Password, PrivateKey,
+    ProbeHostKeyRequest, RemoveServerRequest, Server, UpdateServerRequest, add_server_request,
+    update_server_request,
 };
 use serde_json::{Value, json};
 
 use crate::commands::watches;
-use crate::connect::Admin;
+use crate::connect::{Admin, FULL_PAGE, all_pages};
 use crate::output::{self, Table, outln};
 use crate::{
     CredentialArgs, PassphraseArgs, ServerAddArgs, ServerRef, ServerUpdateArgs, ServersCmd,
@@ -258,11 +258,18 @@ async fn remove(admin: &Admin, server: &ServerRef, json: bool) -> anyhow::Result
 }
 
 async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
-    let response = admin
-        .call(admin.client().list_servers(ListServersRequest {}))
-        .await?;
+    let servers = all_pages(|page_token| async move {
+        let page = admin
+            .call(admin.client().list_servers(ListServersRequest {
+                page_size: FULL_PAGE,
+                page_token,
+            }))
+            .await?;
+        Ok((page.servers, page.next_page_token))
+    })
+    .await?;
     if json {
-        let servers: Vec<Value> = response.servers.iter().map(server_json).collect();
+        let servers: Vec<Value> = servers.iter().map(server_json).collect();
         return Ok(output::print_json(&Value::Array(servers))?);
     }
     let mut table = Table::new(&[
@@ -277,7 +284,7 @@ async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
         "LAST-POLL",
         "ERROR",
     ]);
-    for s in &response.servers {
+    for s in &servers {
         let health = s.health.clone().unwrap_or_default();
         table.row(vec![
             s.id.to_string(),
@@ -301,12 +308,7 @@ async fn show(admin: &Admin, server: &ServerRef, json: bool) -> anyhow::Result<(
         return Ok(output::print_json(&server_json(&server))?);
     }
     print_detail(&server)?;
-    let watches = admin
-        .call(admin.client().list_watches(ListWatchesRequest {
-            server_id: server.id,
-        }))
-        .await?
-        .watches;
+    let watches = watches::all_watches(admin, server.id).await?;
     outln!()?;
     if watches.is_empty() {
         outln!(

@@ -8,7 +8,7 @@ use ferry_proto::{
 use serde_json::{Value, json};
 
 use crate::commands::servers;
-use crate::connect::Admin;
+use crate::connect::{Admin, FULL_PAGE, all_pages};
 use crate::output::{self, Table, outln};
 use crate::{UsageError, WatchAddArgs, WatchUpdateArgs, WatchesCmd};
 
@@ -93,14 +93,7 @@ async fn remove(admin: &Admin, id: i64, json: bool) -> anyhow::Result<()> {
 
 async fn list(admin: &Admin, server: Option<&crate::ServerRef>, json: bool) -> anyhow::Result<()> {
     let server_id = servers::resolve_filter(admin, server).await?;
-    let watches = admin
-        .call(
-            admin
-                .client()
-                .list_watches(ListWatchesRequest { server_id }),
-        )
-        .await?
-        .watches;
+    let watches = all_watches(admin, server_id).await?;
     if json {
         return Ok(output::print_json(&Value::Array(
             watches.iter().map(watch_json).collect(),
@@ -158,6 +151,21 @@ fn print_detail(w: &Watch) -> std::io::Result<()> {
         ("Created", output::time_and_age(w.created_at.as_ref())),
         ("Updated", output::time_and_age(w.updated_at.as_ref())),
     ])
+}
+
+/// Every watch of one server (or of all, for 0), following pages.
+pub(crate) async fn all_watches(admin: &Admin, server_id: i64) -> anyhow::Result<Vec<Watch>> {
+    all_pages(|page_token| async move {
+        let page = admin
+            .call(admin.client().list_watches(ListWatchesRequest {
+                server_id,
+                page_size: FULL_PAGE,
+                page_token,
+            }))
+            .await?;
+        Ok((page.watches, page.next_page_token))
+    })
+    .await
 }
 
 /// The post-action in the form `--post-action` takes (`keep`, `delete`,
