@@ -123,7 +123,7 @@ pub(crate) async fn run(
     // Full resend of what is already known stable (after a reconnect).
     for w in &watches {
         let stable = trackers.with(&w.spec, |t| t.stable_set());
-        if !send_batches(&out, server_id, w.spec.watch_id, stable, true).await {
+        if !send_batches(&out, server_id, w.spec.watch_id, stable).await {
             return;
         }
     }
@@ -227,7 +227,7 @@ async fn poll_due(
         let newly = trackers.with(&w.spec, |t| {
             t.observe(files, now_unix, w.spec.min_age_secs).newly_stable
         });
-        if !send_batches(out, server_id, w.spec.watch_id, newly, false).await {
+        if !send_batches(out, server_id, w.spec.watch_id, newly).await {
             return Ok(seen);
         }
     }
@@ -239,13 +239,11 @@ async fn send_batches(
     server_id: i64,
     watch_id: i64,
     files: Vec<(String, Observation)>,
-    full_sync: bool,
 ) -> bool {
     for chunk in files.chunks(BATCH) {
         let batch = proto::DiscoveryBatch {
             server_id,
             watch_id,
-            full_sync,
             entries: chunk
                 .iter()
                 .map(|(path, o)| proto::RemoteEntry {

@@ -352,6 +352,35 @@ impl Admin {
         })
     }
 
+    async fn drain_agent(&self, r: proto::DrainAgentRequest) -> ApiResult<proto::Agent> {
+        if r.name.is_empty() {
+            return Err(FieldError::new("name", "give the agent's name").into());
+        }
+        let draining = !r.undo;
+        let found = sqlx::query("UPDATE agents SET draining = $2 WHERE name = $1")
+            .bind(&r.name)
+            .bind(draining)
+            .execute(&self.coord.db)
+            .await?
+            .rows_affected();
+        if found == 0 {
+            return Err(ApiError::NotFound(format!(
+                "no agent named {:?} has ever connected",
+                r.name
+            )));
+        }
+        tracing::info!(agent = %r.name, draining, "agent drain set");
+        // Fast path when the stream is here; otherwise its coordinator
+        // notices on the agent's next heartbeat.
+        self.agents.drain_changed(&r.name, draining).await;
+        let row = files::list_agents(&self.coord.db, None, Some(&r.name), 1)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::NotFound(format!("no agent named {:?}", r.name)))?;
+        Ok(convert::agent(&row))
+    }
+
     async fn list_agents(
         &self,
         r: proto::ListAgentsRequest,
@@ -360,7 +389,7 @@ impl Admin {
         let after = listing.start_after(&r.page_token)?;
         let size = paging::page_size(r.page_size);
         let rows =
-            files::list_agents(&self.coord.db, after.as_deref(), i64::from(size) + 1).await?;
+            files::list_agents(&self.coord.db, after.as_deref(), None, i64::from(size) + 1).await?;
         let (rows, next_page_token) = listing.page(rows, size, |a| a.name.clone());
         Ok(proto::ListAgentsResponse {
             agents: rows.iter().map(convert::agent).collect(),
@@ -530,6 +559,10 @@ impl AdminService for Admin {
         req: Request<proto::ListAgentsRequest>,
     ) -> Rpc<proto::ListAgentsResponse> {
         ok(Admin::list_agents(self, req.into_inner()).await)
+    }
+
+    async fn drain_agent(&self, req: Request<proto::DrainAgentRequest>) -> Rpc<proto::Agent> {
+        ok(Admin::drain_agent(self, req.into_inner()).await)
     }
 
     type WatchEventsStream = EventStream;

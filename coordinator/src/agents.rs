@@ -8,6 +8,7 @@
 use ferry_common::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,11 +53,18 @@ pub(crate) struct Session {
     pub sent_polls: Arc<Mutex<HashMap<i64, String>>>,
     /// Files whose transfer this agent runs (assigned, no result yet).
     pub tasks: Arc<Mutex<HashSet<i64>>>,
+    /// Drained by an operator (`agents.draining`, as last told to the agent).
+    pub draining: Arc<AtomicBool>,
 }
 
 impl Session {
     pub(crate) fn in_flight(&self) -> u32 {
         lock(&self.tasks).len() as u32
+    }
+
+    /// Drained agents get no transfers, post-actions or poll leases.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     pub(crate) fn task_started(&self, file_id: i64) {
@@ -201,12 +209,13 @@ impl AgentStreams {
         };
         validate::site(site).map_err(|e| Status::from(ApiError::from(e)))?;
         let id = Uuid::new_v4().to_string();
-        sqlx::query(
+        let draining: bool = sqlx::query_scalar(
             "INSERT INTO agents (name, site, version, capacity, connected, connected_coordinator, \
                                  session_id, connected_at, last_seen_at) \
              VALUES ($1, $2, $3, $4, true, $5, $6, now(), now()) \
              ON CONFLICT (name) DO UPDATE SET site = $2, version = $3, capacity = $4, connected = true, \
-                connected_coordinator = $5, session_id = $6, connected_at = now(), last_seen_at = now()",
+                connected_coordinator = $5, session_id = $6, connected_at = now(), last_seen_at = now() \
+             RETURNING draining",
         )
         .bind(agent)
         .bind(site)
@@ -214,7 +223,7 @@ impl AgentStreams {
         .bind(hello.capacity as i32)
         .bind(&self.coord.id)
         .bind(&id)
-        .execute(&self.coord.db)
+        .fetch_one(&self.coord.db)
         .await
         .map_err(|e| Status::from(ApiError::from(e)))?;
         let (tx, _) = mpsc::channel(1);
@@ -226,16 +235,44 @@ impl AgentStreams {
             tx,
             sent_polls: Arc::default(),
             tasks: Arc::default(),
+            draining: Arc::new(AtomicBool::new(draining)),
         })
+    }
+
+    /// Tells `agent`'s stream, if this coordinator holds it, that its drain
+    /// state is now `draining` (see [`Self::apply_drain`]).
+    pub(crate) async fn drain_changed(&self, agent: &str, draining: bool) {
+        let session = lock(&self.sessions).get(agent).cloned();
+        if let Some(s) = session {
+            self.apply_drain(&s, draining).await;
+        }
+    }
+
+    /// Sends `Drain` when the recorded state differs from what the stream was
+    /// told. Called by `DrainAgent` on this coordinator and on every heartbeat
+    /// (which reads `agents.draining`), so a drain set through any
+    /// coordinator reaches the agent within a heartbeat.
+    async fn apply_drain(&self, s: &Session, draining: bool) {
+        if s.draining.swap(draining, Ordering::SeqCst) == draining {
+            return;
+        }
+        tracing::info!(agent = %s.agent, draining, "agent drain changed");
+        s.send(proto::coordinator_message::Body::Drain(proto::Drain {
+            resume: !draining,
+        }))
+        .await;
+        // Poll leases and capacity changed hands.
+        self.changed.notify_one();
     }
 
     async fn handle(&self, s: &Session, body: Body) -> anyhow::Result<()> {
         let db = &self.coord.db;
         match body {
             Body::Heartbeat(h) => {
-                sqlx::query(
+                let draining: Option<bool> = sqlx::query_scalar(
                     "UPDATE agents SET last_seen_at = now(), in_flight = $3, files_transferred = $4, \
-                     bytes_transferred = $5, errors = $6 WHERE name = $1 AND session_id = $2",
+                     bytes_transferred = $5, errors = $6, bytes_per_sec = $7 \
+                     WHERE name = $1 AND session_id = $2 RETURNING draining",
                 )
                 .bind(&s.agent)
                 .bind(&s.id)
@@ -243,8 +280,12 @@ impl AgentStreams {
                 .bind(h.files_transferred as i64)
                 .bind(h.bytes_transferred as i64)
                 .bind(h.errors as i64)
-                .execute(db)
+                .bind(h.bytes_per_sec as i64)
+                .fetch_optional(db)
                 .await?;
+                if let Some(draining) = draining {
+                    self.apply_drain(s, draining).await;
+                }
             }
             Body::Discovery(batch) => {
                 let entries: Vec<Discovered> = batch
@@ -369,6 +410,13 @@ impl AgentService for AgentStreams {
                 heartbeat_interval_secs: HEARTBEAT_SECS,
             }))
             .await;
+        if session.is_draining() {
+            session
+                .send(proto::coordinator_message::Body::Drain(proto::Drain {
+                    resume: false,
+                }))
+                .await;
+        }
         if let Some(old) = lock(&self.sessions).insert(agent.clone(), session.clone()) {
             tracing::info!(agent = %agent, "replacing an older stream of the same agent");
             drop(old);

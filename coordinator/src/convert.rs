@@ -128,5 +128,7 @@ pub(crate) fn agent(row: &AgentRow) -> proto::Agent {
         files_transferred: row.files_transferred as u64,
         bytes_transferred: row.bytes_transferred as u64,
         errors: row.errors as u64,
+        draining: row.draining,
+        bytes_per_sec: row.bytes_per_sec as u64,
     }
 }

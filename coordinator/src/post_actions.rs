@@ -63,7 +63,7 @@ impl PostActions {
             }
             let Some(agent) = sessions
                 .iter()
-                .filter(|s| s.site == d.site)
+                .filter(|s| s.site == d.site && !s.is_draining())
                 .min_by_key(|s| s.in_flight())
             else {
                 continue;
