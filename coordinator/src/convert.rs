@@ -49,6 +49,10 @@ pub(crate) fn server(row: &ServerRow) -> proto::Server {
             last_poll_at: row.last_poll_at.map(timestamp),
             last_poll_files: row.last_poll_files.unwrap_or(0) as u64,
             last_error: row.last_poll_error.clone().unwrap_or_default(),
+            last_poll_duration_ms: row
+                .last_poll_duration_ms
+                .and_then(|ms| u32::try_from(ms).ok())
+                .unwrap_or(0),
         }),
     }
 }

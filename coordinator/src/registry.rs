@@ -30,13 +30,14 @@ pub(crate) struct ServerRow {
     pub last_poll_at: Option<DateTime<Utc>>,
     pub last_poll_files: Option<i64>,
     pub last_poll_error: Option<String>,
+    pub last_poll_duration_ms: Option<i32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 const SERVER_COLUMNS: &str = "id, name, hostname, port, username, auth_kind, has_passphrase, \
     host_key_fingerprint, site, max_sessions, enabled, poller_agent, poll_lease_expires_at, \
-    last_poll_at, last_poll_files, last_poll_error, created_at, updated_at";
+    last_poll_at, last_poll_files, last_poll_error, last_poll_duration_ms, created_at, updated_at";
 
 /// A fully validated server definition.
 #[derive(Debug, Clone)]

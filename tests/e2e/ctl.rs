@@ -382,6 +382,21 @@ async fn a_drained_agent_gets_no_new_work() {
         serde_json::json!([])
     );
 
+    // The server has been polled: its poll duration shows.
+    let servers = ctl.json(&["--json", "servers", "list"]).await;
+    assert!(
+        servers[0]["health"]["last_poll_duration_ms"].is_u64(),
+        "{servers}"
+    );
+    let table = ctl.run(&["servers", "list"]).await;
+    assert!(table.stdout.contains("POLL-TIME"), "{}", table.stdout);
+    let shown = ctl.run(&["servers", "show", "drain"]).await;
+    assert!(
+        shown.stdout.contains("Poll duration") && shown.stdout.contains(" ms"),
+        "{}",
+        shown.stdout
+    );
+
     let v = ctl
         .json(&["--json", "agents", "drain", drained, "--undo"])
         .await;

@@ -282,6 +282,7 @@ async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
         "ENABLED",
         "POLLER",
         "LAST-POLL",
+        "POLL-TIME",
         "ERROR",
     ]);
     for s in &servers {
@@ -296,6 +297,7 @@ async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
             output::yes_no(s.enabled),
             output::or_dash(&health.poller_agent),
             last_poll(&health),
+            poll_duration(&health),
             output::or_dash(&output::truncate(&health.last_error, 60)),
         ]);
     }
@@ -367,6 +369,17 @@ fn last_poll(health: &ferry_proto::ServerHealth) -> String {
     )
 }
 
+/// `840 ms`, `12.3 s`; `-` before the first poll.
+fn poll_duration(health: &ferry_proto::ServerHealth) -> String {
+    if health.last_poll_at.is_none() {
+        return "-".into();
+    }
+    match health.last_poll_duration_ms {
+        ms @ 0..1000 => format!("{ms} ms"),
+        ms => format!("{:.1} s", f64::from(ms) / 1000.0),
+    }
+}
+
 fn print_detail(s: &Server) -> std::io::Result<()> {
     let health = s.health.clone().unwrap_or_default();
     let auth = match (output::auth_kind_name(s.auth_kind), s.has_passphrase) {
@@ -389,6 +402,7 @@ fn print_detail(s: &Server) -> std::io::Result<()> {
         ("Updated", output::time_and_age(s.updated_at.as_ref())),
         ("Poller", output::or_dash(&health.poller_agent)),
         ("Last poll", last_poll(&health)),
+        ("Poll duration", poll_duration(&health)),
         ("Last error", output::or_dash(&health.last_error)),
     ])
 }
@@ -414,6 +428,10 @@ pub(crate) fn server_json(s: &Server) -> Value {
             "poller_agent": output::json_opt(&health.poller_agent),
             "last_poll_at": output::json_time(health.last_poll_at.as_ref()),
             "last_poll_files": health.last_poll_files,
+            "last_poll_duration_ms": health
+                .last_poll_at
+                .is_some()
+                .then_some(health.last_poll_duration_ms),
             "last_error": output::json_opt(&health.last_error),
         },
     })
@@ -447,5 +465,18 @@ mod tests {
         assert_eq!(v["auth_kind"], "private_key");
         assert_eq!(v["created_at"], "1970-01-01T00:00:00Z");
         assert_eq!(v["health"]["last_error"], Value::Null);
+        assert_eq!(v["health"]["last_poll_duration_ms"], Value::Null);
+    }
+
+    #[test]
+    fn poll_durations_read_naturally() {
+        let polled = |ms| ferry_proto::ServerHealth {
+            last_poll_at: Some(prost_types::Timestamp::default()),
+            last_poll_duration_ms: ms,
+            ..Default::default()
+        };
+        assert_eq!(poll_duration(&ferry_proto::ServerHealth::default()), "-");
+        assert_eq!(poll_duration(&polled(840)), "840 ms");
+        assert_eq!(poll_duration(&polled(12_340)), "12.3 s");
     }
 }
