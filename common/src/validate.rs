@@ -350,7 +350,6 @@ pub fn post_action_move(directory: &str) -> Checked<crate::domain::PostAction> {
 }
 
 /// `keep`, `delete` or `move:<absolute dir>`.
-
 pub fn post_action(action: &str) -> Checked<crate::domain::PostAction> {
     action
         .parse()
