@@ -19,6 +19,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // `AgentService.Connect` would clash with the generated `connect` constructor.
         .build_transport(false)
+        // Messages holding a secret get a redacting `Debug` by hand (`src/redact.rs`);
+        // every message embedding them derives its `Debug` from theirs.
+        .skip_debug([
+            ".ferry.v1.Password",
+            ".ferry.v1.PrivateKey",
+            ".ferry.v1.UpdateServerRequest",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

@@ -118,6 +118,8 @@ async fn stream_once(
         other => anyhow::bail!("expected welcome, got {other:?}"),
     };
     tracing::info!(coordinator = %welcome.coordinator_id, agent = %welcome.agent_name, "connected");
+    // A drain lasts for one stream: the coordinator repeats it after the welcome.
+    runner.hold(false);
 
     // Not a child of `cancel`: on SIGTERM the stream stays up while running
     // transfers finish and their results are delivered (see `drain`).
@@ -269,6 +271,8 @@ struct Dispatch {
     timeouts: crate::sftp::Timeouts,
     cancel: CancellationToken,
     running: HashMap<i64, (proto::PollAssignment, CancellationToken, JoinHandle<()>)>,
+    /// The coordinator drained this agent on this stream.
+    drained: bool,
 }
 
 impl Dispatch {
@@ -286,6 +290,7 @@ impl Dispatch {
             timeouts: cfg.sftp_timeouts(),
             cancel,
             running: HashMap::new(),
+            drained: false,
         }
     }
 
@@ -293,6 +298,11 @@ impl Dispatch {
         match body {
             CBody::PollAssignment(a) => {
                 let Some(server) = &a.server else { return };
+                if self.drained {
+                    // Sent before the coordinator saw the drain; it revokes it.
+                    tracing::info!(server = %server.name, "drained: poll assignment ignored");
+                    return;
+                }
                 let id = server.server_id;
                 if self.running.get(&id).is_some_and(|(cur, ..)| *cur == a) {
                     return;
@@ -324,7 +334,21 @@ impl Dispatch {
             CBody::HostKeyProbe(req) => {
                 tokio::spawn(probe_host_key(req, self.out.clone()));
             }
-            CBody::Drain(_) => tracing::info!("drain requested"),
+            CBody::Drain(d) if d.resume => {
+                tracing::info!("drain lifted: taking work again");
+                self.drained = false;
+                self.runner.hold(false);
+            }
+            CBody::Drain(_) => {
+                tracing::info!(
+                    transfers = self.runner.running_tasks().len(),
+                    "drained by the coordinator: polling stopped, finishing running transfers"
+                );
+                self.drained = true;
+                self.runner.hold(true);
+                self.stop_all().await;
+                self.forget_unassigned_watches();
+            }
             other => tracing::debug!(message = ?std::mem::discriminant(&other), "not handled yet"),
         }
     }

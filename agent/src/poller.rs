@@ -48,22 +48,23 @@ impl Trackers {
 }
 
 /// Builds the SFTP endpoint of an assignment.
-pub(crate) fn endpoint(conn: &proto::ServerConnection) -> ServerEndpoint {
-    let auth = if conn.private_key.is_empty() {
-        Auth::Password(conn.password.clone())
-    } else {
-        Auth::PrivateKey {
-            pem: conn.private_key.clone(),
-            passphrase: (!conn.passphrase.is_empty()).then(|| conn.passphrase.clone()),
-        }
+pub(crate) fn endpoint(conn: &proto::ServerConnection) -> Result<ServerEndpoint, SftpError> {
+    use proto::server_connection::Auth as WireAuth;
+    let auth = match &conn.auth {
+        Some(WireAuth::Password(p)) => Auth::Password(p.password.clone()),
+        Some(WireAuth::PrivateKey(k)) => Auth::PrivateKey {
+            pem: k.pem.clone(),
+            passphrase: (!k.passphrase.is_empty()).then(|| k.passphrase.clone()),
+        },
+        None => return Err(SftpError::NoCredential),
     };
-    ServerEndpoint {
+    Ok(ServerEndpoint {
         hostname: conn.hostname.clone(),
         port: u16::try_from(conn.port).unwrap_or(22),
         username: conn.username.clone(),
         auth,
         host_key_fingerprint: conn.host_key_fingerprint.clone(),
-    }
+    })
 }
 
 struct WatchState {
@@ -84,7 +85,23 @@ pub(crate) async fn run(
         return;
     };
     let server_id = conn.server_id;
-    let ep = endpoint(&conn);
+    let ep = match endpoint(&conn) {
+        Ok(ep) => ep,
+        Err(e) => {
+            tracing::warn!(server = %conn.name, error = %e, "cannot poll");
+            let report = proto::PollReport {
+                server_id,
+                ok: false,
+                error: e.to_string(),
+                at: Some(now_timestamp()),
+                ..Default::default()
+            };
+            if out.send(message(Body::PollReport(report))).await.is_ok() {
+                cancel.cancelled().await;
+            }
+            return;
+        }
+    };
     let mut watches: Vec<WatchState> = Vec::new();
     for spec in assignment.watches {
         match globset::GlobBuilder::new(&spec.glob)
@@ -106,7 +123,7 @@ pub(crate) async fn run(
     // Full resend of what is already known stable (after a reconnect).
     for w in &watches {
         let stable = trackers.with(&w.spec, |t| t.stable_set());
-        if !send_batches(&out, server_id, w.spec.watch_id, stable, true).await {
+        if !send_batches(&out, server_id, w.spec.watch_id, stable).await {
             return;
         }
     }
@@ -210,7 +227,7 @@ async fn poll_due(
         let newly = trackers.with(&w.spec, |t| {
             t.observe(files, now_unix, w.spec.min_age_secs).newly_stable
         });
-        if !send_batches(out, server_id, w.spec.watch_id, newly, false).await {
+        if !send_batches(out, server_id, w.spec.watch_id, newly).await {
             return Ok(seen);
         }
     }
@@ -222,13 +239,11 @@ async fn send_batches(
     server_id: i64,
     watch_id: i64,
     files: Vec<(String, Observation)>,
-    full_sync: bool,
 ) -> bool {
     for chunk in files.chunks(BATCH) {
         let batch = proto::DiscoveryBatch {
             server_id,
             watch_id,
-            full_sync,
             entries: chunk
                 .iter()
                 .map(|(path, o)| proto::RemoteEntry {

@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_proto::{self as proto, agent_message::Body, task_result::Outcome};
 use tokio::sync::{Notify, mpsc};
@@ -45,6 +45,29 @@ struct Inner {
     counters: Counters,
     /// Set on shutdown: new assignments are refused.
     draining: AtomicBool,
+    /// Set while the coordinator drains this agent (`Drain`): new
+    /// assignments are refused until it resumes.
+    held: AtomicBool,
+    /// Rate window of the heartbeats: when the last one was taken and the
+    /// bytes read by then.
+    rate: Mutex<Option<RateSample>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RateSample {
+    at: Instant,
+    bytes: u64,
+}
+
+/// Bytes per second between two samples (0 when the count went down: a
+/// failed transfer's bytes are no longer counted).
+fn bytes_per_sec(prev: Option<RateSample>, now: RateSample) -> u64 {
+    let Some(prev) = prev else { return 0 };
+    let secs = now.at.saturating_duration_since(prev.at).as_secs_f64();
+    if secs <= 0.0 {
+        return 0;
+    }
+    (now.bytes.saturating_sub(prev.bytes) as f64 / secs) as u64
 }
 
 /// Cheap-to-clone handle on the agent's transfers.
@@ -61,7 +84,14 @@ impl Runner {
             wake: Notify::new(),
             counters: Counters::default(),
             draining: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            rate: Mutex::new(None),
         }))
+    }
+
+    /// The coordinator drains (`true`) or resumes (`false`) this agent.
+    pub(crate) fn hold(&self, held: bool) {
+        self.0.held.store(held, Ordering::SeqCst);
     }
 
     /// Refuses new transfers from now on (shutdown).
@@ -87,9 +117,26 @@ impl Runner {
 
     pub(crate) fn heartbeat(&self) -> proto::Heartbeat {
         let c = &self.0.counters;
+        let (in_flight, running_bytes) = {
+            let running = lock(&self.0.running);
+            let bytes: u64 = running
+                .values()
+                .map(|r| r.bytes.load(Ordering::Relaxed))
+                .sum();
+            (running.len() as u32, bytes)
+        };
+        // Finished files' bytes plus what running transfers have read so far.
+        let now = RateSample {
+            at: Instant::now(),
+            bytes: c
+                .bytes
+                .load(Ordering::Relaxed)
+                .saturating_add(running_bytes),
+        };
+        let rate = bytes_per_sec(lock(&self.0.rate).replace(now), now);
         proto::Heartbeat {
-            in_flight: lock(&self.0.running).len() as u32,
-            bytes_per_sec: 0,
+            in_flight,
+            bytes_per_sec: rate,
             files_transferred: c.files.load(Ordering::Relaxed),
             bytes_transferred: c.bytes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
@@ -103,13 +150,20 @@ impl Runner {
 
     /// Starts a transfer (a repeated assignment of a running file is ignored).
     pub(crate) fn start(&self, task: proto::TaskAssignment) {
-        if self.0.draining.load(Ordering::SeqCst) {
+        let refused = if self.0.draining.load(Ordering::SeqCst) {
+            Some("agent is shutting down")
+        } else if self.0.held.load(Ordering::SeqCst) {
+            Some("agent is drained")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
             self.queue(message(Body::TaskResult(proto::TaskResult {
                 file_id: task.file_id,
                 fencing_token: task.fencing_token,
                 outcome: Some(Outcome::Failure(proto::TaskFailure {
                     kind: proto::FailureKind::Transient as i32,
-                    message: "agent is shutting down".into(),
+                    message: why.into(),
                 })),
             })));
             return;
@@ -185,7 +239,7 @@ impl Runner {
         tokio::spawn(async move {
             let result = transfer::post_action(&req, &runner.0.pool).await;
             if let Err(e) = &result {
-                tracing::warn!(file = req.file_id, action = %req.action, error = %e, "post-action failed");
+                tracing::warn!(file = req.file_id, error = %e, "post-action failed");
             }
             runner.queue(message(Body::PostActionResult(proto::PostActionResult {
                 file_id: req.file_id,
@@ -232,5 +286,31 @@ impl Runner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_is_bytes_over_the_heartbeat_interval() {
+        let t0 = Instant::now();
+        let first = RateSample {
+            at: t0,
+            bytes: 1000,
+        };
+        assert_eq!(bytes_per_sec(None, first), 0, "no interval yet");
+        let later = RateSample {
+            at: t0 + Duration::from_secs(2),
+            bytes: 5000,
+        };
+        assert_eq!(bytes_per_sec(Some(first), later), 2000);
+        let dropped = RateSample {
+            at: t0 + Duration::from_secs(4),
+            bytes: 10,
+        };
+        assert_eq!(bytes_per_sec(Some(later), dropped), 0);
+        assert_eq!(bytes_per_sec(Some(first), first), 0, "no time passed");
     }
 }

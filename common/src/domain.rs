@@ -86,12 +86,7 @@ impl FromStr for PostAction {
             "" | "keep" => Ok(PostAction::Keep),
             "delete" => Ok(PostAction::Delete),
             other => match other.strip_prefix("move:") {
-                Some(dir) if dir.starts_with('/') && !dir.contains('\0') => {
-                    Ok(PostAction::Move(dir.trim_end_matches('/').to_string()).normalized())
-                }
-                Some(_) => Err(format!(
-                    "{s:?}: the move target must be an absolute directory, e.g. move:/archive"
-                )),
+                Some(dir) => PostAction::move_to(dir).map_err(|e| format!("{s:?}: {e}")),
                 None => Err(format!(
                     "{s:?}: expected keep, delete or move:<absolute dir>"
                 )),
@@ -100,12 +95,29 @@ impl FromStr for PostAction {
     }
 }
 
+/// The stored text form (`keep`, `delete`, `move:/dir`), for reading rows.
+impl TryFrom<String> for PostAction {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 impl PostAction {
-    fn normalized(self) -> Self {
-        match self {
-            PostAction::Move(d) if d.is_empty() => PostAction::Move("/".into()),
-            other => other,
+    /// A move into `dir`, which must be absolute; a trailing `/` is dropped.
+    /// The one check of a move target, whatever form the action came in.
+    pub fn move_to(dir: &str) -> Result<PostAction, String> {
+        if !dir.starts_with('/') || dir.contains('\0') {
+            return Err(format!(
+                "the move target {dir:?} must be an absolute directory, e.g. /archive"
+            ));
         }
+        let dir = dir.trim_end_matches('/');
+        Ok(PostAction::Move(if dir.is_empty() {
+            "/".into()
+        } else {
+            dir.to_string()
+        }))
     }
 }
 
@@ -190,6 +202,13 @@ mod tests {
         );
         assert_eq!(PostAction::Move("/a".into()).to_string(), "move:/a");
         assert!("move:archive".parse::<PostAction>().is_err());
+        assert!("move:".parse::<PostAction>().is_err());
+        assert_eq!(PostAction::move_to("/"), Ok(PostAction::Move("/".into())));
+        assert!(PostAction::move_to("done").is_err());
+        assert_eq!(
+            PostAction::try_from("move:/a/".to_string()),
+            Ok(PostAction::Move("/a".into()))
+        );
         assert!("remove".parse::<PostAction>().is_err());
     }
 

@@ -344,6 +344,11 @@ pub fn bucket(name: &str) -> Checked<()> {
     Ok(())
 }
 
+/// A move post-action's target directory (absolute).
+pub fn post_action_move(directory: &str) -> Checked<crate::domain::PostAction> {
+    crate::domain::PostAction::move_to(directory).map_err(|e| FieldError::new("post_action", e))
+}
+
 /// `keep`, `delete` or `move:<absolute dir>`.
 pub fn post_action(action: &str) -> Checked<crate::domain::PostAction> {
     action

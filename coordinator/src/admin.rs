@@ -4,9 +4,12 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use ferry_common::domain::{FileStatus, Role};
+use ferry_common::domain::{FileStatus, PostAction, Role};
 use ferry_common::validate::{self, FieldError};
-use ferry_proto::{self as proto, admin_service_server::AdminService};
+use ferry_proto::convert::post_action_from_proto;
+use ferry_proto::{
+    self as proto, add_server_request, admin_service_server::AdminService, update_server_request,
+};
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -16,6 +19,7 @@ use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::files::{self, FileFilter, RetrySelection};
 use crate::hostkey;
+use crate::paging::{self, Listing};
 use crate::registry::{self, ServerSpec, WatchSpec};
 use crate::secrets::Credential;
 use crate::state::Coordinator;
@@ -99,8 +103,19 @@ impl Admin {
             validate::port(r.port)?
         };
         validate::username(&r.username)?;
-        let credential =
-            registry::credential(Some(&r.password), Some(&r.private_key), Some(&r.passphrase))?;
+        let credential = match &r.auth {
+            None => {
+                return Err(
+                    FieldError::new("auth", "a password or a private_key is required").into(),
+                );
+            }
+            Some(add_server_request::Auth::Password(p)) => {
+                registry::password_credential(&p.password)?
+            }
+            Some(add_server_request::Auth::PrivateKey(k)) => {
+                registry::key_credential(&k.pem, &k.passphrase)?
+            }
+        };
         let site = if r.site.is_empty() {
             "default".to_string()
         } else {
@@ -145,25 +160,26 @@ impl Admin {
         let db = &self.coord.db;
         let row = registry::get_server(db, r.id).await?;
         let current = registry::server_credential(db, &self.coord.secrets, r.id).await?;
-        let credential_changed =
-            r.password.is_some() || r.private_key.is_some() || r.passphrase.is_some();
-        let credential = if credential_changed {
-            match (&r.password, &r.private_key) {
-                (None, None) => {
-                    // Only the passphrase changes: it must unlock the stored key.
-                    let Credential::PrivateKey { pem, .. } = &current else {
-                        return Err(
-                            FieldError::new("passphrase", "only applies to a private_key").into(),
-                        );
-                    };
-                    registry::credential(None, Some(pem), r.passphrase.as_deref())?
-                }
-                (p, k) => {
-                    registry::credential(p.as_deref(), k.as_deref(), r.passphrase.as_deref())?
-                }
+        let credential_changed = r.auth.is_some();
+        let credential = match &r.auth {
+            None => current,
+            Some(update_server_request::Auth::Password(p)) => {
+                registry::password_credential(&p.password)?
             }
-        } else {
-            current
+            Some(update_server_request::Auth::PrivateKey(k)) => {
+                registry::key_credential(&k.pem, &k.passphrase)?
+            }
+            Some(update_server_request::Auth::Passphrase(passphrase)) => {
+                // Only the passphrase changes: it must belong to the stored key.
+                let Credential::PrivateKey { pem, .. } = &current else {
+                    return Err(FieldError::new(
+                        "passphrase",
+                        "only applies to a private_key, and this server logs in with a password",
+                    )
+                    .into());
+                };
+                registry::key_credential(pem, passphrase)?
+            }
         };
         let hostname = r.hostname.unwrap_or(row.hostname);
         validate::hostname(&hostname)?;
@@ -226,7 +242,10 @@ impl Admin {
             min_age_secs: r.min_age_secs.unwrap_or(0),
             bucket: r.bucket,
             key_template: r.key_template,
-            post_action: validate::post_action(&r.post_action)?,
+            post_action: match &r.post_action {
+                Some(action) => post_action_from_proto(action)?,
+                None => PostAction::Keep,
+            },
             enabled: r.enabled.unwrap_or(true),
         }
         .checked()?;
@@ -249,9 +268,10 @@ impl Admin {
             min_age_secs: r.min_age_secs.unwrap_or(row.min_age_secs as u32),
             bucket: r.bucket.unwrap_or(row.bucket),
             key_template: r.key_template.unwrap_or(row.key_template),
-            post_action: validate::post_action(
-                r.post_action.as_deref().unwrap_or(&row.post_action),
-            )?,
+            post_action: match &r.post_action {
+                Some(action) => post_action_from_proto(action)?,
+                None => row.post_action,
+            },
             enabled: r.enabled.unwrap_or(row.enabled),
         }
         .checked()?;
@@ -261,33 +281,118 @@ impl Admin {
     }
 
     async fn list_files(&self, r: proto::ListFilesRequest) -> ApiResult<proto::ListFilesResponse> {
-        let limit = match r.page_size {
-            0 => 100,
-            n if n <= 1000 => i64::from(n),
-            n => return Err(FieldError::new("page_size", format!("{n} is more than 1000")).into()),
-        };
-        let after_id = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token.parse::<i64>().map_err(|_| {
-                FieldError::new("page_token", "is not a token from a previous response")
-            })?
-        };
-        let statuses = statuses(&r.statuses, "statuses")?;
+        let mut statuses = statuses(&r.statuses, "statuses")?;
+        statuses.sort_by_key(|s| s.as_str());
+        statuses.dedup();
+        let listing = Listing::new(
+            "files",
+            &format!(
+                "statuses={};server={};watch={}",
+                statuses
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                r.server_id,
+                r.watch_id
+            ),
+        );
+        let after_id = paging::id_after(listing.start_after(&r.page_token)?)?;
         let filter = FileFilter {
             statuses,
             server_id: none_if_zero(r.server_id),
             watch_id: none_if_zero(r.watch_id),
             after_id,
-            limit,
+            limit: i64::from(paging::page_size(r.page_size)),
         };
         let (rows, more) = files::list_files(&self.coord.db, &filter).await?;
         let next_page_token = match rows.last() {
-            Some(last) if more => last.id.to_string(),
+            Some(last) if more => listing.token_after(&last.id.to_string()),
             _ => String::new(),
         };
         Ok(proto::ListFilesResponse {
             files: rows.iter().map(convert::file).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn list_servers(
+        &self,
+        r: proto::ListServersRequest,
+    ) -> ApiResult<proto::ListServersResponse> {
+        let listing = Listing::new("servers", "");
+        let after_id = paging::id_after(listing.start_after(&r.page_token)?)?;
+        let size = paging::page_size(r.page_size);
+        let rows = registry::list_servers(&self.coord.db, after_id, i64::from(size) + 1).await?;
+        let (rows, next_page_token) = listing.page(rows, size, |s| s.id.to_string());
+        Ok(proto::ListServersResponse {
+            servers: rows.iter().map(convert::server).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn list_watches(
+        &self,
+        r: proto::ListWatchesRequest,
+    ) -> ApiResult<proto::ListWatchesResponse> {
+        let listing = Listing::new("watches", &format!("server={}", r.server_id));
+        let after_id = paging::id_after(listing.start_after(&r.page_token)?)?;
+        let size = paging::page_size(r.page_size);
+        let rows = registry::list_watches(
+            &self.coord.db,
+            none_if_zero(r.server_id),
+            after_id,
+            i64::from(size) + 1,
+        )
+        .await?;
+        let (rows, next_page_token) = listing.page(rows, size, |w| w.id.to_string());
+        Ok(proto::ListWatchesResponse {
+            watches: rows.iter().map(convert::watch).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn drain_agent(&self, r: proto::DrainAgentRequest) -> ApiResult<proto::Agent> {
+        if r.name.is_empty() {
+            return Err(FieldError::new("name", "give the agent's name").into());
+        }
+        let draining = !r.undo;
+        let found = sqlx::query("UPDATE agents SET draining = $2 WHERE name = $1")
+            .bind(&r.name)
+            .bind(draining)
+            .execute(&self.coord.db)
+            .await?
+            .rows_affected();
+        if found == 0 {
+            return Err(ApiError::NotFound(format!(
+                "no agent named {:?} has ever connected",
+                r.name
+            )));
+        }
+        tracing::info!(agent = %r.name, draining, "agent drain set");
+        // Fast path when the stream is here; otherwise its coordinator
+        // notices on the agent's next heartbeat.
+        self.agents.drain_changed(&r.name, draining).await;
+        let row = files::list_agents(&self.coord.db, None, Some(&r.name), 1)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::NotFound(format!("no agent named {:?}", r.name)))?;
+        Ok(convert::agent(&row))
+    }
+
+    async fn list_agents(
+        &self,
+        r: proto::ListAgentsRequest,
+    ) -> ApiResult<proto::ListAgentsResponse> {
+        let listing = Listing::new("agents", "");
+        let after = listing.start_after(&r.page_token)?;
+        let size = paging::page_size(r.page_size);
+        let rows =
+            files::list_agents(&self.coord.db, after.as_deref(), None, i64::from(size) + 1).await?;
+        let (rows, next_page_token) = listing.page(rows, size, |a| a.name.clone());
+        Ok(proto::ListAgentsResponse {
+            agents: rows.iter().map(convert::agent).collect(),
             next_page_token,
         })
     }
@@ -341,13 +446,9 @@ impl AdminService for Admin {
 
     async fn list_servers(
         &self,
-        _req: Request<proto::ListServersRequest>,
+        req: Request<proto::ListServersRequest>,
     ) -> Rpc<proto::ListServersResponse> {
-        ok(registry::list_servers(&self.coord.db)
-            .await
-            .map(|rows| proto::ListServersResponse {
-                servers: rows.iter().map(convert::server).collect(),
-            }))
+        ok(Admin::list_servers(self, req.into_inner()).await)
     }
 
     async fn probe_host_key(
@@ -401,12 +502,7 @@ impl AdminService for Admin {
         &self,
         req: Request<proto::ListWatchesRequest>,
     ) -> Rpc<proto::ListWatchesResponse> {
-        let server = none_if_zero(req.into_inner().server_id);
-        ok(registry::list_watches(&self.coord.db, server)
-            .await
-            .map(|rows| proto::ListWatchesResponse {
-                watches: rows.iter().map(convert::watch).collect(),
-            }))
+        ok(Admin::list_watches(self, req.into_inner()).await)
     }
 
     async fn list_files(
@@ -462,13 +558,13 @@ impl AdminService for Admin {
 
     async fn list_agents(
         &self,
-        _req: Request<proto::ListAgentsRequest>,
+        req: Request<proto::ListAgentsRequest>,
     ) -> Rpc<proto::ListAgentsResponse> {
-        ok(files::list_agents(&self.coord.db)
-            .await
-            .map(|rows| proto::ListAgentsResponse {
-                agents: rows.iter().map(convert::agent).collect(),
-            }))
+        ok(Admin::list_agents(self, req.into_inner()).await)
+    }
+
+    async fn drain_agent(&self, req: Request<proto::DrainAgentRequest>) -> Rpc<proto::Agent> {
+        ok(Admin::drain_agent(self, req.into_inner()).await)
     }
 
     type WatchEventsStream = EventStream;

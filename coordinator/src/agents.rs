@@ -8,12 +8,13 @@
 use ferry_common::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_common::domain::Role;
 use ferry_common::lifecycle::RetryPolicy;
-use ferry_common::validate;
+use ferry_common::validate::{self, FieldError};
 use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
 use futures::Stream;
 use tokio::sync::{Notify, mpsc};
@@ -24,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::discovery::{self, Discovered};
+use crate::error::ApiError;
 use crate::hostkey::{PROBE_ANSWER_TIMEOUT, PendingProbes, ProbeError, ProbedKey};
 use crate::polls;
 use crate::results;
@@ -53,11 +55,18 @@ pub(crate) struct Session {
     pub sent_polls: Arc<Mutex<HashMap<i64, String>>>,
     /// Files whose transfer this agent runs (assigned, no result yet).
     pub tasks: Arc<Mutex<HashSet<i64>>>,
+    /// Drained by an operator (`agents.draining`, as last told to the agent).
+    pub draining: Arc<AtomicBool>,
 }
 
 impl Session {
     pub(crate) fn in_flight(&self) -> u32 {
         lock(&self.tasks).len() as u32
+    }
+
+    /// Drained agents get no transfers, post-actions or poll leases.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     pub(crate) fn task_started(&self, file_id: i64) {
@@ -205,14 +214,15 @@ impl AgentStreams {
         } else {
             hello.site.as_str()
         };
-        validate::site(site).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate::site(site).map_err(|e| Status::from(ApiError::from(e)))?;
         let id = Uuid::new_v4().to_string();
-        sqlx::query(
+        let draining: bool = sqlx::query_scalar(
             "INSERT INTO agents (name, site, version, capacity, connected, connected_coordinator, \
                                  session_id, connected_at, last_seen_at) \
              VALUES ($1, $2, $3, $4, true, $5, $6, now(), now()) \
              ON CONFLICT (name) DO UPDATE SET site = $2, version = $3, capacity = $4, connected = true, \
-                connected_coordinator = $5, session_id = $6, connected_at = now(), last_seen_at = now()",
+                connected_coordinator = $5, session_id = $6, connected_at = now(), last_seen_at = now() \
+             RETURNING draining",
         )
         .bind(agent)
         .bind(site)
@@ -220,9 +230,9 @@ impl AgentStreams {
         .bind(hello.capacity as i32)
         .bind(&self.coord.id)
         .bind(&id)
-        .execute(&self.coord.db)
+        .fetch_one(&self.coord.db)
         .await
-        .map_err(|e| Status::from(crate::error::ApiError::from(e)))?;
+        .map_err(|e| Status::from(ApiError::from(e)))?;
         let (tx, _) = mpsc::channel(1);
         Ok(Session {
             agent: agent.to_string(),
@@ -232,16 +242,44 @@ impl AgentStreams {
             tx,
             sent_polls: Arc::default(),
             tasks: Arc::default(),
+            draining: Arc::new(AtomicBool::new(draining)),
         })
+    }
+
+    /// Tells `agent`'s stream, if this coordinator holds it, that its drain
+    /// state is now `draining` (see [`Self::apply_drain`]).
+    pub(crate) async fn drain_changed(&self, agent: &str, draining: bool) {
+        let session = lock(&self.sessions).get(agent).cloned();
+        if let Some(s) = session {
+            self.apply_drain(&s, draining).await;
+        }
+    }
+
+    /// Sends `Drain` when the recorded state differs from what the stream was
+    /// told. Called by `DrainAgent` on this coordinator and on every heartbeat
+    /// (which reads `agents.draining`), so a drain set through any
+    /// coordinator reaches the agent within a heartbeat.
+    async fn apply_drain(&self, s: &Session, draining: bool) {
+        if s.draining.swap(draining, Ordering::SeqCst) == draining {
+            return;
+        }
+        tracing::info!(agent = %s.agent, draining, "agent drain changed");
+        s.send(proto::coordinator_message::Body::Drain(proto::Drain {
+            resume: !draining,
+        }))
+        .await;
+        // Poll leases and capacity changed hands.
+        self.changed.notify_one();
     }
 
     async fn handle(&self, s: &Session, body: Body) -> anyhow::Result<()> {
         let db = &self.coord.db;
         match body {
             Body::Heartbeat(h) => {
-                sqlx::query(
+                let draining: Option<bool> = sqlx::query_scalar(
                     "UPDATE agents SET last_seen_at = now(), in_flight = $3, files_transferred = $4, \
-                     bytes_transferred = $5, errors = $6 WHERE name = $1 AND session_id = $2",
+                     bytes_transferred = $5, errors = $6, bytes_per_sec = $7 \
+                     WHERE name = $1 AND session_id = $2 RETURNING draining",
                 )
                 .bind(&s.agent)
                 .bind(&s.id)
@@ -249,8 +287,12 @@ impl AgentStreams {
                 .bind(h.files_transferred as i64)
                 .bind(h.bytes_transferred as i64)
                 .bind(h.errors as i64)
-                .execute(db)
+                .bind(h.bytes_per_sec as i64)
+                .fetch_optional(db)
                 .await?;
+                if let Some(draining) = draining {
+                    self.apply_drain(s, draining).await;
+                }
             }
             Body::Discovery(batch) => {
                 let entries: Vec<Discovered> = batch
@@ -345,7 +387,9 @@ impl AgentService for AgentStreams {
             body: Some(Body::Hello(hello)),
         }) = first
         else {
-            return Err(Status::invalid_argument("the first message must be hello"));
+            return Err(
+                ApiError::from(FieldError::new("body", "the first message must be hello")).into(),
+            );
         };
         let mut session = self.register(&agent, &hello).await?;
         for t in &hello.running_tasks {
@@ -372,6 +416,13 @@ impl AgentService for AgentStreams {
                 heartbeat_interval_secs: HEARTBEAT_SECS,
             }))
             .await;
+        if session.is_draining() {
+            session
+                .send(proto::coordinator_message::Body::Drain(proto::Drain {
+                    resume: false,
+                }))
+                .await;
+        }
         if let Some(old) = lock(&self.sessions).insert(agent.clone(), session.clone()) {
             tracing::info!(agent = %agent, "replacing an older stream of the same agent");
             drop(old);

@@ -49,6 +49,10 @@ pub(crate) fn server(row: &ServerRow) -> proto::Server {
             last_poll_at: row.last_poll_at.map(timestamp),
             last_poll_files: row.last_poll_files.unwrap_or(0) as u64,
             last_error: row.last_poll_error.clone().unwrap_or_default(),
+            last_poll_duration_ms: row
+                .last_poll_duration_ms
+                .and_then(|ms| u32::try_from(ms).ok())
+                .unwrap_or(0),
         }),
     }
 }
@@ -65,7 +69,7 @@ pub(crate) fn watch(row: &WatchRow) -> proto::Watch {
         min_age_secs: row.min_age_secs as u32,
         bucket: row.bucket.clone(),
         key_template: row.key_template.clone(),
-        post_action: row.post_action.clone(),
+        post_action: Some((&row.post_action).into()),
         enabled: row.enabled,
         created_at: Some(timestamp(row.created_at)),
         updated_at: Some(timestamp(row.updated_at)),
@@ -128,5 +132,7 @@ pub(crate) fn agent(row: &AgentRow) -> proto::Agent {
         files_transferred: row.files_transferred as u64,
         bytes_transferred: row.bytes_transferred as u64,
         errors: row.errors as u64,
+        draining: row.draining,
+        bytes_per_sec: row.bytes_per_sec as u64,
     }
 }

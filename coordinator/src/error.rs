@@ -3,7 +3,8 @@
 //! API edge only, mapped to `tonic::Status` in one place.
 
 use ferry_common::validate::FieldError;
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// An API failure the caller can branch on.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +57,13 @@ impl From<sqlx::Error> for ApiError {
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         match e {
-            ApiError::Invalid(f) => Status::invalid_argument(f.to_string()),
+            // The message names the field for humans, the `google.rpc.BadRequest`
+            // detail for programs.
+            ApiError::Invalid(f) => Status::with_error_details(
+                Code::InvalidArgument,
+                f.to_string(),
+                ErrorDetails::with_bad_request_violation(f.field, f.message),
+            ),
             ApiError::NotFound(m) => Status::not_found(m),
             ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),

@@ -205,18 +205,31 @@ pub(crate) struct AgentRow {
     pub files_transferred: i64,
     pub bytes_transferred: i64,
     pub errors: i64,
+    pub draining: bool,
+    pub bytes_per_sec: i64,
     pub polled_servers: Vec<String>,
 }
 
-pub(crate) async fn list_agents(db: &PgPool) -> ApiResult<Vec<AgentRow>> {
+/// Up to `limit` agents named after `after` (all when `None`), in name order;
+/// only the one named `only` when given.
+pub(crate) async fn list_agents(
+    db: &PgPool,
+    after: Option<&str>,
+    only: Option<&str>,
+    limit: i64,
+) -> ApiResult<Vec<AgentRow>> {
     Ok(sqlx::query_as::<_, AgentRow>(
         "SELECT a.name, a.site, a.version, a.capacity, a.connected, a.connected_coordinator, \
          a.connected_at, a.last_seen_at, a.in_flight, a.files_transferred, a.bytes_transferred, \
-         a.errors, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
+         a.errors, a.draining, a.bytes_per_sec, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
          AS polled_servers FROM agents a \
          LEFT JOIN servers s ON s.poller_agent = a.name AND s.deleted_at IS NULL \
-         GROUP BY a.name ORDER BY a.name",
+         WHERE ($1::TEXT IS NULL OR a.name > $1) AND ($3::TEXT IS NULL OR a.name = $3) \
+         GROUP BY a.name ORDER BY a.name LIMIT $2",
     )
+    .bind(after)
+    .bind(limit)
+    .bind(only)
     .fetch_all(db)
     .await?)
 }

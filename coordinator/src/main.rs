@@ -11,6 +11,7 @@ mod discovery;
 mod error;
 mod files;
 mod hostkey;
+mod paging;
 mod polls;
 mod post_actions;
 mod registry;

@@ -20,7 +20,8 @@ use crate::secrets::SecretBox;
 pub(crate) const LEASE: Duration = Duration::from_secs(15);
 
 /// Renews the leases of `agents` held through this coordinator and drops leases
-/// on servers that were disabled or removed.
+/// on servers that were disabled or removed, and those of drained agents (so
+/// the other agents of the site take them over).
 pub(crate) async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> ApiResult<()> {
     sqlx::query(
         "UPDATE servers SET poll_lease_expires_at = now() + make_interval(secs => $3) \
@@ -33,7 +34,8 @@ pub(crate) async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> 
     .await?;
     sqlx::query(
         "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, poll_lease_expires_at = NULL \
-         WHERE poller_agent IS NOT NULL AND (NOT enabled OR deleted_at IS NOT NULL)",
+         WHERE poller_agent IS NOT NULL AND (NOT enabled OR deleted_at IS NOT NULL \
+               OR poller_agent IN (SELECT name FROM agents WHERE draining))",
     )
     .execute(db)
     .await?;
@@ -54,7 +56,7 @@ pub(crate) async fn release_agent(db: &PgPool, coordinator: &str, agent: &str) -
 }
 
 /// Takes free servers of `site` for `agent` while the agent has fewer than
-/// `fair_share`. Free: unleased, expired, or leased to this same agent through
+/// `fair_share` and is not drained. Free: unleased, expired, or leased to this same agent through
 /// another coordinator (the agent has one stream at a time, so after it
 /// reconnected elsewhere that lease is stale). Returns how many were taken.
 pub(crate) async fn claim(
@@ -70,6 +72,7 @@ pub(crate) async fn claim(
          free AS ( \
             SELECT id FROM servers \
             WHERE site = $3 AND enabled AND deleted_at IS NULL \
+              AND NOT EXISTS (SELECT 1 FROM agents WHERE name = $2 AND draining) \
               AND (poller_agent IS NULL OR poll_lease_expires_at < now() \
                    OR (poller_agent = $2 AND poller_coordinator <> $1)) \
             ORDER BY id \
@@ -90,11 +93,12 @@ pub(crate) async fn claim(
     Ok(taken)
 }
 
-/// Fair share of servers per agent on a site: ceil(live servers / connected agents).
+/// Fair share of servers per agent on a site: ceil(live servers / connected,
+/// undrained agents).
 pub(crate) async fn fair_share(db: &PgPool, site: &str) -> ApiResult<i64> {
     let (servers, agents): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM servers WHERE site = $1 AND enabled AND deleted_at IS NULL), \
-                (SELECT count(*) FROM agents WHERE site = $1 AND connected \
+                (SELECT count(*) FROM agents WHERE site = $1 AND connected AND NOT draining \
                    AND last_seen_at > now() - interval '30 seconds')",
     )
     .bind(site)

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use ferry_common::domain::PostAction;
 use ferry_proto::{self as proto, coordinator_message::Body};
 
 use crate::agents::Session;
@@ -21,7 +22,8 @@ const RESEND_AFTER: Duration = Duration::from_secs(60);
 struct Due {
     file_id: i64,
     path: String,
-    post_action: String,
+    #[sqlx(try_from = "String")]
+    post_action: PostAction,
     site: String,
     #[sqlx(flatten)]
     conn: ConnectionRow,
@@ -61,7 +63,7 @@ impl PostActions {
             }
             let Some(agent) = sessions
                 .iter()
-                .filter(|s| s.site == d.site)
+                .filter(|s| s.site == d.site && !s.is_draining())
                 .min_by_key(|s| s.in_flight())
             else {
                 continue;
@@ -70,7 +72,7 @@ impl PostActions {
                 file_id: d.file_id,
                 source: Some(d.conn.to_proto(&coord.secrets)?),
                 path: d.path,
-                action: d.post_action,
+                action: Some((&d.post_action).into()),
             };
             if agent.send(Body::PostAction(req)).await {
                 self.sent.insert(d.file_id, Instant::now());

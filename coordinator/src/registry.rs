@@ -30,13 +30,14 @@ pub(crate) struct ServerRow {
     pub last_poll_at: Option<DateTime<Utc>>,
     pub last_poll_files: Option<i64>,
     pub last_poll_error: Option<String>,
+    pub last_poll_duration_ms: Option<i32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 const SERVER_COLUMNS: &str = "id, name, hostname, port, username, auth_kind, has_passphrase, \
     host_key_fingerprint, site, max_sessions, enabled, poller_agent, poll_lease_expires_at, \
-    last_poll_at, last_poll_files, last_poll_error, created_at, updated_at";
+    last_poll_at, last_poll_files, last_poll_error, last_poll_duration_ms, created_at, updated_at";
 
 /// A fully validated server definition.
 #[derive(Debug, Clone)]
@@ -52,51 +53,37 @@ pub(crate) struct ServerSpec {
     pub enabled: bool,
 }
 
-/// Checks a credential: exactly one of password / private key, and a key that parses.
-pub(crate) fn credential(
-    password: Option<&str>,
-    private_key: Option<&str>,
-    passphrase: Option<&str>,
-) -> Result<Credential, FieldError> {
-    let password = password.filter(|p| !p.is_empty());
-    let private_key = private_key.filter(|k| !k.trim().is_empty());
-    let passphrase = passphrase.filter(|p| !p.is_empty());
-    match (password, private_key) {
-        (Some(_), Some(_)) => Err(FieldError::new(
-            "auth",
-            "give either password or private_key, not both",
-        )),
-        (None, None) => Err(FieldError::new(
-            "auth",
-            "a password or a private_key is required",
-        )),
-        (Some(p), None) => {
-            if passphrase.is_some() {
-                return Err(FieldError::new(
-                    "passphrase",
-                    "only applies to a private_key",
-                ));
-            }
-            Ok(Credential::Password(p.to_string()))
-        }
-        (None, Some(pem)) => {
-            let protection = validate::private_key_shape(pem)?;
-            if protection == validate::KeyProtection::Encrypted && passphrase.is_none() {
-                return Err(FieldError::new(
-                    "passphrase",
-                    "the private_key is encrypted: a passphrase is required",
-                ));
-            }
-            Ok(Credential::PrivateKey {
-                pem: pem.to_string(),
-                passphrase: passphrase.map(str::to_string),
-            })
-        }
+/// Checks a password credential.
+pub(crate) fn password_credential(password: &str) -> Result<Credential, FieldError> {
+    if password.is_empty() {
+        return Err(FieldError::new("password", "must not be empty"));
     }
+    Ok(Credential::Password(password.to_string()))
+}
+
+/// Checks a private-key credential: a key that parses, and a passphrase when
+/// the key is encrypted. An empty passphrase means "none".
+pub(crate) fn key_credential(pem: &str, passphrase: &str) -> Result<Credential, FieldError> {
+    if pem.trim().is_empty() {
+        return Err(FieldError::new("private_key", "must not be empty"));
+    }
+    let passphrase = (!passphrase.is_empty()).then_some(passphrase);
+    let protection = validate::private_key_shape(pem)?;
+    if protection == validate::KeyProtection::Encrypted && passphrase.is_none() {
+        return Err(FieldError::new(
+            "passphrase",
+            "the private_key is encrypted: a passphrase is required",
+        ));
+    }
+    Ok(Credential::PrivateKey {
+        pem: pem.to_string(),
+        passphrase: passphrase.map(str::to_string),
+    })
 }
 
 impl ServerSpec {
-    /// Validates every field except the credential (checked by [`credential`]).
+    /// Validates every field except the credential (checked by [`password_credential`]
+    /// and [`key_credential`]).
     pub(crate) fn check(&self) -> Result<(), FieldError> {
         validate::server_name(&self.name)?;
         validate::hostname(&self.hostname)?;
@@ -204,9 +191,21 @@ pub(crate) async fn get_server_by_name(db: &PgPool, name: &str) -> ApiResult<Ser
         .ok_or_else(|| ApiError::NotFound(format!("no server named {name:?}")))
 }
 
-pub(crate) async fn list_servers(db: &PgPool) -> ApiResult<Vec<ServerRow>> {
-    let sql = format!("SELECT {SERVER_COLUMNS} FROM servers WHERE deleted_at IS NULL ORDER BY id");
-    Ok(sqlx::query_as::<_, ServerRow>(&sql).fetch_all(db).await?)
+/// Up to `limit` live servers with ids above `after_id`, in id order.
+pub(crate) async fn list_servers(
+    db: &PgPool,
+    after_id: i64,
+    limit: i64,
+) -> ApiResult<Vec<ServerRow>> {
+    let sql = format!(
+        "SELECT {SERVER_COLUMNS} FROM servers WHERE deleted_at IS NULL AND id > $1 \
+         ORDER BY id LIMIT $2"
+    );
+    Ok(sqlx::query_as::<_, ServerRow>(&sql)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(db)
+        .await?)
 }
 
 /// Decrypts the credential of a live server.
@@ -266,7 +265,8 @@ pub(crate) struct WatchRow {
     pub min_age_secs: i32,
     pub bucket: String,
     pub key_template: String,
-    pub post_action: String,
+    #[sqlx(try_from = "String")]
+    pub post_action: PostAction,
     pub enabled: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -372,14 +372,22 @@ pub(crate) async fn get_watch(db: &PgPool, id: i64) -> ApiResult<WatchRow> {
         .ok_or_else(|| watch_not_found(id))
 }
 
-/// Live watches, of one server or (`None`) of all.
-pub(crate) async fn list_watches(db: &PgPool, server_id: Option<i64>) -> ApiResult<Vec<WatchRow>> {
+/// Up to `limit` live watches with ids above `after_id`, of one server or
+/// (`None`) of all, in id order.
+pub(crate) async fn list_watches(
+    db: &PgPool,
+    server_id: Option<i64>,
+    after_id: i64,
+    limit: i64,
+) -> ApiResult<Vec<WatchRow>> {
     let sql = format!(
         "{WATCH_SELECT} WHERE w.deleted_at IS NULL AND ($1::BIGINT IS NULL OR w.server_id=$1) \
-         ORDER BY w.id"
+         AND w.id > $2 ORDER BY w.id LIMIT $3"
     );
     Ok(sqlx::query_as::<_, WatchRow>(&sql)
         .bind(server_id)
+        .bind(after_id)
+        .bind(limit)
         .fetch_all(db)
         .await?)
 }
@@ -422,10 +430,14 @@ impl ConnectionRow {
         &self,
         secrets: &SecretBox,
     ) -> anyhow::Result<ferry_proto::ServerConnection> {
-        let (password, private_key, passphrase) = match secrets.open(&self.secret_ciphertext)? {
-            Credential::Password(p) => (p, String::new(), String::new()),
+        use ferry_proto::server_connection::Auth;
+        let auth = match secrets.open(&self.secret_ciphertext)? {
+            Credential::Password(password) => Auth::Password(ferry_proto::Password { password }),
             Credential::PrivateKey { pem, passphrase } => {
-                (String::new(), pem, passphrase.unwrap_or_default())
+                Auth::PrivateKey(ferry_proto::PrivateKey {
+                    pem,
+                    passphrase: passphrase.unwrap_or_default(),
+                })
             }
         };
         Ok(ferry_proto::ServerConnection {
@@ -434,9 +446,7 @@ impl ConnectionRow {
             hostname: self.hostname.clone(),
             port: self.port as u32,
             username: self.username.clone(),
-            password,
-            private_key,
-            passphrase,
+            auth: Some(auth),
             host_key_fingerprint: self.host_key_fingerprint.clone(),
             max_sessions: self.max_sessions as u32,
         })

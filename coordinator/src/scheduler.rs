@@ -166,7 +166,6 @@ pub(crate) async fn assignment(
     db: &PgPool,
     secrets: &SecretBox,
     file: &Claimed,
-    lease: Duration,
 ) -> Result<proto::TaskAssignment, AssignmentError> {
     let src = sqlx::query_as::<_, Source>(&format!(
         "SELECT {CONNECTION_COLUMNS}, w.directory, w.bucket, w.key_template \
@@ -200,7 +199,6 @@ pub(crate) async fn assignment(
     Ok(proto::TaskAssignment {
         file_id: file.id,
         fencing_token: file.fencing_token as u64,
-        lease_secs: lease.as_secs() as u32,
         source: Some(source),
         path: file.path.clone(),
         size: file.size as u64,
@@ -225,6 +223,7 @@ pub(crate) async fn schedule_site(
 ) -> anyhow::Result<usize> {
     let mut free: Vec<(Session, i64)> = sessions
         .iter()
+        .filter(|s| !s.is_draining())
         .map(|s| (s.clone(), i64::from(s.capacity) - i64::from(s.in_flight())))
         .filter(|(_, f)| *f > 0)
         .collect();
@@ -254,7 +253,7 @@ pub(crate) async fn schedule_site(
             let Some(file) = claimed.into_iter().next() else {
                 continue;
             };
-            match assignment(db, secrets, &file, lease).await {
+            match assignment(db, secrets, &file).await {
                 Ok(task) => {
                     session.task_started(file.id);
                     if !session.send(Body::TaskAssignment(task)).await {

@@ -119,6 +119,31 @@ fn tls_paths(global: &GlobalArgs) -> anyhow::Result<TlsPaths> {
     }
 }
 
+/// Items per page when ferryctl reads a whole listing (the most the API serves).
+pub(crate) const FULL_PAGE: u32 = 1000;
+
+/// Every item of a paged `List*` call: `fetch(page_token)` returns one page
+/// and the next token; tokens are followed until the last page.
+pub(crate) async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let mut items = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = fetch(token.clone()).await?;
+        items.extend(page);
+        if next.is_empty() {
+            return Ok(items);
+        }
+        if next == token {
+            anyhow::bail!("the coordinator returned the same page token twice; stopping");
+        }
+        token = next;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +157,25 @@ mod tests {
         );
         assert!(normalize_endpoint("http://ctl:7443").is_err());
         assert!(normalize_endpoint("ftp://ctl").is_err());
+    }
+
+    #[tokio::test]
+    async fn all_pages_follows_tokens_to_the_last_page() {
+        let pages = |token: String| async move {
+            Ok(match token.as_str() {
+                "" => (vec![1, 2], "a".to_string()),
+                "a" => (vec![3, 4], "b".to_string()),
+                "b" => (vec![5], String::new()),
+                other => anyhow::bail!("unexpected token {other}"),
+            })
+        };
+        assert_eq!(all_pages(pages).await.unwrap(), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_token_stops_instead_of_looping() {
+        let stuck = |_token: String| async move { Ok((vec![1], "same".to_string())) };
+        let err = all_pages(stuck).await.unwrap_err();
+        assert!(err.to_string().contains("same page token"), "{err}");
     }
 }

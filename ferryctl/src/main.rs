@@ -496,8 +496,19 @@ struct AgentsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AgentsCmd {
-    /// List agents: site, version, connection, last heartbeat, load, polled servers.
+    /// List agents: site, version, connection, drain, last heartbeat, load,
+    /// transfer rate, polled servers.
     List,
+    /// Drain an agent: it stops polling (other agents of its site take its
+    /// servers), finishes running transfers and gets no new ones, but stays
+    /// connected. Lasts until `--undo`, across reconnects.
+    Drain {
+        /// Agent name (from its certificate).
+        name: String,
+        /// Lift the drain: the agent takes work again.
+        #[arg(long)]
+        undo: bool,
+    },
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -558,6 +569,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let admin = Admin::connect(&cli.global).await?;
             match args.command.unwrap_or(AgentsCmd::List) {
                 AgentsCmd::List => commands::agents::list(&admin, json).await,
+                AgentsCmd::Drain { name, undo } => {
+                    commands::agents::drain(&admin, name, undo, json).await
+                }
             }
         }
     }

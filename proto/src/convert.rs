@@ -1,9 +1,11 @@
 //! Conversions between domain types (`ferry-common`) and protocol types.
 
-use ferry_common::domain::FileStatus;
+use ferry_common::domain::{FileStatus, PostAction};
 use ferry_common::lifecycle::FailureKind;
+use ferry_common::validate::{self, FieldError};
 
 use crate::generated as proto;
+use crate::generated::post_action::{Action, Delete, Keep, MoveTo};
 
 impl From<FileStatus> for proto::FileStatus {
     fn from(status: FileStatus) -> Self {
@@ -48,6 +50,20 @@ impl From<FailureKind> for proto::FailureKind {
     }
 }
 
+impl From<&PostAction> for proto::PostAction {
+    fn from(action: &PostAction) -> Self {
+        proto::PostAction {
+            action: Some(match action {
+                PostAction::Keep => Action::Keep(Keep {}),
+                PostAction::Delete => Action::Delete(Delete {}),
+                PostAction::Move(directory) => Action::MoveTo(MoveTo {
+                    directory: directory.clone(),
+                }),
+            }),
+        }
+    }
+}
+
 /// The domain kind of a wire failure kind. Unspecified or unknown values are
 /// transient: retrying is the safe reading of a kind nobody set.
 pub fn failure_kind_from_wire(kind: i32) -> FailureKind {
@@ -60,9 +76,58 @@ pub fn failure_kind_from_wire(kind: i32) -> FailureKind {
     }
 }
 
+/// The domain post-action of a wire one, checked by the same rule as its
+/// text form (a move needs an absolute directory). Errors name `post_action`.
+pub fn post_action_from_proto(action: &proto::PostAction) -> Result<PostAction, FieldError> {
+    match &action.action {
+        Some(Action::Keep(_)) => Ok(PostAction::Keep),
+        Some(Action::Delete(_)) => Ok(PostAction::Delete),
+        Some(Action::MoveTo(m)) => validate::post_action_move(&m.directory),
+        None => Err(FieldError::new(
+            "post_action",
+            "set one of keep, delete or move_to",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn post_actions_round_trip_and_moves_must_be_absolute() {
+        for action in [
+            PostAction::Keep,
+            PostAction::Delete,
+            PostAction::Move("/archive".into()),
+        ] {
+            let wire = proto::PostAction::from(&action);
+            assert_eq!(post_action_from_proto(&wire), Ok(action));
+        }
+        let relative = proto::PostAction {
+            action: Some(Action::MoveTo(MoveTo {
+                directory: "archive".into(),
+            })),
+        };
+        assert_eq!(
+            post_action_from_proto(&relative).unwrap_err().field,
+            "post_action"
+        );
+        let unset = proto::PostAction { action: None };
+        assert_eq!(
+            post_action_from_proto(&unset).unwrap_err().field,
+            "post_action"
+        );
+        let trailing = proto::PostAction {
+            action: Some(Action::MoveTo(MoveTo {
+                directory: "/done/".into(),
+            })),
+        };
+        assert_eq!(
+            post_action_from_proto(&trailing),
+            Ok(PostAction::Move("/done".into()))
+        );
+    }
 
     #[test]
     fn every_status_round_trips() {

@@ -30,7 +30,9 @@ async fn setup(pki: &TestPki, sshd: &Sshd, coord: &Coordinator, dir: &str, bucke
             hostname: "127.0.0.1".into(),
             port: u32::from(sshd.port()),
             username: sshd.user().into(),
-            password: sshd.password().into(),
+            auth: Some(proto::add_server_request::Auth::Password(proto::Password {
+                password: sshd.password().into(),
+            })),
             host_key_fingerprint: sshd.host_key_fingerprint().into(),
             ..Default::default()
         })

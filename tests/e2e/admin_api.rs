@@ -1,10 +1,12 @@
 //! AdminService through the generated client: CRUD round trips, validation of
 //! every bad input (with the tables unchanged afterwards), secrets at rest.
 
+use ferry_proto::add_server_request::Auth;
 use ferry_proto::{self as proto, admin_service_client::AdminServiceClient};
 use ferry_tests::{Coordinator, TestDb, TestPki};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 const FP: &str = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
 
@@ -34,10 +36,48 @@ fn server_req(name: &str) -> proto::AddServerRequest {
         hostname: "sftp.example.com".into(),
         port: 2222,
         username: "ingest".into(),
-        password: "s3cret-pa55".into(),
+        auth: Some(Auth::Password(proto::Password {
+            password: "s3cret-pa55".into(),
+        })),
         host_key_fingerprint: FP.into(),
         site: "site-a".into(),
         ..Default::default()
+    }
+}
+
+/// INVALID_ARGUMENT whose message and `google.rpc.BadRequest` detail both
+/// name exactly `field`.
+fn assert_bad_request(err: &tonic::Status, field: &str) {
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "{field}: {}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(field),
+        "message {:?} should name {field}",
+        err.message()
+    );
+    let details = err
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest details on {:?}", err.message()));
+    let fields: Vec<&str> = details
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, vec![field], "violations of {:?}", err.message());
+    assert!(!details.field_violations[0].description.is_empty());
+}
+
+fn move_to(directory: &str) -> proto::PostAction {
+    proto::PostAction {
+        action: Some(proto::post_action::Action::MoveTo(
+            proto::post_action::MoveTo {
+                directory: directory.into(),
+            },
+        )),
     }
 }
 
@@ -98,7 +138,7 @@ async fn server_and_watch_crud_round_trip() {
             directory: "/outbox/".into(),
             glob: "*.csv".into(),
             bucket: "ferry-inbox".into(),
-            post_action: "move:/archive".into(),
+            post_action: Some(move_to("/archive")),
             ..Default::default()
         })
         .await
@@ -113,8 +153,8 @@ async fn server_and_watch_crud_round_trip() {
         ("/outbox", "*.csv", "{server}/{path}")
     );
     assert_eq!(
-        (w.poll_interval_secs, w.post_action.as_str()),
-        (30, "move:/archive")
+        (w.poll_interval_secs, w.post_action),
+        (30, Some(move_to("/archive")))
     );
 
     let w2 = e
@@ -133,7 +173,10 @@ async fn server_and_watch_crud_round_trip() {
 
     let list = e
         .client
-        .list_watches(proto::ListWatchesRequest { server_id: s.id })
+        .list_watches(proto::ListWatchesRequest {
+            server_id: s.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -148,7 +191,7 @@ async fn server_and_watch_crud_round_trip() {
     assert!(files.files.is_empty() && files.next_page_token.is_empty());
     let agents = e
         .client
-        .list_agents(proto::ListAgentsRequest {})
+        .list_agents(proto::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -160,7 +203,7 @@ async fn server_and_watch_crud_round_trip() {
         .unwrap();
     assert!(
         e.client
-            .list_watches(proto::ListWatchesRequest { server_id: 0 })
+            .list_watches(proto::ListWatchesRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -205,7 +248,7 @@ async fn removing_a_server_soft_deletes_it_with_its_watches() {
     assert_eq!(err.code(), Code::NotFound);
     assert!(
         e.client
-            .list_servers(proto::ListServersRequest {})
+            .list_servers(proto::ListServersRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -241,16 +284,22 @@ async fn bad_server_input_is_rejected_and_nothing_is_written() {
         ("hostname", Box::new(|r| r.hostname = "bad host!".into())),
         ("port", Box::new(|r| r.port = 70000)),
         ("username", Box::new(|r| r.username = String::new())),
-        ("auth", Box::new(|r| r.password = String::new())),
+        ("auth", Box::new(|r| r.auth = None)),
         (
-            "auth",
-            Box::new(|r| r.private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n".into()),
+            "password",
+            Box::new(|r| r.auth = Some(Auth::Password(proto::Password::default()))),
+        ),
+        (
+            "private_key",
+            Box::new(|r| r.auth = Some(Auth::PrivateKey(proto::PrivateKey::default()))),
         ),
         (
             "private_key",
             Box::new(|r| {
-                r.password = String::new();
-                r.private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n".into();
+                r.auth = Some(Auth::PrivateKey(proto::PrivateKey {
+                    pem: "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n".into(),
+                    passphrase: String::new(),
+                }));
             }),
         ),
         (
@@ -272,17 +321,7 @@ async fn bad_server_input_is_rejected_and_nothing_is_written() {
         let mut req = base.clone();
         edit(&mut req);
         let err = e.client.add_server(req).await.expect_err(field);
-        assert_eq!(
-            err.code(),
-            Code::InvalidArgument,
-            "{field}: {}",
-            err.message()
-        );
-        assert!(
-            err.message().contains(field),
-            "message {:?} should name {field}",
-            err.message()
-        );
+        assert_bad_request(&err, field);
     }
     // Port 0 means "default 22", so it is the update path that rejects it.
     let s = e
@@ -300,8 +339,18 @@ async fn bad_server_input_is_rejected_and_nothing_is_written() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("port"));
+    assert_bad_request(&err, "port");
+    // A passphrase alone re-keys a stored private key; this server has a password.
+    let err = e
+        .client
+        .update_server(proto::UpdateServerRequest {
+            id: s.id,
+            auth: Some(proto::update_server_request::Auth::Passphrase("pp".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "passphrase");
     // Missing pin explains how to pin.
     let mut unpinned = server_req("unpinned");
     unpinned.host_key_fingerprint.clear();
@@ -405,7 +454,17 @@ async fn bad_watch_input_is_rejected_and_nothing_is_written() {
         (
             "post_action",
             Code::InvalidArgument,
-            Box::new(|r| r.post_action = "shred".into()),
+            Box::new(|r| r.post_action = Some(move_to("relative/archive"))),
+        ),
+        (
+            "post_action",
+            Code::InvalidArgument,
+            Box::new(|r| r.post_action = Some(proto::PostAction { action: None })),
+        ),
+        (
+            "post_action",
+            Code::InvalidArgument,
+            Box::new(|r| r.post_action = Some(move_to("/in"))),
         ),
         ("server", Code::NotFound, Box::new(|r| r.server_id = 4242)),
     ];
@@ -419,6 +478,9 @@ async fn bad_watch_input_is_rejected_and_nothing_is_written() {
             "message {:?} should name {field}",
             err.message()
         );
+        if *code == Code::InvalidArgument {
+            assert_bad_request(&err, field);
+        }
     }
     let w = e.client.add_watch(base).await.unwrap().into_inner();
     let err = e
@@ -430,8 +492,7 @@ async fn bad_watch_input_is_rejected_and_nothing_is_written() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("poll_interval_secs"));
+    assert_bad_request(&err, "poll_interval_secs");
     let err = e
         .client
         .remove_watch(proto::RemoveWatchRequest { id: 777 })
@@ -453,7 +514,9 @@ async fn secrets_are_encrypted_at_rest_and_never_returned() {
     let s = e
         .client
         .add_server(proto::AddServerRequest {
-            password: password.into(),
+            auth: Some(Auth::Password(proto::Password {
+                password: password.into(),
+            })),
             ..server_req("sec")
         })
         .await
@@ -461,7 +524,7 @@ async fn secrets_are_encrypted_at_rest_and_never_returned() {
         .into_inner();
     let listed = e
         .client
-        .list_servers(proto::ListServersRequest {})
+        .list_servers(proto::ListServersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -588,11 +651,208 @@ async fn file_listing_filters_pages_and_retries() {
         })
         .await
         .unwrap_err();
-    assert!(err.message().contains("page_token"));
+    assert_bad_request(&err, "page_token");
     let err = e
         .client
         .get_file(proto::GetFileRequest { id: 123_456 })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+/// Every `List*` call pages: walking the pages returns each item exactly
+/// once, and a token only works with the call and filter that issued it.
+#[tokio::test]
+async fn every_listing_pages_and_tokens_are_bound_to_their_filter() {
+    let mut e = env().await;
+    let mut server_ids = Vec::new();
+    for i in 0..7 {
+        let s = e
+            .client
+            .add_server(server_req(&format!("p{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        server_ids.push(s.id);
+    }
+    let mut watch_ids = Vec::new();
+    for i in 0..5 {
+        let w = e
+            .client
+            .add_watch(proto::AddWatchRequest {
+                server_id: server_ids[0],
+                directory: format!("/in/{i}"),
+                bucket: "bkt".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        watch_ids.push(w.id);
+    }
+    // A watch of another server, which the server filter must leave out.
+    e.client
+        .add_watch(proto::AddWatchRequest {
+            server_id: server_ids[1],
+            directory: "/other".into(),
+            bucket: "bkt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO agents (name, site) SELECT 'agent-' || g, 'default' FROM generate_series(1, 5) g")
+        .execute(e.db.pool())
+        .await
+        .unwrap();
+
+    // Servers, 3 per page: 3 + 3 + 1.
+    let mut servers = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = e
+            .client
+            .list_servers(proto::ListServersRequest {
+                page_size: 3,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.servers.len() <= 3);
+        servers.extend(page.servers.iter().map(|s| s.id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(servers, server_ids, "each server once, in id order");
+    assert_eq!(pages, 3);
+
+    // Watches of one server, 2 per page.
+    let mut watches = Vec::new();
+    let mut token = String::new();
+    let mut first_token = String::new();
+    loop {
+        let page = e
+            .client
+            .list_watches(proto::ListWatchesRequest {
+                server_id: server_ids[0],
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        watches.extend(page.watches.iter().map(|w| w.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        if first_token.is_empty() {
+            first_token = page.next_page_token.clone();
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(watches, watch_ids);
+
+    // Agents, 2 per page, by name.
+    let mut agents = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = e
+            .client
+            .list_agents(proto::ListAgentsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        agents.extend(page.agents.into_iter().map(|a| a.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        agents,
+        (1..=5).map(|i| format!("agent-{i}")).collect::<Vec<_>>()
+    );
+
+    // The watches token with another server filter, on another call, or garbled.
+    let err = e
+        .client
+        .list_watches(proto::ListWatchesRequest {
+            server_id: server_ids[1],
+            page_size: 2,
+            page_token: first_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "page_token");
+    let err = e
+        .client
+        .list_servers(proto::ListServersRequest {
+            page_size: 2,
+            page_token: first_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "page_token");
+    let err = e
+        .client
+        .list_agents(proto::ListAgentsRequest {
+            page_size: 2,
+            page_token: format!("{first_token}x"),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "page_token");
+
+    // Files: a token of one status filter does not page another.
+    sqlx::query(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status) \
+         SELECT $1, $2, '/in/0/f' || g, g, 1700000000, 'new' FROM generate_series(1, 3) g",
+    )
+    .bind(server_ids[0])
+    .bind(watch_ids[0])
+    .execute(e.db.pool())
+    .await
+    .unwrap();
+    let page = e
+        .client
+        .list_files(proto::ListFilesRequest {
+            statuses: vec![proto::FileStatus::New as i32],
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.files.len(), 1);
+    assert!(!page.next_page_token.is_empty());
+    let err = e
+        .client
+        .list_files(proto::ListFilesRequest {
+            statuses: vec![proto::FileStatus::Failed as i32],
+            page_size: 1,
+            page_token: page.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_request(&err, "page_token");
+    // Page sizes above the maximum are served, capped.
+    let all = e
+        .client
+        .list_files(proto::ListFilesRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.files.len(), 3);
+    assert!(all.next_page_token.is_empty());
 }

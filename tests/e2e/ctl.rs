@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use ferry_tests::{CertFiles, Coordinator, Ctl, TestDb, TestPki, bin_path, eventually};
+use ferry_tests::{
+    AgentOptions, CertFiles, Coordinator, Ctl, S3Server, TestDb, TestPki, bin_path, eventually,
+};
 use serde_json::Value;
 
 use crate::stack::{Stack, WAIT};
@@ -302,7 +304,18 @@ async fn concurrent_coordinator_starts_share_one_schema() {
         .fetch_one(db.pool())
         .await
         .unwrap();
-    assert_eq!(migrations, 2);
+    let shipped = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "sql")
+        })
+        .count();
+    assert!(shipped >= 3, "migrations/ has {shipped} files");
+    assert_eq!(migrations, shipped as i64, "each migration applied once");
     for coord in [&a, &b, &c] {
         let v = coord
             .ctl(&pki.admin("alice"))
@@ -310,4 +323,96 @@ async fn concurrent_coordinator_starts_share_one_schema() {
             .await;
         assert_eq!(v, Value::Array(vec![]));
     }
+}
+
+/// `ferryctl agents drain`: of two agents of a site, the drained one gives
+/// up its poll lease and gets no transfers; the other does all the work.
+/// `--undo` lifts the drain.
+#[tokio::test]
+async fn a_drained_agent_gets_no_new_work() {
+    let s3 = S3Server::start().await;
+    s3.create_bucket("ferry-test").await;
+    let mut s = Stack::new().await;
+    let id = s.add_server(s.server_req("drain")).await;
+    s.add_watch(id, "in", "*.csv").await;
+    let opts = || AgentOptions {
+        capacity: 2,
+        env: s3.env(),
+        ..Default::default()
+    };
+    let _a1 = s.agent_with("a1", opts()).await;
+    let _a2 = s.agent_with("a2", opts()).await;
+    let ctl = s.coord.ctl(&s.pki.admin("alice"));
+    // Drain whichever polls, so the lease has to move.
+    let first = s.wait_poller(id, "a poller", |p| !p.is_empty()).await;
+    let (drained, other) = if first == "a1" {
+        ("a1", "a2")
+    } else {
+        ("a2", "a1")
+    };
+    let v = ctl.json(&["--json", "agents", "drain", drained]).await;
+    assert_eq!(v["name"], drained);
+    assert_eq!(v["draining"], true);
+    s.wait_poller(id, "the other agent polls", |p| p == other)
+        .await;
+    let agent = |list: &Value, name: &str| -> Value {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not listed: {list}"))
+    };
+    let list = ctl.json(&["--json", "agents"]).await;
+    assert_eq!(agent(&list, drained)["draining"], true);
+    assert_eq!(
+        agent(&list, drained)["connected"],
+        true,
+        "stream stays open"
+    );
+    assert_eq!(agent(&list, other)["draining"], false);
+    let table = ctl.run(&["agents"]).await;
+    assert!(table.stdout.contains("DRAINING"), "{}", table.stdout);
+
+    for i in 0..4 {
+        s.sshd.write_file(&format!("in/f{i}.csv"), b"0123456789");
+    }
+    eventually("4 files uploaded", WAIT, || async {
+        (s3.list_keys("ferry-test").await.len() == 4).then_some(())
+    })
+    .await;
+    // Counters arrive with heartbeats.
+    let list = eventually("the other agent reports 4 transfers", WAIT, || async {
+        let list = ctl.json(&["--json", "agents"]).await;
+        (agent(&list, other)["files_transferred"] == 4).then_some(list)
+    })
+    .await;
+    assert_eq!(agent(&list, drained)["files_transferred"], 0, "{list}");
+    assert_eq!(
+        agent(&list, drained)["polled_servers"],
+        serde_json::json!([])
+    );
+
+    // The server has been polled: its poll duration shows.
+    let servers = ctl.json(&["--json", "servers", "list"]).await;
+    assert!(
+        servers[0]["health"]["last_poll_duration_ms"].is_u64(),
+        "{servers}"
+    );
+    let table = ctl.run(&["servers", "list"]).await;
+    assert!(table.stdout.contains("POLL-TIME"), "{}", table.stdout);
+    let shown = ctl.run(&["servers", "show", "drain"]).await;
+    assert!(
+        shown.stdout.contains("Poll duration") && shown.stdout.contains(" ms"),
+        "{}",
+        shown.stdout
+    );
+
+    let v = ctl
+        .json(&["--json", "agents", "drain", drained, "--undo"])
+        .await;
+    assert_eq!(v["draining"], false);
+    let unknown = ctl.run(&["agents", "drain", "nobody"]).await;
+    assert!(!unknown.success());
+    assert!(unknown.stderr.contains("nobody"), "{}", unknown.stderr);
 }

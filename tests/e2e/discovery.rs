@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ferry_proto as proto;
+use ferry_proto::{self as proto, add_server_request::Auth};
 use ferry_tests::{TestDb, eventually};
 
 use crate::stack::{Stack, WAIT};
@@ -20,14 +20,17 @@ async fn password_and_key_logins_discover_files_once() {
     let mut s = Stack::new().await;
     let pw = s.add_server(s.server_req("pw")).await;
     let mut key_req = s.server_req("key");
-    key_req.password.clear();
-    key_req.private_key = s.sshd.client_key_rsa_pem().to_string();
+    key_req.auth = Some(Auth::PrivateKey(proto::PrivateKey {
+        pem: s.sshd.client_key_rsa_pem().to_string(),
+        passphrase: String::new(),
+    }));
     let key = s.add_server(key_req).await;
     let mut enc_req = s.server_req("enc");
     let (pem, pass) = s.sshd.client_key_encrypted();
-    enc_req.password.clear();
-    enc_req.private_key = pem.to_string();
-    enc_req.passphrase = pass.to_string();
+    enc_req.auth = Some(Auth::PrivateKey(proto::PrivateKey {
+        pem: pem.to_string(),
+        passphrase: pass.to_string(),
+    }));
     let enc = s.add_server(enc_req).await;
     s.sshd.write_file("a/one.csv", b"1,2,3\n");
     s.sshd.write_file("a/skip.txt", b"not matched");
@@ -113,7 +116,9 @@ async fn host_key_mismatch_and_wrong_password_are_visible() {
     bad_key.host_key_fingerprint = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU".into();
     let bad_key = s.add_server(bad_key).await;
     let mut bad_pw = s.server_req("badpw");
-    bad_pw.password = "wrong-password".into();
+    bad_pw.auth = Some(Auth::Password(proto::Password {
+        password: "wrong-password".into(),
+    }));
     let bad_pw = s.add_server(bad_pw).await;
     s.sshd.write_file("x/file.csv", b"data");
     s.add_watch(bad_key, "x", "*").await;
@@ -261,7 +266,7 @@ async fn poll_moves_to_the_other_agent_of_the_site_and_never_to_another_site() {
     );
     let agents = s
         .admin
-        .list_agents(proto::ListAgentsRequest {})
+        .list_agents(proto::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -286,7 +291,7 @@ async fn agent_survives_a_coordinator_restart() {
     assert_eq!(s.file_count().await, 2);
     let agents = s
         .admin
-        .list_agents(proto::ListAgentsRequest {})
+        .list_agents(proto::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()

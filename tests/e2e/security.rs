@@ -44,7 +44,7 @@ async fn roles_are_enforced_and_strangers_refused() {
     let mut as_agent =
         AdminServiceClient::new(channel(&coord, client_tls(&pki.agent("a1"))).await.unwrap());
     let err = as_agent
-        .list_servers(proto::ListServersRequest {})
+        .list_servers(proto::ListServersRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
@@ -74,7 +74,7 @@ async fn roles_are_enforced_and_strangers_refused() {
         .domain_name("127.0.0.1");
     let outcome = match channel(&coord, ca_only).await {
         Ok(ch) => AdminServiceClient::new(ch)
-            .list_servers(proto::ListServersRequest {})
+            .list_servers(proto::ListServersRequest::default())
             .await
             .map(|_| ()),
         Err(e) => Err(tonic::Status::unavailable(e.to_string())),
@@ -95,7 +95,7 @@ async fn roles_are_enforced_and_strangers_refused() {
         .domain_name("127.0.0.1");
     let outcome = match channel(&coord, tls).await {
         Ok(ch) => AdminServiceClient::new(ch)
-            .list_servers(proto::ListServersRequest {})
+            .list_servers(proto::ListServersRequest::default())
             .await
             .map(|_| ()),
         Err(e) => Err(tonic::Status::unavailable(e.to_string())),
@@ -108,7 +108,7 @@ async fn roles_are_enforced_and_strangers_refused() {
     // The legitimate admin still works.
     let mut admin = coord.admin_client(&pki.admin("alice")).await.unwrap();
     admin
-        .list_servers(proto::ListServersRequest {})
+        .list_servers(proto::ListServersRequest::default())
         .await
         .unwrap();
 }
@@ -205,7 +205,7 @@ async fn operator_made_openssl_certificates_work() {
     let coord = Coordinator::start_with_certs(&db, &pki, &coord_files).await;
     let mut admin = coord.admin_client(&files("ops")).await.unwrap();
     let servers = admin
-        .list_servers(proto::ListServersRequest {})
+        .list_servers(proto::ListServersRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -46,7 +46,9 @@ impl Stack {
             hostname: "127.0.0.1".into(),
             port: u32::from(self.sshd.port()),
             username: self.sshd.user().into(),
-            password: self.sshd.password().into(),
+            auth: Some(proto::add_server_request::Auth::Password(proto::Password {
+                password: self.sshd.password().into(),
+            })),
             host_key_fingerprint: self.sshd.host_key_fingerprint().into(),
             ..Default::default()
         }

@@ -80,7 +80,12 @@ impl Flow {
                 poll_interval_secs: 1,
                 bucket: BUCKET.into(),
                 key_template: "{server}/{path}".into(),
-                post_action: post_action.into(),
+                post_action: Some(
+                    (&post_action
+                        .parse::<ferry_common::domain::PostAction>()
+                        .unwrap())
+                        .into(),
+                ),
                 ..Default::default()
             })
             .await

@@ -22,6 +22,9 @@ pub(crate) enum SftpError {
     /// wrong/missing passphrase).
     #[error("cannot use the configured private key: {0}")]
     InvalidKey(String),
+    /// The connection names no password or private key (a coordinator bug).
+    #[error("no credential configured for this server")]
+    NoCredential,
     /// DNS failure, refused or unreachable TCP, or no SSH session within the
     /// connect timeout.
     #[error("cannot connect: {0}")]

@@ -27,7 +27,8 @@ mod pool;
 mod s3;
 mod sizing;
 
-use ferry_proto as proto;
+use ferry_common::domain::PostAction;
+use ferry_proto::{self as proto, convert::post_action_from_proto};
 
 pub(crate) use copy::transfer;
 pub(crate) use pool::SessionPool;
@@ -38,29 +39,6 @@ use crate::sftp::SftpError;
 /// Highest suffix tried when the move target name is taken (`name.1` ...).
 const MAX_MOVE_SUFFIX: u32 = 1000;
 
-/// What a post-action request asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum PostAction {
-    Delete,
-    /// Move into this directory, keeping the file name.
-    Move(String),
-}
-
-impl PostAction {
-    /// Parses `delete` or `move:<dir>`.
-    pub(crate) fn parse(action: &str) -> Result<PostAction, String> {
-        match action {
-            "delete" => Ok(PostAction::Delete),
-            other => match other.strip_prefix("move:") {
-                Some(dir) if !dir.trim().is_empty() => Ok(PostAction::Move(dir.to_owned())),
-                _ => Err(format!(
-                    "unknown post-action {action:?}: expected delete or move:<dir>"
-                )),
-            },
-        }
-    }
-}
-
 /// Runs a post-action on the source file. Deleting or moving a file that is
 /// no longer there counts as done (the request may be a repeat after a lost
 /// answer). A move never replaces an existing file: if `dir/<name>` is
@@ -69,7 +47,10 @@ pub(crate) async fn post_action(
     req: &proto::PostActionRequest,
     pool: &SessionPool,
 ) -> Result<(), String> {
-    let action = PostAction::parse(&req.action)?;
+    let action = match &req.action {
+        Some(action) => post_action_from_proto(action).map_err(|e| e.to_string())?,
+        None => return Err("post-action request names no action".to_owned()),
+    };
     let conn = req
         .source
         .as_ref()
@@ -80,6 +61,7 @@ pub(crate) async fn post_action(
         .await
         .map_err(|e| format!("SFTP connect to server {}: {e}", conn.name))?;
     let result = match &action {
+        PostAction::Keep => Ok(()),
         PostAction::Delete => match session.remove(path).await {
             Ok(()) | Err(SftpError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
@@ -88,7 +70,7 @@ pub(crate) async fn post_action(
     };
     result.map_err(|e| {
         session.note(&e);
-        format!("{} {path}: {e}", req.action)
+        format!("{action} {path}: {e}")
     })
 }
 
@@ -131,17 +113,6 @@ fn move_target(dir: &str, name: &str, n: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn actions_parse() {
-        assert_eq!(PostAction::parse("delete"), Ok(PostAction::Delete));
-        assert_eq!(
-            PostAction::parse("move:/archive"),
-            Ok(PostAction::Move("/archive".into()))
-        );
-        assert!(PostAction::parse("move:").is_err());
-        assert!(PostAction::parse("keep").is_err());
-    }
 
     #[test]
     fn move_targets() {

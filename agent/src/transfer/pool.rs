@@ -100,7 +100,7 @@ impl SessionPool {
         let (session, reused) = match found {
             Some(session) => (session, true),
             None => (
-                sftp::connect(&endpoint(conn), &self.inner.timeouts).await?,
+                sftp::connect(&endpoint(conn)?, &self.inner.timeouts).await?,
                 false,
             ),
         };

@@ -1,17 +1,24 @@
 //! `ferryctl agents`: the agents known to the coordinators and their health
-//! (connection, last heartbeat, load, polled servers, counters).
+//! (connection, drain, last heartbeat, load, rate, polled servers, counters),
+//! and `agents drain` to take one out of service and back.
 
-use ferry_proto::{Agent, ListAgentsRequest};
+use ferry_proto::{Agent, DrainAgentRequest, ListAgentsRequest};
 use serde_json::{Value, json};
 
-use crate::connect::Admin;
-use crate::output::{self, Table};
+use crate::connect::{Admin, FULL_PAGE, all_pages};
+use crate::output::{self, Table, outln};
 
 pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
-    let agents = admin
-        .call(admin.client().list_agents(ListAgentsRequest {}))
-        .await?
-        .agents;
+    let agents = all_pages(|page_token| async move {
+        let page = admin
+            .call(admin.client().list_agents(ListAgentsRequest {
+                page_size: FULL_PAGE,
+                page_token,
+            }))
+            .await?;
+        Ok((page.agents, page.next_page_token))
+    })
+    .await?;
     if json {
         return Ok(output::print_json(&Value::Array(
             agents.iter().map(agent_json).collect(),
@@ -22,8 +29,10 @@ pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
         "SITE",
         "VERSION",
         "CONNECTED",
+        "DRAINING",
         "LAST-SEEN",
         "IN-FLIGHT",
+        "RATE",
         "FILES",
         "BYTES",
         "ERRORS",
@@ -40,8 +49,10 @@ pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
             output::or_dash(&a.site),
             output::or_dash(&a.version),
             connected,
+            output::yes_no(a.draining),
             output::age(a.last_seen_at.as_ref()),
             format!("{}/{}", a.in_flight, a.capacity),
+            format!("{}/s", output::size(a.bytes_per_sec)),
             a.files_transferred.to_string(),
             output::size(a.bytes_transferred),
             a.errors.to_string(),
@@ -53,6 +64,30 @@ pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
         ]);
     }
     Ok(table.print_or("no agents have connected yet")?)
+}
+
+pub(crate) async fn drain(
+    admin: &Admin,
+    name: String,
+    undo: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let agent = admin
+        .call(admin.client().drain_agent(DrainAgentRequest { name, undo }))
+        .await?;
+    if json {
+        return Ok(output::print_json(&agent_json(&agent))?);
+    }
+    if agent.draining {
+        outln!(
+            "agent {} is draining: no new polls or transfers; {} running transfer(s) finish",
+            agent.name,
+            agent.in_flight
+        )?;
+    } else {
+        outln!("agent {} takes work again", agent.name)?;
+    }
+    Ok(())
 }
 
 /// JSON shape of an agent.
@@ -71,5 +106,7 @@ pub(crate) fn agent_json(a: &Agent) -> Value {
         "files_transferred": a.files_transferred,
         "bytes_transferred": a.bytes_transferred,
         "errors": a.errors,
+        "draining": a.draining,
+        "bytes_per_sec": a.bytes_per_sec,
     })
 }

@@ -9,13 +9,14 @@ use std::path::Path;
 
 use anyhow::Context;
 use ferry_proto::{
-    AddServerRequest, GetServerRequest, ListServersRequest, ListWatchesRequest,
-    ProbeHostKeyRequest, RemoveServerRequest, Server, UpdateServerRequest,
+    AddServerRequest, GetServerRequest, ListServersRequest, Password, PrivateKey,
+    ProbeHostKeyRequest, RemoveServerRequest, Server, UpdateServerRequest, add_server_request,
+    update_server_request,
 };
 use serde_json::{Value, json};
 
 use crate::commands::watches;
-use crate::connect::Admin;
+use crate::connect::{Admin, FULL_PAGE, all_pages};
 use crate::output::{self, Table, outln};
 use crate::{
     CredentialArgs, PassphraseArgs, ServerAddArgs, ServerRef, ServerUpdateArgs, ServersCmd,
@@ -115,6 +116,40 @@ impl Secrets {
     }
 }
 
+impl Secrets {
+    /// The credential of an add request; `None` lets the coordinator name
+    /// the missing field.
+    fn auth(self) -> Option<add_server_request::Auth> {
+        match (self.password, self.private_key) {
+            (Some(password), _) => Some(add_server_request::Auth::Password(Password { password })),
+            (None, Some(pem)) => Some(add_server_request::Auth::PrivateKey(PrivateKey {
+                pem,
+                passphrase: self.passphrase.unwrap_or_default(),
+            })),
+            (None, None) => None,
+        }
+    }
+
+    /// The credential change of an update request; `None` keeps the stored one.
+    fn update_auth(self) -> Option<update_server_request::Auth> {
+        match (self.password, self.private_key, self.passphrase) {
+            (Some(password), ..) => {
+                Some(update_server_request::Auth::Password(Password { password }))
+            }
+            (None, Some(pem), passphrase) => {
+                Some(update_server_request::Auth::PrivateKey(PrivateKey {
+                    pem,
+                    passphrase: passphrase.unwrap_or_default(),
+                }))
+            }
+            (None, None, Some(passphrase)) => {
+                Some(update_server_request::Auth::Passphrase(passphrase))
+            }
+            (None, None, None) => None,
+        }
+    }
+}
+
 fn from_env(var: &str, what: &str) -> anyhow::Result<String> {
     match std::env::var(var) {
         Ok(value) => Ok(value),
@@ -153,9 +188,7 @@ async fn add(admin: &Admin, args: ServerAddArgs, json: bool) -> anyhow::Result<(
         hostname: args.host,
         port: u32::from(args.port),
         username: args.user,
-        password: secrets.password.unwrap_or_default(),
-        private_key: secrets.private_key.unwrap_or_default(),
-        passphrase: secrets.passphrase.unwrap_or_default(),
+        auth: secrets.auth(),
         host_key_fingerprint: args.host_key.host_key.unwrap_or_default(),
         trust_host_key: args.host_key.trust_host_key,
         site: args.site.unwrap_or_default(),
@@ -184,9 +217,7 @@ async fn update(admin: &Admin, args: ServerUpdateArgs, json: bool) -> anyhow::Re
         hostname: args.host,
         port: args.port.map(u32::from),
         username: args.user,
-        password: secrets.password,
-        private_key: secrets.private_key,
-        passphrase: secrets.passphrase,
+        auth: secrets.update_auth(),
         host_key_fingerprint: args.host_key.host_key,
         trust_host_key: args.host_key.trust_host_key,
         site: args.site,
@@ -227,11 +258,18 @@ async fn remove(admin: &Admin, server: &ServerRef, json: bool) -> anyhow::Result
 }
 
 async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
-    let response = admin
-        .call(admin.client().list_servers(ListServersRequest {}))
-        .await?;
+    let servers = all_pages(|page_token| async move {
+        let page = admin
+            .call(admin.client().list_servers(ListServersRequest {
+                page_size: FULL_PAGE,
+                page_token,
+            }))
+            .await?;
+        Ok((page.servers, page.next_page_token))
+    })
+    .await?;
     if json {
-        let servers: Vec<Value> = response.servers.iter().map(server_json).collect();
+        let servers: Vec<Value> = servers.iter().map(server_json).collect();
         return Ok(output::print_json(&Value::Array(servers))?);
     }
     let mut table = Table::new(&[
@@ -244,9 +282,10 @@ async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
         "ENABLED",
         "POLLER",
         "LAST-POLL",
+        "POLL-TIME",
         "ERROR",
     ]);
-    for s in &response.servers {
+    for s in &servers {
         let health = s.health.clone().unwrap_or_default();
         table.row(vec![
             s.id.to_string(),
@@ -258,6 +297,7 @@ async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
             output::yes_no(s.enabled),
             output::or_dash(&health.poller_agent),
             last_poll(&health),
+            poll_duration(&health),
             output::or_dash(&output::truncate(&health.last_error, 60)),
         ]);
     }
@@ -270,12 +310,7 @@ async fn show(admin: &Admin, server: &ServerRef, json: bool) -> anyhow::Result<(
         return Ok(output::print_json(&server_json(&server))?);
     }
     print_detail(&server)?;
-    let watches = admin
-        .call(admin.client().list_watches(ListWatchesRequest {
-            server_id: server.id,
-        }))
-        .await?
-        .watches;
+    let watches = watches::all_watches(admin, server.id).await?;
     outln!()?;
     if watches.is_empty() {
         outln!(
@@ -334,6 +369,17 @@ fn last_poll(health: &ferry_proto::ServerHealth) -> String {
     )
 }
 
+/// `840 ms`, `12.3 s`; `-` before the first poll.
+fn poll_duration(health: &ferry_proto::ServerHealth) -> String {
+    if health.last_poll_at.is_none() {
+        return "-".into();
+    }
+    match health.last_poll_duration_ms {
+        ms @ 0..1000 => format!("{ms} ms"),
+        ms => format!("{:.1} s", f64::from(ms) / 1000.0),
+    }
+}
+
 fn print_detail(s: &Server) -> std::io::Result<()> {
     let health = s.health.clone().unwrap_or_default();
     let auth = match (output::auth_kind_name(s.auth_kind), s.has_passphrase) {
@@ -356,6 +402,7 @@ fn print_detail(s: &Server) -> std::io::Result<()> {
         ("Updated", output::time_and_age(s.updated_at.as_ref())),
         ("Poller", output::or_dash(&health.poller_agent)),
         ("Last poll", last_poll(&health)),
+        ("Poll duration", poll_duration(&health)),
         ("Last error", output::or_dash(&health.last_error)),
     ])
 }
@@ -381,6 +428,10 @@ pub(crate) fn server_json(s: &Server) -> Value {
             "poller_agent": output::json_opt(&health.poller_agent),
             "last_poll_at": output::json_time(health.last_poll_at.as_ref()),
             "last_poll_files": health.last_poll_files,
+            "last_poll_duration_ms": health
+                .last_poll_at
+                .is_some()
+                .then_some(health.last_poll_duration_ms),
             "last_error": output::json_opt(&health.last_error),
         },
     })
@@ -414,5 +465,18 @@ mod tests {
         assert_eq!(v["auth_kind"], "private_key");
         assert_eq!(v["created_at"], "1970-01-01T00:00:00Z");
         assert_eq!(v["health"]["last_error"], Value::Null);
+        assert_eq!(v["health"]["last_poll_duration_ms"], Value::Null);
+    }
+
+    #[test]
+    fn poll_durations_read_naturally() {
+        let polled = |ms| ferry_proto::ServerHealth {
+            last_poll_at: Some(prost_types::Timestamp::default()),
+            last_poll_duration_ms: ms,
+            ..Default::default()
+        };
+        assert_eq!(poll_duration(&ferry_proto::ServerHealth::default()), "-");
+        assert_eq!(poll_duration(&polled(840)), "840 ms");
+        assert_eq!(poll_duration(&polled(12_340)), "12.3 s");
     }
 }

@@ -3,11 +3,12 @@
 
 use ferry_proto::{
     AddWatchRequest, ListWatchesRequest, RemoveWatchRequest, UpdateWatchRequest, Watch,
+    convert::post_action_from_proto,
 };
 use serde_json::{Value, json};
 
 use crate::commands::servers;
-use crate::connect::Admin;
+use crate::connect::{Admin, FULL_PAGE, all_pages};
 use crate::output::{self, Table, outln};
 use crate::{UsageError, WatchAddArgs, WatchUpdateArgs, WatchesCmd};
 
@@ -31,7 +32,7 @@ async fn add(admin: &Admin, args: WatchAddArgs, json: bool) -> anyhow::Result<()
         min_age_secs: args.min_age,
         bucket: args.bucket,
         key_template: args.key_template.unwrap_or_default(),
-        post_action: args.post_action.map(|a| a.to_string()).unwrap_or_default(),
+        post_action: args.post_action.as_ref().map(Into::into),
         enabled: args.disabled.then_some(false),
     };
     let watch = admin.call(admin.client().add_watch(request)).await?;
@@ -57,7 +58,7 @@ async fn update(admin: &Admin, args: WatchUpdateArgs, json: bool) -> anyhow::Res
         min_age_secs: args.min_age,
         bucket: args.bucket,
         key_template: args.key_template,
-        post_action: args.post_action.map(|a| a.to_string()),
+        post_action: args.post_action.as_ref().map(Into::into),
         enabled: flag(args.enable, args.disable),
     };
     if request
@@ -92,14 +93,7 @@ async fn remove(admin: &Admin, id: i64, json: bool) -> anyhow::Result<()> {
 
 async fn list(admin: &Admin, server: Option<&crate::ServerRef>, json: bool) -> anyhow::Result<()> {
     let server_id = servers::resolve_filter(admin, server).await?;
-    let watches = admin
-        .call(
-            admin
-                .client()
-                .list_watches(ListWatchesRequest { server_id }),
-        )
-        .await?
-        .watches;
+    let watches = all_watches(admin, server_id).await?;
     if json {
         return Ok(output::print_json(&Value::Array(
             watches.iter().map(watch_json).collect(),
@@ -134,7 +128,7 @@ pub(crate) fn table(watches: &[Watch]) -> Table {
             format!("{}s", w.min_age_secs),
             w.bucket.clone(),
             w.key_template.clone(),
-            output::or_dash(&w.post_action),
+            post_action_text(w),
             output::yes_no(w.enabled),
         ]);
     }
@@ -152,11 +146,37 @@ fn print_detail(w: &Watch) -> std::io::Result<()> {
         ("Minimum age", format!("{}s", w.min_age_secs)),
         ("Bucket", w.bucket.clone()),
         ("Key template", w.key_template.clone()),
-        ("Post-action", output::or_dash(&w.post_action)),
+        ("Post-action", post_action_text(w)),
         ("Enabled", output::yes_no(w.enabled)),
         ("Created", output::time_and_age(w.created_at.as_ref())),
         ("Updated", output::time_and_age(w.updated_at.as_ref())),
     ])
+}
+
+/// Every watch of one server (or of all, for 0), following pages.
+pub(crate) async fn all_watches(admin: &Admin, server_id: i64) -> anyhow::Result<Vec<Watch>> {
+    all_pages(|page_token| async move {
+        let page = admin
+            .call(admin.client().list_watches(ListWatchesRequest {
+                server_id,
+                page_size: FULL_PAGE,
+                page_token,
+            }))
+            .await?;
+        Ok((page.watches, page.next_page_token))
+    })
+    .await
+}
+
+/// The post-action in the form `--post-action` takes (`keep`, `delete`,
+/// `move:/dir`); `-` when the coordinator sent none, `invalid: ...` when it
+/// sent one that does not check out.
+fn post_action_text(w: &Watch) -> String {
+    match w.post_action.as_ref().map(post_action_from_proto) {
+        Some(Ok(action)) => action.to_string(),
+        Some(Err(e)) => format!("invalid: {}", e.message),
+        None => "-".into(),
+    }
 }
 
 /// JSON shape of a watch.
@@ -172,7 +192,7 @@ pub(crate) fn watch_json(w: &Watch) -> Value {
         "min_age_secs": w.min_age_secs,
         "bucket": w.bucket,
         "key_template": w.key_template,
-        "post_action": w.post_action,
+        "post_action": post_action_text(w),
         "enabled": w.enabled,
         "created_at": output::json_time(w.created_at.as_ref()),
         "updated_at": output::json_time(w.updated_at.as_ref()),
