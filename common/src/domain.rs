@@ -132,17 +132,35 @@ impl fmt::Display for PostAction {
 }
 
 /// Role of a caller, taken from its client certificate's SAN URI.
+///
+/// An agent's site is part of its identity, so only whoever issues
+/// certificates decides which site's servers (and credentials) an agent gets:
+/// `spiffe://ferry/agent/<site>/<name>`. The older form without a site,
+/// `spiffe://ferry/agent/<name>`, stands for the site `default`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
-    /// `spiffe://ferry/agent/<name>`
-    Agent(String),
+    Agent {
+        name: String,
+        site: String,
+    },
     /// `spiffe://ferry/admin/<name>`
     Admin(String),
 }
 
+/// The site of agents whose certificate names none.
+pub const DEFAULT_SITE: &str = "default";
+
 impl Role {
     pub const AGENT_PREFIX: &'static str = "spiffe://ferry/agent/";
     pub const ADMIN_PREFIX: &'static str = "spiffe://ferry/admin/";
+
+    /// An agent of `site` called `name`.
+    pub fn agent(name: impl Into<String>, site: impl Into<String>) -> Role {
+        Role::Agent {
+            name: name.into(),
+            site: site.into(),
+        }
+    }
 
     /// Parses one SAN URI; `None` for URIs that are not ferry roles.
     pub fn from_uri(uri: &str) -> Option<Role> {
@@ -153,8 +171,12 @@ impl Role {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
-        if let Some(name) = uri.strip_prefix(Self::AGENT_PREFIX) {
-            return valid(name).then(|| Role::Agent(name.to_string()));
+        if let Some(rest) = uri.strip_prefix(Self::AGENT_PREFIX) {
+            return match rest.split_once('/') {
+                Some((site, name)) => (crate::validate::site(site).is_ok() && valid(name))
+                    .then(|| Role::agent(name, site)),
+                None => valid(rest).then(|| Role::agent(rest, DEFAULT_SITE)),
+            };
         }
         if let Some(name) = uri.strip_prefix(Self::ADMIN_PREFIX) {
             return valid(name).then(|| Role::Admin(name.to_string()));
@@ -164,14 +186,14 @@ impl Role {
 
     pub fn uri(&self) -> String {
         match self {
-            Role::Agent(n) => format!("{}{n}", Self::AGENT_PREFIX),
+            Role::Agent { name, site } => format!("{}{site}/{name}", Self::AGENT_PREFIX),
             Role::Admin(n) => format!("{}{n}", Self::ADMIN_PREFIX),
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
-            Role::Agent(n) | Role::Admin(n) => n,
+            Role::Agent { name, .. } | Role::Admin(name) => name,
         }
     }
 }
@@ -215,16 +237,27 @@ mod tests {
     #[test]
     fn roles_come_from_spiffe_uris_only() {
         assert_eq!(
+            Role::from_uri("spiffe://ferry/agent/dmz/a-1"),
+            Some(Role::agent("a-1", "dmz"))
+        );
+        // The form without a site serves the default site only.
+        assert_eq!(
             Role::from_uri("spiffe://ferry/agent/a-1"),
-            Some(Role::Agent("a-1".into()))
+            Some(Role::agent("a-1", DEFAULT_SITE))
         );
         assert_eq!(
             Role::from_uri("spiffe://ferry/admin/alice"),
             Some(Role::Admin("alice".into()))
         );
         assert_eq!(Role::from_uri("spiffe://ferry/agent/"), None);
-        assert_eq!(Role::from_uri("spiffe://ferry/agent/a/b"), None);
+        assert_eq!(Role::from_uri("spiffe://ferry/agent/dmz/"), None);
+        assert_eq!(Role::from_uri("spiffe://ferry/agent/bad site/a"), None);
+        assert_eq!(Role::from_uri("spiffe://ferry/agent/a/b/c"), None);
         assert_eq!(Role::from_uri("spiffe://other/admin/x"), None);
-        assert_eq!(Role::Agent("x".into()).uri(), "spiffe://ferry/agent/x");
+        assert_eq!(Role::agent("x", "dmz").uri(), "spiffe://ferry/agent/dmz/x");
+        assert_eq!(
+            Role::from_uri(&Role::agent("x", "dmz").uri()),
+            Some(Role::agent("x", "dmz"))
+        );
     }
 }

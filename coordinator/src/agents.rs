@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ferry_common::domain::Role;
 use ferry_common::lifecycle::RetryPolicy;
-use ferry_common::validate::{self, FieldError};
+use ferry_common::validate::FieldError;
 use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
 use futures::Stream;
 use tokio::sync::{Notify, mpsc};
@@ -208,13 +208,21 @@ impl AgentStreams {
         self.changed.notify_one();
     }
 
-    async fn register(&self, agent: &str, hello: &proto::Hello) -> Result<Session, Status> {
-        let site = if hello.site.is_empty() {
-            "default"
-        } else {
-            hello.site.as_str()
-        };
-        validate::site(site).map_err(|e| Status::from(ApiError::from(e)))?;
+    async fn register(
+        &self,
+        agent: &str,
+        site: &str,
+        hello: &proto::Hello,
+    ) -> Result<Session, Status> {
+        // The site comes from the certificate; the agent's own setting is only
+        // checked against it, so a misconfigured agent says so at once.
+        if !hello.site.is_empty() && hello.site != site {
+            return Err(Status::permission_denied(format!(
+                "agent {agent}: its certificate is for site {site:?}, but it was started with \
+                 FERRY_SITE={:?}; an agent serves only the site its certificate names",
+                hello.site
+            )));
+        }
         let id = Uuid::new_v4().to_string();
         let draining: bool = sqlx::query_scalar(
             "INSERT INTO agents (name, site, version, capacity, connected, connected_coordinator, \
@@ -376,7 +384,7 @@ impl AgentService for AgentStreams {
         &self,
         req: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let Some(Role::Agent(agent)) = ferry_proto::tls::peer_role(&req) else {
+        let Some(Role::Agent { name: agent, site }) = ferry_proto::tls::peer_role(&req) else {
             return Err(Status::permission_denied("not an agent certificate"));
         };
         let mut inbound = req.into_inner();
@@ -391,7 +399,7 @@ impl AgentService for AgentStreams {
                 ApiError::from(FieldError::new("body", "the first message must be hello")).into(),
             );
         };
-        let mut session = self.register(&agent, &hello).await?;
+        let mut session = self.register(&agent, &site, &hello).await?;
         for t in &hello.running_tasks {
             // Transfers that survived a reconnect keep their lease if still current.
             if results::renew_lease(

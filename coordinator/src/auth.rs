@@ -32,7 +32,7 @@ pub(crate) fn require_admin(req: Request<()>) -> Result<Request<()>, Status> {
 /// Interceptor for `AgentService`.
 pub(crate) fn require_agent(req: Request<()>) -> Result<Request<()>, Status> {
     match peer_role(&req) {
-        Some(Role::Agent(_)) => Ok(req),
+        Some(Role::Agent { .. }) => Ok(req),
         other => Err(denied(&other, "agent")),
     }
 }

@@ -84,11 +84,13 @@ fn issue(cmd: &IssueCmd, json: bool) -> anyhow::Result<()> {
             };
             (target, subject, "coordinator")
         }
-        IssueCmd::Agent { target } => {
+        IssueCmd::Agent { target, site } => {
             check_name(&target.name)?;
+            ferry_common::validate::site(site)
+                .map_err(|e| anyhow::anyhow!("invalid --site: {e}"))?;
             (
                 target,
-                Subject::Client(Role::Agent(target.name.clone())),
+                Subject::Client(Role::agent(target.name.clone(), site.clone())),
                 "agent",
             )
         }

@@ -127,10 +127,15 @@ pub enum IssueCmd {
         #[arg(long = "host", value_name = "HOST", default_values = ["localhost", "127.0.0.1"])]
         hosts: Vec<String>,
     },
-    /// Client certificate for an agent (SAN `spiffe://ferry/agent/<name>`).
+    /// Client certificate for an agent of one site (SAN
+    /// `spiffe://ferry/agent/<site>/<name>`): the agent gets that site's
+    /// servers and no other's.
     Agent {
         #[command(flatten)]
         target: IssueTarget,
+        /// Site whose servers the agent serves.
+        #[arg(long, default_value = "default")]
+        site: String,
     },
     /// Client certificate for an administrator (SAN `spiffe://ferry/admin/<name>`).
     Admin {

@@ -103,14 +103,14 @@ mod tests {
     #[test]
     fn issued_client_certificate_carries_role_uri() {
         let ca = create_ca("test CA").unwrap();
-        let agent = issue(&ca, &Subject::Client(Role::Agent("a1".into()))).unwrap();
+        let agent = issue(&ca, &Subject::Client(Role::agent("a1", "dmz"))).unwrap();
         let der = rustls_pemfile::certs(&mut agent.cert_pem.as_bytes())
             .next()
             .unwrap()
             .unwrap();
         assert_eq!(
             ferry_proto::tls::roles_of_certificate(&der),
-            vec![Role::Agent("a1".into())]
+            vec![Role::agent("a1", "dmz")]
         );
     }
 }

@@ -11,3 +11,4 @@ mod remote_site;
 mod security;
 mod stack;
 mod transfer;
+mod trust;

@@ -88,7 +88,7 @@ async fn probe_and_transfer_through_an_agent_on_a_site_the_coordinator_cannot_re
     }
     let agent = ferry_tests::Agent::start(
         "site-agent",
-        &pki.agent("site-agent"),
+        &pki.agent_of("site-agent", "remote"),
         &[format!("https://{}", coord_door.addr())],
         AgentOptions {
             site: "remote".into(),

@@ -87,7 +87,8 @@ impl Stack {
     }
 
     pub(crate) async fn agent_with(&self, name: &str, opts: AgentOptions) -> Agent {
-        Agent::start(name, &self.pki.agent(name), &[self.coord.endpoint()], opts).await
+        let certs = self.pki.agent_of(name, &opts.site);
+        Agent::start(name, &certs, &[self.coord.endpoint()], opts).await
     }
 
     /// (path, size, status) of every file row, by path.

@@ -117,9 +117,14 @@ impl TestPki {
         self.client(Role::Admin(name.into()), &format!("admin-{name}"))
     }
 
-    /// A client certificate with SAN `spiffe://ferry/agent/<name>`.
+    /// An agent certificate of the site `default`.
     pub fn agent(&self, name: &str) -> CertFiles {
-        self.client(Role::Agent(name.into()), &format!("agent-{name}"))
+        self.agent_of(name, ferry_common::domain::DEFAULT_SITE)
+    }
+
+    /// A client certificate with SAN `spiffe://ferry/agent/<site>/<name>`.
+    pub fn agent_of(&self, name: &str, site: &str) -> CertFiles {
+        self.client(Role::agent(name, site), &format!("agent-{site}-{name}"))
     }
 
     /// An admin certificate issued by a different CA. `ca` is still the real

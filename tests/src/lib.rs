@@ -19,6 +19,7 @@ pub mod ctl;
 pub mod netns;
 pub mod postgres;
 pub mod proxy;
+pub mod rogue;
 pub mod s3;
 pub mod sshd;
 pub mod util;
@@ -31,6 +32,7 @@ pub use ctl::{Ctl, CtlOutput};
 pub use netns::Site;
 pub use postgres::TestDb;
 pub use proxy::TcpProxy;
+pub use rogue::RogueAgent;
 pub use s3::S3Server;
 pub use sshd::{HostKey, Sshd};
 pub use util::{
