@@ -1,5 +1,6 @@
-//! Runs the transfers and post-actions the coordinator assigns, within the
-//! agent's capacity, and keeps their results until a stream delivers them.
+//! Runs the transfers and post-actions the coordinator assigns (the
+//! coordinator keeps within the agent's capacity), and keeps their results
+//! until a stream delivers them.
 //!
 //! Results outlive streams: a transfer that finishes while the agent is
 //! reconnecting is reported on the next stream (and the hello lists the

@@ -230,6 +230,22 @@ pub fn private_key_shape(pem: &str) -> Checked<KeyProtection> {
     })
 }
 
+/// An agent's name, as its certificate carries it.
+pub fn agent_name(name: &str) -> Checked<()> {
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(FieldError::new(
+            "name",
+            format!("{name:?} is not an agent name (1..128 letters, digits, '-', '_' or '.')"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn site(site: &str) -> Checked<()> {
     if site.is_empty()
         || site.len() > 64

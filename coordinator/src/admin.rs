@@ -381,6 +381,76 @@ impl Admin {
         Ok(convert::agent(&row))
     }
 
+    async fn revoke_agent(
+        &self,
+        r: proto::RevokeAgentRequest,
+        actor: &str,
+    ) -> ApiResult<proto::Agent> {
+        validate::agent_name(&r.name)?;
+        let db = &self.coord.db;
+        if r.undo {
+            let found = sqlx::query(
+                "UPDATE agents SET revoked_at = NULL, revoked_by = NULL WHERE name = $1",
+            )
+            .bind(&r.name)
+            .execute(db)
+            .await?
+            .rows_affected();
+            if found == 0 {
+                return Err(ApiError::NotFound(format!("no agent named {:?}", r.name)));
+            }
+            tracing::info!(agent = %r.name, by = %actor, "agent revocation lifted");
+        } else {
+            let mut tx = db.begin().await?;
+            // An agent that never connected gets a row too: its certificate
+            // may have leaked before it was first used.
+            sqlx::query(
+                "INSERT INTO agents (name, site, revoked_at, revoked_by) VALUES ($1, '', now(), $2) \
+                 ON CONFLICT (name) DO UPDATE SET revoked_at = now(), revoked_by = $2",
+            )
+            .bind(&r.name)
+            .bind(actor)
+            .execute(&mut *tx)
+            .await?;
+            // Its servers go to other agents of the site at once ...
+            sqlx::query(
+                "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, \
+                 poll_lease_expires_at = NULL WHERE poller_agent = $1",
+            )
+            .bind(&r.name)
+            .execute(&mut *tx)
+            .await?;
+            // ... and its running transfers are requeued by the lease reaper
+            // (the stale agent's late results fail the fencing check).
+            sqlx::query(
+                "UPDATE files SET lease_expires_at = now() \
+                 WHERE lease_owner = $1 AND status = 'in_progress'",
+            )
+            .bind(&r.name)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::warn!(agent = %r.name, by = %actor, "agent revoked");
+            // Fast path when the stream is here; other coordinators close
+            // theirs on the agent's next heartbeat.
+            self.agents.close_agent(
+                &r.name,
+                Status::permission_denied(format!(
+                    "agent {} was revoked by {actor}; its certificate is refused",
+                    r.name
+                )),
+            );
+            self.coord.registry_changed().await;
+            self.coord.files_due().await;
+        }
+        let row = files::list_agents(db, None, Some(&r.name), 1)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::NotFound(format!("no agent named {:?}", r.name)))?;
+        Ok(convert::agent(&row))
+    }
+
     async fn list_agents(
         &self,
         r: proto::ListAgentsRequest,
@@ -565,6 +635,11 @@ impl AdminService for Admin {
 
     async fn drain_agent(&self, req: Request<proto::DrainAgentRequest>) -> Rpc<proto::Agent> {
         ok(Admin::drain_agent(self, req.into_inner()).await)
+    }
+
+    async fn revoke_agent(&self, req: Request<proto::RevokeAgentRequest>) -> Rpc<proto::Agent> {
+        let who = actor(&req);
+        ok(Admin::revoke_agent(self, req.into_inner(), &who).await)
     }
 
     type WatchEventsStream = EventStream;

@@ -57,6 +57,11 @@ pub(crate) struct Session {
     pub tasks: Arc<Mutex<HashSet<i64>>>,
     /// Drained by an operator (`agents.draining`, as last told to the agent).
     pub draining: Arc<AtomicBool>,
+    /// Cancelled when this stream must end (superseded by a newer stream of
+    /// the same agent, or the agent was revoked); see [`Session::close`].
+    pub ended: CancellationToken,
+    /// The status the agent is told when its stream is closed.
+    end_status: Arc<Mutex<Option<Status>>>,
 }
 
 impl Session {
@@ -75,6 +80,14 @@ impl Session {
 
     pub(crate) fn task_finished(&self, file_id: i64) {
         lock(&self.tasks).remove(&file_id);
+    }
+
+    /// Ends this stream: the agent receives `status` as the end of its
+    /// response stream, and the coordinator stops reading from it. The first
+    /// reason given wins.
+    pub(crate) fn close(&self, status: Status) {
+        lock(&self.end_status).get_or_insert(status);
+        self.ended.cancel();
     }
 
     /// Queues a message; false if the stream is gone.
@@ -223,6 +236,19 @@ impl AgentStreams {
                 hello.site
             )));
         }
+        let revoked: Option<(Option<chrono::DateTime<chrono::Utc>>, Option<String>)> =
+            sqlx::query_as("SELECT revoked_at, revoked_by FROM agents WHERE name = $1")
+                .bind(agent)
+                .fetch_optional(&self.coord.db)
+                .await
+                .map_err(|e| Status::from(ApiError::from(e)))?;
+        if let Some((Some(at), by)) = revoked {
+            return Err(Status::permission_denied(format!(
+                "agent {agent} was revoked at {} by {}; its certificate is refused",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                by.as_deref().unwrap_or("an admin")
+            )));
+        }
         let id = Uuid::new_v4().to_string();
         let draining: bool = sqlx::query_scalar(
             "INSERT INTO agents (name, site, version, capacity, connected, connected_coordinator, \
@@ -251,7 +277,85 @@ impl AgentStreams {
             sent_polls: Arc::default(),
             tasks: Arc::default(),
             draining: Arc::new(AtomicBool::new(draining)),
+            ended: CancellationToken::new(),
+            end_status: Arc::default(),
         })
+    }
+
+    /// Closes `agent`'s stream if this coordinator holds it (revocation).
+    pub(crate) fn close_agent(&self, agent: &str, status: Status) -> bool {
+        let session = lock(&self.sessions).get(agent).cloned();
+        match session {
+            Some(s) => {
+                s.close(status);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes this coordinator's streams that are no longer the agent's
+    /// current one (it connected again, here or elsewhere) or whose agent was
+    /// revoked. Runs with the poll reconciler, so it does not depend on the
+    /// agent sending heartbeats.
+    pub(crate) async fn sweep(&self) -> Result<(), sqlx::Error> {
+        let sessions = self.snapshot();
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = sessions.iter().map(|s| s.agent.clone()).collect();
+        let ids: Vec<String> = sessions.iter().map(|s| s.id.clone()).collect();
+        let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
+            "SELECT s.name, s.id, a.session_id IS NOT DISTINCT FROM s.id, a.revoked_at IS NOT NULL \
+             FROM unnest($1::text[], $2::text[]) AS s(name, id) JOIN agents a ON a.name = s.name",
+        )
+        .bind(&names)
+        .bind(&ids)
+        .fetch_all(&self.coord.db)
+        .await?;
+        for (name, id, current, revoked) in rows {
+            let Some(s) = sessions.iter().find(|s| s.agent == name && s.id == id) else {
+                continue;
+            };
+            let row = current.then_some((s.is_draining(), revoked));
+            self.check_still_current(s, row).await;
+        }
+        Ok(())
+    }
+
+    /// What a heartbeat or the sweep found when it looked for this stream's row.
+    async fn check_still_current(&self, s: &Session, row: Option<(bool, bool)>) -> Option<bool> {
+        match row {
+            Some((_, true)) => {
+                tracing::warn!(agent = %s.agent, "revoked agent: closing its stream");
+                s.close(Status::permission_denied(format!(
+                    "agent {} was revoked; its certificate is refused",
+                    s.agent
+                )));
+                None
+            }
+            Some((draining, false)) => Some(draining),
+            None => {
+                // Another stream of the same agent registered since (on this
+                // or another coordinator): one live stream per agent, the
+                // newest wins.
+                let elsewhere: Option<String> =
+                    sqlx::query_scalar("SELECT connected_coordinator FROM agents WHERE name = $1")
+                        .bind(&s.agent)
+                        .fetch_optional(&self.coord.db)
+                        .await
+                        .ok()
+                        .flatten();
+                tracing::warn!(agent = %s.agent, newer_on = ?elsewhere, "a newer stream of this agent took over; closing this one");
+                s.close(Status::aborted(format!(
+                    "agent {}: a newer stream of the same agent took over (on coordinator {}); \
+                     one live stream per agent name",
+                    s.agent,
+                    elsewhere.as_deref().unwrap_or("?")
+                )));
+                None
+            }
+        }
     }
 
     /// Tells `agent`'s stream, if this coordinator holds it, that its drain
@@ -284,10 +388,10 @@ impl AgentStreams {
         let db = &self.coord.db;
         match body {
             Body::Heartbeat(h) => {
-                let draining: Option<bool> = sqlx::query_scalar(
+                let row: Option<(bool, bool)> = sqlx::query_as(
                     "UPDATE agents SET last_seen_at = now(), in_flight = $3, files_transferred = $4, \
                      bytes_transferred = $5, errors = $6, bytes_per_sec = $7 \
-                     WHERE name = $1 AND session_id = $2 RETURNING draining",
+                     WHERE name = $1 AND session_id = $2 RETURNING draining, revoked_at IS NOT NULL",
                 )
                 .bind(&s.agent)
                 .bind(&s.id)
@@ -298,7 +402,7 @@ impl AgentStreams {
                 .bind(h.bytes_per_sec as i64)
                 .fetch_optional(db)
                 .await?;
-                if let Some(draining) = draining {
+                if let Some(draining) = self.check_still_current(s, row).await {
                     self.apply_drain(s, draining).await;
                 }
             }
@@ -431,18 +535,26 @@ impl AgentService for AgentStreams {
                 }))
                 .await;
         }
-        if let Some(old) = lock(&self.sessions).insert(agent.clone(), session.clone()) {
-            tracing::info!(agent = %agent, "replacing an older stream of the same agent");
-            drop(old);
+        let older = lock(&self.sessions).insert(agent.clone(), session.clone());
+        if let Some(old) = older {
+            tracing::info!(agent = %agent, "closing an older stream of the same agent");
+            old.close(Status::aborted(format!(
+                "agent {agent}: a newer stream of the same agent took over (on coordinator {}); \
+                 one live stream per agent name",
+                self.coord.id
+            )));
         }
         tracing::info!(agent = %agent, site = %session.site, version = %hello.version, "agent connected");
         self.changed.notify_one();
 
+        let session_end = session.ended.clone();
+        let end_status = session.end_status.clone();
         let streams = self.clone();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
                     _ = streams.cancel.cancelled() => break,
+                    _ = session.ended.cancelled() => break,
                     m = inbound.next() => m,
                 };
                 match msg {
@@ -470,8 +582,14 @@ impl AgentService for AgentStreams {
                 streams.disconnected(&session).await;
             }
         });
-        Ok(Response::new(
-            Box::pin(ReceiverStream::new(rx).map(Ok)) as OutStream
-        ))
+        // The response ends when the session is closed, with the status
+        // `Session::close` recorded (normal ends carry none).
+        let messages = futures::StreamExt::take_until(
+            ReceiverStream::new(rx).map(Ok),
+            session_end.clone().cancelled_owned(),
+        );
+        let last = futures::stream::once(async move { lock(&end_status).take().map(Err) })
+            .filter_map(|end| end);
+        Ok(Response::new(Box::pin(messages.chain(last)) as OutStream))
     }
 }

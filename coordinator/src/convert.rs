@@ -134,5 +134,7 @@ pub(crate) fn agent(row: &AgentRow) -> proto::Agent {
         errors: row.errors as u64,
         draining: row.draining,
         bytes_per_sec: row.bytes_per_sec as u64,
+        revoked_at: row.revoked_at.map(timestamp),
+        revoked_by: row.revoked_by.clone().unwrap_or_default(),
     }
 }

@@ -207,6 +207,8 @@ pub(crate) struct AgentRow {
     pub errors: i64,
     pub draining: bool,
     pub bytes_per_sec: i64,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoked_by: Option<String>,
     pub polled_servers: Vec<String>,
 }
 
@@ -221,7 +223,7 @@ pub(crate) async fn list_agents(
     Ok(sqlx::query_as::<_, AgentRow>(
         "SELECT a.name, a.site, a.version, a.capacity, a.connected, a.connected_coordinator, \
          a.connected_at, a.last_seen_at, a.in_flight, a.files_transferred, a.bytes_transferred, \
-         a.errors, a.draining, a.bytes_per_sec, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
+         a.errors, a.draining, a.bytes_per_sec, a.revoked_at, a.revoked_by, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
          AS polled_servers FROM agents a \
          LEFT JOIN servers s ON s.poller_agent = a.name AND s.deleted_at IS NULL \
          WHERE ($1::TEXT IS NULL OR a.name > $1) AND ($3::TEXT IS NULL OR a.name = $3) \

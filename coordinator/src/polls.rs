@@ -35,7 +35,7 @@ pub(crate) async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> 
     sqlx::query(
         "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, poll_lease_expires_at = NULL \
          WHERE poller_agent IS NOT NULL AND (NOT enabled OR deleted_at IS NOT NULL \
-               OR poller_agent IN (SELECT name FROM agents WHERE draining))",
+               OR poller_agent IN (SELECT name FROM agents WHERE draining OR revoked_at IS NOT NULL))",
     )
     .execute(db)
     .await?;
@@ -72,7 +72,7 @@ pub(crate) async fn claim(
          free AS ( \
             SELECT id FROM servers \
             WHERE site = $3 AND enabled AND deleted_at IS NULL \
-              AND NOT EXISTS (SELECT 1 FROM agents WHERE name = $2 AND draining) \
+              AND NOT EXISTS (SELECT 1 FROM agents WHERE name = $2 AND (draining OR revoked_at IS NOT NULL)) \
               AND (poller_agent IS NULL OR poll_lease_expires_at < now() \
                    OR (poller_agent = $2 AND poller_coordinator <> $1)) \
             ORDER BY id \
@@ -98,7 +98,7 @@ pub(crate) async fn claim(
 pub(crate) async fn fair_share(db: &PgPool, site: &str) -> ApiResult<i64> {
     let (servers, agents): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM servers WHERE site = $1 AND enabled AND deleted_at IS NULL), \
-                (SELECT count(*) FROM agents WHERE site = $1 AND connected AND NOT draining \
+                (SELECT count(*) FROM agents WHERE site = $1 AND connected AND NOT draining AND revoked_at IS NULL \
                    AND last_seen_at > now() - interval '30 seconds')",
     )
     .bind(site)

@@ -1,6 +1,7 @@
 //! Background loops of a coordinator, each closing a gap between intent in
 //! Postgres and what agents were told:
-//! - the poll reconciler renews and claims poll leases and sends assignments;
+//! - the poll reconciler closes streams that are superseded or revoked, then
+//!   renews and claims poll leases and sends assignments;
 //! - the scheduler hands due files to agents and reaps expired task leases,
 //!   telling a reaped transfer's agent to stop (`TaskCancellation`);
 //! - the post-action dispatcher asks agents to delete or move processed files.
@@ -36,6 +37,10 @@ pub(crate) async fn run_background(
 async fn poll_loop(coord: Coordinator, agents: AgentStreams, cancel: CancellationToken) {
     let mut registry = coord.subscribe_registry();
     loop {
+        // Superseded and revoked streams go first, so they get no assignments.
+        if let Err(e) = agents.sweep().await {
+            tracing::warn!(error = %e, "agent stream sweep failed; retrying");
+        }
         if let Err(e) = reconcile_polls(&coord, &agents).await {
             tracing::warn!(
                 error = format!("{e:#}"),

@@ -514,6 +514,17 @@ pub enum AgentsCmd {
         #[arg(long)]
         undo: bool,
     },
+    /// Revoke an agent (the name in its certificate): its certificate is
+    /// refused from now on, its live stream is closed on every coordinator
+    /// within a heartbeat, and its servers and transfers go to other agents.
+    /// Works for names that never connected, too.
+    Revoke {
+        /// Agent name (from its certificate).
+        name: String,
+        /// Lift the revocation.
+        #[arg(long)]
+        undo: bool,
+    },
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -576,6 +587,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 AgentsCmd::List => commands::agents::list(&admin, json).await,
                 AgentsCmd::Drain { name, undo } => {
                     commands::agents::drain(&admin, name, undo, json).await
+                }
+                AgentsCmd::Revoke { name, undo } => {
+                    commands::agents::revoke(&admin, name, undo, json).await
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! `ferryctl agents`: the agents known to the coordinators and their health
 //! (connection, drain, last heartbeat, load, rate, polled servers, counters),
-//! and `agents drain` to take one out of service and back.
+//! `agents drain` to take one out of service and back, and `agents revoke` to
+//! refuse a (leaked) agent certificate.
 
-use ferry_proto::{Agent, DrainAgentRequest, ListAgentsRequest};
+use ferry_proto::{Agent, DrainAgentRequest, ListAgentsRequest, RevokeAgentRequest};
 use serde_json::{Value, json};
 
 use crate::connect::{Admin, FULL_PAGE, all_pages};
@@ -30,6 +31,7 @@ pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
         "VERSION",
         "CONNECTED",
         "DRAINING",
+        "REVOKED",
         "LAST-SEEN",
         "IN-FLIGHT",
         "RATE",
@@ -50,6 +52,11 @@ pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
             output::or_dash(&a.version),
             connected,
             output::yes_no(a.draining),
+            if a.revoked_at.is_some() {
+                format!("yes ({})", output::or_dash(&a.revoked_by))
+            } else {
+                "no".into()
+            },
             output::age(a.last_seen_at.as_ref()),
             format!("{}/{}", a.in_flight, a.capacity),
             format!("{}/s", output::size(a.bytes_per_sec)),
@@ -90,6 +97,33 @@ pub(crate) async fn drain(
     Ok(())
 }
 
+pub(crate) async fn revoke(
+    admin: &Admin,
+    name: String,
+    undo: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let agent = admin
+        .call(
+            admin
+                .client()
+                .revoke_agent(RevokeAgentRequest { name, undo }),
+        )
+        .await?;
+    if json {
+        return Ok(output::print_json(&agent_json(&agent))?);
+    }
+    if agent.revoked_at.is_some() {
+        outln!(
+            "agent {} is revoked: its certificate is refused and its streams are closed",
+            agent.name
+        )?;
+    } else {
+        outln!("agent {} may connect again", agent.name)?;
+    }
+    Ok(())
+}
+
 /// JSON shape of an agent.
 pub(crate) fn agent_json(a: &Agent) -> Value {
     json!({
@@ -108,5 +142,7 @@ pub(crate) fn agent_json(a: &Agent) -> Value {
         "errors": a.errors,
         "draining": a.draining,
         "bytes_per_sec": a.bytes_per_sec,
+        "revoked_at": output::json_time(a.revoked_at.as_ref()),
+        "revoked_by": output::json_opt(&a.revoked_by),
     })
 }
