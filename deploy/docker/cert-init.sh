@@ -15,7 +15,7 @@ set -eu
 CA_DIR=${CA_DIR:-/ca}
 OUT_DIR=${OUT_DIR:-/certs}
 SERVICE_UID=${SERVICE_UID:-65534}
-SITE=${FERRY_DEMO_SITE:-demo}
+SITE=${CERT_SITE:-demo}
 # Names clients use for the coordinators: the load balancer (agents, admins),
 # each coordinator, and the host side of the published port.
 COORDINATOR_HOSTS=${COORDINATOR_HOSTS:-haproxy coordinator-1 coordinator-2 localhost 127.0.0.1}
