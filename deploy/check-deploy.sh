@@ -292,6 +292,7 @@ if compose is not None:
 hap = (root / HAPROXY).read_text()
 backend_servers = {}
 binds = []
+http_frontends = set()
 section = None
 for line in hap.splitlines():
     words = line.split("#", 1)[0].split()
@@ -304,6 +305,8 @@ for line in hap.splitlines():
         backend_servers[words[1]] = words[2]
     if section and section[0] == "frontend" and words[0] == "bind":
         binds.append((section[1], words[1]))
+    if section and section[0] == "frontend" and words[:2] == ["mode", "http"]:
+        http_frontends.add(section[1])
     if section and section[0] == "defaults" and words[:2] == ["mode", "http"]:
         fail(HAPROXY, "defaults use mode http: TLS must pass through (mode tcp)")
 if "mode tcp" not in hap:
@@ -319,7 +322,7 @@ if compose is not None:
             fail(HAPROXY, f"server {srv} points at {addr}, which is not a compose service running ferry-coordinator")
     if not lb:
         fail(COMPOSE, "no haproxy service")
-    bind_ports = {port_of(b) for _, b in binds}
+    bind_ports = {port_of(b) for f, b in binds if f not in http_frontends}
     for n, s in ferry_services.items():
         env = s.get("environment") or {}
         targets = []
