@@ -17,6 +17,8 @@ echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> build binaries"
 cargo build --workspace --bins --locked
+echo "==> deploy checks (compose, HAProxy, RabbitMQ definitions, systemd units, FERRY_* variables)"
+bash deploy/check-deploy.sh
 echo "==> tests"
 log=$(mktemp)
 set +e
