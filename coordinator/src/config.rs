@@ -95,4 +95,9 @@ pub(crate) struct ServeArgs {
     /// Outbox rows published per transaction by the AMQP relay.
     #[arg(long, env = "FERRY_AMQP_BATCH", default_value_t = 100)]
     pub amqp_batch: i64,
+    /// Times the broker may refuse (NACK, or return as unroutable) one
+    /// announcement before it is parked until an admin retries the file;
+    /// refused announcements are retried with backoff up to 5 minutes apart.
+    #[arg(long, env = "FERRY_AMQP_MAX_ATTEMPTS", default_value_t = 50)]
+    pub amqp_max_attempts: u32,
 }

@@ -99,6 +99,11 @@ pub(crate) fn file(row: &FileRow) -> proto::File {
         discovered_at: Some(timestamp(row.discovered_at)),
         updated_at: Some(timestamp(row.updated_at)),
         post_action_result: row.post_action_result.clone().unwrap_or_default(),
+        announcement: row.announcement.clone().unwrap_or_default(),
+        announcement_attempts: row
+            .announcement_attempts
+            .map_or(0, |n| u32::try_from(n).unwrap_or(0)),
+        announcement_error: row.announcement_error.clone().unwrap_or_default(),
     }
 }
 

@@ -32,12 +32,21 @@ pub(crate) struct FileRow {
     pub post_action_result: Option<String>,
     pub discovered_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub announcement: Option<String>,
+    pub announcement_attempts: Option<i32>,
+    pub announcement_error: Option<String>,
 }
 
 const FILE_SELECT: &str = "SELECT f.id, f.server_id, s.name AS server_name, f.watch_id, f.path, \
     f.size, f.mtime_unix, f.status, f.attempts, f.next_attempt_at, f.last_error, f.lease_owner, \
     f.lease_expires_at, f.fencing_token, f.bucket, f.object_key, f.etag, f.sha256, \
-    f.post_action_result, f.discovered_at, f.updated_at FROM files f JOIN servers s ON s.id = f.server_id";
+    f.post_action_result, f.discovered_at, f.updated_at, \
+    o.announcement, o.announcement_attempts, o.announcement_error \
+    FROM files f JOIN servers s ON s.id = f.server_id \
+    LEFT JOIN LATERAL (SELECT CASE WHEN published_at IS NOT NULL THEN 'published' \
+                                   WHEN parked_at IS NOT NULL THEN 'parked' ELSE 'pending' END AS announcement, \
+                              attempts AS announcement_attempts, last_error AS announcement_error \
+                       FROM outbox WHERE file_id = f.id ORDER BY id DESC LIMIT 1) o ON true";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct EventRow {
@@ -184,11 +193,30 @@ pub(crate) async fn retry_files(
         .map(|id| Change::new(id, Event::AdminRetry))
         .collect();
     let applied = transitions::apply(&mut tx, actor, policy, &changes).await?;
+    // Parked announcements of the selected stored files are offered to the
+    // broker again when no status filter narrows the selection.
+    let unparked = if sel.statuses.is_empty() {
+        sqlx::query(
+            "UPDATE outbox o SET parked_at = NULL, attempts = 0, next_attempt_at = now() \
+             FROM files f WHERE f.id = o.file_id AND o.parked_at IS NOT NULL \
+               AND o.published_at IS NULL \
+               AND (cardinality($1::BIGINT[]) = 0 OR f.id = ANY($1)) \
+               AND ($2::BIGINT IS NULL OR f.server_id = $2)",
+        )
+        .bind(&sel.ids)
+        .bind(sel.server_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+    } else {
+        0
+    };
     tx.commit().await?;
     Ok(applied
         .iter()
         .filter(|a| a.outcome.moved_to().is_some())
-        .count() as u64)
+        .count() as u64
+        + unparked)
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -6,8 +6,12 @@
 //! coordinators never publish the same row at once), publishes each one
 //! (persistent, `mandatory`, publisher confirms), and in the same transaction
 //! marks the confirmed rows published and moves their files `uploaded` ->
-//! `processed` (the `Announced` event, applied by [`crate::transitions`]). A NACK or a returned (unroutable)
-//! message only bumps the row's `attempts`; a broken connection rolls the
+//! `processed` (the `Announced` event, applied by [`crate::transitions`]).
+//! A NACK or a returned (unroutable) message only bumps the row's retry state
+//! in Postgres (`attempts`, `last_error`, `next_attempt_at` with backoff; after
+//! [`RelayConfig::max_attempts`] the row is parked until an admin retries it,
+//! see [`after_refusal`]); rows are offered in `next_attempt_at` order, so
+//! refused rows never hold back routable ones. A broken connection rolls the
 //! whole batch back and reconnects with backoff.
 //!
 //! **Architecture invariant:** a row is marked published only after the broker
@@ -16,7 +20,7 @@
 //! `message_id` = file id lets consumers deduplicate.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use ferry_common::announcement::Properties;
@@ -47,6 +51,8 @@ pub(crate) struct RelayConfig {
     pub batch: i64,
     /// The retry policy the lifecycle table is applied with.
     pub retry: RetryPolicy,
+    /// Broker refusals (NACK / unroutable) of one row before it is parked.
+    pub max_attempts: u32,
 }
 
 /// Header carrying the outbox row id, used to match returned messages to rows.
@@ -60,13 +66,27 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-/// Per-row delay before a NACKed or returned row is offered again by this
-/// coordinator, so that a few unroutable rows neither block the rows behind
-/// them nor spin.
-const ROW_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-/// At most this many rows are held back; beyond it failed rows are retried
-/// on the next idle round.
-const MAX_COOLING: usize = 1000;
+/// Per-row delay before a NACKed or returned row is offered again.
+const ROW_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+
+/// What happens to an outbox row after the broker refused it for the
+/// `attempts`-th time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Refusal {
+    /// Offer it again after this delay.
+    RetryIn(Duration),
+    /// Stop offering it until an admin retries the file.
+    Park,
+}
+
+/// The retry decision for a refused row (pure; `jitter` in 0..1).
+fn after_refusal(attempts: u32, max_attempts: u32, jitter: f64) -> Refusal {
+    if attempts >= max_attempts.max(1) {
+        Refusal::Park
+    } else {
+        Refusal::RetryIn(ROW_RETRY.delay_with(attempts.saturating_sub(1), jitter))
+    }
+}
 
 /// The routing key for a file of `server`: `template` with every `{server}`
 /// replaced.
@@ -78,7 +98,6 @@ pub(crate) fn routing_key(template: &str, server: &str) -> String {
 /// database outages are logged and retried.
 pub(crate) async fn run(coord: Coordinator, cfg: RelayConfig, cancel: CancellationToken) {
     let mut wake = coord.subscribe_file_events();
-    let mut cooling = Cooling::default();
     let mut outage = false;
     let mut attempt = 0u32;
     loop {
@@ -116,7 +135,7 @@ pub(crate) async fn run(coord: Coordinator, cfg: RelayConfig, cancel: Cancellati
         }
         attempt = 0;
 
-        match pump(&coord, &cfg, &channel, &mut wake, &mut cooling, &cancel).await {
+        match pump(&coord, &cfg, &channel, &mut wake, &cancel).await {
             Ok(()) => {
                 let _ = channel.close(200, "shutdown".into()).await;
                 let _ = connection.close(200, "shutdown".into()).await;
@@ -202,7 +221,6 @@ async fn pump(
     cfg: &RelayConfig,
     channel: &Channel,
     wake: &mut watch::Receiver<u64>,
-    cooling: &mut Cooling,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut db_attempt = 0u32;
@@ -217,7 +235,7 @@ async fn pump(
         wake.borrow_and_update();
         // A round is not interrupted by `cancel`: it is bounded by
         // CONFIRM_TIMEOUT, and finishing it avoids re-publishing the batch.
-        let idle = match round(coord, cfg, channel, cooling).await {
+        let idle = match round(coord, cfg, channel).await {
             Ok(r) => {
                 db_attempt = 0;
                 if r.failed > 0 {
@@ -262,18 +280,15 @@ async fn round(
     coord: &Coordinator,
     cfg: &RelayConfig,
     channel: &Channel,
-    cooling: &mut Cooling,
 ) -> Result<Round, RoundError> {
-    let skip = cooling.active(Instant::now());
     let mut tx = coord.db.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
         "SELECT o.id, o.file_id, o.payload, s.name AS server \
          FROM outbox o JOIN files f ON f.id = o.file_id JOIN servers s ON s.id = f.server_id \
-         WHERE o.published_at IS NULL AND o.id <> ALL($2) \
-         ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
+         WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
+         ORDER BY o.next_attempt_at, o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
     )
     .bind(cfg.batch.max(1))
-    .bind(&skip)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
@@ -316,24 +331,47 @@ async fn round(
         let (ids, errors): (Vec<i64>, Vec<String>) =
             failures.iter().map(|(id, e)| (*id, e.clone())).unzip();
         let attempts: Vec<i32> = sqlx::query_scalar(
-            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error \
-             FROM unnest($1::bigint[], $2::text[]) AS f(id, error) \
-             WHERE o.id = f.id RETURNING o.attempts",
+            "SELECT o.attempts FROM unnest($1::bigint[]) WITH ORDINALITY AS f(id, n) \
+             JOIN outbox o ON o.id = f.id ORDER BY f.n",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut delays = Vec::with_capacity(ids.len());
+        let mut park = Vec::with_capacity(ids.len());
+        for ((id, error), before) in ids.iter().zip(&errors).zip(&attempts) {
+            let attempts = u32::try_from(*before).unwrap_or(0).saturating_add(1);
+            match after_refusal(attempts, cfg.max_attempts, rand::random::<f64>()) {
+                Refusal::RetryIn(delay) => {
+                    // Loud on the first refusal and now and then after, not on every retry.
+                    if attempts <= 1 || attempts % 20 == 0 {
+                        tracing::warn!(outbox_id = id, attempts, error = %error, retry_in = ?delay, "announcement not accepted by the broker; will retry");
+                    } else {
+                        tracing::debug!(outbox_id = id, attempts, error = %error, retry_in = ?delay, "announcement not accepted by the broker; will retry");
+                    }
+                    delays.push(delay.as_secs_f64());
+                    park.push(false);
+                }
+                Refusal::Park => {
+                    tracing::warn!(outbox_id = id, attempts, error = %error, "announcement refused too often; parked until an admin retries the file");
+                    delays.push(0.0);
+                    park.push(true);
+                }
+            }
+        }
+        sqlx::query(
+            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error, \
+                    next_attempt_at = now() + make_interval(secs => f.delay), \
+                    parked_at = CASE WHEN f.park THEN now() END \
+             FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS f(id, error, delay, park) \
+             WHERE o.id = f.id",
         )
         .bind(&ids)
         .bind(&errors)
-        .fetch_all(&mut *tx)
+        .bind(&delays)
+        .bind(&park)
+        .execute(&mut *tx)
         .await?;
-        let now = Instant::now();
-        for ((id, error), attempts) in ids.iter().zip(&errors).zip(attempts) {
-            // Loud on the first failure and now and then after, not on every retry.
-            if attempts <= 1 || attempts % 20 == 0 {
-                tracing::warn!(outbox_id = id, attempts, error = %error, "announcement not accepted by the broker; will retry");
-            } else {
-                tracing::debug!(outbox_id = id, attempts, error = %error, "announcement not accepted by the broker; will retry");
-            }
-            cooling.insert(*id, u32::try_from(attempts).unwrap_or(0), now);
-        }
     }
     tx.commit().await?;
 
@@ -458,28 +496,6 @@ fn outbox_id(headers: &FieldTable) -> Option<i64> {
         })
 }
 
-/// Failed rows this coordinator holds back until their retry time.
-#[derive(Debug, Default)]
-struct Cooling {
-    until: HashMap<i64, Instant>,
-}
-
-impl Cooling {
-    /// Ids still held back at `now`; forgets the expired ones.
-    fn active(&mut self, now: Instant) -> Vec<i64> {
-        self.until.retain(|_, t| *t > now);
-        self.until.keys().copied().collect()
-    }
-
-    /// Holds `id` back after its `attempts`-th failure, unless the set is full.
-    fn insert(&mut self, id: i64, attempts: u32, now: Instant) {
-        if self.until.len() < MAX_COOLING || self.until.contains_key(&id) {
-            let delay = ROW_RETRY.delay(attempts.saturating_sub(1));
-            self.until.insert(id, now + delay);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,24 +515,26 @@ mod tests {
     }
 
     #[test]
-    fn cooling_holds_rows_back_until_their_time() {
-        let mut c = Cooling::default();
-        let t0 = Instant::now();
-        c.insert(7, 1, t0);
-        assert_eq!(c.active(t0), vec![7]);
-        // First retry waits between 0.5 s and 1 s.
-        assert_eq!(c.active(t0 + Duration::from_millis(400)), vec![7]);
-        assert!(c.active(t0 + Duration::from_secs(2)).is_empty());
-    }
-
-    #[test]
-    fn cooling_is_bounded() {
-        let mut c = Cooling::default();
-        let t0 = Instant::now();
-        for id in 0..(MAX_COOLING as i64 + 10) {
-            c.insert(id, 1, t0);
-        }
-        assert_eq!(c.active(t0).len(), MAX_COOLING);
+    fn refused_rows_back_off_then_park() {
+        assert_eq!(
+            after_refusal(1, 5, 0.0),
+            Refusal::RetryIn(Duration::from_millis(500))
+        );
+        assert_eq!(
+            after_refusal(1, 5, 1.0),
+            Refusal::RetryIn(Duration::from_secs(1))
+        );
+        assert_eq!(
+            after_refusal(4, 5, 1.0),
+            Refusal::RetryIn(Duration::from_secs(8))
+        );
+        assert_eq!(after_refusal(5, 5, 0.5), Refusal::Park);
+        assert_eq!(after_refusal(9, 5, 0.5), Refusal::Park);
+        // The delay is capped.
+        assert_eq!(
+            after_refusal(30, 100, 1.0),
+            Refusal::RetryIn(Duration::from_secs(300))
+        );
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
                 routing_key: args.amqp_routing_key.clone(),
                 batch: args.amqp_batch.clamp(1, 10_000),
                 retry: settings.retry,
+                max_attempts: args.amqp_max_attempts.max(1),
             };
             background.spawn(relay::run(coord.clone(), relay, cancel.clone()));
         }

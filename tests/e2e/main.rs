@@ -4,6 +4,7 @@
 
 mod admin_api;
 mod agent_identity;
+mod announcements;
 mod architecture;
 mod ctl;
 mod discovery;

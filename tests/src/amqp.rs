@@ -80,12 +80,18 @@ impl AmqpQueue {
     /// Declares `exchange` (durable topic) and a queue bound to it, and starts
     /// consuming. Panics if RabbitMQ is unreachable.
     pub async fn declare(exchange: &str) -> Self {
-        Self::try_declare(exchange)
+        Self::declare_bound(exchange, "#").await
+    }
+
+    /// Like [`AmqpQueue::declare`], with the queue bound by `binding_key` only:
+    /// messages with other routing keys are unroutable (returned under `mandatory`).
+    pub async fn declare_bound(exchange: &str, binding_key: &str) -> Self {
+        Self::try_declare(exchange, binding_key)
             .await
             .unwrap_or_else(|e| panic!("declare AMQP exchange {exchange} and test queue: {e:#}"))
     }
 
-    async fn try_declare(exchange: &str) -> anyhow::Result<Self> {
+    async fn try_declare(exchange: &str, binding_key: &str) -> anyhow::Result<Self> {
         let url = amqp_url();
         let connection = Connection::connect(&url, ConnectionProperties::default())
             .await
@@ -122,7 +128,7 @@ impl AmqpQueue {
             .queue_bind(
                 queue.as_str().into(),
                 exchange.into(),
-                "#".into(),
+                binding_key.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )

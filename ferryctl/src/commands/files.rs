@@ -161,6 +161,7 @@ async fn show(admin: &Admin, id: i64, json: bool) -> anyhow::Result<()> {
         ("ETag", output::or_dash(&file.etag)),
         ("SHA-256", output::or_dash(&file.sha256)),
         ("Post-action", output::or_dash(&file.post_action_result)),
+        ("Announcement", announcement(&file)),
         (
             "Discovered",
             output::time_and_age(file.discovered_at.as_ref()),
@@ -295,6 +296,9 @@ pub(crate) fn file_json(f: &File) -> Value {
         "etag": output::json_opt(&f.etag),
         "sha256": output::json_opt(&f.sha256),
         "post_action_result": output::json_opt(&f.post_action_result),
+        "announcement": output::json_opt(&f.announcement),
+        "announcement_attempts": f.announcement_attempts,
+        "announcement_error": output::json_opt(&f.announcement_error),
         "discovered_at": output::json_time(f.discovered_at.as_ref()),
         "updated_at": output::json_time(f.updated_at.as_ref()),
     })
@@ -318,6 +322,19 @@ pub(crate) fn event_json(e: &FileEvent) -> Value {
         "server_id": e.server_id,
         "watch_id": e.watch_id,
     })
+}
+
+/// "published", "pending (refused 3 times: NO_ROUTE ...)", "parked (...)", or "-".
+fn announcement(file: &File) -> String {
+    match (file.announcement.as_str(), file.announcement_attempts) {
+        ("", _) => "-".into(),
+        (state, 0) => state.to_string(),
+        ("parked", n) => format!(
+            "parked after {n} refusals ({}); `ferryctl files retry {}` offers it again",
+            file.announcement_error, file.id
+        ),
+        (state, n) => format!("{state} (refused {n} times: {})", file.announcement_error),
+    }
 }
 
 #[cfg(test)]
