@@ -70,21 +70,39 @@ pub struct Stored {
     pub sha256: String,
 }
 
+/// What an agent was given for a transfer: the file's size and the object
+/// location it was assigned. A success report is checked against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected<'a> {
+    pub size: u64,
+    pub bucket: &'a str,
+    pub key: &'a str,
+}
+
 impl Stored {
-    /// Why this report cannot be the file of `expected_size` bytes, if it
-    /// cannot. A report that does not match counts as a failed attempt.
-    pub fn mismatch(&self, expected_size: u64) -> Option<String> {
+    /// Why this report cannot be the assigned transfer, if it cannot: another
+    /// size, a malformed sha256, or another object location than the assigned
+    /// one (the object location is the coordinator's decision, never the
+    /// agent's). A report that does not match counts as a failed attempt.
+    pub fn mismatch(&self, expected: &Expected<'_>) -> Option<String> {
         let hex = self.sha256.len() == 64
             && self
                 .sha256
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        (self.size != expected_size || !hex).then(|| {
-            format!(
-                "agent reported {} bytes (sha256 {:?}), expected {expected_size} bytes",
-                self.size, self.sha256
-            )
-        })
+        if self.size != expected.size || !hex {
+            return Some(format!(
+                "agent reported {} bytes (sha256 {:?}), expected {} bytes",
+                self.size, self.sha256, expected.size
+            ));
+        }
+        if self.bucket != expected.bucket || self.key != expected.key {
+            return Some(format!(
+                "agent reported the object at {}/{}, but it was assigned {}/{}",
+                self.bucket, self.key, expected.bucket, expected.key
+            ));
+        }
+        None
     }
 }
 
@@ -471,17 +489,37 @@ mod tests {
     #[test]
     fn a_stored_report_must_match_the_file() {
         let s = stored();
-        assert_eq!(s.mismatch(12), None);
-        assert!(s.mismatch(13).unwrap().contains("expected 13 bytes"));
+        let expected = Expected {
+            size: 12,
+            bucket: &s.bucket,
+            key: &s.key,
+        };
+        assert_eq!(s.mismatch(&expected), None);
+        let bigger = Expected {
+            size: 13,
+            ..expected
+        };
+        assert!(s.mismatch(&bigger).unwrap().contains("expected 13 bytes"));
         let short = Stored {
             sha256: "abc".into(),
             ..stored()
         };
-        assert!(short.mismatch(12).is_some());
+        assert!(short.mismatch(&expected).is_some());
         let not_hex = Stored {
             sha256: "zz".repeat(32),
             ..stored()
         };
-        assert!(not_hex.mismatch(12).is_some());
+        assert!(not_hex.mismatch(&expected).is_some());
+        let elsewhere = Stored {
+            bucket: "evil".into(),
+            ..stored()
+        };
+        let why = elsewhere.mismatch(&expected).unwrap();
+        assert!(why.contains("evil/") && why.contains("assigned"), "{why}");
+        let other_key = Stored {
+            key: "other".into(),
+            ..stored()
+        };
+        assert!(other_key.mismatch(&expected).is_some());
     }
 }

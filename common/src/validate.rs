@@ -307,11 +307,19 @@ pub fn directory(dir: &str) -> Checked<String> {
 /// A file-name glob (`*.csv`, `data-??.{csv,json}`); empty means `*`.
 pub fn glob(pattern: &str) -> Checked<String> {
     let pattern = if pattern.is_empty() { "*" } else { pattern };
-    globset::GlobBuilder::new(pattern)
+    glob_matcher(pattern)?;
+    Ok(pattern.to_string())
+}
+
+/// The matcher of a file-name glob (empty means `*`), as watches apply it: to
+/// a file's name, `*` never crossing a `/`.
+pub fn glob_matcher(pattern: &str) -> Checked<globset::GlobMatcher> {
+    let pattern = if pattern.is_empty() { "*" } else { pattern };
+    Ok(globset::GlobBuilder::new(pattern)
         .literal_separator(true)
         .build()
-        .map_err(|e| FieldError::new("glob", format!("{pattern:?}: {}", e.kind())))?;
-    Ok(pattern.to_string())
+        .map_err(|e| FieldError::new("glob", format!("{pattern:?}: {}", e.kind())))?
+        .compile_matcher())
 }
 
 pub fn poll_interval_secs(secs: u32) -> Checked<u32> {

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::discovery::{self, Discovered};
+use crate::discovery::{self, BatchOutcome, Discovered};
 use crate::error::ApiError;
 use crate::hostkey::{PROBE_ANSWER_TIMEOUT, PendingProbes, ProbeError, ProbedKey};
 use crate::polls;
@@ -141,7 +141,7 @@ impl AgentStreams {
                 port,
             });
         };
-        let (request_id, answer) = self.probes.register();
+        let (request_id, answer) = self.probes.register(&session.agent);
         let no_answer = || ProbeError::NoAnswer {
             agent: session.agent.clone(),
             host: host.to_string(),
@@ -412,11 +412,11 @@ impl AgentStreams {
                     .into_iter()
                     .map(|e| Discovered {
                         path: e.path,
-                        size: e.size as i64,
+                        size: e.size,
                         mtime_unix: e.mtime_unix,
                     })
                     .collect();
-                let n = discovery::record_batch(
+                let outcome = discovery::record_batch(
                     db,
                     &s.agent,
                     batch.server_id,
@@ -424,9 +424,19 @@ impl AgentStreams {
                     &entries,
                 )
                 .await?;
-                tracing::debug!(agent = %s.agent, watch = batch.watch_id, reported = entries.len(), new = n, "discovery");
-                if n > 0 {
-                    self.coord.files_due().await;
+                match outcome {
+                    BatchOutcome::NotPolled => {
+                        tracing::info!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, entries = entries.len(), "discovery batch ignored: the agent does not poll this server, or the watch is not one of its live watches");
+                    }
+                    BatchOutcome::Recorded(r) => {
+                        if let Some((path, why)) = &r.example {
+                            tracing::warn!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, rejected = r.rejected, example = ?path, why = %why, "agent fault: discovered entries outside the watch rejected");
+                        }
+                        tracing::debug!(agent = %s.agent, watch = batch.watch_id, reported = entries.len(), new = r.inserted, "discovery");
+                        if r.inserted > 0 {
+                            self.coord.files_due().await;
+                        }
+                    }
                 }
             }
             Body::PollReport(report) => {
@@ -455,7 +465,7 @@ impl AgentStreams {
                         tracing::info!(agent = %s.agent, file = r.file_id, status = %to, "transfer result")
                     }
                     Outcome::Stale | Outcome::Illegal(_) => {
-                        tracing::warn!(agent = %s.agent, file = r.file_id, token = r.fencing_token, "stale transfer result ignored")
+                        tracing::warn!(agent = %s.agent, file = r.file_id, token = r.fencing_token, "transfer result ignored: the file is not leased to this agent with this token")
                     }
                 }
                 // Capacity freed and maybe a retry is due: wake the scheduler.
@@ -465,10 +475,12 @@ impl AgentStreams {
                 if !r.ok {
                     tracing::warn!(agent = %s.agent, file = r.file_id, error = %r.message, "post-action failed");
                 }
-                results::record_post_action(db, &s.agent, &r).await?;
+                if !results::record_post_action(db, &s.agent, &r).await? {
+                    tracing::warn!(agent = %s.agent, file = r.file_id, "post-action result for a post-action not pending with this agent ignored");
+                }
             }
             Body::HostKeyProbeResult(r) => {
-                if !self.probes.resolve(r) {
+                if !self.probes.resolve(&s.agent, r) {
                     tracing::info!(agent = %s.agent, "host-key probe answer nobody waits for");
                 }
             }

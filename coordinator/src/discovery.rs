@@ -2,35 +2,108 @@
 //! `file_events` row (`NULL -> new`), idempotent on (watch, path, size, mtime),
 //! one statement per batch. Creating a row is not a move between statuses, so
 //! it does not go through [`crate::transitions`].
+//!
+//! **Architecture invariant:** a discovery counts only from the agent holding
+//! the server's poll lease, for a live watch of that server, and only for
+//! entries inside the watch ([`WatchScope::check`]: under its directory,
+//! matching its glob, respecting `recursive`, sane size and mtime). Other
+//! entries are rejected one by one; the valid entries of the batch still land.
 
+use anyhow::Context;
+use ferry_common::discovery::{Entry, EntryFault, WatchScope};
 use sqlx::PgPool;
 
-use crate::error::StoreResult;
-
-/// One stable remote file reported by an agent.
+/// One file as an agent reported it (not yet checked).
 #[derive(Debug, Clone)]
 pub(crate) struct Discovered {
     pub path: String,
-    pub size: i64,
+    pub size: u64,
     pub mtime_unix: i64,
 }
 
-/// Inserts the batch for `watch_id` of `server_id`, if `agent` currently holds
-/// the server's poll lease and the watch is live. Returns the number of new rows.
+/// What became of a batch.
+#[derive(Debug)]
+pub(crate) enum BatchOutcome {
+    /// The agent does not hold the server's poll lease, or the watch is not a
+    /// live watch of that server: nothing was recorded.
+    NotPolled,
+    Recorded(Recorded),
+}
+
+/// A batch from the poll-lease holder.
+#[derive(Debug, Default)]
+pub(crate) struct Recorded {
+    /// New file rows.
+    pub inserted: u64,
+    /// Entries rejected as not being files of the watch.
+    pub rejected: usize,
+    /// The first rejected entry and why.
+    pub example: Option<(String, EntryFault)>,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct ScopeRow {
+    directory: String,
+    glob: String,
+    recursive: bool,
+}
+
+/// Records the batch for `watch_id` of `server_id` if `agent` currently holds
+/// the server's poll lease and the watch is live; entries outside the watch
+/// are rejected individually.
 pub(crate) async fn record_batch(
     db: &PgPool,
     agent: &str,
     server_id: i64,
     watch_id: i64,
     entries: &[Discovered],
-) -> StoreResult<u64> {
+) -> anyhow::Result<BatchOutcome> {
+    let scope: Option<ScopeRow> = sqlx::query_as(
+        "SELECT w.directory, w.glob, w.recursive FROM watches w JOIN servers s ON s.id = w.server_id \
+         WHERE w.id = $1 AND s.id = $2 AND w.deleted_at IS NULL AND w.enabled \
+           AND s.deleted_at IS NULL AND s.enabled AND s.poller_agent = $3",
+    )
+    .bind(watch_id)
+    .bind(server_id)
+    .bind(agent)
+    .fetch_optional(db)
+    .await?;
+    let Some(scope) = scope else {
+        return Ok(BatchOutcome::NotPolled);
+    };
+    let scope = WatchScope::new(&scope.directory, &scope.glob, scope.recursive)
+        .with_context(|| format!("watch {watch_id} as stored"))?;
+    let mut recorded = Recorded::default();
+    let mut valid: Vec<Entry> = Vec::with_capacity(entries.len());
+    for e in entries {
+        match scope.check(&e.path, e.size, e.mtime_unix) {
+            Ok(entry) => valid.push(entry),
+            Err(fault) => {
+                recorded.rejected += 1;
+                recorded.example.get_or_insert((e.path.clone(), fault));
+            }
+        }
+    }
+    recorded.inserted = insert(db, agent, server_id, watch_id, &valid).await?;
+    Ok(BatchOutcome::Recorded(recorded))
+}
+
+/// Inserts checked entries; the poll lease is checked again in the same
+/// statement, so a lease that moved meanwhile records nothing.
+async fn insert(
+    db: &PgPool,
+    agent: &str,
+    server_id: i64,
+    watch_id: i64,
+    entries: &[Entry],
+) -> sqlx::Result<u64> {
     if entries.is_empty() {
         return Ok(0);
     }
     let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
     let sizes: Vec<i64> = entries.iter().map(|e| e.size).collect();
     let mtimes: Vec<i64> = entries.iter().map(|e| e.mtime_unix).collect();
-    let inserted = sqlx::query(
+    Ok(sqlx::query(
         "WITH allowed AS ( \
             SELECT w.id FROM watches w JOIN servers s ON s.id = w.server_id \
             WHERE w.id = $4 AND s.id = $5 AND w.deleted_at IS NULL AND w.enabled \
@@ -51,6 +124,5 @@ pub(crate) async fn record_batch(
     .bind(agent)
     .execute(db)
     .await?
-    .rows_affected();
-    Ok(inserted)
+    .rows_affected())
 }

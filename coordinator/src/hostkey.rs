@@ -56,26 +56,40 @@ pub(crate) enum ProbeError {
     },
 }
 
-/// Probes waiting for their agent's answer, by request id.
+/// A probe waiting for its answer: who was asked, and where the answer goes.
+type Waiting = (String, oneshot::Sender<proto::HostKeyProbeResult>);
+
+/// Probes waiting for their agent's answer, by request id. An answer counts
+/// only from the agent the probe was sent to.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct PendingProbes(
-    Arc<Mutex<HashMap<String, oneshot::Sender<proto::HostKeyProbeResult>>>>,
-);
+pub(crate) struct PendingProbes(Arc<Mutex<HashMap<String, Waiting>>>);
 
 impl PendingProbes {
-    /// A new request id and the receiver of its answer.
-    pub(crate) fn register(&self) -> (String, oneshot::Receiver<proto::HostKeyProbeResult>) {
+    /// A new request id for a probe sent to `agent`, and the receiver of its answer.
+    pub(crate) fn register(
+        &self,
+        agent: &str,
+    ) -> (String, oneshot::Receiver<proto::HostKeyProbeResult>) {
         let id = Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
-        lock(&self.0).insert(id.clone(), tx);
+        lock(&self.0).insert(id.clone(), (agent.to_string(), tx));
         (id, rx)
     }
 
-    /// Hands an agent's answer to the waiting caller; false if nobody waits
-    /// (unknown id, or the caller gave up).
-    pub(crate) fn resolve(&self, result: proto::HostKeyProbeResult) -> bool {
-        match lock(&self.0).remove(&result.request_id) {
-            Some(tx) => tx.send(result).is_ok(),
+    /// Hands `agent`'s answer to the waiting caller; false if nobody waits
+    /// for this id from this agent (unknown id, another agent's probe, or the
+    /// caller gave up).
+    pub(crate) fn resolve(&self, agent: &str, result: proto::HostKeyProbeResult) -> bool {
+        let mut pending = lock(&self.0);
+        if pending
+            .get(&result.request_id)
+            .map(|(asked, _)| asked.as_str())
+            != Some(agent)
+        {
+            return false;
+        }
+        match pending.remove(&result.request_id) {
+            Some((_, tx)) => tx.send(result).is_ok(),
             None => false,
         }
     }
@@ -92,27 +106,48 @@ mod tests {
     #[test]
     fn answers_reach_their_own_request_only() {
         let pending = PendingProbes::default();
-        let (a, mut rx_a) = pending.register();
-        let (b, _rx_b) = pending.register();
-        assert!(!pending.resolve(proto::HostKeyProbeResult {
-            request_id: "unknown".into(),
-            ..Default::default()
-        }));
-        assert!(pending.resolve(proto::HostKeyProbeResult {
-            request_id: a.clone(),
-            fingerprint: "SHA256:x".into(),
-            ..Default::default()
-        }));
+        let (a, mut rx_a) = pending.register("site-agent");
+        let (b, _rx_b) = pending.register("site-agent");
+        assert!(!pending.resolve(
+            "site-agent",
+            proto::HostKeyProbeResult {
+                request_id: "unknown".into(),
+                ..Default::default()
+            }
+        ));
+        // Another agent cannot answer, even knowing the id.
+        assert!(!pending.resolve(
+            "mallory",
+            proto::HostKeyProbeResult {
+                request_id: a.clone(),
+                fingerprint: "SHA256:forged".into(),
+                ..Default::default()
+            }
+        ));
+        assert!(pending.resolve(
+            "site-agent",
+            proto::HostKeyProbeResult {
+                request_id: a.clone(),
+                fingerprint: "SHA256:x".into(),
+                ..Default::default()
+            }
+        ));
         assert_eq!(rx_a.try_recv().unwrap().fingerprint, "SHA256:x");
         // An answer counts once.
-        assert!(!pending.resolve(proto::HostKeyProbeResult {
-            request_id: a,
-            ..Default::default()
-        }));
+        assert!(!pending.resolve(
+            "site-agent",
+            proto::HostKeyProbeResult {
+                request_id: a,
+                ..Default::default()
+            }
+        ));
         pending.forget(&b);
-        assert!(!pending.resolve(proto::HostKeyProbeResult {
-            request_id: b,
-            ..Default::default()
-        }));
+        assert!(!pending.resolve(
+            "site-agent",
+            proto::HostKeyProbeResult {
+                request_id: b,
+                ..Default::default()
+            }
+        ));
     }
 }

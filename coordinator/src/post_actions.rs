@@ -2,8 +2,10 @@
 //! connected agent of the server's site; the agent's answer is recorded in
 //! `files.post_action_result` ([`crate::results::record_post_action`]).
 //!
-//! **Invariant:** a post-action is only ever requested for a `processed` file,
-//! that is, after the object is stored and its notification confirmed.
+//! **Invariants:** a post-action is only ever requested for a `processed` file,
+//! that is, after the object is stored and its notification confirmed. The
+//! agent it is sent to is recorded first (`files.post_action_agent`), and only
+//! that agent's answer counts; a resend to another agent moves the record.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -68,6 +70,9 @@ impl PostActions {
             else {
                 continue;
             };
+            if !record_recipient(coord, d.file_id, &agent.agent).await? {
+                continue;
+            }
             let req = proto::PostActionRequest {
                 file_id: d.file_id,
                 source: Some(d.conn.to_proto(&coord.secrets)?),
@@ -81,4 +86,19 @@ impl PostActions {
         }
         Ok(sent)
     }
+}
+
+/// Records that `file_id`'s post-action goes to `agent`, if it is still
+/// pending; false if it no longer is (answered meanwhile).
+async fn record_recipient(coord: &Coordinator, file_id: i64, agent: &str) -> anyhow::Result<bool> {
+    let n = sqlx::query(
+        "UPDATE files SET post_action_agent = $2 \
+         WHERE id = $1 AND status = 'processed' AND post_action_result IS NULL",
+    )
+    .bind(file_id)
+    .bind(agent)
+    .execute(&coord.db)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
 }

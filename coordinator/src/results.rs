@@ -1,11 +1,16 @@
 //! What agents report about their transfers: results become lifecycle events
-//! applied by [`crate::transitions`] (which checks the fencing token and, on
-//! success, writes the outbox row in the same transaction); progress renews
-//! the lease; post-action outcomes are recorded on `processed` files.
+//! applied by [`crate::transitions`] (which checks the lease holder and the
+//! fencing token and, on success, the assigned location, and writes the
+//! outbox row in the same transaction); progress renews the lease;
+//! post-action outcomes are recorded on `processed` files.
 //!
-//! **Architecture invariant:** a result counts only if its fencing token is the
-//! file's current one and the file is still `in_progress`; anything else is a
-//! stale agent and is ignored.
+//! **Architecture invariant:** everything here counts only for the agent it
+//! was given to. A result or progress report counts only if the reporting
+//! agent holds the file's lease, its fencing token is the file's current one
+//! and the file is still `in_progress`; renewal never changes the owner. A
+//! post-action outcome counts only from the agent the post-action was sent
+//! to (`files.post_action_agent`). Anything else is ignored: safety does not
+//! rest on fencing tokens being unguessable.
 
 use std::time::Duration;
 
@@ -17,7 +22,9 @@ use sqlx::PgPool;
 use crate::error::StoreResult;
 use crate::transitions::{self, Change, Outcome};
 
-/// Renews the lease of a running transfer (progress report).
+/// Renews the lease of a running transfer that `agent` holds (progress
+/// report, or a transfer that survived a reconnect). False if it does not
+/// hold it (any more): another agent's lease is never touched.
 pub(crate) async fn renew_lease(
     db: &PgPool,
     file_id: i64,
@@ -29,8 +36,8 @@ pub(crate) async fn renew_lease(
         return Ok(false);
     };
     let n = sqlx::query(
-        "UPDATE files SET lease_expires_at = now() + make_interval(secs => $4), lease_owner = $3 \
-         WHERE id = $1 AND fencing_token = $2 AND status = 'in_progress'",
+        "UPDATE files SET lease_expires_at = now() + make_interval(secs => $4) \
+         WHERE id = $1 AND fencing_token = $2 AND status = 'in_progress' AND lease_owner = $3",
     )
     .bind(file_id)
     .bind(token)
@@ -63,7 +70,8 @@ fn event(result: &proto::TaskResult) -> Event {
     }
 }
 
-/// Applies one transfer result of `agent`.
+/// Applies one transfer result of `agent`: stale unless `agent` holds the
+/// file's lease with this fencing token.
 pub(crate) async fn apply(
     db: &PgPool,
     agent: &str,
@@ -73,29 +81,35 @@ pub(crate) async fn apply(
     let Ok(token) = i64::try_from(result.fencing_token) else {
         return Ok(Outcome::Stale);
     };
-    let change = Change::fenced(result.file_id, token, event(result));
+    let change = Change::fenced(result.file_id, token, event(result)).held_by(agent);
     transitions::apply_one(db, &format!("agent:{agent}"), policy, change).await
 }
 
-/// Records the outcome of a post-action (`done`, or the error text). Not a
-/// status change: the file stays `processed`, with a history row.
+/// Records the outcome of a post-action (`done`, or the error text) if it was
+/// sent to `agent` and is still pending. Not a status change: the file stays
+/// `processed`, with a history row. Returns whether it was recorded.
 pub(crate) async fn record_post_action(
     db: &PgPool,
     agent: &str,
     r: &proto::PostActionResult,
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     let text = if r.ok {
         "done".to_string()
     } else {
         format!("error: {}", r.message)
     };
     let mut tx = db.begin().await?;
-    let n = sqlx::query("UPDATE files SET post_action_result = $2, updated_at = now() WHERE id = $1 AND status = 'processed'")
-        .bind(r.file_id)
-        .bind(&text)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let n = sqlx::query(
+        "UPDATE files SET post_action_result = $2, updated_at = now() \
+         WHERE id = $1 AND status = 'processed' AND post_action_result IS NULL \
+           AND post_action_agent = $3",
+    )
+    .bind(r.file_id)
+    .bind(&text)
+    .bind(agent)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
     if n == 1 {
         sqlx::query(
             "INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
@@ -108,7 +122,7 @@ pub(crate) async fn record_post_action(
         .await?;
     }
     tx.commit().await?;
-    Ok(())
+    Ok(n == 1)
 }
 
 #[cfg(test)]

@@ -7,6 +7,9 @@
 //!   transfers, so `max_sessions` holds across all coordinators.
 //! - Every assignment bumps the file's fencing token ([`crate::transitions`]);
 //!   a result carrying an older token is stale.
+//! - The object location of a task is decided here and recorded on the file
+//!   (`assigned_bucket`, `assigned_key`) before the task is sent; a success
+//!   report naming another location is a failed attempt.
 //! - Claims rotate over servers one file at a time, so a busy server cannot
 //!   starve the others.
 
@@ -156,12 +159,17 @@ pub(crate) enum AssignmentError {
     /// Reading what the task needs failed: the round is retried.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The claim changed hands before the task was recorded (e.g. the lease
+    /// was reaped): nothing to send.
+    #[error("file {file_id} is no longer in progress with fencing token {token}")]
+    Gone { file_id: i64, token: i64 },
     /// The server's credentials could not be unsealed: the round is retried.
     #[error("server credentials: {0:#}")]
     Secrets(anyhow::Error),
 }
 
-/// Builds the task for a claimed file.
+/// Builds the task for a claimed file and records its object location on the
+/// file row (for this fencing token), so the result can be checked against it.
 pub(crate) async fn assignment(
     db: &PgPool,
     secrets: &SecretBox,
@@ -191,6 +199,24 @@ pub(crate) async fn assignment(
         .conn
         .to_proto(secrets)
         .map_err(AssignmentError::Secrets)?;
+    let recorded = sqlx::query(
+        "UPDATE files SET assigned_bucket = $3, assigned_key = $4 \
+         WHERE id = $1 AND fencing_token = $2 AND status = 'in_progress'",
+    )
+    .bind(file.id)
+    .bind(file.fencing_token)
+    .bind(&src.bucket)
+    .bind(&key)
+    .execute(db)
+    .await
+    .map_err(StoreError::from)?
+    .rows_affected();
+    if recorded != 1 {
+        return Err(AssignmentError::Gone {
+            file_id: file.id,
+            token: file.fencing_token,
+        });
+    }
     let metadata = HashMap::from([
         ("ferry-file-id".to_string(), file.id.to_string()),
         ("ferry-server".to_string(), src.conn.name.clone()),
@@ -274,6 +300,9 @@ pub(crate) async fn schedule_site(
                     );
                     let actor = format!("coordinator:{coordinator}");
                     transitions::apply_one(db, &actor, policy, change).await?;
+                }
+                Err(e @ AssignmentError::Gone { .. }) => {
+                    tracing::info!(error = %e, "claimed file not assigned");
                 }
                 // The claimed file keeps its lease; the reaper requeues it.
                 Err(e) => {

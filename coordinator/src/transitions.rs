@@ -8,11 +8,19 @@
 //! `file_events` row per move, and for `Stored` the `outbox` row carrying the
 //! [`Announcement`], built here from the locked row.
 //!
-//! **Architecture invariant:** the fencing check lives here. A change that
-//! names a fencing token (an agent's result, the rejection of a claim) counts
-//! only while the file is `in_progress` with exactly that token; a lease
-//! expiry counts only while the named owner still holds an expired lease.
-//! Anything else is [`Outcome::Stale`] and writes nothing.
+//! **Architecture invariant:** the fencing and ownership checks live here. A
+//! change that names a fencing token (an agent's result, the rejection of a
+//! claim) counts only while the file is `in_progress` with exactly that
+//! token; a change that names a lease holder (every agent's result) counts
+//! only while that agent holds the lease, so a guessed token changes nothing;
+//! a lease expiry counts only while the named owner still holds an expired
+//! lease. Anything else is [`Outcome::Stale`] and writes nothing.
+//!
+//! **Architecture invariant:** the object location is the assigned one. A
+//! `Stored` report is checked against the file's size and the location the
+//! scheduler assigned (`files.assigned_bucket`/`assigned_key`,
+//! [`ferry_common::lifecycle::Stored::mismatch`]); one that differs is a
+//! failed attempt, and the location written and announced is the assigned one.
 //!
 //! Every status change goes through here: the scheduler's claim and lease
 //! reaper, transfer results, rejections of unsafe keys, the relay's confirms
@@ -29,7 +37,7 @@ use chrono::{DateTime, Utc};
 use ferry_common::announcement::{Announcement, SCHEMA_VERSION};
 use ferry_common::domain::FileStatus;
 use ferry_common::lifecycle::{
-    self, Event, FailureKind, IllegalTransition, RetryPolicy, Stored, Transition,
+    self, Event, Expected, FailureKind, IllegalTransition, RetryPolicy, Stored, Transition,
 };
 use sqlx::{PgConnection, PgPool};
 
@@ -43,6 +51,8 @@ pub(crate) struct Change {
     /// The assignment this change belongs to: `Some` for agents' results and
     /// rejections of a claim, checked against the file's fencing token.
     pub token: Option<i64>,
+    /// The agent that must hold the file's lease: `Some` for agents' results.
+    pub holder: Option<String>,
 }
 
 impl Change {
@@ -51,6 +61,7 @@ impl Change {
             file_id,
             event,
             token: None,
+            holder: None,
         }
     }
 
@@ -60,6 +71,16 @@ impl Change {
             file_id,
             event,
             token: Some(token),
+            holder: None,
+        }
+    }
+
+    /// This change counts only while `agent` holds the file's lease (an
+    /// agent's own result: another agent cannot speak for it).
+    pub(crate) fn held_by(self, agent: &str) -> Self {
+        Change {
+            holder: Some(agent.to_string()),
+            ..self
         }
     }
 }
@@ -114,6 +135,8 @@ struct Row {
     size: i64,
     mtime_unix: i64,
     discovered_at: DateTime<Utc>,
+    assigned_bucket: Option<String>,
+    assigned_key: Option<String>,
 }
 
 /// Applies `changes` in its own transaction; see [`apply`].
@@ -161,7 +184,8 @@ pub(crate) async fn apply(
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT f.id, f.status, f.attempts, f.fencing_token, f.lease_owner, \
                 COALESCE(f.lease_expires_at < now(), false) AS lease_expired, \
-                f.server_id, s.name AS server, f.watch_id, f.path, f.size, f.mtime_unix, f.discovered_at \
+                f.server_id, s.name AS server, f.watch_id, f.path, f.size, f.mtime_unix, f.discovered_at, \
+                f.assigned_bucket, f.assigned_key \
          FROM files f JOIN servers s ON s.id = f.server_id \
          WHERE f.id = ANY($1) ORDER BY f.id FOR UPDATE OF f",
     )
@@ -220,13 +244,18 @@ fn decide(row: &Row, change: &Change, policy: &RetryPolicy) -> StoreResult<Decis
     {
         return Ok(Decision::Stale);
     }
+    if let Some(holder) = &change.holder
+        && row.lease_owner.as_ref() != Some(holder)
+    {
+        return Ok(Decision::Stale);
+    }
     if let Event::LeaseExpired { owner } = &change.event
         && (!row.lease_expired || row.lease_owner != *owner)
     {
         return Ok(Decision::Stale);
     }
     let event = match &change.event {
-        Event::Stored(s) => match s.mismatch(size(row)?) {
+        Event::Stored(s) => match s.mismatch(&expected(row)?) {
             Some(message) => Event::TransferFailed {
                 kind: FailureKind::Transient,
                 message,
@@ -241,6 +270,17 @@ fn decide(row: &Row, change: &Change, policy: &RetryPolicy) -> StoreResult<Decis
             Err(e) => Decision::Illegal(e),
         },
     )
+}
+
+/// What the current assignment of `row` gave its agent. A file assigned
+/// before its location was recorded expects an empty one, so its report is a
+/// failed attempt and the retry records it.
+fn expected(row: &Row) -> StoreResult<Expected<'_>> {
+    Ok(Expected {
+        size: size(row)?,
+        bucket: row.assigned_bucket.as_deref().unwrap_or_default(),
+        key: row.assigned_key.as_deref().unwrap_or_default(),
+    })
 }
 
 fn size(row: &Row) -> StoreResult<u64> {
@@ -614,11 +654,35 @@ mod tests {
             "an illegal event writes nothing"
         );
 
-        // Guards: an older token, and a lease that has not expired, are stale.
+        // The scheduler records where the object goes (scheduler::assignment).
+        sqlx::query("UPDATE files SET assigned_bucket = 'bkt', assigned_key = 'acme/a.csv'")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+
+        // Guards: an older token, another agent than the lease holder (even
+        // with the right token), and a lease that has not expired, are stale.
         let stale = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 0, stored(12)))
             .await
             .unwrap();
         assert_eq!(stale, Outcome::Stale);
+        let lost = Event::TransferFailed {
+            kind: FailureKind::Lost,
+            message: "says mallory".into(),
+        };
+        let stale = apply_one(
+            &db.pool,
+            "agent:mallory",
+            &p,
+            Change::fenced(a, 1, lost).held_by("mallory"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            stale,
+            Outcome::Stale,
+            "only the lease holder's result counts"
+        );
         let not_expired = Event::LeaseExpired {
             owner: Some("a1".into()),
         };
@@ -629,9 +693,14 @@ mod tests {
         assert_eq!(db.file(a).await.0, "in_progress");
 
         // A success report that does not match the file is a failed attempt.
-        let wrong = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 1, stored(13)))
-            .await
-            .unwrap();
+        let wrong = apply_one(
+            &db.pool,
+            "agent:a1",
+            &p,
+            Change::fenced(a, 1, stored(13)).held_by("a1"),
+        )
+        .await
+        .unwrap();
         assert_eq!(wrong.moved_to(), Some(S::Error));
         let (status, token, attempts, owner, error) = db.file(a).await;
         assert_eq!(
@@ -661,13 +730,54 @@ mod tests {
             again,
             moved(S::Error, S::InProgress, "assigned to agent a1 (attempt 2)")
         );
-        let ok = apply_one(&db.pool, "agent:a1", &p, Change::fenced(a, 2, stored(12)))
+        // A report naming another location than the assigned one is a failed
+        // attempt too, and nothing of it is stored or announced.
+        let Event::Stored(elsewhere) = stored(12) else {
+            unreachable!("stored() is a Stored event")
+        };
+        let elsewhere = Event::Stored(Stored {
+            key: "stolen/a.csv".into(),
+            ..elsewhere
+        });
+        let moved_away = apply_one(
+            &db.pool,
+            "agent:a1",
+            &p,
+            Change::fenced(a, 2, elsewhere).held_by("a1"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(moved_away.moved_to(), Some(S::Error));
+        let (bucket, key, error): (Option<String>, Option<String>, Option<String>) =
+            sqlx::query_as("SELECT bucket, object_key, last_error FROM files WHERE id = $1")
+                .bind(a)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!((bucket, key), (None, None));
+        assert!(error.unwrap().contains("stolen/a.csv"));
+        sqlx::query("UPDATE files SET next_attempt_at = now() WHERE id = $1")
+            .bind(a)
+            .execute(&db.pool)
             .await
             .unwrap();
+        let again = apply_one(&db.pool, "coordinator:c1", &p, Change::new(a, assigned()))
+            .await
+            .unwrap();
+        assert_eq!(again.moved_to(), Some(S::InProgress));
+
+        let ok = apply_one(
+            &db.pool,
+            "agent:a1",
+            &p,
+            Change::fenced(a, 3, stored(12)).held_by("a1"),
+        )
+        .await
+        .unwrap();
         assert_eq!(ok.moved_to(), Some(S::Uploaded));
         assert_eq!(
             db.file(a).await,
-            ("uploaded".into(), 2, 2, None, None),
+            ("uploaded".into(), 3, 3, None, None),
             "the lease and the last error are cleared"
         );
         let payloads: Vec<serde_json::Value> =
@@ -712,6 +822,8 @@ mod tests {
             history,
             [
                 "new>in_progress coordinator:c1",
+                "in_progress>error agent:a1",
+                "error>in_progress coordinator:c1",
                 "in_progress>error agent:a1",
                 "error>in_progress coordinator:c1",
                 "in_progress>uploaded agent:a1",

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use sqlx::PgPool;
+
 use ferry_proto::agent_service_client::AgentServiceClient;
 use ferry_proto::tls::TlsPaths;
 use ferry_proto::{self as proto, agent_message::Body, coordinator_message::Body as CBody};
@@ -22,11 +24,24 @@ pub struct RogueAgent {
 
 impl RogueAgent {
     /// Opens a stream to `endpoint` (`https://127.0.0.1:PORT`) with `certs`
-    /// and sends a hello claiming `site`. `Err` is the coordinator's refusal.
+    /// and sends a hello claiming `site` (capacity 4). `Err` is the
+    /// coordinator's refusal.
     pub async fn connect(
         endpoint: &str,
         certs: &CertFiles,
         site: &str,
+    ) -> Result<RogueAgent, tonic::Status> {
+        Self::connect_with_capacity(endpoint, certs, site, 4).await
+    }
+
+    /// Like [`RogueAgent::connect`] with the transfer `capacity` the hello
+    /// announces: 0 takes no tasks; the only agent of a site with capacity > 0
+    /// gets every task of that site.
+    pub async fn connect_with_capacity(
+        endpoint: &str,
+        certs: &CertFiles,
+        site: &str,
+        capacity: u32,
     ) -> Result<RogueAgent, tonic::Status> {
         let tls = TlsPaths {
             ca: certs.ca.clone(),
@@ -48,7 +63,7 @@ impl RogueAgent {
             body: Some(Body::Hello(proto::Hello {
                 version: "rogue".into(),
                 site: site.into(),
-                capacity: 4,
+                capacity,
                 running_tasks: Vec::new(),
             })),
         })
@@ -84,4 +99,65 @@ impl RogueAgent {
             }
         }
     }
+
+    /// Reads the stream until `pick` accepts a message (others are dropped);
+    /// panics naming `what` if none comes within `timeout` or the stream ends.
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut pick: impl FnMut(&CBody) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.inbound.message()).await {
+                Err(_) => panic!("rogue agent: no {what} within {timeout:?}"),
+                Ok(Ok(Some(proto::CoordinatorMessage { body: Some(b) }))) => {
+                    if let Some(t) = pick(&b) {
+                        return t;
+                    }
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => panic!("rogue agent: stream ended while waiting for {what}"),
+                Ok(Err(status)) => {
+                    panic!("rogue agent: stream failed waiting for {what}: {status}")
+                }
+            }
+        }
+    }
+
+    /// Waits until the coordinator handled everything sent so far: the
+    /// coordinator handles one stream's messages in order, so once a heartbeat
+    /// sent last is recorded (`agents.errors` = a fresh marker for `name`,
+    /// this stream's agent), every earlier message was handled.
+    pub async fn barrier(&self, db: &PgPool, name: &str) {
+        let marker = u64::from(next_marker());
+        self.send(Body::Heartbeat(proto::Heartbeat {
+            errors: marker,
+            ..Default::default()
+        }))
+        .await;
+        crate::eventually(
+            "the rogue agent's messages to be handled",
+            Duration::from_secs(30),
+            || async {
+                let errors: Option<i64> =
+                    sqlx::query_scalar("SELECT errors FROM agents WHERE name = $1")
+                        .bind(name)
+                        .fetch_optional(db)
+                        .await
+                        .ok()
+                        .flatten();
+                (errors == Some(marker as i64)).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// A heartbeat marker unlikely to repeat within a test.
+fn next_marker() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1_000_000);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
