@@ -36,11 +36,14 @@ use crate::transitions::Outcome;
 pub(crate) const HEARTBEAT_SECS: u32 = 5;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How transfers are leased and retried.
+/// How transfers are leased and retried, and how much may wait for an agent.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TaskSettings {
     pub lease: Duration,
     pub retry: RetryPolicy,
+    /// Messages queued per agent stream before the agent counts as not
+    /// reading and is disconnected.
+    pub send_queue: usize,
 }
 
 /// One live agent stream on this coordinator.
@@ -90,12 +93,29 @@ impl Session {
         self.ended.cancel();
     }
 
-    /// Queues a message; false if the stream is gone.
+    /// Queues a message without waiting; false if the stream is gone.
+    ///
+    /// **Invariant:** sending never blocks the loops that serve every agent
+    /// (poll reconciler, scheduler, post-actions). An agent whose queue is
+    /// full is not reading its stream: it is disconnected
+    /// (`RESOURCE_EXHAUSTED`), and what it held comes back through its leases.
     pub(crate) async fn send(&self, body: proto::coordinator_message::Body) -> bool {
-        self.tx
-            .send(proto::CoordinatorMessage { body: Some(body) })
-            .await
-            .is_ok()
+        match self
+            .tx
+            .try_send(proto::CoordinatorMessage { body: Some(body) })
+        {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(agent = %self.agent, queued = self.tx.max_capacity(), "agent does not read its stream; disconnecting it");
+                self.close(Status::resource_exhausted(format!(
+                    "agent {}: {} messages queued and not read; the coordinator closed the stream",
+                    self.agent,
+                    self.tx.max_capacity()
+                )));
+                false
+            }
+        }
     }
 }
 
@@ -531,7 +551,7 @@ impl AgentService for AgentStreams {
                 session.task_started(t.file_id);
             }
         }
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(self.settings.send_queue.max(1));
         session.tx = tx;
         session
             .send(proto::coordinator_message::Body::Welcome(proto::Welcome {

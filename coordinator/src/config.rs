@@ -69,6 +69,11 @@ pub(crate) struct ServeArgs {
     /// A task whose lease expires (agent died) is requeued.
     #[arg(long, env = "FERRY_TASK_LEASE_SECS", default_value_t = 60)]
     pub task_lease_secs: u64,
+    /// Messages queued for one agent stream before the agent counts as not
+    /// reading it and is disconnected (so one stuck agent never blocks the
+    /// loops serving the others).
+    #[arg(long, env = "FERRY_AGENT_SEND_QUEUE", default_value_t = 1024)]
+    pub agent_send_queue: usize,
     /// Transfer attempts before a file becomes `failed`.
     #[arg(long, env = "FERRY_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,

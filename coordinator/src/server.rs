@@ -78,6 +78,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
                 Duration::from_secs(args.retry_max_secs),
             ),
         },
+        send_queue: args.agent_send_queue.clamp(1, 1 << 20),
     };
     let agents = AgentStreams::new(coord.clone(), settings, cancel.clone());
     let agent_service = AgentServiceServer::with_interceptor(agents.clone(), require_agent);

@@ -11,6 +11,7 @@ mod discovery;
 mod harness_smoke;
 mod remote_site;
 mod security;
+mod slow_agents;
 mod stack;
 mod transfer;
 mod trust;

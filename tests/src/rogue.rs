@@ -55,6 +55,10 @@ impl RogueAgent {
             .unwrap_or_else(|e| panic!("endpoint {endpoint}: {e}"))
             .tls_config(tls)
             .unwrap_or_else(|e| panic!("TLS config: {e}"))
+            // The HTTP/2 minimum (64 KiB) instead of hyper's megabytes: a
+            // rogue that stops reading backs the coordinator up quickly.
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
             .connect()
             .await
             .unwrap_or_else(|e| panic!("connect to {endpoint}: {e}"));
