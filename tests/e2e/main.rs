@@ -8,6 +8,7 @@ mod ctl;
 mod discovery;
 mod harness_smoke;
 mod remote_site;
+mod secrets;
 mod security;
 mod stack;
 mod transfer;
