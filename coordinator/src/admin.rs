@@ -159,10 +159,10 @@ impl Admin {
     async fn update_server(&self, r: proto::UpdateServerRequest) -> ApiResult<proto::Server> {
         let db = &self.coord.db;
         let row = registry::get_server(db, r.id).await?;
-        let current = registry::server_credential(db, &self.coord.secrets, r.id).await?;
-        let credential_changed = r.auth.is_some();
+        // A new password or key needs no stored one: that is how an operator
+        // repairs a server whose stored credential no longer opens.
         let credential = match &r.auth {
-            None => current,
+            None => registry::server_credential(db, &self.coord.secrets, r.id).await?,
             Some(update_server_request::Auth::Password(p)) => {
                 registry::password_credential(&p.password)?
             }
@@ -171,6 +171,7 @@ impl Admin {
             }
             Some(update_server_request::Auth::Passphrase(passphrase)) => {
                 // Only the passphrase changes: it must belong to the stored key.
+                let current = registry::server_credential(db, &self.coord.secrets, r.id).await?;
                 let Credential::PrivateKey { pem, .. } = &current else {
                     return Err(FieldError::new(
                         "passphrase",
@@ -218,8 +219,7 @@ impl Admin {
             enabled: r.enabled.unwrap_or(row.enabled),
         };
         spec.check()?;
-        let row = registry::update_server(db, &self.coord.secrets, r.id, &spec, credential_changed)
-            .await?;
+        let row = registry::update_server(db, &self.coord.secrets, r.id, &spec).await?;
         tracing::info!(server = %row.name, id = row.id, "server updated");
         self.coord.registry_changed().await;
         Ok(convert::server(&row))

@@ -1,4 +1,7 @@
 //! Command line of `ferry-coordinator`: every flag is also an environment variable.
+//!
+//! **Invariant:** flags that can hold a secret (URLs with passwords) are
+//! `hide_env_values`, so `--help` never echoes them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,8 +36,9 @@ pub(crate) enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct DatabaseArgs {
-    /// Postgres URL, e.g. postgres://ferry@127.0.0.1:5432/ferry.
-    #[arg(long, env = "FERRY_DATABASE_URL")]
+    /// Postgres URL, e.g. postgres://ferry@127.0.0.1:5432/ferry. It may hold a
+    /// password: `--help` never shows the variable's value.
+    #[arg(long, env = "FERRY_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Maximum Postgres connections of this process.
     #[arg(long, env = "FERRY_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
@@ -84,8 +88,9 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "FERRY_RETRY_MAX_SECS", default_value_t = 3600)]
     pub retry_max_secs: u64,
     /// AMQP broker URL (amqp://user:pass@host:5672/%2f). Without it nothing is
-    /// announced and stored files stay `uploaded`.
-    #[arg(long, env = "FERRY_AMQP_URL")]
+    /// announced and stored files stay `uploaded`. `--help` never shows the
+    /// variable's value (it holds a password).
+    #[arg(long, env = "FERRY_AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
     /// Durable topic exchange the notifications go to (declared if missing).
     #[arg(long, env = "FERRY_AMQP_EXCHANGE", default_value = "ferry")]

@@ -5,7 +5,7 @@
 //! **Architecture invariant:** a lease is taken only with a conditional UPDATE
 //! on an unleased or expired row, so two coordinators never both assign a server.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,7 +13,7 @@ use ferry_proto as proto;
 use sqlx::PgPool;
 
 use crate::error::ApiResult;
-use crate::registry::{CONNECTION_COLUMNS, ConnectionRow};
+use crate::registry::{self, CONNECTION_COLUMNS, ConnectionRow};
 use crate::secrets::SecretBox;
 
 /// How long a poll lease lives without renewal.
@@ -145,12 +145,27 @@ pub(crate) async fn desired(
     .fetch_all(db)
     .await?;
     let mut out: BTreeMap<i64, (String, proto::PollAssignment)> = BTreeMap::new();
+    let mut skipped = BTreeSet::new();
     for row in rows {
         let server_id = row.conn.server_id;
+        if skipped.contains(&server_id) {
+            continue;
+        }
         let entry = match out.get_mut(&server_id) {
             Some(e) => e,
             None => {
-                let conn = row.conn.to_proto(secrets)?;
+                let conn = match row.conn.connection(secrets) {
+                    Ok(conn) => conn,
+                    // Not this server's credential any more: it is not
+                    // polled (an old assignment is revoked) and says why.
+                    Err(e) => {
+                        if registry::record_credential_error(db, &e).await? {
+                            tracing::error!(error = %e, "server not assigned");
+                        }
+                        skipped.insert(server_id);
+                        continue;
+                    }
+                };
                 let version = format!("s{}", row.updated_at.timestamp_micros());
                 out.entry(server_id).or_insert((
                     version,

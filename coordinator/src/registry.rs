@@ -9,7 +9,7 @@ use ferry_common::validate::{self, FieldError};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::error::{ApiError, ApiResult, is_unique_violation};
-use crate::secrets::{Credential, SecretBox};
+use crate::secrets::{Binding, Credential, SealError, SealFormat, SecretBox};
 
 /// A server as stored, without its secret.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -94,6 +94,18 @@ impl ServerSpec {
         validate::max_sessions(self.max_sessions)?;
         Ok(())
     }
+
+    /// The binding of this spec's credential to the row with `id`.
+    fn binding(&self, id: i64) -> Binding<'_> {
+        Binding {
+            server_id: id,
+            hostname: &self.hostname,
+            port: i32::from(self.port),
+            username: &self.username,
+            host_key_fingerprint: &self.host_key_fingerprint,
+            site: &self.site,
+        }
+    }
 }
 
 fn map_server_write_error(e: sqlx::Error, name: &str) -> ApiError {
@@ -107,11 +119,7 @@ fn map_server_write_error(e: sqlx::Error, name: &str) -> ApiError {
 type ServerQuery<'q> = sqlx::query::QueryAs<'q, Postgres, ServerRow, sqlx::postgres::PgArguments>;
 
 /// Binds `$1..$11` of the insert and the update, in column order.
-fn bind_spec<'q>(
-    q: ServerQuery<'q>,
-    spec: &'q ServerSpec,
-    sealed: Option<Vec<u8>>,
-) -> ServerQuery<'q> {
+fn bind_spec<'q>(q: ServerQuery<'q>, spec: &'q ServerSpec, sealed: Vec<u8>) -> ServerQuery<'q> {
     q.bind(&spec.name)
         .bind(&spec.hostname)
         .bind(i32::from(spec.port))
@@ -125,44 +133,49 @@ fn bind_spec<'q>(
         .bind(spec.enabled)
 }
 
+/// Inserts a server. Its id is taken from the sequence first, so the
+/// credential is sealed bound to the row before the row exists.
 pub(crate) async fn insert_server(
     db: &PgPool,
     secrets: &SecretBox,
     spec: &ServerSpec,
 ) -> ApiResult<ServerRow> {
-    let sealed = secrets.seal(&spec.credential)?;
+    let id: i64 = sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('servers', 'id'))")
+        .fetch_one(db)
+        .await?;
+    let sealed = secrets.seal(&spec.credential, &spec.binding(id))?;
     let sql = format!(
         "INSERT INTO servers (name, hostname, port, username, auth_kind, secret_ciphertext, \
-         has_passphrase, host_key_fingerprint, site, max_sessions, enabled) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING {SERVER_COLUMNS}"
+         has_passphrase, host_key_fingerprint, site, max_sessions, enabled, id, secret_format) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) RETURNING {SERVER_COLUMNS}"
     );
-    bind_spec(sqlx::query_as(&sql), spec, Some(sealed))
+    bind_spec(sqlx::query_as(&sql), spec, sealed)
+        .bind(id)
+        .bind(SealFormat::BOUND)
         .fetch_one(db)
         .await
         .map_err(|e| map_server_write_error(e, &spec.name))
 }
 
-/// Updates a live server; the credential is re-sealed only when it changed.
+/// Updates a live server. The credential is always re-sealed: it is bound to
+/// the connection fields, which may be changing.
 pub(crate) async fn update_server(
     db: &PgPool,
     secrets: &SecretBox,
     id: i64,
     spec: &ServerSpec,
-    credential_changed: bool,
 ) -> ApiResult<ServerRow> {
-    let sealed = if credential_changed {
-        Some(secrets.seal(&spec.credential)?)
-    } else {
-        None
-    };
+    let sealed = secrets.seal(&spec.credential, &spec.binding(id))?;
     let sql = format!(
         "UPDATE servers SET name=$1, hostname=$2, port=$3, username=$4, \
-         auth_kind=$5, secret_ciphertext=COALESCE($6, secret_ciphertext), has_passphrase=$7, \
-         host_key_fingerprint=$8, site=$9, max_sessions=$10, enabled=$11, updated_at=now() \
+         auth_kind=$5, secret_ciphertext=$6, has_passphrase=$7, \
+         host_key_fingerprint=$8, site=$9, max_sessions=$10, enabled=$11, updated_at=now(), \
+         secret_format=$13 \
          WHERE id=$12 AND deleted_at IS NULL RETURNING {SERVER_COLUMNS}"
     );
     bind_spec(sqlx::query_as(&sql), spec, sealed)
         .bind(id)
+        .bind(SealFormat::BOUND)
         .fetch_optional(db)
         .await
         .map_err(|e| map_server_write_error(e, &spec.name))?
@@ -214,12 +227,15 @@ pub(crate) async fn server_credential(
     secrets: &SecretBox,
     id: i64,
 ) -> ApiResult<Credential> {
-    let sealed: Vec<u8> = sqlx::query_scalar("SELECT secret_ciphertext FROM servers WHERE id=$1")
+    let sql = format!("SELECT {CONNECTION_COLUMNS} FROM servers s WHERE s.id=$1");
+    let row = sqlx::query_as::<_, ConnectionRow>(&sql)
         .bind(id)
         .fetch_optional(db)
         .await?
         .ok_or_else(|| server_not_found(id))?;
-    Ok(secrets.open(&sealed)?)
+    row.credential(secrets).map_err(|e| {
+        ApiError::FailedPrecondition(format!("{e}; set the server's credential again"))
+    })
 }
 
 /// Soft-deletes a server and its watches: polling stops at once, files and
@@ -416,22 +432,78 @@ pub(crate) struct ConnectionRow {
     pub port: i32,
     pub username: String,
     pub secret_ciphertext: Vec<u8>,
+    /// How `secret_ciphertext` is sealed (`SealFormat`).
+    pub secret_format: i16,
     pub host_key_fingerprint: String,
+    /// The server's site (part of the credential's binding).
+    pub server_site: String,
     pub max_sessions: i32,
 }
 
 /// Columns of [`ConnectionRow`] from `servers s`.
 pub(crate) const CONNECTION_COLUMNS: &str = "s.id AS server_id, s.name, s.hostname, s.port, s.username, \
-    s.secret_ciphertext, s.host_key_fingerprint, s.max_sessions";
+    s.secret_ciphertext, s.secret_format, s.host_key_fingerprint, s.site AS server_site, s.max_sessions";
+
+/// A server's credential that cannot be opened for its row.
+#[derive(Debug, thiserror::Error)]
+#[error("credential of server {name:?} (id {server_id}) {problem}")]
+pub(crate) struct CredentialError {
+    pub server_id: i64,
+    pub name: String,
+    problem: String,
+}
+
+impl CredentialError {
+    fn new(server_id: i64, name: &str, e: SealError) -> Self {
+        let problem = match e {
+            SealError::Mismatch => "does not match its connection fields: was the row changed \
+                outside ferry? (or FERRY_SECRET_KEY_FILE is not the key it was sealed with)"
+                .to_string(),
+            other => format!("cannot be opened: {other}"),
+        };
+        CredentialError {
+            server_id,
+            name: name.to_string(),
+            problem,
+        }
+    }
+}
 
 impl ConnectionRow {
-    /// The connection with its decrypted credential, for the agent that needs it.
+    fn binding(&self) -> Binding<'_> {
+        Binding {
+            server_id: self.server_id,
+            hostname: &self.hostname,
+            port: self.port,
+            username: &self.username,
+            host_key_fingerprint: &self.host_key_fingerprint,
+            site: &self.server_site,
+        }
+    }
+
+    /// The decrypted credential, if it was sealed for exactly this row.
+    pub(crate) fn credential(&self, secrets: &SecretBox) -> Result<Credential, CredentialError> {
+        SealFormat::from_column(self.secret_format)
+            .and_then(|format| secrets.open(format, &self.secret_ciphertext, &self.binding()))
+            .map_err(|e| CredentialError::new(self.server_id, &self.name, e))
+    }
+
+    /// [`ConnectionRow::connection`] for callers that only report the error.
     pub(crate) fn to_proto(
         &self,
         secrets: &SecretBox,
     ) -> anyhow::Result<ferry_proto::ServerConnection> {
+        Ok(self.connection(secrets)?)
+    }
+
+    /// The connection with its decrypted credential, for the agent that needs
+    /// it; nothing when the credential was not sealed for exactly this row.
+    pub(crate) fn connection(
+        &self,
+        secrets: &SecretBox,
+    ) -> Result<ferry_proto::ServerConnection, CredentialError> {
         use ferry_proto::server_connection::Auth;
-        let auth = match secrets.open(&self.secret_ciphertext)? {
+        let auth = match self.credential(secrets)? {
             Credential::Password(password) => Auth::Password(ferry_proto::Password { password }),
             Credential::PrivateKey { pem, passphrase } => {
                 Auth::PrivateKey(ferry_proto::PrivateKey {
@@ -451,4 +523,85 @@ impl ConnectionRow {
             max_sessions: self.max_sessions as u32,
         })
     }
+}
+
+/// Shows why a server's credential cannot be used as its poll error (what
+/// `ferryctl servers list` shows). Returns whether the error is new, so the
+/// caller logs it once rather than on every reconcile round.
+pub(crate) async fn record_credential_error(
+    db: &PgPool,
+    error: &CredentialError,
+) -> ApiResult<bool> {
+    let changed = sqlx::query(
+        "UPDATE servers SET last_poll_error = $2 \
+         WHERE id = $1 AND last_poll_error IS DISTINCT FROM $2",
+    )
+    .bind(error.server_id)
+    .bind(error.to_string())
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(changed > 0)
+}
+
+/// Counts of [`reseal_legacy`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Resealed {
+    pub resealed: u64,
+    /// Legacy rows whose credential did not open (wrong key, or damaged):
+    /// left as they are; they stay unusable and say why.
+    pub failed: u64,
+}
+
+/// Arbitrary constant naming the re-seal's advisory lock.
+const RESEAL_LOCK: i64 = 0x6665_7272_7935;
+
+/// Re-seals every credential stored the pre-0005 way (format 1, no associated
+/// data) bound to its row. Runs at coordinator start; idempotent, and safe
+/// with several coordinators starting at once (an advisory lock serializes
+/// them, and each only sees rows still in format 1).
+pub(crate) async fn reseal_legacy(db: &PgPool, secrets: &SecretBox) -> anyhow::Result<Resealed> {
+    use anyhow::Context;
+    let mut tx = db.begin().await.context("begin re-seal")?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(RESEAL_LOCK)
+        .execute(&mut *tx)
+        .await
+        .context("take the re-seal lock")?;
+    let sql = format!(
+        "SELECT {CONNECTION_COLUMNS} FROM servers s WHERE s.secret_format = $1 \
+         ORDER BY s.id FOR UPDATE"
+    );
+    let rows = sqlx::query_as::<_, ConnectionRow>(&sql)
+        .bind(SealFormat::LEGACY)
+        .fetch_all(&mut *tx)
+        .await
+        .context("read credentials sealed without binding")?;
+    let mut out = Resealed::default();
+    for row in rows {
+        let credential = match secrets.open_legacy(&row.secret_ciphertext) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(
+                    server = %row.name,
+                    id = row.server_id,
+                    error = %e,
+                    "cannot re-seal the credential of this server: it stays unusable until an operator sets it again"
+                );
+                out.failed += 1;
+                continue;
+            }
+        };
+        let sealed = secrets.seal(&credential, &row.binding())?;
+        sqlx::query("UPDATE servers SET secret_ciphertext = $2, secret_format = $3 WHERE id = $1")
+            .bind(row.server_id)
+            .bind(sealed)
+            .bind(SealFormat::BOUND)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("re-seal the credential of server {:?}", row.name))?;
+        out.resealed += 1;
+    }
+    tx.commit().await.context("commit re-seal")?;
+    Ok(out)
 }

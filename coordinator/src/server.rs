@@ -22,7 +22,7 @@ use crate::config::ServeArgs;
 use crate::relay::{self, RelayConfig};
 use crate::secrets::SecretBox;
 use crate::state::Coordinator;
-use crate::{db, tasks};
+use crate::{db, registry, tasks};
 use ferry_common::lifecycle::RetryPolicy;
 
 fn default_coordinator_id() -> String {
@@ -47,6 +47,16 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
     )
     .await?;
     db::migrate(&pool).await?;
+    let resealed = registry::reseal_legacy(&pool, &secrets)
+        .await
+        .context("re-seal credentials stored without their row binding")?;
+    if resealed != Default::default() {
+        tracing::info!(
+            resealed = resealed.resealed,
+            failed = resealed.failed,
+            "re-sealed credentials bound to their server rows"
+        );
+    }
     let id = args
         .coordinator_id
         .clone()

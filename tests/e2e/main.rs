@@ -10,6 +10,7 @@ mod ctl;
 mod discovery;
 mod harness_smoke;
 mod remote_site;
+mod secrets;
 mod security;
 mod slow_agents;
 mod stack;
