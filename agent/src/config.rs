@@ -49,6 +49,10 @@ pub(crate) struct AgentConfig {
     /// exiting; unfinished ones are requeued by the coordinator when their lease ends.
     #[arg(long, env = "FERRY_DRAIN_TIMEOUT", default_value_t = 60)]
     pub drain_timeout: u64,
+    /// Plain-HTTP address for `/healthz` (alive) and `/readyz` (connected to a
+    /// coordinator, not shutting down); unset: off.
+    #[arg(long, env = "FERRY_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Log format on stderr.
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -7,6 +7,7 @@
 //! certificate, never a field it sends.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
+use crate::health::Readiness;
 use crate::poller::{self, Trackers, message};
 use crate::runner::Runner;
 use crate::transfer::{S3Target, SessionPool};
@@ -46,6 +48,19 @@ pub(crate) async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::
     for c in &cfg.coordinators {
         endpoint_host(c)?;
     }
+    let readiness = Arc::new(Readiness::default());
+    if let Some(addr) = cfg.http_listen {
+        let bound = ferry_proto::http::serve(addr, readiness.clone(), cancel.clone()).await?;
+        tracing::info!(%bound, "serving /healthz and /readyz over plain HTTP");
+    }
+    {
+        let readiness = readiness.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            readiness.stopping();
+        });
+    }
     let trackers = Trackers::default();
     let runner = Runner::new(
         SessionPool::new(cfg.sftp_timeouts()),
@@ -56,7 +71,12 @@ pub(crate) async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::
     let mut next = 0usize;
     loop {
         let endpoint = &cfg.coordinators[next % cfg.coordinators.len()];
-        match stream_once(endpoint, &tls, &cfg, &trackers, &runner, &cancel).await {
+        let outcome = stream_once(
+            endpoint, &tls, &cfg, &trackers, &runner, &readiness, &cancel,
+        )
+        .await;
+        readiness.disconnected();
+        match outcome {
             Ok(StreamEnd::Shutdown) => return Ok(()),
             Ok(StreamEnd::Lost(why)) => {
                 tracing::warn!(coordinator = %endpoint, reason = %why, "coordinator stream lost; reconnecting");
@@ -82,6 +102,7 @@ async fn stream_once(
     cfg: &AgentConfig,
     trackers: &Trackers,
     runner: &Runner,
+    readiness: &Readiness,
     cancel: &CancellationToken,
 ) -> anyhow::Result<StreamEnd> {
     let host = endpoint_host(endpoint)?;
@@ -118,6 +139,7 @@ async fn stream_once(
         other => anyhow::bail!("expected welcome, got {other:?}"),
     };
     tracing::info!(coordinator = %welcome.coordinator_id, agent = %welcome.agent_name, "connected");
+    readiness.connected(&welcome.coordinator_id);
     // A drain lasts for one stream: the coordinator repeats it after the welcome.
     runner.hold(false);
 

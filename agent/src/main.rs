@@ -3,6 +3,7 @@
 
 mod config;
 mod control;
+mod health;
 mod poller;
 mod runner;
 mod sftp;

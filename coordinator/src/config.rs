@@ -53,6 +53,11 @@ pub(crate) struct ServeArgs {
     /// address is printed on stdout as `ferry-coordinator listening on ADDR`.
     #[arg(long, env = "FERRY_LISTEN", default_value = "0.0.0.0:7443")]
     pub listen: SocketAddr,
+    /// Plain-HTTP address for `/healthz` (alive) and `/readyz` (Postgres
+    /// reachable, not shutting down), for load balancers and orchestrators;
+    /// unset: off. Printed as `ferry-coordinator http on ADDR`.
+    #[arg(long, env = "FERRY_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// CA certificate (PEM) that client certificates must chain to.
     #[arg(long, env = "FERRY_TLS_CA")]
     pub tls_ca: PathBuf,

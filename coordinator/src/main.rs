@@ -10,6 +10,7 @@ mod db;
 mod discovery;
 mod error;
 mod files;
+mod health;
 mod hostkey;
 mod paging;
 mod polls;

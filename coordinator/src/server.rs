@@ -16,9 +16,12 @@ use std::time::Duration;
 
 use ferry_common::backoff::Backoff;
 
+use std::sync::Arc;
+
 use crate::agents::{AgentStreams, TaskSettings};
 use crate::auth::{require_admin, require_agent};
 use crate::config::ServeArgs;
+use crate::health::{self, Readiness};
 use crate::relay::{self, RelayConfig};
 use crate::secrets::SecretBox;
 use crate::state::Coordinator;
@@ -32,22 +35,51 @@ fn default_coordinator_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Runs `ferry-coordinator serve` until `cancel` fires.
-pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    let tls = TlsPaths {
-        ca: args.tls_ca.clone(),
-        cert: args.tls_cert.clone(),
-        key: args.tls_key.clone(),
+/// Connects to Postgres, applies migrations and re-seals legacy credentials,
+/// retrying with backoff until it works or `cancel` fires (`None`).
+async fn wait_for_database(
+    args: &ServeArgs,
+    secrets: &SecretBox,
+    readiness: &Readiness,
+    cancel: &CancellationToken,
+) -> Option<sqlx::PgPool> {
+    const RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut attempt = 0u32;
+    loop {
+        match prepare_database(args, secrets).await {
+            Ok(pool) => {
+                if attempt > 0 {
+                    tracing::info!("Postgres reachable; starting");
+                }
+                return Some(pool);
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                if attempt == 0 {
+                    tracing::warn!(error = %why, "Postgres not usable yet; waiting for it");
+                } else {
+                    tracing::debug!(error = %why, "Postgres still not usable");
+                }
+                readiness.waiting_for_database(why);
+            }
+        }
+        let delay = RETRY.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
     }
-    .load()?;
-    let secrets = SecretBox::from_key_file(&args.secret_key_file)?;
+}
+
+async fn prepare_database(args: &ServeArgs, secrets: &SecretBox) -> anyhow::Result<sqlx::PgPool> {
     let pool = db::connect(
         &args.database.database_url,
         args.database.database_max_connections,
     )
     .await?;
     db::migrate(&pool).await?;
-    let resealed = registry::reseal_legacy(&pool, &secrets)
+    let resealed = registry::reseal_legacy(&pool, secrets)
         .await
         .context("re-seal credentials stored without their row binding")?;
     if resealed != Default::default() {
@@ -57,6 +89,30 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
             "re-sealed credentials bound to their server rows"
         );
     }
+    Ok(pool)
+}
+
+/// Runs `ferry-coordinator serve` until `cancel` fires.
+pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let tls = TlsPaths {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    }
+    .load()?;
+    let secrets = SecretBox::from_key_file(&args.secret_key_file)?;
+    let readiness = Arc::new(Readiness::default());
+    if let Some(addr) = args.http_listen {
+        let bound = ferry_proto::http::serve(addr, readiness.clone(), cancel.clone()).await?;
+        tracing::info!(%bound, "serving /healthz and /readyz over plain HTTP");
+        println!("ferry-coordinator http on {bound}");
+    }
+    // Without Postgres there is nothing to serve: wait for it (readiness says
+    // why) instead of exiting, so a coordinator may start before its database.
+    let Some(pool) = wait_for_database(&args, &secrets, &readiness, &cancel).await else {
+        return Ok(());
+    };
+    readiness.connected(pool.clone());
     let id = args
         .coordinator_id
         .clone()
@@ -64,10 +120,6 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
     let coord = Coordinator::new(pool, secrets, id.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AdminServiceServer<Admin>>().await;
-    health
-        .set_serving::<AgentServiceServer<AgentStreams>>()
-        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -106,6 +158,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
     let bound = incoming.local_addr().context("local address")?;
 
     let mut background = tokio::task::JoinSet::new();
+    background.spawn(health::follow(readiness.clone(), health, cancel.clone()));
     background.spawn(coord.clone().run_listener(cancel.clone()));
     background.spawn(tasks::run_background(
         coord.clone(),

@@ -21,6 +21,7 @@ mod generated {
 pub use generated::*;
 
 pub mod convert;
+pub mod http;
 mod redact;
 pub mod telemetry;
 pub mod tls;

@@ -9,6 +9,7 @@ mod architecture;
 mod ctl;
 mod discovery;
 mod harness_smoke;
+mod health;
 mod remote_site;
 mod secrets;
 mod security;

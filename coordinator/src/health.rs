@@ -1,0 +1,128 @@
+//! What this coordinator tells load balancers and orchestrators about itself:
+//! `/healthz` and `/readyz` on `FERRY_HTTP_LISTEN`, and `grpc.health.v1` on
+//! the gRPC port, from one [`Readiness`].
+//!
+//! **Invariant:** ready means Postgres answers now and the coordinator is not
+//! shutting down; gRPC health says NOT_SERVING exactly when `/readyz` fails
+//! (checked every [`CHECK_EVERY`]). A coordinator without a broker is still
+//! ready: announcements wait in the outbox.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use ferry_common::sync::lock;
+use ferry_proto::http::Probes;
+use ferry_proto::{
+    admin_service_server::AdminServiceServer, agent_service_server::AgentServiceServer,
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tonic_health::server::HealthReporter;
+
+use crate::admin::Admin;
+use crate::agents::AgentStreams;
+
+/// How often gRPC health follows readiness.
+pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(2);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The coordinator's readiness, shared by the HTTP probes and gRPC health.
+#[derive(Debug, Default)]
+pub(crate) struct Readiness {
+    db: OnceLock<PgPool>,
+    /// Why the database is not connected yet (while starting).
+    waiting: Mutex<Option<String>>,
+    stopping: AtomicBool,
+}
+
+impl Readiness {
+    /// Records why Postgres cannot be used yet (startup retries).
+    pub(crate) fn waiting_for_database(&self, why: String) {
+        *lock(&self.waiting) = Some(why);
+    }
+
+    pub(crate) fn connected(&self, db: PgPool) {
+        let _ = self.db.set(db);
+        *lock(&self.waiting) = None;
+    }
+
+    pub(crate) fn stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// `Ok` when ready; otherwise why not.
+    pub(crate) async fn check(&self) -> Result<(), String> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("shutting down".into());
+        }
+        let Some(db) = self.db.get() else {
+            return Err(lock(&self.waiting)
+                .clone()
+                .unwrap_or_else(|| "connecting to Postgres".into()));
+        };
+        match tokio::time::timeout(PING_TIMEOUT, sqlx::query("SELECT 1").execute(db)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("Postgres unreachable: {e}")),
+            Err(_) => Err(format!("Postgres did not answer within {PING_TIMEOUT:?}")),
+        }
+    }
+}
+
+impl Probes for Readiness {
+    fn ready(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.check())
+    }
+}
+
+/// Keeps gRPC health in step with readiness until `cancel` fires, then
+/// reports NOT_SERVING.
+pub(crate) async fn follow(
+    readiness: std::sync::Arc<Readiness>,
+    reporter: HealthReporter,
+    cancel: CancellationToken,
+) {
+    let mut last: Option<bool> = None;
+    loop {
+        let result = readiness.check().await;
+        let serving = result.is_ok();
+        if last != Some(serving) {
+            match &result {
+                Ok(()) => tracing::info!("ready: gRPC health SERVING"),
+                Err(why) => tracing::warn!(reason = %why, "not ready: gRPC health NOT_SERVING"),
+            }
+            set(&reporter, serving).await;
+            last = Some(serving);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+    }
+    readiness.stopping();
+    set(&reporter, false).await;
+}
+
+async fn set(reporter: &HealthReporter, serving: bool) {
+    if serving {
+        reporter.set_serving::<AdminServiceServer<Admin>>().await;
+        reporter
+            .set_serving::<AgentServiceServer<AgentStreams>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+    } else {
+        reporter
+            .set_not_serving::<AdminServiceServer<Admin>>()
+            .await;
+        reporter
+            .set_not_serving::<AgentServiceServer<AgentStreams>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}

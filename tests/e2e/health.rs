@@ -1,0 +1,127 @@
+//! Health that tells the truth: `/healthz`, `/readyz` (FERRY_HTTP_LISTEN)
+//! and `grpc.health.v1` follow whether the coordinator can reach Postgres;
+//! a coordinator started before its database waits for it instead of
+//! exiting; an agent is ready while it holds a coordinator stream.
+
+use std::net::SocketAddr;
+use ferry_tests::{AgentOptions, Coordinator, TcpProxy, eventually, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::stack::{Stack, WAIT};
+
+/// `(status, body)` of `GET path` on a plain-HTTP probe port; `None` if
+/// nothing answers.
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+async fn wait_http(addr: SocketAddr, path: &str, want: u16) -> String {
+    eventually(
+        &format!("GET {path} on {addr} answering {want}"),
+        WAIT,
+        || async {
+            get(addr, path)
+                .await
+                .filter(|(s, _)| *s == want)
+                .map(|(_, b)| b)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn readiness_follows_postgres_from_start_to_outage_and_back() {
+    let s = Stack::new().await;
+    // The coordinator under test reaches Postgres only through a proxy that
+    // starts cut: its database is "down" when it starts.
+    let pg_proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    pg_proxy.cut();
+    let url =
+        s.db.url()
+            .replacen("127.0.0.1:5432", &pg_proxy.addr().to_string(), 1);
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let env = [
+        ("FERRY_DATABASE_URL", url.as_str()),
+        ("FERRY_HTTP_LISTEN", &http.to_string()),
+    ];
+    let starting = Coordinator::start_with_env(&s.db, &s.pki, &env);
+    let waiting = async {
+        // Alive but not ready, saying why, while Postgres is unreachable.
+        wait_http(http, "/healthz", 200).await;
+        let why = wait_http(http, "/readyz", 503).await;
+        assert!(why.contains("Postgres"), "{why}");
+        pg_proxy.heal();
+    };
+    let (coord, ()) = tokio::join!(starting, waiting);
+    wait_http(http, "/readyz", 200).await;
+
+    let channel = coord.channel(&s.pki.admin("alice")).await.unwrap();
+    let health = HealthClient::new(channel);
+    let status = |service: &'static str| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .unwrap_or(-1)
+        }
+    };
+    eventually("gRPC health SERVING", WAIT, || async {
+        (status("").await == ServingStatus::Serving as i32
+            && status("ferry.v1.AdminService").await == ServingStatus::Serving as i32)
+            .then_some(())
+    })
+    .await;
+
+    // Postgres goes away: not ready, NOT_SERVING; the process stays up.
+    pg_proxy.cut();
+    wait_http(http, "/readyz", 503).await;
+    eventually("gRPC health NOT_SERVING", WAIT, || async {
+        (status("").await == ServingStatus::NotServing as i32).then_some(())
+    })
+    .await;
+    assert_eq!(get(http, "/healthz").await.map(|(s, _)| s), Some(200));
+
+    // And comes back: ready again without a restart.
+    pg_proxy.heal();
+    wait_http(http, "/readyz", 200).await;
+    eventually("gRPC health SERVING again", WAIT, || async {
+        (status("").await == ServingStatus::Serving as i32).then_some(())
+    })
+    .await;
+    drop(coord);
+}
+
+#[tokio::test]
+async fn an_agent_is_ready_while_it_holds_a_coordinator_stream() {
+    let mut s = Stack::new().await;
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _agent = s
+        .agent_with(
+            "probe",
+            AgentOptions {
+                capacity: 0,
+                env: vec![("FERRY_HTTP_LISTEN".into(), http.to_string())],
+                ..Default::default()
+            },
+        )
+        .await;
+    wait_http(http, "/readyz", 200).await;
+    s.coord.kill().await;
+    let why = wait_http(http, "/readyz", 503).await;
+    assert!(why.contains("no coordinator stream"), "{why}");
+    assert_eq!(get(http, "/healthz").await.map(|(st, _)| st), Some(200));
+}
