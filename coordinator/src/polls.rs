@@ -2,8 +2,12 @@
 //! of its site. The lease lives in `servers.poller_*`, is renewed by the
 //! coordinator holding the agent's stream, and expires if that coordinator dies.
 //!
-//! **Architecture invariant:** a lease is taken only with a conditional UPDATE
-//! on an unleased or expired row, so two coordinators never both assign a server.
+//! **Architecture invariants:** a lease is taken only with a conditional UPDATE
+//! on an unleased or expired row, so two coordinators never both assign a
+//! server; a lease (and with it the server's credentials) is only ever held by
+//! an agent of the server's current site — a site change releases it at once
+//! (`registry::update_server`), `renew` drops any that disagree, and `desired`
+//! never assigns across sites.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -20,8 +24,9 @@ use crate::secrets::SecretBox;
 pub(crate) const LEASE: Duration = Duration::from_secs(15);
 
 /// Renews the leases of `agents` held through this coordinator and drops leases
-/// on servers that were disabled or removed, and those of drained agents (so
-/// the other agents of the site take them over).
+/// on servers that were disabled or removed or moved to another site, and
+/// those of drained or revoked agents (so the other agents of the site take
+/// them over).
 pub(crate) async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> ApiResult<()> {
     sqlx::query(
         "UPDATE servers SET poll_lease_expires_at = now() + make_interval(secs => $3) \
@@ -35,7 +40,8 @@ pub(crate) async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> 
     sqlx::query(
         "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, poll_lease_expires_at = NULL \
          WHERE poller_agent IS NOT NULL AND (NOT enabled OR deleted_at IS NOT NULL \
-               OR poller_agent IN (SELECT name FROM agents WHERE draining OR revoked_at IS NOT NULL))",
+               OR poller_agent IN (SELECT name FROM agents WHERE draining OR revoked_at IS NOT NULL) \
+               OR site IS DISTINCT FROM (SELECT a.site FROM agents a WHERE a.name = poller_agent))",
     )
     .execute(db)
     .await?;
@@ -138,6 +144,7 @@ pub(crate) async fn desired(
          FROM servers s LEFT JOIN watches w \
            ON w.server_id = s.id AND w.enabled AND w.deleted_at IS NULL \
          WHERE s.poller_agent = $1 AND s.poller_coordinator = $2 AND s.enabled AND s.deleted_at IS NULL \
+           AND s.site = (SELECT a.site FROM agents a WHERE a.name = $1) \
          ORDER BY s.id, w.id"
     ))
     .bind(agent)

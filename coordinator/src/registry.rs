@@ -170,7 +170,10 @@ pub(crate) async fn update_server(
         "UPDATE servers SET name=$1, hostname=$2, port=$3, username=$4, \
          auth_kind=$5, secret_ciphertext=$6, has_passphrase=$7, \
          host_key_fingerprint=$8, site=$9, max_sessions=$10, enabled=$11, updated_at=now(), \
-         secret_format=$13 \
+         secret_format=$13, \
+         poller_agent = CASE WHEN site IS DISTINCT FROM $9 THEN NULL ELSE poller_agent END, \
+         poller_coordinator = CASE WHEN site IS DISTINCT FROM $9 THEN NULL ELSE poller_coordinator END, \
+         poll_lease_expires_at = CASE WHEN site IS DISTINCT FROM $9 THEN NULL ELSE poll_lease_expires_at END \
          WHERE id=$12 AND deleted_at IS NULL RETURNING {SERVER_COLUMNS}"
     );
     bind_spec(sqlx::query_as(&sql), spec, sealed)

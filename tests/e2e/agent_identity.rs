@@ -114,3 +114,58 @@ async fn a_revoked_agent_is_cut_off_everywhere_and_its_servers_move_on() {
         .await
         .expect("connects again after the revocation was lifted");
 }
+
+#[tokio::test]
+async fn moving_a_server_to_another_site_revokes_the_old_sites_poll_lease_at_once() {
+    use ferry_proto::coordinator_message::Body as CBody;
+
+    let mut s = Stack::new().await;
+    let mut req = s.server_req("mover");
+    req.site = "old".into();
+    let id = s.add_server(req).await;
+    s.add_watch(id, "mover", "*").await;
+    let mut old = RogueAgent::connect(&s.coord.endpoint(), &s.pki.agent_of("old-agent", "old"), "")
+        .await
+        .expect("old site's agent connects");
+    let (messages, _) = old.collect(Duration::from_secs(5)).await;
+    assert!(
+        messages
+            .iter()
+            .any(|m| matches!(m, CBody::PollAssignment(_))),
+        "the old site's agent was not assigned the server: {messages:?}"
+    );
+
+    s.admin
+        .update_server(ferry_proto::UpdateServerRequest {
+            id,
+            site: Some("new".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let poller: Option<String> =
+        sqlx::query_scalar("SELECT poller_agent FROM servers WHERE id = $1")
+            .bind(id)
+            .fetch_one(s.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        poller, None,
+        "the old site's agent still holds the poll lease"
+    );
+    // The old agent is told to stop and never gets the server (or its
+    // credentials) again.
+    let (messages, _) = old.collect(Duration::from_secs(8)).await;
+    assert!(
+        messages
+            .iter()
+            .any(|m| matches!(m, CBody::PollRevocation(r) if r.server_id == id)),
+        "no revocation after the site change: {messages:?}"
+    );
+    assert!(
+        !messages
+            .iter()
+            .any(|m| matches!(m, CBody::PollAssignment(_))),
+        "the old site's agent got an assignment after the site change: {messages:?}"
+    );
+}

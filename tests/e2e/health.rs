@@ -3,8 +3,8 @@
 //! a coordinator started before its database waits for it instead of
 //! exiting; an agent is ready while it holds a coordinator stream.
 
-use std::net::SocketAddr;
 use ferry_tests::{AgentOptions, Coordinator, TcpProxy, eventually, free_port};
+use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
