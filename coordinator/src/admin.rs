@@ -651,30 +651,52 @@ impl AdminService for Admin {
         let r = req.into_inner();
         let db = self.coord.db.clone();
         let mut wake = self.coord.subscribe_file_events();
-        let start = files::last_event_id(&db).await.map_err(Status::from)?;
+        // Every event of a transaction that finishes after this point is
+        // delivered exactly once, even when ids commit out of order (see
+        // `files::event_horizon`).
+        let start = files::event_horizon(&db).await.map_err(Status::from)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
-            let mut last = start;
+            let mut from = start;
             loop {
-                match files::events_after(
-                    &db,
-                    last,
-                    none_if_zero(r.server_id),
-                    none_if_zero(r.watch_id),
-                )
-                .await
-                {
-                    Ok(events) => {
-                        for e in &events {
-                            last = e.id;
-                            if tx.send(Ok(convert::event(e))).await.is_err() {
-                                return;
+                let to = match files::event_horizon(&db).await {
+                    Ok(to) => to,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let window = files::EventWindow {
+                    from: from.clone(),
+                    to: to.clone(),
+                };
+                let mut after = 0;
+                let delivered = loop {
+                    match files::events_in(
+                        &db,
+                        &window,
+                        after,
+                        none_if_zero(r.server_id),
+                        none_if_zero(r.watch_id),
+                    )
+                    .await
+                    {
+                        Ok(events) => {
+                            for e in &events {
+                                after = e.id;
+                                if tx.send(Ok(convert::event(e))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            if events.len() < 1000 {
+                                break Ok(());
                             }
                         }
-                        if events.len() == 1000 {
-                            continue;
-                        }
+                        Err(e) => break Err(e),
                     }
+                };
+                match delivered {
+                    Ok(()) => from = to,
                     Err(e) => {
                         let _ = tx.send(Err(Status::from(e))).await;
                         return;

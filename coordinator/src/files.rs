@@ -122,17 +122,23 @@ pub(crate) async fn file_events(db: &PgPool, file_id: i64) -> ApiResult<Vec<Even
 }
 
 /// Events after `after_id`, optionally of one server / watch (for live streams).
-pub(crate) async fn events_after(
+/// Events of the transactions in `window` (see [`event_horizon`]) with an id
+/// above `after_id`, in id order, at most 1000.
+pub(crate) async fn events_in(
     db: &PgPool,
+    window: &EventWindow,
     after_id: i64,
     server_id: Option<i64>,
     watch_id: Option<i64>,
 ) -> ApiResult<Vec<EventRow>> {
     let sql = format!(
-        "{EVENT_SELECT} WHERE e.id > $1 AND ($2::BIGINT IS NULL OR f.server_id = $2) \
-         AND ($3::BIGINT IS NULL OR f.watch_id = $3) ORDER BY e.id LIMIT 1000"
+        "{EVENT_SELECT} WHERE e.xid >= $1::text::xid8 AND e.xid < $2::text::xid8 AND e.id > $3 \
+         AND ($4::BIGINT IS NULL OR f.server_id = $4) \
+         AND ($5::BIGINT IS NULL OR f.watch_id = $5) ORDER BY e.id LIMIT 1000"
     );
     Ok(sqlx::query_as::<_, EventRow>(&sql)
+        .bind(&window.from)
+        .bind(&window.to)
         .bind(after_id)
         .bind(server_id)
         .bind(watch_id)
@@ -140,9 +146,19 @@ pub(crate) async fn events_after(
         .await?)
 }
 
-pub(crate) async fn last_event_id(db: &PgPool) -> ApiResult<i64> {
+/// Transactions `[from, to)` (xid8 as text) whose events are all committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EventWindow {
+    pub from: String,
+    pub to: String,
+}
+
+/// The oldest transaction still running (`xmin` of a fresh snapshot): every
+/// transaction below it has finished, so its events are all visible and no
+/// more will appear. Events are delivered window by window up to it.
+pub(crate) async fn event_horizon(db: &PgPool) -> ApiResult<String> {
     Ok(
-        sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM file_events")
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
             .fetch_one(db)
             .await?,
     )

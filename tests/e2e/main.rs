@@ -8,6 +8,7 @@ mod announcements;
 mod architecture;
 mod ctl;
 mod discovery;
+mod events;
 mod harness_smoke;
 mod health;
 mod remote_site;
