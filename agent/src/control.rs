@@ -353,6 +353,7 @@ impl Dispatch {
                 self.runner.cancel(c.file_id);
             }
             CBody::PostAction(req) => self.runner.post_action(req),
+            CBody::ResultAck(ack) => self.runner.acknowledged(&ack),
             CBody::HostKeyProbe(req) => {
                 tokio::spawn(probe_host_key(req, self.out.clone()));
             }

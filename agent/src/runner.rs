@@ -22,6 +22,10 @@ use crate::transfer::{self, S3Target, SessionPool};
 
 /// How often running transfers report progress (which renews their lease).
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// An unacknowledged task result is sent again after this long (well inside
+/// a task lease, so it lands before the lease is reaped; a duplicate is
+/// acknowledged and ignored).
+const RESEND_UNACKED: Duration = Duration::from_secs(5);
 
 struct Running {
     token: u64,
@@ -42,6 +46,11 @@ struct Inner {
     running: Mutex<HashMap<i64, Running>>,
     /// Results not yet handed to a stream.
     pending: Mutex<VecDeque<proto::AgentMessage>>,
+    /// Task results handed to a stream and not yet acknowledged by a
+    /// coordinator (`ResultAck`), by (file, fencing token), with when they
+    /// were last sent: sent again on every new stream and after
+    /// [`RESEND_UNACKED`].
+    unacked: Mutex<HashMap<(i64, u64), (proto::AgentMessage, Instant)>>,
     wake: Notify,
     counters: Counters,
     /// Set on shutdown: new assignments are refused.
@@ -82,6 +91,7 @@ impl Runner {
             s3,
             running: Mutex::default(),
             pending: Mutex::default(),
+            unacked: Mutex::default(),
             wake: Notify::new(),
             counters: Counters::default(),
             draining: AtomicBool::new(false),
@@ -100,9 +110,37 @@ impl Runner {
         self.0.draining.store(true, Ordering::SeqCst);
     }
 
-    /// No transfer running and every result handed to a stream.
+    /// No transfer running and every result acknowledged by a coordinator.
     pub(crate) fn is_settled(&self) -> bool {
-        lock(&self.0.running).is_empty() && lock(&self.0.pending).is_empty()
+        lock(&self.0.running).is_empty()
+            && lock(&self.0.pending).is_empty()
+            && lock(&self.0.unacked).is_empty()
+    }
+
+    /// A coordinator applied this result: forget it.
+    pub(crate) fn acknowledged(&self, ack: &proto::ResultAck) {
+        lock(&self.0.unacked).remove(&(ack.file_id, ack.fencing_token));
+    }
+
+    /// Queues again the unacknowledged results last sent at or before
+    /// `older_than` (all of them on a new stream).
+    fn resend_unacked(&self, older_than: Instant) {
+        let again: Vec<proto::AgentMessage> = lock(&self.0.unacked)
+            .values()
+            .filter(|(_, sent)| *sent <= older_than)
+            .map(|(msg, _)| msg.clone())
+            .collect();
+        if again.is_empty() {
+            return;
+        }
+        tracing::info!(
+            results = again.len(),
+            "sending unacknowledged task results again"
+        );
+        let mut pending = lock(&self.0.pending);
+        for msg in again {
+            pending.push_front(msg);
+        }
     }
 
     /// Transfers in progress, for the hello after a reconnect.
@@ -258,10 +296,16 @@ impl Runner {
         cancel: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        // A new stream: whatever the last one did not acknowledge goes again.
+        self.resend_unacked(Instant::now());
         loop {
             loop {
                 let next = lock(&self.0.pending).pop_front();
                 let Some(msg) = next else { break };
+                if let Some(Body::TaskResult(r)) = &msg.body {
+                    lock(&self.0.unacked)
+                        .insert((r.file_id, r.fencing_token), (msg.clone(), Instant::now()));
+                }
                 if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await {
                     lock(&self.0.pending).push_front(msg);
                     return;
@@ -271,6 +315,9 @@ impl Runner {
                 _ = cancel.cancelled() => return,
                 _ = self.0.wake.notified() => {}
                 _ = tick.tick() => {
+                    if let Some(before) = Instant::now().checked_sub(RESEND_UNACKED) {
+                        self.resend_unacked(before);
+                    }
                     let progress: Vec<proto::TaskProgress> = lock(&self.0.running)
                         .iter()
                         .map(|(id, r)| proto::TaskProgress {

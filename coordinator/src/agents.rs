@@ -488,6 +488,16 @@ impl AgentStreams {
                         tracing::warn!(agent = %s.agent, file = r.file_id, token = r.fencing_token, "transfer result ignored: the file is not leased to this agent with this token")
                     }
                 }
+                // Recorded (or for good not applicable): the agent may forget
+                // it. A result that failed to apply (database error, `?`
+                // above) is not acknowledged, and the agent sends it again.
+                s.send(proto::coordinator_message::Body::ResultAck(
+                    proto::ResultAck {
+                        file_id: r.file_id,
+                        fencing_token: r.fencing_token,
+                    },
+                ))
+                .await;
                 // Capacity freed and maybe a retry is due: wake the scheduler.
                 self.coord.files_due().await;
             }

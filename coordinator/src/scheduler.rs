@@ -331,11 +331,35 @@ pub(crate) struct Reaped {
 
 /// Requeues transfers whose lease expired (agent died or went silent), in
 /// one transaction; rows another coordinator is reaping are skipped.
+///
+/// A lease whose agent is still connected is given one more `lease` first
+/// (once per assignment): renewals stop when the coordinators lose their
+/// database, transfers do not, and such an outage must not cost an attempt.
+/// An agent that is connected but really stuck is reaped one lease later.
 pub(crate) async fn reap_expired(
     db: &PgPool,
     coordinator: &str,
     policy: &RetryPolicy,
+    lease: Duration,
 ) -> StoreResult<Vec<Reaped>> {
+    let graced = sqlx::query(
+        "UPDATE files f SET lease_expires_at = now() + make_interval(secs => $1), \
+                lease_graced_token = f.fencing_token \
+         WHERE f.status = 'in_progress' AND f.lease_expires_at < now() \
+           AND f.lease_graced_token IS DISTINCT FROM f.fencing_token \
+           AND EXISTS (SELECT 1 FROM agents a WHERE a.name = f.lease_owner \
+                       AND a.connected AND a.revoked_at IS NULL)",
+    )
+    .bind(lease.as_secs_f64())
+    .execute(db)
+    .await?
+    .rows_affected();
+    if graced > 0 {
+        tracing::info!(
+            files = graced,
+            "leases of connected agents expired: one more lease period before reaping"
+        );
+    }
     let mut tx = db.begin().await?;
     let expired: Vec<(i64, Option<String>)> = sqlx::query_as(
         "SELECT id, lease_owner FROM files \

@@ -61,7 +61,14 @@ async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancell
     let mut post_actions = PostActions::default();
     loop {
         let sessions = agents.snapshot();
-        match scheduler::reap_expired(&coord.db, &coord.id, &agents.settings.retry).await {
+        match scheduler::reap_expired(
+            &coord.db,
+            &coord.id,
+            &agents.settings.retry,
+            agents.settings.lease,
+        )
+        .await
+        {
             Ok(reaped) if reaped.is_empty() => {}
             Ok(reaped) => {
                 tracing::warn!(

@@ -7,6 +7,7 @@ mod agent_identity;
 mod announcements;
 mod architecture;
 mod ctl;
+mod db_outage;
 mod discovery;
 mod events;
 mod harness_smoke;
