@@ -9,6 +9,7 @@ mod architecture;
 mod ctl;
 mod discovery;
 mod harness_smoke;
+mod keys;
 mod remote_site;
 mod security;
 mod stack;
