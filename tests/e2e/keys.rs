@@ -275,3 +275,63 @@ async fn watches_that_could_collide_are_rejected_with_the_field_named() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn migration_0009_gives_stored_templates_a_version_and_keeps_the_file_name() {
+    let mut s = Stack::new().await;
+    let id = s.add_server(s.server_req("legacy")).await;
+    let legacy = [
+        (
+            "/a",
+            false,
+            "{server}/{path}",
+            "{server}/{dir}/{version}/{name}",
+        ),
+        (
+            "/b",
+            true,
+            "in/{date}/{name}",
+            "in/{date}/{dir}/{version}/{name}",
+        ),
+        (
+            "/c",
+            true,
+            "{server}/{dir}/{name}",
+            "{server}/{dir}/{version}/{name}",
+        ),
+        (
+            "/d",
+            false,
+            "x/{watch}/{version}/{name}",
+            "x/{watch}/{version}/{name}",
+        ),
+    ];
+    for (dir, recursive, template, _) in legacy {
+        // Written as an older release stored them, bypassing today's checks.
+        sqlx::query(
+            "INSERT INTO watches (server_id, directory, recursive, bucket, key_template) \
+             VALUES ($1, $2, $3, 'bucket-1', $4)",
+        )
+        .bind(id)
+        .bind(dir)
+        .bind(recursive)
+        .bind(template)
+        .execute(s.db.pool())
+        .await
+        .unwrap();
+    }
+    sqlx::raw_sql(include_str!("../../migrations/0009_key_versions.sql"))
+        .execute(s.db.pool())
+        .await
+        .unwrap();
+    for (dir, recursive, _, want) in legacy {
+        let got: String =
+            sqlx::query_scalar("SELECT key_template FROM watches WHERE directory = $1")
+                .bind(dir)
+                .fetch_one(s.db.pool())
+                .await
+                .unwrap();
+        assert_eq!(got, want, "{dir}");
+        ferry_common::keys::check_template(&got, recursive).unwrap();
+    }
+}
