@@ -1,12 +1,30 @@
 //! Object keys from remote paths: the watch's key template, rendered so that
-//! the result is always a safe S3 key (no `..`, no leading `/`, no control characters).
+//! the result is always a safe S3 key (no `..`, no leading `/`, no control
+//! characters) and never shared by two files of one watch.
+//!
+//! **Rule:** a key names one *version* of one file. Every template contains
+//! `{version}` (`<mtime unix seconds>-<size>`, the file identity ferry already
+//! uses besides the path), and identifies the path with `{path}`, or `{name}`
+//! plus `{dir}` on a recursive watch. These identifying placeholders each fill a
+//! whole `/`-separated segment, so a key can be read back into
+//! (path, version): two files of one watch never share a key, a replaced file
+//! gets a new key beside the old one, and a retry of the same version renders
+//! the same key again (idempotent).
 
 use crate::validate::FieldError;
 
 /// Placeholders a key template may use.
-pub const PLACEHOLDERS: [&str; 6] = ["server", "watch", "path", "dir", "name", "date"];
+pub const PLACEHOLDERS: [&str; 7] = ["server", "watch", "path", "dir", "name", "date", "version"];
 
-pub const DEFAULT_TEMPLATE: &str = "{server}/{path}";
+/// Placeholders that must fill a whole segment (they identify the file).
+const SEGMENT_PLACEHOLDERS: [&str; 4] = ["path", "dir", "name", "version"];
+
+/// The default: the remote directory tree, with each version of a file in its
+/// own folder so the object keeps the file's name (and extension).
+pub const DEFAULT_TEMPLATE: &str = "{server}/{dir}/{version}/{name}";
+
+/// The default before versions existed; migration 0009 rewrote stored copies.
+pub const LEGACY_DEFAULT_TEMPLATE: &str = "{server}/{path}";
 
 /// One segment of a parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,8 +64,11 @@ fn parse(template: &str) -> Result<Vec<Part>, FieldError> {
     Ok(parts)
 }
 
-/// Checks a key template; empty means the default. Returns the template to store.
-pub fn check_template(template: &str) -> Result<String, FieldError> {
+/// Checks a key template of a watch (`recursive` or not); empty means the
+/// default. Returns the template to store. Rejects templates that could give
+/// two files of the watch, or two versions of one file, the same key.
+pub fn check_template(template: &str, recursive: bool) -> Result<String, FieldError> {
+    let err = |m: String| FieldError::new("key_template", m);
     let template = if template.is_empty() {
         DEFAULT_TEMPLATE
     } else {
@@ -55,22 +76,46 @@ pub fn check_template(template: &str) -> Result<String, FieldError> {
     };
     let parts = parse(template)?;
     if template.starts_with('/') {
-        return Err(FieldError::new("key_template", "must not start with '/'"));
+        return Err(err("must not start with '/'".into()));
     }
     if template.chars().any(char::is_control) {
-        return Err(FieldError::new(
-            "key_template",
-            "must not contain control characters",
-        ));
+        return Err(err("must not contain control characters".into()));
     }
-    if !parts
-        .iter()
-        .any(|p| matches!(p, Part::Placeholder(n) if n == "path" || n == "name"))
-    {
-        return Err(FieldError::new(
-            "key_template",
-            "must contain {path} or {name}, or every file would overwrite the same key",
-        ));
+    for segment in template.split('/') {
+        let segment_parts = parse(segment)?;
+        for p in &segment_parts {
+            if let Part::Placeholder(name) = p
+                && SEGMENT_PLACEHOLDERS.contains(&name.as_str())
+                && segment_parts.len() != 1
+            {
+                return Err(err(format!(
+                    "{{{name}}} must fill a whole '/'-separated segment (found {segment:?}), \
+                     or two files could render to one key"
+                )));
+            }
+        }
+    }
+    let has = |name: &str| {
+        parts
+            .iter()
+            .any(|p| matches!(p, Part::Placeholder(n) if n == name))
+    };
+    if !has("version") {
+        return Err(err(format!(
+            "{template:?} must contain {{version}}, or a replaced file would overwrite the \
+             object announced for its earlier version (default: {DEFAULT_TEMPLATE})"
+        )));
+    }
+    if !has("path") && !has("name") {
+        return Err(err(format!(
+            "{template:?} must contain {{path}} or {{name}}, or every file would overwrite the same key"
+        )));
+    }
+    if recursive && !has("path") && !has("dir") {
+        return Err(err(format!(
+            "{template:?} uses {{name}} without {{dir}} or {{path}} on a recursive watch: \
+             a/x.csv and b/x.csv would share one key"
+        )));
     }
     Ok(template.to_string())
 }
@@ -86,6 +131,16 @@ pub struct KeyInputs<'a> {
     pub remote_path: &'a str,
     /// `YYYY-MM-DD` of discovery.
     pub date: &'a str,
+    /// Size of this version of the file, in bytes.
+    pub size: u64,
+    /// Modification time of this version of the file (unix seconds).
+    pub mtime_unix: i64,
+}
+
+/// The `{version}` of a file: stable for one (size, mtime), the identity ferry
+/// keeps besides the path, so a retry renders the same key.
+pub fn version(size: u64, mtime_unix: i64) -> String {
+    format!("{mtime_unix}-{size}")
 }
 
 /// Why a key could not be made.
@@ -100,6 +155,14 @@ pub enum KeyError {
 /// Renders the object key of a file. Rejects paths whose key would be unsafe.
 pub fn render(template: &str, input: &KeyInputs<'_>) -> Result<String, KeyError> {
     let parts = parse(template).map_err(|e| KeyError::Template(e.message))?;
+    if !parts
+        .iter()
+        .any(|p| matches!(p, Part::Placeholder(n) if n == "version"))
+    {
+        return Err(KeyError::Template(format!(
+            "{template:?} lacks {{version}}: a new version would overwrite the announced one"
+        )));
+    }
     let unsafe_path = |why| KeyError::UnsafePath(input.remote_path.to_string(), why);
     let base = input.watch_dir.trim_end_matches('/');
     let rel = input
@@ -134,6 +197,7 @@ pub fn render(template: &str, input: &KeyInputs<'_>) -> Result<String, KeyError>
                 "dir" => key.push_str(dir),
                 "name" => key.push_str(name),
                 "date" => key.push_str(input.date),
+                "version" => key.push_str(&version(input.size, input.mtime_unix)),
                 _ => unreachable!("parse() admits only known placeholders"),
             },
         }
@@ -166,27 +230,45 @@ mod tests {
             watch_dir: "/data/in",
             remote_path: path,
             date: "2026-11-28",
+            size: 42,
+            mtime_unix: 1_764_324_000,
         }
     }
 
     #[test]
-    fn default_template_uses_path_relative_to_watch() {
+    fn default_template_keeps_the_tree_and_names_the_version() {
         assert_eq!(
             render(DEFAULT_TEMPLATE, &inputs("/data/in/a/b.csv")).unwrap(),
-            "srv/a/b.csv"
+            "srv/a/1764324000-42/b.csv"
+        );
+        assert_eq!(
+            render(DEFAULT_TEMPLATE, &inputs("/data/in/b.csv")).unwrap(),
+            "srv/1764324000-42/b.csv"
         );
     }
 
     #[test]
+    fn versions_of_one_path_get_distinct_keys_and_a_retry_the_same() {
+        let v1 = inputs("/data/in/a/b.csv");
+        let v2 = KeyInputs {
+            mtime_unix: v1.mtime_unix + 60,
+            ..v1.clone()
+        };
+        let k1 = render(DEFAULT_TEMPLATE, &v1).unwrap();
+        assert_ne!(k1, render(DEFAULT_TEMPLATE, &v2).unwrap());
+        assert_eq!(k1, render(DEFAULT_TEMPLATE, &v1).unwrap());
+    }
+
+    #[test]
     fn placeholders() {
-        let t = "x/{date}/{watch}/{dir}/{name}";
+        let t = "x/{date}/{watch}/{dir}/{version}/{name}";
         assert_eq!(
             render(t, &inputs("/data/in/a/b.csv")).unwrap(),
-            "x/2026-11-28/7/a/b.csv"
+            "x/2026-11-28/7/a/1764324000-42/b.csv"
         );
         assert_eq!(
             render(t, &inputs("/data/in/b.csv")).unwrap(),
-            "x/2026-11-28/7/b.csv"
+            "x/2026-11-28/7/1764324000-42/b.csv"
         );
     }
 
@@ -198,17 +280,27 @@ mod tests {
     }
 
     #[test]
+    fn a_template_without_version_is_not_rendered() {
+        assert!(matches!(
+            render(LEGACY_DEFAULT_TEMPLATE, &inputs("/data/in/b.csv")),
+            Err(KeyError::Template(_))
+        ));
+    }
+
+    #[test]
     fn templates_are_checked() {
-        assert_eq!(check_template("").unwrap(), DEFAULT_TEMPLATE);
-        assert!(
-            check_template("{server}/{nope}")
-                .unwrap_err()
-                .message
-                .contains("{nope}")
-        );
-        assert!(check_template("{server}/{path").is_err());
-        assert!(check_template("/{path}").is_err());
-        assert!(check_template("{server}/fixed").is_err());
-        assert!(check_template("in/{date}/{name}").is_ok());
+        let msg = |t: &str, recursive: bool| check_template(t, recursive).unwrap_err().message;
+        assert_eq!(check_template("", true).unwrap(), DEFAULT_TEMPLATE);
+        assert!(msg("{server}/{nope}", false).contains("{nope}"));
+        assert!(check_template("{server}/{path", false).is_err());
+        assert!(check_template("/{path}/{version}", false).is_err());
+        assert!(msg("{server}/fixed/{version}", false).contains("{path} or {name}"));
+        assert!(msg(LEGACY_DEFAULT_TEMPLATE, false).contains("{version}"));
+        assert!(msg("{server}/{path}@{version}", false).contains("whole"));
+        assert!(msg("{server}/{path}{version}", false).contains("whole"));
+        assert!(msg("in/{date}/{version}/{name}", true).contains("recursive"));
+        assert!(check_template("in/{date}/{version}/{name}", false).is_ok());
+        assert!(check_template("in-{date}/{path}/{version}", true).is_ok());
+        assert!(check_template("{server}-{watch}/{dir}/{version}/{name}", true).is_ok());
     }
 }

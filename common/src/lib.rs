@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod domain;
 pub mod keys;
 pub mod lifecycle;
+pub mod overlap;
 pub mod stability;
 pub mod sync;
 pub mod validate;

@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use ferry_common::domain::PostAction;
+use ferry_common::overlap::{self, WatchTree};
 use ferry_common::validate::{self, FieldError};
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -311,24 +312,84 @@ pub(crate) struct WatchSpec {
 }
 
 impl WatchSpec {
-    /// Validates and normalizes every field.
+    /// Validates and normalizes every field (on its own; the checks against
+    /// the server's other watches run where the watch is written).
     pub(crate) fn checked(mut self) -> Result<Self, FieldError> {
         self.directory = validate::directory(&self.directory)?;
         self.glob = validate::glob(&self.glob)?;
         self.poll_interval_secs = validate::poll_interval_secs(self.poll_interval_secs)?;
         self.min_age_secs = validate::min_age_secs(self.min_age_secs)?;
         validate::bucket(&self.bucket)?;
-        self.key_template = ferry_common::keys::check_template(&self.key_template)?;
-        if let PostAction::Move(target) = &self.post_action
-            && *target == self.directory
-        {
-            return Err(FieldError::new(
-                "post_action",
-                "the move target must differ from the watched directory",
-            ));
-        }
+        self.key_template = ferry_common::keys::check_template(&self.key_template, self.recursive)?;
+        overlap::check_against(&self.tree(0), &[])?;
         Ok(self)
     }
+
+    fn tree(&self, id: i64) -> WatchTree<'_> {
+        WatchTree {
+            id,
+            directory: &self.directory,
+            glob: &self.glob,
+            recursive: self.recursive,
+            move_target: match &self.post_action {
+                PostAction::Move(target) => Some(target),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// A live watch of a server, as the overlap checks see it.
+#[derive(Debug, sqlx::FromRow)]
+struct TreeRow {
+    id: i64,
+    directory: String,
+    glob: String,
+    recursive: bool,
+    #[sqlx(try_from = "String")]
+    post_action: PostAction,
+}
+
+/// Locks the (live) server against concurrent watch writes and checks the
+/// watch `id` (0 when new) against the server's other live watches, so two
+/// watches of one server never overlap and no move target lies in a watched
+/// tree. Disabled watches count: enabling them is not re-checked.
+async fn check_server_watches(
+    tx: &mut Transaction<'_, Postgres>,
+    id: i64,
+    spec: &WatchSpec,
+) -> ApiResult<()> {
+    let live: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM servers WHERE id=$1 AND deleted_at IS NULL FOR UPDATE")
+            .bind(spec.server_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if live.is_none() {
+        return Err(server_not_found(spec.server_id));
+    }
+    let rows = sqlx::query_as::<_, TreeRow>(
+        "SELECT id, directory, glob, recursive, post_action FROM watches \
+         WHERE server_id=$1 AND deleted_at IS NULL AND id <> $2 ORDER BY id",
+    )
+    .bind(spec.server_id)
+    .bind(id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let others: Vec<WatchTree<'_>> = rows
+        .iter()
+        .map(|r| WatchTree {
+            id: r.id,
+            directory: &r.directory,
+            glob: &r.glob,
+            recursive: r.recursive,
+            move_target: match &r.post_action {
+                PostAction::Move(target) => Some(target),
+                _ => None,
+            },
+        })
+        .collect();
+    overlap::check_against(&spec.tree(id), &others)?;
+    Ok(())
 }
 
 pub(crate) fn watch_not_found(id: i64) -> ApiError {
@@ -336,7 +397,8 @@ pub(crate) fn watch_not_found(id: i64) -> ApiError {
 }
 
 pub(crate) async fn insert_watch(db: &PgPool, spec: &WatchSpec) -> ApiResult<WatchRow> {
-    get_server(db, spec.server_id).await?;
+    let mut tx = db.begin().await?;
+    check_server_watches(&mut tx, 0, spec).await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO watches (server_id, directory, glob, recursive, poll_interval_secs, \
          min_age_secs, bucket, key_template, post_action, enabled) \
@@ -352,12 +414,15 @@ pub(crate) async fn insert_watch(db: &PgPool, spec: &WatchSpec) -> ApiResult<Wat
     .bind(&spec.key_template)
     .bind(spec.post_action.to_string())
     .bind(spec.enabled)
-    .fetch_one(db)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     get_watch(db, id).await
 }
 
 pub(crate) async fn update_watch(db: &PgPool, id: i64, spec: &WatchSpec) -> ApiResult<WatchRow> {
+    let mut tx = db.begin().await?;
+    check_server_watches(&mut tx, id, spec).await?;
     let n = sqlx::query(
         "UPDATE watches SET directory=$2, glob=$3, recursive=$4, poll_interval_secs=$5, \
          min_age_secs=$6, bucket=$7, key_template=$8, post_action=$9, enabled=$10, updated_at=now() \
@@ -373,12 +438,13 @@ pub(crate) async fn update_watch(db: &PgPool, id: i64, spec: &WatchSpec) -> ApiR
     .bind(&spec.key_template)
     .bind(spec.post_action.to_string())
     .bind(spec.enabled)
-    .execute(db)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
     if n == 0 {
         return Err(watch_not_found(id));
     }
+    tx.commit().await?;
     get_watch(db, id).await
 }
 

@@ -185,6 +185,10 @@ pub(crate) async fn assignment(
     .await
     .map_err(StoreError::from)?;
     let date = file.discovered_at.format("%Y-%m-%d").to_string();
+    let size = u64::try_from(file.size)
+        .map_err(|_| KeyError::UnsafePath(file.path.clone(), "negative size"))?;
+    // The key names this version (size, mtime): a replaced file gets a new
+    // key, a retry of this one the same key.
     let key = keys::render(
         &src.key_template,
         &KeyInputs {
@@ -193,6 +197,8 @@ pub(crate) async fn assignment(
             watch_dir: &src.directory,
             remote_path: &file.path,
             date: &date,
+            size,
+            mtime_unix: file.mtime_unix,
         },
     )?;
     let source = src
@@ -227,7 +233,7 @@ pub(crate) async fn assignment(
         fencing_token: file.fencing_token as u64,
         source: Some(source),
         path: file.path.clone(),
-        size: file.size as u64,
+        size,
         mtime_unix: file.mtime_unix,
         bucket: src.bucket,
         key,

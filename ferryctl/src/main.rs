@@ -361,7 +361,9 @@ pub struct WatchAddArgs {
     /// Server (id or name) the directory is on.
     #[arg(long)]
     pub server: ServerRef,
-    /// Absolute remote directory.
+    /// Absolute remote directory. It must not overlap another watch of the
+    /// server (same directory, or inside/around a recursive watch) unless the
+    /// globs are disjoint (e.g. `*.csv` and `*.xml`).
     #[arg(long, value_name = "PATH")]
     pub dir: String,
     /// File name glob, e.g. `*.csv` (default `*`).
@@ -380,10 +382,14 @@ pub struct WatchAddArgs {
     #[arg(long)]
     pub bucket: String,
     /// Object key template; placeholders {server} {watch} {path} {dir} {name} {date}
-    /// (default `{server}/{path}`).
+    /// {version} (default `{server}/{dir}/{version}/{name}`). Must contain {version}
+    /// (`<mtime>-<size>`, so a replaced file never overwrites the earlier object)
+    /// and {path}, or {name} (plus {dir} on a recursive watch); these four each
+    /// fill a whole `/`-separated segment.
     #[arg(long, value_name = "TEMPLATE")]
     pub key_template: Option<String>,
     /// After a confirmed upload: keep, delete or move:/absolute/dir (default keep).
+    /// A move target must lie outside every watched tree of the server.
     #[arg(long, value_name = "ACTION", value_parser = parse_post_action)]
     pub post_action: Option<PostAction>,
     /// Create the watch disabled.
@@ -416,7 +422,7 @@ pub struct WatchUpdateArgs {
     /// New destination bucket.
     #[arg(long)]
     pub bucket: Option<String>,
-    /// New object key template.
+    /// New object key template (same rules as `watches add --key-template`).
     #[arg(long, value_name = "TEMPLATE")]
     pub key_template: Option<String>,
     /// New post-action: keep, delete or move:/absolute/dir.

@@ -150,7 +150,7 @@ async fn server_and_watch_crud_round_trip() {
             w.glob.as_str(),
             w.key_template.as_str()
         ),
-        ("/outbox", "*.csv", "{server}/{path}")
+        ("/outbox", "*.csv", "{server}/{dir}/{version}/{name}")
     );
     assert_eq!(
         (w.poll_interval_secs, w.post_action),

@@ -12,6 +12,7 @@ mod discovery;
 mod events;
 mod harness_smoke;
 mod health;
+mod keys;
 mod remote_site;
 mod secrets;
 mod security;

@@ -79,7 +79,7 @@ impl Flow {
                 directory: self.s.sshd.remote_path(rel),
                 poll_interval_secs: 1,
                 bucket: BUCKET.into(),
-                key_template: "{server}/{path}".into(),
+                key_template: "{server}/{dir}/{version}/{name}".into(),
                 post_action: Some(
                     (&post_action
                         .parse::<ferry_common::domain::PostAction>()
@@ -92,6 +92,19 @@ impl Flow {
             .unwrap()
             .into_inner()
             .id
+    }
+
+    /// The stored object of the one file named `name` (keys name a version,
+    /// so tests read the key the file row records).
+    async fn stored(&self, name: &str) -> Vec<u8> {
+        let key: String = sqlx::query_scalar(
+            "SELECT object_key FROM files WHERE path LIKE '%/' || $1 AND object_key IS NOT NULL",
+        )
+        .bind(name)
+        .fetch_one(self.s.db.pool())
+        .await
+        .unwrap();
+        self.s3.get_object(BUCKET, &key).await
     }
 
     async fn statuses(&self) -> HashMap<String, (i64, String)> {
@@ -176,10 +189,7 @@ async fn fifty_files_land_byte_identical_with_one_message_each() {
         let bytes = content(i as u64, *size);
         let rel = format!("bulk/f{i:02}.bin");
         f.s.sshd.write_file(&rel, &bytes);
-        expected.insert(
-            format!("bulk/{}", rel.trim_start_matches("bulk/")),
-            sha256_hex(&bytes),
-        );
+        expected.insert(f.s.sshd.remote_path(&rel), sha256_hex(&bytes));
     }
     let _agent = f.s.agent_with("a1", f.agent_opts(4)).await;
     f.wait_status(50, "processed", Duration::from_secs(600))
@@ -198,8 +208,13 @@ async fn fifty_files_land_byte_identical_with_one_message_each() {
         assert_eq!(m.routing_key, "ferry.bulk");
         let body = m.json();
         let key = body["key"].as_str().unwrap().to_string();
-        let rel = key.trim_start_matches("bulk/").to_string();
-        let want = &expected[&format!("bulk/{rel}")];
+        let path = body["path"].as_str().unwrap();
+        let name = path.rsplit('/').next().unwrap();
+        assert!(
+            key.starts_with("bulk/") && key.ends_with(&format!("/{name}")),
+            "{key} names the server and keeps the file name"
+        );
+        let want = &expected[path];
         assert_eq!(body["sha256"].as_str().unwrap(), want, "{key}");
         assert_eq!(body["bucket"], BUCKET);
         assert_eq!(body["server"], "bulk");
@@ -282,7 +297,7 @@ async fn vanished_file_becomes_lost_and_retry_requeues_it() {
     assert!(out.success(), "{}", out.stderr);
     assert!(out.stdout.contains('1'), "{}", out.stdout);
     f.wait_status(1, "processed", WAIT).await;
-    assert_eq!(f.s3.get_object(BUCKET, "lost/gone.csv").await, b"soon gone");
+    assert_eq!(f.stored("gone.csv").await, b"soon gone");
     let show = ctl.run(&["files", "show", &file_id.to_string()]).await;
     assert!(
         show.success() && show.stdout.contains("manual retry"),
@@ -313,7 +328,7 @@ async fn s3_outage_leaves_files_in_error_and_they_land_when_it_returns() {
     .await;
     s3_proxy.heal();
     f.wait_status(1, "processed", WAIT).await;
-    let stored = f.s3.get_object(BUCKET, "s3down/data.bin").await;
+    let stored = f.stored("data.bin").await;
     assert_eq!(sha256_hex(&stored), sha256_hex(&bytes));
     assert_eq!(f.messages(1).await.len(), 1);
 }
@@ -362,7 +377,7 @@ async fn killed_agent_task_is_reassigned_after_its_lease() {
     let _a2 = f.s.agent_with("a2", f.agent_opts(2)).await;
     f.wait_status(1, "processed", Duration::from_secs(180))
         .await;
-    let stored = f.s3.get_object(BUCKET, "kill/big.bin").await;
+    let stored = f.stored("big.bin").await;
     assert_eq!(sha256_hex(&stored), sha256_hex(&bytes), "object complete");
     let history: Vec<(String, String)> =
         sqlx::query_as("SELECT to_status, reason FROM file_events ORDER BY id")
@@ -407,7 +422,7 @@ async fn post_actions_delete_and_move_on_the_sftp_server() {
         std::fs::read(f.s.sshd.root().join("archive/b.csv")).unwrap(),
         b"move me"
     );
-    assert_eq!(f.s3.get_object(BUCKET, "post/a.csv").await, b"delete me");
+    assert_eq!(f.stored("a.csv").await, b"delete me");
 }
 
 #[tokio::test]
@@ -477,10 +492,7 @@ async fn sigterm_lets_the_running_transfer_finish_before_exiting() {
         "{reasons:?}"
     );
     f.wait_status(1, "processed", WAIT).await;
-    assert_eq!(
-        sha256_hex(&f.s3.get_object(BUCKET, "drain/big.bin").await),
-        sha256_hex(&bytes)
-    );
+    assert_eq!(sha256_hex(&f.stored("big.bin").await), sha256_hex(&bytes));
 }
 
 /// Sends `signal` (e.g. "STOP", "CONT") to `pid` via `/bin/kill`.
@@ -525,7 +537,7 @@ async fn a_silent_agent_is_told_to_stop_when_its_lease_is_reaped() {
     .await;
     f.wait_status(1, "processed", Duration::from_secs(180))
         .await;
-    let stored = f.s3.get_object(BUCKET, "stop/big.bin").await;
+    let stored = f.stored("big.bin").await;
     assert_eq!(sha256_hex(&stored), sha256_hex(&bytes), "object complete");
     let history: Vec<(String, String, String)> =
         sqlx::query_as("SELECT to_status, actor, reason FROM file_events ORDER BY id")
@@ -549,7 +561,11 @@ async fn a_silent_agent_is_told_to_stop_when_its_lease_is_reaped() {
     let body: ferry_common::announcement::Announcement =
         serde_json::from_slice(&msgs[0].body).unwrap();
     assert_eq!(body.schema_version, 1);
-    assert_eq!(body.key, "stop/big.bin");
+    assert!(
+        body.key.starts_with("stop/") && body.key.ends_with("/big.bin"),
+        "{}",
+        body.key
+    );
     assert_eq!(body.sha256, sha256_hex(&bytes));
     assert_eq!(
         msgs[0].message_id.as_deref(),

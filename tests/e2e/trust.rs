@@ -110,7 +110,7 @@ async fn trust_stack() -> Trust {
             glob: "*.csv".into(),
             poll_interval_secs: 1,
             bucket: BUCKET.into(),
-            key_template: "{server}/{path}".into(),
+            key_template: "{server}/{dir}/{version}/{name}".into(),
             post_action: Some((&PostAction::Delete).into()),
             ..Default::default()
         })
@@ -355,7 +355,10 @@ async fn a_success_report_naming_another_location_is_a_failed_attempt_and_never_
     } else {
         (second, first)
     };
-    assert_eq!((a.bucket.as_str(), a.key.as_str()), (BUCKET, "acme/a.csv"));
+    assert_eq!(
+        (a.bucket.as_str(), a.key.as_str()),
+        (BUCKET, "acme/1700000000-10/a.csv")
+    );
 
     // b: "stored" somewhere else entirely; a: stored where it was told.
     rogue
@@ -385,7 +388,7 @@ async fn a_success_report_naming_another_location_is_a_failed_attempt_and_never_
     assert!(
         error.contains("evil-bucket")
             && error.contains("stolen/b.csv")
-            && error.contains("acme/b.csv"),
+            && error.contains("acme/1700000000-20/b.csv"),
         "the error does not name the reported and the assigned location: {error}"
     );
     let outboxed: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE file_id = $1")
@@ -404,7 +407,7 @@ async fn a_success_report_naming_another_location_is_a_failed_attempt_and_never_
     assert_eq!(body["file_id"], a.file_id);
     assert_eq!(
         (body["bucket"].as_str(), body["key"].as_str()),
-        (Some(BUCKET), Some("acme/a.csv"))
+        (Some(BUCKET), Some("acme/1700000000-10/a.csv"))
     );
     let more = t.queue.drain_for(Duration::from_secs(2)).await;
     assert!(
