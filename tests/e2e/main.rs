@@ -9,6 +9,7 @@ mod architecture;
 mod ctl;
 mod discovery;
 mod harness_smoke;
+mod post_actions;
 mod remote_site;
 mod security;
 mod stack;
