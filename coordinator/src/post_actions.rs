@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use ferry_common::domain::PostAction;
 use ferry_common::lifecycle::RetryPolicy;
 use ferry_proto::{self as proto, coordinator_message::Body};
@@ -45,7 +46,7 @@ struct Due {
     path: String,
     size: i64,
     mtime_unix: i64,
-    attempts: i32,
+    next_at: DateTime<Utc>,
     #[sqlx(try_from = "String")]
     post_action: PostAction,
     site: String,
@@ -53,12 +54,12 @@ struct Due {
     conn: ConnectionRow,
 }
 
-/// Requests already sent and not yet answered, by file id: the attempt they
-/// were for and when. A recorded failure bumps the attempt, so the retry is
-/// sent as soon as it is due.
+/// Requests already sent and not yet answered, by file id: the arming they
+/// were for (`post_action_next_at`) and when. A recorded failure or an admin
+/// retry re-arms the file with a new time, so it is sent as soon as it is due.
 #[derive(Debug, Default)]
 pub(crate) struct PostActions {
-    sent: HashMap<i64, (i32, Instant)>,
+    sent: HashMap<i64, (DateTime<Utc>, Instant)>,
 }
 
 impl PostActions {
@@ -75,7 +76,7 @@ impl PostActions {
         }
         let due = sqlx::query_as::<_, Due>(&format!(
             "SELECT f.id AS file_id, f.path, f.size, f.mtime_unix, \
-                    f.post_action_attempts AS attempts, f.post_action, s.site, {CONNECTION_COLUMNS} \
+                    f.post_action_next_at AS next_at, f.post_action, s.site, {CONNECTION_COLUMNS} \
              FROM files f JOIN watches w ON w.id = f.watch_id JOIN servers s ON s.id = f.server_id \
              WHERE {PENDING} AND f.post_action_next_at <= now() \
                AND s.site = ANY($1) ORDER BY f.post_action_next_at, f.id LIMIT 200"
@@ -88,7 +89,7 @@ impl PostActions {
             if self
                 .sent
                 .get(&d.file_id)
-                .is_some_and(|(n, _)| *n == d.attempts)
+                .is_some_and(|(armed, _)| *armed == d.next_at)
             {
                 continue;
             }
@@ -119,7 +120,7 @@ impl PostActions {
                 mtime_unix: d.mtime_unix,
             };
             if agent.send(Body::PostAction(req)).await {
-                self.sent.insert(d.file_id, (d.attempts, Instant::now()));
+                self.sent.insert(d.file_id, (d.next_at, Instant::now()));
                 sent += 1;
             }
         }
