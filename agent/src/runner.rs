@@ -18,7 +18,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::poller::message;
-use crate::transfer::{self, S3Target, SessionPool};
+use crate::transfer::{self, PostActionOutcome, S3Target, SessionPool};
 
 /// How often running transfers report progress (which renews their lease).
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
@@ -276,14 +276,23 @@ impl Runner {
     pub(crate) fn post_action(&self, req: proto::PostActionRequest) {
         let runner = self.clone();
         tokio::spawn(async move {
-            let result = transfer::post_action(&req, &runner.0.pool).await;
-            if let Err(e) = &result {
-                tracing::warn!(file = req.file_id, error = %e, "post-action failed");
-            }
+            let outcome = transfer::post_action(&req, &runner.0.pool).await;
+            let (ok, refused, text) = match outcome {
+                PostActionOutcome::Done => (true, false, String::new()),
+                PostActionOutcome::Refused(why) => {
+                    tracing::warn!(file = req.file_id, why = %why, "post-action refused");
+                    (false, true, why)
+                }
+                PostActionOutcome::Failed(e) => {
+                    tracing::warn!(file = req.file_id, error = %e, "post-action failed");
+                    (false, false, e)
+                }
+            };
             runner.queue(message(Body::PostActionResult(proto::PostActionResult {
                 file_id: req.file_id,
-                ok: result.is_ok(),
-                message: result.err().unwrap_or_default(),
+                ok,
+                message: text,
+                refused,
             })));
         });
     }

@@ -505,7 +505,7 @@ impl AgentStreams {
                 if !r.ok {
                     tracing::warn!(agent = %s.agent, file = r.file_id, error = %r.message, "post-action failed");
                 }
-                if !results::record_post_action(db, &s.agent, &r).await? {
+                if !results::record_post_action(db, &s.agent, &r, &self.settings.retry).await? {
                     tracing::warn!(agent = %s.agent, file = r.file_id, "post-action result for a post-action not pending with this agent ignored");
                 }
             }

@@ -1,7 +1,16 @@
 //! Recording what agents discover: new file versions become `new` rows with a
-//! `file_events` row (`NULL -> new`), idempotent on (watch, path, size, mtime),
-//! one statement per batch. Creating a row is not a move between statuses, so
-//! it does not go through [`crate::transitions`].
+//! `file_events` row (`NULL -> new`), idempotent on (watch, path, size, mtime)
+//! among the versions still on the server, one statement per batch. Creating a
+//! row is not a move between statuses, so it does not go through
+//! [`crate::transitions`].
+//!
+//! **Invariant:** a version's post-action is the watch's setting when the
+//! version was discovered (`files.post_action`, snapshotted here); changing the
+//! watch later never reaches versions already recorded.
+//!
+//! A version that ferry deleted or moved away (`files.gone_at`) no longer
+//! holds its identity: the same (path, size, mtime) seen again — `rsync -a`
+//! or `scp -p` re-sending the same bytes — is a new version with a new row.
 //!
 //! **Architecture invariant:** a discovery counts only from the agent holding
 //! the server's poll lease, for a live watch of that server, and only for
@@ -105,14 +114,16 @@ async fn insert(
     let mtimes: Vec<i64> = entries.iter().map(|e| e.mtime_unix).collect();
     Ok(sqlx::query(
         "WITH allowed AS ( \
-            SELECT w.id FROM watches w JOIN servers s ON s.id = w.server_id \
+            SELECT w.id, w.post_action FROM watches w JOIN servers s ON s.id = w.server_id \
             WHERE w.id = $4 AND s.id = $5 AND w.deleted_at IS NULL AND w.enabled \
               AND s.deleted_at IS NULL AND s.enabled AND s.poller_agent = $6), \
          input AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS t(path, size, mtime)), \
          ins AS ( \
-            INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
-            SELECT $5, allowed.id, input.path, input.size, input.mtime FROM input CROSS JOIN allowed \
-            ON CONFLICT (watch_id, path, size, mtime_unix) DO NOTHING RETURNING id) \
+            INSERT INTO files (server_id, watch_id, path, size, mtime_unix, post_action) \
+            SELECT $5, allowed.id, input.path, input.size, input.mtime, allowed.post_action \
+            FROM input CROSS JOIN allowed \
+            ON CONFLICT (watch_id, path, size, mtime_unix) WHERE gone_at IS NULL DO NOTHING \
+            RETURNING id) \
          INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
          SELECT id, NULL, 'new', 'agent:' || $6, 'discovered' FROM ins",
     )

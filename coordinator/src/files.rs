@@ -40,7 +40,9 @@ pub(crate) struct FileRow {
 const FILE_SELECT: &str = "SELECT f.id, f.server_id, s.name AS server_name, f.watch_id, f.path, \
     f.size, f.mtime_unix, f.status, f.attempts, f.next_attempt_at, f.last_error, f.lease_owner, \
     f.lease_expires_at, f.fencing_token, f.bucket, f.object_key, f.etag, f.sha256, \
-    f.post_action_result, f.discovered_at, f.updated_at, \
+    CASE WHEN f.post_action_result IS NULL AND f.post_action_error IS NOT NULL \
+         THEN 'retrying after ' || f.post_action_attempts || ' failed attempts: ' || f.post_action_error \
+         ELSE f.post_action_result END AS post_action_result, f.discovered_at, f.updated_at, \
     o.announcement, o.announcement_attempts, o.announcement_error \
     FROM files f JOIN servers s ON s.id = f.server_id \
     LEFT JOIN LATERAL (SELECT CASE WHEN published_at IS NOT NULL THEN 'published' \
@@ -175,7 +177,11 @@ pub(crate) struct RetrySelection {
 
 /// Requeues the selected files as `new` (attempts reset), with a history row
 /// each, in one transaction. Only files the lifecycle lets an admin retry
-/// (error, failed, lost) move; others are left alone. Returns how many moved.
+/// (error, failed, lost) move; others are left alone. When no status filter
+/// narrows the selection, parked announcements are offered again and the
+/// failed post-actions (`failed after N attempts: ...`) of selected
+/// `processed` files are re-armed with fresh attempts (refused ones are not:
+/// the path holds another version). Returns how many rows moved or re-armed.
 pub(crate) async fn retry_files(
     db: &PgPool,
     sel: &RetrySelection,
@@ -227,12 +233,45 @@ pub(crate) async fn retry_files(
     } else {
         0
     };
+    let rearmed = if sel.statuses.is_empty() {
+        rearm_post_actions(&mut tx, sel, actor).await?
+    } else {
+        0
+    };
     tx.commit().await?;
     Ok(applied
         .iter()
         .filter(|a| a.outcome.moved_to().is_some())
         .count() as u64
-        + unparked)
+        + unparked
+        + rearmed)
+}
+
+/// Makes the failed post-actions of the selected `processed` files pending
+/// again, attempts reset, with a history row each.
+async fn rearm_post_actions(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    sel: &RetrySelection,
+    actor: &str,
+) -> StoreResult<u64> {
+    Ok(sqlx::query(
+        "WITH rearmed AS ( \
+            UPDATE files SET post_action_result = NULL, post_action_attempts = 0, \
+                   post_action_error = NULL, post_action_next_at = now(), \
+                   post_action_agent = NULL, updated_at = now() \
+            WHERE status = 'processed' AND post_action_result LIKE 'failed%' \
+              AND (cardinality($1::BIGINT[]) = 0 OR id = ANY($1)) \
+              AND ($2::BIGINT IS NULL OR server_id = $2) \
+            RETURNING id) \
+         INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
+         SELECT id, 'processed', 'processed', $3, 'post-action re-armed by admin retry' FROM rearmed",
+    )
+    .bind(&sel.ids)
+    .bind(sel.server_id)
+    .bind(actor)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected())
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -20,6 +20,7 @@ use ferry_proto::{self as proto, task_result::Outcome as WireOutcome};
 use sqlx::PgPool;
 
 use crate::error::StoreResult;
+use crate::post_actions::{self, Answer, Verdict};
 use crate::transitions::{self, Change, Outcome};
 
 /// Renews the lease of a running transfer that `agent` holds (progress
@@ -85,44 +86,79 @@ pub(crate) async fn apply(
     transitions::apply_one(db, &format!("agent:{agent}"), policy, change).await
 }
 
-/// Records the outcome of a post-action (`done`, or the error text) if it was
-/// sent to `agent` and is still pending. Not a status change: the file stays
-/// `processed`, with a history row. Returns whether it was recorded.
+/// Records an agent's answer to a post-action if it was sent to `agent` and
+/// is still pending, as [`post_actions::judge`] decides: final (`done`,
+/// `refused: ...`, `failed after N attempts: ...`; done and refused mark the
+/// version gone from the server) or a retry after a backoff. Not a status
+/// change: the file stays `processed`, with a history row. Returns whether it
+/// was recorded.
 pub(crate) async fn record_post_action(
     db: &PgPool,
     agent: &str,
     r: &proto::PostActionResult,
+    policy: &RetryPolicy,
 ) -> StoreResult<bool> {
-    let text = if r.ok {
-        "done".to_string()
-    } else {
-        format!("error: {}", r.message)
-    };
     let mut tx = db.begin().await?;
-    let n = sqlx::query(
-        "UPDATE files SET post_action_result = $2, updated_at = now() \
+    let attempts: Option<i32> = sqlx::query_scalar(
+        "SELECT post_action_attempts FROM files \
          WHERE id = $1 AND status = 'processed' AND post_action_result IS NULL \
-           AND post_action_agent = $3",
+           AND post_action_agent = $2 FOR UPDATE",
     )
     .bind(r.file_id)
-    .bind(&text)
     .bind(agent)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(attempts) = attempts else {
+        return Ok(false);
+    };
+    let reason = match post_actions::judge(&Answer::from_wire(r), attempts, policy) {
+        Verdict::Final { result, gone } => {
+            sqlx::query(
+                "UPDATE files SET post_action_result = $2, post_action_agent = NULL, \
+                   gone_at = CASE WHEN $3 THEN now() ELSE gone_at END, updated_at = now() \
+                 WHERE id = $1",
+            )
+            .bind(r.file_id)
+            .bind(&result)
+            .bind(gone)
+            .execute(&mut *tx)
+            .await?;
+            format!("post-action {result}")
+        }
+        Verdict::Retry {
+            attempts,
+            error,
+            delay,
+        } => {
+            sqlx::query(
+                "UPDATE files SET post_action_attempts = $2, post_action_error = $3, \
+                   post_action_next_at = now() + make_interval(secs => $4), \
+                   post_action_agent = NULL, updated_at = now() \
+                 WHERE id = $1",
+            )
+            .bind(r.file_id)
+            .bind(attempts)
+            .bind(&error)
+            .bind(delay.as_secs_f64())
+            .execute(&mut *tx)
+            .await?;
+            format!(
+                "post-action attempt {attempts} failed: {error} (retry in {}s)",
+                delay.as_secs()
+            )
+        }
+    };
+    sqlx::query(
+        "INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
+         VALUES ($1, 'processed', 'processed', $2, $3)",
+    )
+    .bind(r.file_id)
+    .bind(format!("agent:{agent}"))
+    .bind(reason)
     .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if n == 1 {
-        sqlx::query(
-            "INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
-             VALUES ($1, 'processed', 'processed', $2, $3)",
-        )
-        .bind(r.file_id)
-        .bind(format!("agent:{agent}"))
-        .bind(format!("post-action {text}"))
-        .execute(&mut *tx)
-        .await?;
-    }
+    .await?;
     tx.commit().await?;
-    Ok(n == 1)
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -452,6 +452,8 @@ pub enum FilesCmd {
         id: i64,
     },
     /// Requeue files in error, failed or lost (or the given ids); prints how many.
+    /// Without --status it also re-arms the failed post-actions of the selected
+    /// processed files (and offers their parked announcements again).
     Retry {
         /// File ids to requeue.
         ids: Vec<i64>,

@@ -13,6 +13,7 @@ mod events;
 mod harness_smoke;
 mod health;
 mod keys;
+mod post_actions;
 mod remote_site;
 mod secrets;
 mod security;

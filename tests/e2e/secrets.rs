@@ -373,7 +373,7 @@ async fn trace_logs_carry_no_secret() {
                 directory: s.sshd.remote_path(rel),
                 poll_interval_secs: 1,
                 bucket: "ferry-secrets".into(),
-                key_template: "{server}/{path}".into(),
+                key_template: "{server}/{dir}/{version}/{name}".into(),
                 ..Default::default()
             })
             .await

@@ -276,6 +276,7 @@ async fn another_agents_progress_results_and_post_action_results_change_nothing(
             file_id: task.file_id,
             ok: true,
             message: String::new(),
+            refused: false,
         }))
         .await;
     mallory.barrier(&db, "mallory").await;
@@ -313,6 +314,7 @@ async fn another_agents_progress_results_and_post_action_results_change_nothing(
             file_id,
             ok: true,
             message: String::new(),
+            refused: false,
         }))
         .await;
     mallory.barrier(&db, "mallory").await;
@@ -328,6 +330,7 @@ async fn another_agents_progress_results_and_post_action_results_change_nothing(
             file_id,
             ok: true,
             message: String::new(),
+            refused: false,
         }))
         .await;
     victim.barrier(&db, "victim").await;

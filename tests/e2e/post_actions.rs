@@ -1,0 +1,360 @@
+//! Post-actions act on the stored *version*, never on whatever the path holds
+//! now: a rewritten file survives its older version's delete, the action is
+//! the one in force when the version was discovered, failures retry with
+//! backoff and then stay visibly failed until an admin retries them, and a
+//! version ferry deleted that is re-sent unchanged is a new version.
+
+use std::time::{Duration, SystemTime};
+
+use ferry_proto as proto;
+use ferry_tests::{
+    AgentOptions, AmqpMessage, AmqpQueue, S3Server, TcpProxy, eventually, unique_exchange,
+};
+use sha2::{Digest, Sha256};
+
+use crate::stack::{Stack, WAIT};
+
+const BUCKET: &str = "ferry-post";
+
+/// Stack + S3 + an AMQP exchange reached through a proxy that tests can cut.
+struct Flow {
+    s: Stack,
+    s3: S3Server,
+    queue: AmqpQueue,
+    amqp_proxy: TcpProxy,
+}
+
+async fn flow(extra_env: &[(&str, &str)]) -> Flow {
+    let s3 = S3Server::start().await;
+    s3.create_bucket(BUCKET).await;
+    let exchange = unique_exchange();
+    let queue = AmqpQueue::declare(&exchange).await;
+    let amqp_proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = format!("amqp://guest:guest@{}/%2f", amqp_proxy.addr());
+    let mut env = vec![
+        ("FERRY_AMQP_URL", url.as_str()),
+        ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
+        ("FERRY_AMQP_ROUTING_KEY", "ferry.{server}"),
+        ("FERRY_TASK_LEASE_SECS", "6"),
+        ("FERRY_RETRY_BASE_SECS", "1"),
+        ("FERRY_RETRY_MAX_SECS", "2"),
+    ];
+    env.extend_from_slice(extra_env);
+    let s = Stack::with_coordinator_env(&env).await;
+    Flow {
+        s,
+        s3,
+        queue,
+        amqp_proxy,
+    }
+}
+
+fn action(text: &str) -> proto::PostAction {
+    (&text.parse::<ferry_common::domain::PostAction>().unwrap()).into()
+}
+
+impl Flow {
+    fn agent_opts(&self, s3_endpoint: Option<&str>) -> AgentOptions {
+        let mut env = self.s3.env();
+        if let Some(endpoint) = s3_endpoint {
+            for (k, v) in &mut env {
+                if k == "AWS_ENDPOINT_URL" {
+                    *v = endpoint.to_string();
+                }
+            }
+        }
+        AgentOptions {
+            capacity: 2,
+            env,
+            ..Default::default()
+        }
+    }
+
+    async fn watch(&mut self, server_id: i64, rel: &str, post_action: &str) -> i64 {
+        self.s.sshd.mkdir(rel);
+        self.s
+            .admin
+            .add_watch(proto::AddWatchRequest {
+                server_id,
+                directory: self.s.sshd.remote_path(rel),
+                poll_interval_secs: 1,
+                bucket: BUCKET.into(),
+                key_template: "{server}/{dir}/{version}/{name}".into(),
+                post_action: Some(action(post_action)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    /// (id, status, post_action_result) of every row, in id order.
+    async fn rows(&self) -> Vec<(i64, String, Option<String>)> {
+        sqlx::query_as("SELECT id, status, post_action_result FROM files ORDER BY id")
+            .fetch_all(self.s.db.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn wait_rows(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&[(i64, String, Option<String>)]) -> bool,
+    ) {
+        eventually(what, timeout, || async {
+            let rows = self.rows().await;
+            ok(&rows).then_some(())
+        })
+        .await;
+    }
+
+    async fn history(&self, file_id: i64) -> Vec<String> {
+        sqlx::query_scalar("SELECT reason FROM file_events WHERE file_id = $1 ORDER BY id")
+            .bind(file_id)
+            .fetch_all(self.s.db.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Messages until `n` arrived (and 2 s more to catch extra ones).
+    async fn messages(&mut self, n: usize) -> Vec<AmqpMessage> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while got.len() < n && tokio::time::Instant::now() < deadline {
+            if let Some(m) = self.queue.next_message(Duration::from_secs(1)).await {
+                got.push(m);
+            }
+        }
+        got.extend(self.queue.drain_for(Duration::from_secs(2)).await);
+        got
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn announced_sha256s(msgs: &[AmqpMessage]) -> Vec<String> {
+    let mut shas: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| m.json()["sha256"].as_str().map(str::to_owned))
+        .collect();
+    shas.sort();
+    shas.dedup();
+    shas
+}
+
+#[tokio::test]
+async fn a_rewritten_file_survives_the_delete_of_its_older_version() {
+    let mut f = flow(&[("FERRY_MAX_ATTEMPTS", "50")]).await;
+    let s3_proxy = TcpProxy::start(f.s3.addr()).await;
+    let id = f.s.add_server(f.s.server_req("rw")).await;
+    f.watch(id, "out", "delete").await;
+    let s3_url = format!("http://{}", s3_proxy.addr());
+    let _agent = f.s.agent_with("a1", f.agent_opts(Some(&s3_url))).await;
+    // v1 is stored, but its announcement (and so its post-action) waits.
+    f.amqp_proxy.cut();
+    let v1 = b"v1 of the report".to_vec();
+    f.s.sshd.write_file("out/report.csv", &v1);
+    f.wait_rows("v1 uploaded", WAIT, |r| {
+        r.len() == 1 && r[0].1 == "uploaded"
+    })
+    .await;
+    // The producer rewrites the file; v2 cannot be stored yet.
+    s3_proxy.cut();
+    let v2 = b"v2 of the report, longer".to_vec();
+    f.s.sshd.write_file("out/report.csv", &v2);
+    f.s.sshd.set_mtime(
+        "out/report.csv",
+        SystemTime::now() - Duration::from_secs(120),
+    );
+    f.wait_rows("v2 discovered", WAIT, |r| r.len() == 2).await;
+    // v1 is announced, then its post-action runs while the path holds v2.
+    f.amqp_proxy.heal();
+    f.wait_rows("v1 post-action answered", WAIT, |r| {
+        r[0].1 == "processed" && r[0].2.is_some()
+    })
+    .await;
+    let rows = f.rows().await;
+    assert_ne!(rows[1].1, "processed", "v2 not ingested yet: {rows:?}");
+    assert!(
+        f.s.sshd.exists("out/report.csv"),
+        "v2 was never ingested and must stay on the server: {rows:?}"
+    );
+    assert_eq!(f.s.sshd.read_file("out/report.csv"), v2);
+    let v1_result = rows[0].2.clone().unwrap();
+    assert!(v1_result.contains("changed since stored"), "{v1_result}");
+    let history = f.history(rows[0].0).await;
+    assert!(
+        history.iter().any(|r| r.contains("changed since stored")),
+        "{history:?}"
+    );
+    // v2 is ingested once S3 is back, and then deleted by its own post-action.
+    s3_proxy.heal();
+    f.wait_rows("v2 processed and deleted", WAIT, |r| {
+        r[1].1 == "processed" && r[1].2.as_deref() == Some("done")
+    })
+    .await;
+    assert!(!f.s.sshd.exists("out/report.csv"));
+    let v2_key: String =
+        sqlx::query_scalar("SELECT object_key FROM files ORDER BY id DESC LIMIT 1")
+            .fetch_one(f.s.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(f.s3.get_object(BUCKET, &v2_key).await, v2);
+    let shas = announced_sha256s(&f.messages(2).await);
+    let mut want = vec![sha256_hex(&v1), sha256_hex(&v2)];
+    want.sort();
+    assert_eq!(shas, want, "both versions announced");
+}
+
+#[tokio::test]
+async fn changing_a_watch_from_keep_to_delete_spares_processed_files() {
+    let mut f = flow(&[]).await;
+    let id = f.s.add_server(f.s.server_req("kd")).await;
+    let watch = f.watch(id, "in", "keep").await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(None)).await;
+    f.s.sshd.write_file("in/old.csv", b"kept");
+    f.wait_rows("old processed", WAIT, |r| {
+        r.len() == 1 && r[0].1 == "processed"
+    })
+    .await;
+    f.s.admin
+        .update_watch(proto::UpdateWatchRequest {
+            id: watch,
+            post_action: Some(action("delete")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    f.s.sshd.write_file("in/new.csv", b"deleted after ingest");
+    f.wait_rows("new processed and deleted", WAIT, |r| {
+        r.len() == 2 && r[1].2.as_deref() == Some("done")
+    })
+    .await;
+    assert!(!f.s.sshd.exists("in/new.csv"));
+    // A few dispatch rounds later the old file is still there, untouched.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(f.s.sshd.exists("in/old.csv"), "kept under the old setting");
+    assert_eq!(f.rows().await[0].2, None);
+}
+
+#[tokio::test]
+async fn a_failed_move_is_retried_and_completes_after_the_outage() {
+    let mut f = flow(&[("FERRY_MAX_ATTEMPTS", "50")]).await;
+    let id = f.s.add_server(f.s.server_req("mv")).await;
+    // The archive directory cannot be created: a file is in its way.
+    f.s.sshd.write_file("archive", b"in the way");
+    let archive = f.s.sshd.remote_path("archive");
+    f.watch(id, "in", &format!("move:{archive}")).await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(None)).await;
+    f.s.sshd.write_file("in/a.csv", b"move me later");
+    f.wait_rows("processed", WAIT, |r| r.len() == 1 && r[0].1 == "processed")
+        .await;
+    let file_id = f.rows().await[0].0;
+    eventually("two failed post-action attempts", WAIT, || async {
+        let failures = f
+            .history(file_id)
+            .await
+            .iter()
+            .filter(|r| r.contains("post-action") && r.contains("archive"))
+            .count();
+        (failures >= 2).then_some(())
+    })
+    .await;
+    std::fs::remove_file(f.s.sshd.root().join("archive")).unwrap();
+    f.wait_rows("moved", WAIT, |r| r[0].2.as_deref() == Some("done"))
+        .await;
+    assert!(!f.s.sshd.exists("in/a.csv"));
+    assert_eq!(f.s.sshd.read_file("archive/a.csv"), b"move me later");
+}
+
+#[tokio::test]
+async fn an_exhausted_post_action_stays_failed_until_an_admin_retries_it() {
+    let mut f = flow(&[("FERRY_MAX_ATTEMPTS", "2")]).await;
+    let id = f.s.add_server(f.s.server_req("ex")).await;
+    f.s.sshd.write_file("archive", b"in the way");
+    let archive = f.s.sshd.remote_path("archive");
+    f.watch(id, "in", &format!("move:{archive}")).await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(None)).await;
+    f.s.sshd.write_file("in/a.csv", b"move me");
+    f.wait_rows("post-action failed for good", WAIT, |r| {
+        r.len() == 1
+            && r[0]
+                .2
+                .as_deref()
+                .is_some_and(|t| t.starts_with("failed after 2 attempts"))
+    })
+    .await;
+    let file_id = f.rows().await[0].0;
+    let ctl = f.s.coord.ctl(&f.s.pki.admin("alice"));
+    let shown = ctl.run(&["files", "show", &file_id.to_string()]).await;
+    assert!(shown.success(), "{}", shown.stderr);
+    assert!(
+        shown.stdout.contains("failed after 2 attempts"),
+        "{}",
+        shown.stdout
+    );
+    // Nothing more happens on its own.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(f.s.sshd.exists("in/a.csv"));
+    std::fs::remove_file(f.s.sshd.root().join("archive")).unwrap();
+    let retried = ctl.run(&["files", "retry", &file_id.to_string()]).await;
+    assert!(retried.success(), "{}", retried.stderr);
+    f.wait_rows("moved after the admin retry", WAIT, |r| {
+        r[0].2.as_deref() == Some("done")
+    })
+    .await;
+    assert_eq!(f.s.sshd.read_file("archive/a.csv"), b"move me");
+    let history = f.history(file_id).await;
+    assert!(
+        history.iter().any(|r| r.contains("post-action re-armed")),
+        "{history:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_resent_after_ferry_deleted_it_is_a_new_version() {
+    let mut f = flow(&[]).await;
+    let id = f.s.add_server(f.s.server_req("rs")).await;
+    f.watch(id, "in", "delete").await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(None)).await;
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let bytes = b"the same bytes twice".to_vec();
+    f.s.sshd.write_file("in/a.csv", &bytes);
+    f.s.sshd.set_mtime("in/a.csv", mtime);
+    f.wait_rows("first copy deleted", WAIT, |r| {
+        r.len() == 1 && r[0].2.as_deref() == Some("done")
+    })
+    .await;
+    assert!(!f.s.sshd.exists("in/a.csv"));
+    // Some time later (a poll saw the directory empty), `rsync -a` sends it
+    // again: same bytes, same mtime.
+    eventually("a poll without the file", WAIT, || async {
+        let files: Option<i64> = sqlx::query_scalar("SELECT last_poll_files FROM servers")
+            .fetch_one(f.s.db.pool())
+            .await
+            .unwrap();
+        (files == Some(0)).then_some(())
+    })
+    .await;
+    f.s.sshd.write_file("in/a.csv", &bytes);
+    f.s.sshd.set_mtime("in/a.csv", mtime);
+    f.wait_rows("second copy ingested and deleted", WAIT, |r| {
+        r.len() == 2 && r[1].1 == "processed" && r[1].2.as_deref() == Some("done")
+    })
+    .await;
+    assert!(!f.s.sshd.exists("in/a.csv"));
+    let versions: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT path, size, mtime_unix FROM files ORDER BY id")
+            .fetch_all(f.s.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(versions[0], versions[1], "the same identity twice");
+    let msgs = f.messages(2).await;
+    let ids: std::collections::BTreeSet<String> =
+        msgs.iter().filter_map(|m| m.message_id.clone()).collect();
+    assert_eq!(ids.len(), 2, "announced once per version: {msgs:?}");
+}
