@@ -230,14 +230,19 @@ pub fn private_key_shape(pem: &str) -> Checked<KeyProtection> {
     })
 }
 
-/// An agent's name, as its certificate carries it.
-pub fn agent_name(name: &str) -> Checked<()> {
-    if name.is_empty()
-        || name.len() > 128
-        || !name
+/// 1..=`max` ASCII letters, digits, '-', '_' or '.' (names in certificates
+/// and labels that end up in URIs and routing keys).
+fn is_label(value: &str, max: usize) -> bool {
+    !value.is_empty()
+        && value.len() <= max
+        && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
+}
+
+/// An agent's name, as its certificate carries it.
+pub fn agent_name(name: &str) -> Checked<()> {
+    if !is_label(name, 128) {
         return Err(FieldError::new(
             "name",
             format!("{name:?} is not an agent name (1..128 letters, digits, '-', '_' or '.')"),
@@ -247,12 +252,7 @@ pub fn agent_name(name: &str) -> Checked<()> {
 }
 
 pub fn site(site: &str) -> Checked<()> {
-    if site.is_empty()
-        || site.len() > 64
-        || !site
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
+    if !is_label(site, 64) {
         return Err(FieldError::new(
             "site",
             format!("{site:?} must be 1..64 letters, digits, '-', '_' or '.'"),
