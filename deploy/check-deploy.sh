@@ -174,10 +174,11 @@ def fail(where, msg):
 def parse_help(binary):
     """Env variables a binary reads, and those its required options take."""
     text = (tmp / f"help.{binary}").read_text()
-    envs = set(re.findall(r"\[env: (FERRY_[A-Z0-9_]+)=", text))
+    # `[env: NAME=value]`, or `[env: NAME]` for flags whose values clap hides.
+    envs = set(re.findall(r"\[env: (FERRY_[A-Z0-9_]+)[=\]]", text))
     # clap prints each option line, then its description carrying [env: ...].
     flag_env = {}
-    for m in re.finditer(r"^\s+(?:-\w, )?--([a-z0-9-]+)[^\n]*\n?(?:[^\n]*?)\[env: (\w+)=", text, re.M):
+    for m in re.finditer(r"^\s+(?:-\w, )?--([a-z0-9-]+)[^\n]*\n?(?:[^\n]*?)\[env: (\w+)[=\]]", text, re.M):
         flag_env.setdefault(m.group(1), m.group(2))
     required = set()
     usage = re.search(r"^Usage: .*$", text, re.M)
