@@ -335,6 +335,7 @@ impl Dispatch {
                 let task = tokio::spawn(poller::run(
                     a.clone(),
                     self.out.clone(),
+                    self.runner.clone(),
                     self.trackers.clone(),
                     self.timeouts,
                     token.clone(),
@@ -354,6 +355,7 @@ impl Dispatch {
             }
             CBody::PostAction(req) => self.runner.post_action(req),
             CBody::ResultAck(ack) => self.runner.acknowledged(&ack),
+            CBody::DiscoveryAck(ack) => self.runner.discovery_acknowledged(&ack),
             CBody::HostKeyProbe(req) => {
                 tokio::spawn(probe_host_key(req, self.out.clone()));
             }

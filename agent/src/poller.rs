@@ -16,6 +16,7 @@ use ferry_proto::{self as proto, agent_message::Body};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::runner::Runner;
 use crate::sftp::{self, Auth, ServerEndpoint, SftpError, SftpSession, Timeouts};
 
 /// Entries per discovery message.
@@ -77,6 +78,7 @@ struct WatchState {
 pub(crate) async fn run(
     assignment: proto::PollAssignment,
     out: mpsc::Sender<proto::AgentMessage>,
+    runner: Runner,
     trackers: Trackers,
     timeouts: Timeouts,
     cancel: CancellationToken,
@@ -123,7 +125,7 @@ pub(crate) async fn run(
     // Full resend of what is already known stable (after a reconnect).
     for w in &watches {
         let stable = trackers.with(&w.spec, |t| t.stable_set());
-        if !send_batches(&out, server_id, w.spec.watch_id, stable).await {
+        if !send_batches(&out, &runner, server_id, w.spec.watch_id, stable).await {
             return;
         }
     }
@@ -136,7 +138,7 @@ pub(crate) async fn run(
             let started = Instant::now();
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = poll_due(&mut session, &ep, &timeouts, &mut watches, &trackers, &out, server_id) => r,
+                r = poll_due(&mut session, &ep, &timeouts, &mut watches, &trackers, &out, &runner, server_id) => r,
             };
             let report = match &outcome {
                 Ok(seen) => proto::PollReport {
@@ -203,6 +205,7 @@ async fn poll_due(
     watches: &mut [WatchState],
     trackers: &Trackers,
     out: &mpsc::Sender<proto::AgentMessage>,
+    runner: &Runner,
     server_id: i64,
 ) -> Result<u64, SftpError> {
     let s = match session.take() {
@@ -227,7 +230,7 @@ async fn poll_due(
         let newly = trackers.with(&w.spec, |t| {
             t.observe(files, now_unix, w.spec.min_age_secs).newly_stable
         });
-        if !send_batches(out, server_id, w.spec.watch_id, newly).await {
+        if !send_batches(out, runner, server_id, w.spec.watch_id, newly).await {
             return Ok(seen);
         }
     }
@@ -236,6 +239,7 @@ async fn poll_due(
 
 async fn send_batches(
     out: &mpsc::Sender<proto::AgentMessage>,
+    runner: &Runner,
     server_id: i64,
     watch_id: i64,
     files: Vec<(String, Observation)>,
@@ -244,6 +248,8 @@ async fn send_batches(
         let batch = proto::DiscoveryBatch {
             server_id,
             watch_id,
+            // Set by `track_discovery`.
+            batch_id: 0,
             entries: chunk
                 .iter()
                 .map(|(path, o)| proto::RemoteEntry {
@@ -253,7 +259,7 @@ async fn send_batches(
                 })
                 .collect(),
         };
-        if out.send(message(Body::Discovery(batch))).await.is_err() {
+        if out.send(runner.track_discovery(batch)).await.is_err() {
             return false;
         }
     }

@@ -33,6 +33,13 @@ struct Running {
     cancel: CancellationToken,
 }
 
+/// What an acknowledgement names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Unacked {
+    Result { file_id: i64, fencing_token: u64 },
+    Discovery { batch_id: u64 },
+}
+
 #[derive(Default)]
 struct Counters {
     files: AtomicU64,
@@ -46,11 +53,13 @@ struct Inner {
     running: Mutex<HashMap<i64, Running>>,
     /// Results not yet handed to a stream.
     pending: Mutex<VecDeque<proto::AgentMessage>>,
-    /// Task results handed to a stream and not yet acknowledged by a
-    /// coordinator (`ResultAck`), by (file, fencing token), with when they
-    /// were last sent: sent again on every new stream and after
+    /// Task results and discovery batches handed to a stream and not yet
+    /// acknowledged by a coordinator (`ResultAck`, `DiscoveryAck`), with when
+    /// they were last sent: sent again on every new stream and after
     /// [`RESEND_UNACKED`].
-    unacked: Mutex<HashMap<(i64, u64), (proto::AgentMessage, Instant)>>,
+    unacked: Mutex<HashMap<Unacked, (proto::AgentMessage, Instant)>>,
+    /// Ids of discovery batches, for their acknowledgement.
+    next_batch: AtomicU64,
     wake: Notify,
     counters: Counters,
     /// Set on shutdown: new assignments are refused.
@@ -92,6 +101,7 @@ impl Runner {
             running: Mutex::default(),
             pending: Mutex::default(),
             unacked: Mutex::default(),
+            next_batch: AtomicU64::new(1),
             wake: Notify::new(),
             counters: Counters::default(),
             draining: AtomicBool::new(false),
@@ -119,7 +129,29 @@ impl Runner {
 
     /// A coordinator applied this result: forget it.
     pub(crate) fn acknowledged(&self, ack: &proto::ResultAck) {
-        lock(&self.0.unacked).remove(&(ack.file_id, ack.fencing_token));
+        lock(&self.0.unacked).remove(&Unacked::Result {
+            file_id: ack.file_id,
+            fencing_token: ack.fencing_token,
+        });
+    }
+
+    /// A coordinator recorded this discovery batch: forget it.
+    pub(crate) fn discovery_acknowledged(&self, ack: &proto::DiscoveryAck) {
+        lock(&self.0.unacked).remove(&Unacked::Discovery {
+            batch_id: ack.batch_id,
+        });
+    }
+
+    /// Gives `batch` its id and keeps it until a coordinator acknowledges it;
+    /// returns the message to send.
+    pub(crate) fn track_discovery(&self, mut batch: proto::DiscoveryBatch) -> proto::AgentMessage {
+        batch.batch_id = self.0.next_batch.fetch_add(1, Ordering::Relaxed);
+        let key = Unacked::Discovery {
+            batch_id: batch.batch_id,
+        };
+        let msg = message(Body::Discovery(batch));
+        lock(&self.0.unacked).insert(key, (msg.clone(), Instant::now()));
+        msg
     }
 
     /// Queues again the unacknowledged results last sent at or before
@@ -311,9 +343,18 @@ impl Runner {
             loop {
                 let next = lock(&self.0.pending).pop_front();
                 let Some(msg) = next else { break };
-                if let Some(Body::TaskResult(r)) = &msg.body {
-                    lock(&self.0.unacked)
-                        .insert((r.file_id, r.fencing_token), (msg.clone(), Instant::now()));
+                let key = match &msg.body {
+                    Some(Body::TaskResult(r)) => Some(Unacked::Result {
+                        file_id: r.file_id,
+                        fencing_token: r.fencing_token,
+                    }),
+                    Some(Body::Discovery(d)) => Some(Unacked::Discovery {
+                        batch_id: d.batch_id,
+                    }),
+                    _ => None,
+                };
+                if let Some(key) = key {
+                    lock(&self.0.unacked).insert(key, (msg.clone(), Instant::now()));
                 }
                 if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await {
                     lock(&self.0.pending).push_front(msg);

@@ -458,6 +458,15 @@ impl AgentStreams {
                         }
                     }
                 }
+                // Recorded, or for good not applicable: the agent may forget
+                // it. A batch that failed (database error, `?` above) is not
+                // acknowledged and comes again.
+                s.send(proto::coordinator_message::Body::DiscoveryAck(
+                    proto::DiscoveryAck {
+                        batch_id: batch.batch_id,
+                    },
+                ))
+                .await;
             }
             Body::PollReport(report) => {
                 if !report.ok {

@@ -9,32 +9,61 @@ use sha2::{Digest, Sha256};
 
 use crate::stack::{Stack, WAIT};
 
+/// A stack whose coordinator reaches Postgres through a proxy the test can
+/// cut (the test itself reads the database directly).
+async fn stack_with_cuttable_database(env: &[(&str, &str)]) -> (Stack, TcpProxy) {
+    let pg_proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut s = Stack::new().await;
+    let url =
+        s.db.url()
+            .replacen("127.0.0.1:5432", &pg_proxy.addr().to_string(), 1);
+    let mut all = vec![("FERRY_DATABASE_URL", url.as_str())];
+    all.extend_from_slice(env);
+    s.coord = ferry_tests::Coordinator::start_with_env(&s.db, &s.pki, &all).await;
+    s.admin = s.coord.admin_client(&s.pki.admin("alice")).await.unwrap();
+    (s, pg_proxy)
+}
+
+#[tokio::test]
+async fn a_discovery_batch_that_hit_a_database_outage_is_sent_again() {
+    let (mut s, pg_proxy) = stack_with_cuttable_database(&[]).await;
+    let id = s.add_server(s.server_req("disc")).await;
+    s.add_watch(id, "disc", "*").await;
+    let _agent = s.agent("poller", "default").await;
+    s.wait_polls(id, 1).await;
+
+    // The files become stable and are reported while the coordinator cannot
+    // write them down.
+    pg_proxy.cut();
+    for n in 0..3 {
+        s.sshd.write_file(&format!("disc/f{n}.csv"), b"x\n");
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    pg_proxy.heal();
+
+    eventually("all three files recorded", WAIT, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM files WHERE server_id = $1")
+            .bind(id)
+            .fetch_one(s.db.pool())
+            .await
+            .unwrap();
+        (n == 3).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_database_outage_longer_than_the_lease_costs_no_attempt_and_loses_no_result() {
     let s3 = S3Server::start().await;
     s3.create_bucket("ferry-test").await;
     let exchange = unique_exchange();
     let mut queue = AmqpQueue::declare(&exchange).await;
-    let pg_proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let base = Stack::new().await;
-    let url = base
-        .db
-        .url()
-        .replacen("127.0.0.1:5432", &pg_proxy.addr().to_string(), 1);
-    // The stack's own coordinator is replaced by one whose database can be cut.
-    let mut s = base;
-    s.coord = ferry_tests::Coordinator::start_with_env(
-        &s.db,
-        &s.pki,
-        &[
-            ("FERRY_DATABASE_URL", url.as_str()),
-            ("FERRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
-            ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
-            ("FERRY_TASK_LEASE_SECS", "10"),
-        ],
-    )
+    let (mut s, pg_proxy) = stack_with_cuttable_database(&[
+        ("FERRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
+        ("FERRY_TASK_LEASE_SECS", "10"),
+    ])
     .await;
-    s.admin = s.coord.admin_client(&s.pki.admin("alice")).await.unwrap();
     let id = s.add_server(s.server_req("pg")).await;
     s.add_watch(id, "pg", "*").await;
     let _agent = s

@@ -187,6 +187,7 @@ async fn discover(t: &Trust, rogue: &RogueAgent, entries: Vec<proto::RemoteEntry
             server_id: t.server_id,
             watch_id: t.watch_id,
             entries,
+            batch_id: 1,
         }))
         .await;
 }
