@@ -122,10 +122,14 @@ pub(crate) async fn run(
         cancel.cancelled().await;
         return;
     }
+    let reporter = Reporter {
+        out: &out,
+        runner: &runner,
+    };
     // Full resend of what is already known stable (after a reconnect).
     for w in &watches {
         let stable = trackers.with(&w.spec, |t| t.stable_set());
-        if !send_batches(&out, &runner, server_id, w.spec.watch_id, stable).await {
+        if !send_batches(&reporter, server_id, w.spec.watch_id, stable).await {
             return;
         }
     }
@@ -138,7 +142,7 @@ pub(crate) async fn run(
             let started = Instant::now();
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = poll_due(&mut session, &ep, &timeouts, &mut watches, &trackers, &out, &runner, server_id) => r,
+                r = poll_due(&mut session, &ep, &timeouts, &mut watches, &trackers, &reporter, server_id) => r,
             };
             let report = match &outcome {
                 Ok(seen) => proto::PollReport {
@@ -204,8 +208,7 @@ async fn poll_due(
     timeouts: &Timeouts,
     watches: &mut [WatchState],
     trackers: &Trackers,
-    out: &mpsc::Sender<proto::AgentMessage>,
-    runner: &Runner,
+    reporter: &Reporter<'_>,
     server_id: i64,
 ) -> Result<u64, SftpError> {
     let s = match session.take() {
@@ -230,16 +233,22 @@ async fn poll_due(
         let newly = trackers.with(&w.spec, |t| {
             t.observe(files, now_unix, w.spec.min_age_secs).newly_stable
         });
-        if !send_batches(out, runner, server_id, w.spec.watch_id, newly).await {
+        if !send_batches(reporter, server_id, w.spec.watch_id, newly).await {
             return Ok(seen);
         }
     }
     Ok(seen)
 }
 
+/// Where discoveries go: the stream, through the runner's acknowledgement
+/// tracking.
+struct Reporter<'a> {
+    out: &'a mpsc::Sender<proto::AgentMessage>,
+    runner: &'a Runner,
+}
+
 async fn send_batches(
-    out: &mpsc::Sender<proto::AgentMessage>,
-    runner: &Runner,
+    reporter: &Reporter<'_>,
     server_id: i64,
     watch_id: i64,
     files: Vec<(String, Observation)>,
@@ -259,7 +268,12 @@ async fn send_batches(
                 })
                 .collect(),
         };
-        if out.send(runner.track_discovery(batch)).await.is_err() {
+        if reporter
+            .out
+            .send(reporter.runner.track_discovery(batch))
+            .await
+            .is_err()
+        {
             return false;
         }
     }
