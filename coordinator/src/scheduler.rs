@@ -163,7 +163,9 @@ pub(crate) enum AssignmentError {
     /// was reaped): nothing to send.
     #[error("file {file_id} is no longer in progress with fencing token {token}")]
     Gone { file_id: i64, token: i64 },
-    /// The server's credentials could not be unsealed: the round is retried.
+    /// The server's credentials could not be unsealed (row changed outside
+    /// ferry, or another secret key): that server is skipped this round, the
+    /// others go on; its claimed file comes back through its lease.
     #[error("server credentials: {0:#}")]
     Secrets(anyhow::Error),
 }
@@ -309,6 +311,11 @@ pub(crate) async fn schedule_site(
                 }
                 Err(e @ AssignmentError::Gone { .. }) => {
                     tracing::info!(error = %e, "claimed file not assigned");
+                }
+                Err(e @ AssignmentError::Secrets(_)) => {
+                    // Not this site's other servers' problem: skip this one.
+                    tracing::warn!(server = server_id, file = file.id, error = %e, "cannot build a task for this server; skipping it this round");
+                    continue;
                 }
                 // The claimed file keeps its lease; the reaper requeues it.
                 Err(e) => {
