@@ -572,3 +572,26 @@ async fn a_silent_agent_is_told_to_stop_when_its_lease_is_reaped() {
         Some(body.file_id.to_string().as_str())
     );
 }
+
+#[tokio::test]
+async fn a_file_not_yet_readable_is_retried_not_failed() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("perm")).await;
+    f.watch(id, "perm", "keep").await;
+    // A producer that writes first and makes the file readable afterwards:
+    // the SFTP login cannot read it yet (permission denied).
+    let path = f.s.sshd.write_file("perm/late.csv", b"id\n1\n");
+    std::os::unix::fs::chown(&path, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
+    f.wait_status(1, "error", WAIT).await;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    f.wait_status(1, "processed", WAIT).await;
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM files")
+        .fetch_one(f.s.db.pool())
+        .await
+        .unwrap();
+    assert!(attempts >= 2, "attempts {attempts}");
+}

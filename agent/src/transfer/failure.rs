@@ -156,10 +156,10 @@ pub(crate) fn classify(err: &TransferError) -> proto::TaskFailure {
     let kind = match err {
         TransferError::Sftp { err, .. } => match err {
             SftpError::NotFound(_) => K::Lost,
-            SftpError::PermissionDenied(_) => K::Permanent,
             // Connection, timeout and server failures are transient; so are
-            // host key and login problems: they are per-server configuration
-            // an operator fixes, and max_attempts bounds the retries.
+            // permission denied (producers often write first and chmod
+            // after), host key and login problems: per-server configuration
+            // an operator fixes. Backoff and max_attempts bound the retries.
             _ => K::Transient,
         },
         TransferError::S3 { fault, .. } => s3_kind(fault),
@@ -252,7 +252,7 @@ mod tests {
             "SFTP open /in/a: no such file or directory: /in/a"
         );
         let denied = TransferError::sftp("open /in/a", SftpError::PermissionDenied("/in/a".into()));
-        assert_eq!(kind(&denied), K::Permanent);
+        assert_eq!(kind(&denied), K::Transient);
         for err in [
             SftpError::Timeout("sftp request"),
             SftpError::Disconnected("x".into()),
