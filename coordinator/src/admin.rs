@@ -23,6 +23,7 @@ use crate::paging::{self, Listing};
 use crate::registry::{self, ServerSpec, WatchSpec};
 use crate::secrets::Credential;
 use crate::state::Coordinator;
+use crate::status;
 
 /// The admin API of one coordinator.
 #[derive(Clone)]
@@ -624,6 +625,14 @@ impl AdminService for Admin {
         }
         .await;
         ok(result)
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<proto::GetStatusRequest>,
+    ) -> Rpc<proto::GetStatusResponse> {
+        let result = status::status(&self.coord.db).await;
+        ok(result.map(|rows| convert::system_status(&rows)))
     }
 
     async fn list_agents(

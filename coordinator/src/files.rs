@@ -115,6 +115,17 @@ pub(crate) async fn get_file(db: &PgPool, id: i64) -> ApiResult<FileRow> {
         .ok_or_else(|| ApiError::NotFound(format!("no file with id {id}")))
 }
 
+/// The file waiting longest for a transfer (status new or error, oldest
+/// discovery first), if any.
+pub(crate) async fn oldest_waiting(db: &PgPool) -> ApiResult<Option<FileRow>> {
+    let sql = format!(
+        "{FILE_SELECT} WHERE f.status IN ('new', 'error') ORDER BY f.discovered_at, f.id LIMIT 1"
+    );
+    Ok(sqlx::query_as::<_, FileRow>(&sql)
+        .fetch_optional(db)
+        .await?)
+}
+
 pub(crate) async fn file_events(db: &PgPool, file_id: i64) -> ApiResult<Vec<EventRow>> {
     let sql = format!("{EVENT_SELECT} WHERE e.file_id = $1 ORDER BY e.id");
     Ok(sqlx::query_as::<_, EventRow>(&sql)

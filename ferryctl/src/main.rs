@@ -94,6 +94,9 @@ enum Command {
     Files(FilesCmd),
     /// Show agents and their health (`ferryctl agents` = `ferryctl agents list`).
     Agents(AgentsArgs),
+    /// One screen about the whole system: files by status per server,
+    /// announcement backlog, the oldest waiting file, agent load, failing polls.
+    Status,
 }
 
 // ---------------------------------------------------------------- certs
@@ -588,6 +591,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Files(cmd) => {
             let admin = Admin::connect(&cli.global).await?;
             commands::files::run(&admin, cmd, json).await
+        }
+        Command::Status => {
+            let admin = Admin::connect(&cli.global).await?;
+            commands::status::run(&admin, json).await
         }
         Command::Agents(args) => {
             let admin = Admin::connect(&cli.global).await?;
