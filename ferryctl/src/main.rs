@@ -447,7 +447,7 @@ fn parse_post_action(s: &str) -> Result<PostAction, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum FilesCmd {
-    /// List files, most recent first.
+    /// List files, newest first (`--sort oldest` for discovery order).
     List(FilesListArgs),
     /// Show one file and its history.
     Show {
@@ -466,6 +466,9 @@ pub enum FilesCmd {
         /// Only files of this server (id or name).
         #[arg(long)]
         server: Option<ServerRef>,
+        /// Print what would be requeued (count and file ids) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Follow live status changes, one line (or JSON object) per event, until Ctrl-C.
     Watch {
@@ -496,6 +499,16 @@ pub struct FilesListArgs {
     /// Print every matching file (follows all pages; ignores --limit).
     #[arg(long)]
     pub all: bool,
+    /// Order by discovery (file id): newest or oldest first.
+    #[arg(long, value_enum, default_value_t = FileOrder::Newest)]
+    pub sort: FileOrder,
+}
+
+/// Order of `files list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FileOrder {
+    Newest,
+    Oldest,
 }
 
 fn parse_status(s: &str) -> Result<FileStatus, String> {

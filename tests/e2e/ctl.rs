@@ -515,3 +515,76 @@ async fn ferryctl_status_sums_up_the_system() {
         table.stdout
     );
 }
+
+/// `files list` shows the newest files first (`--sort oldest` for discovery
+/// order), across pages; `files retry --dry-run` reports the server's
+/// selection and changes nothing.
+#[tokio::test]
+async fn ferryctl_files_list_order_and_retry_dry_run() {
+    let mut s = Stack::new().await;
+    // Site "default" has no agent: nothing moves these rows.
+    let server = s.add_server(s.server_req("main")).await;
+    let watch = s.add_watch(server, "in", "*").await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status, next_attempt_at) \
+         VALUES ($1, $2, '/in/a', 1, 1700000000, 'processed', now()), \
+                ($1, $2, '/in/b', 1, 1700000000, 'error', now() + interval '1 day'), \
+                ($1, $2, '/in/c', 1, 1700000000, 'failed', now()) \
+         RETURNING id",
+    )
+    .bind(server)
+    .bind(watch)
+    .fetch_all(s.db.pool())
+    .await
+    .unwrap();
+    let ctl = s.coord.ctl(&s.pki.admin("alice"));
+    let listed = |v: Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["id"].as_i64().unwrap())
+            .collect()
+    };
+    let newest = listed(ctl.json(&["--json", "files", "list"]).await);
+    assert_eq!(newest, [ids[2], ids[1], ids[0]]);
+    let oldest = listed(
+        ctl.json(&["--json", "files", "list", "--sort", "oldest"])
+            .await,
+    );
+    assert_eq!(oldest, ids);
+    let all = listed(ctl.json(&["--json", "files", "list", "--all"]).await);
+    assert_eq!(all, newest);
+    let two = listed(ctl.json(&["--json", "files", "list", "--limit", "2"]).await);
+    assert_eq!(two, [ids[2], ids[1]]);
+    let bad = ctl.run(&["files", "list", "--sort", "sideways"]).await;
+    assert_eq!(bad.status, 2, "{}", bad.stderr);
+
+    let statuses = || async {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT status FROM files ORDER BY id")
+            .fetch_all(s.db.pool())
+            .await
+            .unwrap();
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM file_events")
+            .fetch_one(s.db.pool())
+            .await
+            .unwrap();
+        (rows, events)
+    };
+    let before = statuses().await;
+    let dry = ctl.json(&["--json", "files", "retry", "--dry-run"]).await;
+    assert_eq!(dry["requeued"], 2, "{dry}");
+    assert_eq!(dry["file_ids"], serde_json::json!([ids[1], ids[2]]));
+    assert_eq!(statuses().await, before, "a dry run changes nothing");
+    let text = ctl.run(&["files", "retry", "--dry-run"]).await;
+    assert!(
+        text.stdout.contains("would requeue 2 files")
+            && text.stdout.contains(&format!("{} {}", ids[1], ids[2])),
+        "{}",
+        text.stdout
+    );
+    assert_eq!(statuses().await, before, "a dry run changes nothing");
+
+    let done = ctl.json(&["--json", "files", "retry"]).await;
+    assert_eq!(done["requeued"], 2, "{done}");
+    assert_eq!(statuses().await.0, ["processed", "new", "new"]);
+}
