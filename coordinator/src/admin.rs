@@ -23,6 +23,7 @@ use crate::paging::{self, Listing};
 use crate::registry::{self, ServerSpec, WatchSpec};
 use crate::secrets::Credential;
 use crate::state::Coordinator;
+use crate::status;
 
 /// The admin API of one coordinator.
 #[derive(Clone)]
@@ -287,21 +288,26 @@ impl Admin {
         let listing = Listing::new(
             "files",
             &format!(
-                "statuses={};server={};watch={}",
+                "statuses={};server={};watch={};newest_first={}",
                 statuses
                     .iter()
                     .map(|s| s.as_str())
                     .collect::<Vec<_>>()
                     .join(","),
                 r.server_id,
-                r.watch_id
+                r.watch_id,
+                r.newest_first
             ),
         );
-        let after_id = paging::id_after(listing.start_after(&r.page_token)?)?;
+        let after_id = match listing.start_after(&r.page_token)? {
+            None => None,
+            key => Some(paging::id_after(key)?),
+        };
         let filter = FileFilter {
             statuses,
             server_id: none_if_zero(r.server_id),
             watch_id: none_if_zero(r.watch_id),
+            newest_first: r.newest_first,
             after_id,
             limit: i64::from(paging::page_size(r.page_size)),
         };
@@ -615,15 +621,29 @@ impl AdminService for Admin {
                 ids: r.ids,
                 statuses,
                 server_id: none_if_zero(r.server_id),
+                dry_run: r.dry_run,
             };
-            let requeued =
+            let outcome =
                 files::retry_files(&self.coord.db, &sel, &actor, &self.agents.settings.retry)
                     .await?;
-            self.coord.files_due().await;
-            Ok(proto::RetryFilesResponse { requeued })
+            if !r.dry_run {
+                self.coord.files_due().await;
+            }
+            Ok(proto::RetryFilesResponse {
+                requeued: outcome.count,
+                file_ids: outcome.file_ids,
+            })
         }
         .await;
         ok(result)
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<proto::GetStatusRequest>,
+    ) -> Rpc<proto::GetStatusResponse> {
+        let result = status::status(&self.coord.db).await;
+        ok(result.map(|rows| convert::system_status(&rows)))
     }
 
     async fn list_agents(

@@ -7,6 +7,7 @@ use ferry_proto as proto;
 
 use crate::files::{AgentRow, EventRow, FileRow};
 use crate::registry::{ServerRow, WatchRow};
+use crate::status::StatusRows;
 
 pub(crate) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -141,5 +142,46 @@ pub(crate) fn agent(row: &AgentRow) -> proto::Agent {
         bytes_per_sec: row.bytes_per_sec as u64,
         revoked_at: row.revoked_at.map(timestamp),
         revoked_by: row.revoked_by.clone().unwrap_or_default(),
+    }
+}
+
+/// The system summary; per server, counts come in lifecycle order.
+pub(crate) fn system_status(rows: &StatusRows) -> proto::GetStatusResponse {
+    let mut servers: Vec<proto::ServerStatus> = Vec::new();
+    for row in &rows.servers {
+        if servers.last().is_none_or(|s| s.server_id != row.server_id) {
+            servers.push(proto::ServerStatus {
+                server_id: row.server_id,
+                server_name: row.server_name.clone(),
+                counts: Vec::new(),
+                last_poll_error: row.last_poll_error.clone().unwrap_or_default(),
+                last_poll_at: row.last_poll_at.map(timestamp),
+            });
+        }
+        if let (Some(server), Some(text)) = (servers.last_mut(), row.status.as_deref()) {
+            server.counts.push(proto::StatusCount {
+                status: status(text),
+                count: u64::try_from(row.count).unwrap_or(0),
+            });
+        }
+    }
+    for server in &mut servers {
+        server.counts.sort_by_key(|c| c.status);
+    }
+    let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+    proto::GetStatusResponse {
+        servers,
+        outbox: Some(proto::OutboxStatus {
+            unpublished: u64::try_from(rows.outbox.unpublished).unwrap_or(0),
+            parked: u64::try_from(rows.outbox.parked).unwrap_or(0),
+            oldest_pending_at: rows.outbox.oldest_pending_at.map(timestamp),
+        }),
+        oldest_waiting: rows.oldest_waiting.as_ref().map(file),
+        agents: Some(proto::AgentsStatus {
+            connected: count(rows.agents.connected),
+            total: count(rows.agents.total),
+            in_flight: count(rows.agents.in_flight),
+            capacity: count(rows.agents.capacity),
+        }),
     }
 }

@@ -73,12 +73,16 @@ pub(crate) struct FileFilter {
     pub statuses: Vec<FileStatus>,
     pub server_id: Option<i64>,
     pub watch_id: Option<i64>,
-    /// Return files with id greater than this (keyset pagination).
-    pub after_id: i64,
+    /// Newest (highest id) first instead of oldest first.
+    pub newest_first: bool,
+    /// Keyset pagination: return files after this id in the listing's order
+    /// (`None` on the first page).
+    pub after_id: Option<i64>,
     pub limit: i64,
 }
 
-/// One page of files in id order, and whether more follow.
+/// One page of files in id order (descending when `newest_first`), and
+/// whether more follow.
 pub(crate) async fn list_files(
     db: &PgPool,
     filter: &FileFilter,
@@ -88,10 +92,15 @@ pub(crate) async fn list_files(
         .iter()
         .map(|s| s.as_str().to_string())
         .collect();
+    let (after, order) = if filter.newest_first {
+        ("($1::BIGINT IS NULL OR f.id < $1)", "f.id DESC")
+    } else {
+        ("($1::BIGINT IS NULL OR f.id > $1)", "f.id")
+    };
     let sql = format!(
-        "{FILE_SELECT} WHERE f.id > $1 AND (cardinality($2::TEXT[]) = 0 OR f.status = ANY($2)) \
+        "{FILE_SELECT} WHERE {after} AND (cardinality($2::TEXT[]) = 0 OR f.status = ANY($2)) \
          AND ($3::BIGINT IS NULL OR f.server_id = $3) AND ($4::BIGINT IS NULL OR f.watch_id = $4) \
-         ORDER BY f.id LIMIT $5"
+         ORDER BY {order} LIMIT $5"
     );
     let mut rows = sqlx::query_as::<_, FileRow>(&sql)
         .bind(filter.after_id)
@@ -113,6 +122,17 @@ pub(crate) async fn get_file(db: &PgPool, id: i64) -> ApiResult<FileRow> {
         .fetch_optional(db)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no file with id {id}")))
+}
+
+/// The file waiting longest for a transfer (status new or error, oldest
+/// discovery first), if any.
+pub(crate) async fn oldest_waiting(db: &PgPool) -> ApiResult<Option<FileRow>> {
+    let sql = format!(
+        "{FILE_SELECT} WHERE f.status IN ('new', 'error') ORDER BY f.discovered_at, f.id LIMIT 1"
+    );
+    Ok(sqlx::query_as::<_, FileRow>(&sql)
+        .fetch_optional(db)
+        .await?)
 }
 
 pub(crate) async fn file_events(db: &PgPool, file_id: i64) -> ApiResult<Vec<EventRow>> {
@@ -173,6 +193,17 @@ pub(crate) struct RetrySelection {
     /// Defaults to error, failed and lost.
     pub statuses: Vec<FileStatus>,
     pub server_id: Option<i64>,
+    /// Do everything in the transaction, report it, then roll it back.
+    pub dry_run: bool,
+}
+
+/// What a retry did (or, dry, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RetryOutcome {
+    /// Files requeued + announcements unparked + post-actions re-armed.
+    pub count: u64,
+    /// The files concerned, ascending, each once.
+    pub file_ids: Vec<i64>,
 }
 
 /// Requeues the selected files as `new` (attempts reset), with a history row
@@ -181,13 +212,15 @@ pub(crate) struct RetrySelection {
 /// narrows the selection, parked announcements are offered again and the
 /// failed post-actions (`failed after N attempts: ...`) of selected
 /// `processed` files are re-armed with fresh attempts (refused ones are not:
-/// the path holds another version). Returns how many rows moved or re-armed.
+/// the path holds another version). Returns how many rows moved or re-armed,
+/// and which files. A dry run takes the same path and rolls it back, so it
+/// reports exactly what the retry would do at that moment.
 pub(crate) async fn retry_files(
     db: &PgPool,
     sel: &RetrySelection,
     actor: &str,
     policy: &RetryPolicy,
-) -> StoreResult<u64> {
+) -> StoreResult<RetryOutcome> {
     let statuses: Vec<&str> = if sel.statuses.is_empty() {
         FileStatus::ALL
             .into_iter()
@@ -217,44 +250,59 @@ pub(crate) async fn retry_files(
     let applied = transitions::apply(&mut tx, actor, policy, &changes).await?;
     // Parked announcements of the selected stored files are offered to the
     // broker again when no status filter narrows the selection.
-    let unparked = if sel.statuses.is_empty() {
-        sqlx::query(
-            "UPDATE outbox o SET parked_at = NULL, attempts = 0, next_attempt_at = now() \
-             FROM files f WHERE f.id = o.file_id AND o.parked_at IS NOT NULL \
-               AND o.published_at IS NULL \
-               AND (cardinality($1::BIGINT[]) = 0 OR f.id = ANY($1)) \
-               AND ($2::BIGINT IS NULL OR f.server_id = $2)",
-        )
-        .bind(&sel.ids)
-        .bind(sel.server_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-    } else {
-        0
-    };
-    let rearmed = if sel.statuses.is_empty() {
-        rearm_post_actions(&mut tx, sel, actor).await?
-    } else {
-        0
-    };
-    tx.commit().await?;
-    Ok(applied
+    let moved: Vec<i64> = applied
         .iter()
         .filter(|a| a.outcome.moved_to().is_some())
-        .count() as u64
-        + unparked
-        + rearmed)
+        .map(|a| a.file_id)
+        .collect();
+    let (unparked, rearmed) = if sel.statuses.is_empty() {
+        (
+            unpark_announcements(&mut tx, sel).await?,
+            rearm_post_actions(&mut tx, sel, actor).await?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    if sel.dry_run {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
+    let count = (moved.len() + unparked.len() + rearmed.len()) as u64;
+    let mut file_ids: Vec<i64> = moved.into_iter().chain(unparked).chain(rearmed).collect();
+    file_ids.sort_unstable();
+    file_ids.dedup();
+    Ok(RetryOutcome { count, file_ids })
+}
+
+/// Offers the parked announcements of the selected files to the broker again;
+/// returns the file id of each (one per unparked row).
+async fn unpark_announcements(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    sel: &RetrySelection,
+) -> StoreResult<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE outbox o SET parked_at = NULL, attempts = 0, next_attempt_at = now() \
+         FROM files f WHERE f.id = o.file_id AND o.parked_at IS NOT NULL \
+           AND o.published_at IS NULL \
+           AND (cardinality($1::BIGINT[]) = 0 OR f.id = ANY($1)) \
+           AND ($2::BIGINT IS NULL OR f.server_id = $2) \
+         RETURNING o.file_id",
+    )
+    .bind(&sel.ids)
+    .bind(sel.server_id)
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 /// Makes the failed post-actions of the selected `processed` files pending
-/// again, attempts reset, with a history row each.
+/// again, attempts reset, with a history row each; returns their ids.
 async fn rearm_post_actions(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     sel: &RetrySelection,
     actor: &str,
-) -> StoreResult<u64> {
-    Ok(sqlx::query(
+) -> StoreResult<Vec<i64>> {
+    Ok(sqlx::query_scalar(
         "WITH rearmed AS ( \
             UPDATE files SET post_action_result = NULL, post_action_attempts = 0, \
                    post_action_error = NULL, post_action_next_at = now(), \
@@ -264,14 +312,14 @@ async fn rearm_post_actions(
               AND ($2::BIGINT IS NULL OR server_id = $2) \
             RETURNING id) \
          INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
-         SELECT id, 'processed', 'processed', $3, 'post-action re-armed by admin retry' FROM rearmed",
+         SELECT id, 'processed', 'processed', $3, 'post-action re-armed by admin retry' FROM rearmed \
+         RETURNING file_id",
     )
     .bind(&sel.ids)
     .bind(sel.server_id)
     .bind(actor)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected())
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -22,6 +22,7 @@ mod scheduler;
 mod secrets;
 mod server;
 mod state;
+mod status;
 mod tasks;
 mod transitions;
 

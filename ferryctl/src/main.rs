@@ -94,6 +94,15 @@ enum Command {
     Files(FilesCmd),
     /// Show agents and their health (`ferryctl agents` = `ferryctl agents list`).
     Agents(AgentsArgs),
+    /// Print a shell completion script, e.g. `ferryctl completions bash >
+    /// /etc/bash_completion.d/ferryctl` (offline).
+    Completions {
+        /// Shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// One screen about the whole system: files by status per server,
+    /// announcement backlog, the oldest waiting file, agent load, failing polls.
+    Status,
 }
 
 // ---------------------------------------------------------------- certs
@@ -444,7 +453,7 @@ fn parse_post_action(s: &str) -> Result<PostAction, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum FilesCmd {
-    /// List files, most recent first.
+    /// List files, newest first (`--sort oldest` for discovery order).
     List(FilesListArgs),
     /// Show one file and its history.
     Show {
@@ -463,6 +472,9 @@ pub enum FilesCmd {
         /// Only files of this server (id or name).
         #[arg(long)]
         server: Option<ServerRef>,
+        /// Print what would be requeued (count and file ids) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Follow live status changes, one line (or JSON object) per event, until Ctrl-C.
     Watch {
@@ -493,6 +505,16 @@ pub struct FilesListArgs {
     /// Print every matching file (follows all pages; ignores --limit).
     #[arg(long)]
     pub all: bool,
+    /// Order by discovery (file id): newest or oldest first.
+    #[arg(long, value_enum, default_value_t = FileOrder::Newest)]
+    pub sort: FileOrder,
+}
+
+/// Order of `files list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FileOrder {
+    Newest,
+    Oldest,
 }
 
 fn parse_status(s: &str) -> Result<FileStatus, String> {
@@ -589,6 +611,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let admin = Admin::connect(&cli.global).await?;
             commands::files::run(&admin, cmd, json).await
         }
+        Command::Completions { shell } => {
+            completions(shell, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Status => {
+            let admin = Admin::connect(&cli.global).await?;
+            commands::status::run(&admin, json).await
+        }
         Command::Agents(args) => {
             let admin = Admin::connect(&cli.global).await?;
             match args.command.unwrap_or(AgentsCmd::List) {
@@ -602,6 +632,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Writes the completion script of `shell` for the whole command line.
+fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    // Into a buffer first: `generate` panics on write errors (`| head`).
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut command(), "ferryctl", &mut buf);
+    out.write_all(&buf)
 }
 
 /// Prints an error as one line on stderr and picks the exit status.
@@ -707,6 +745,19 @@ mod tests {
         assert!(command().try_get_matches_from(key).is_ok());
         let update = ["ferryctl", "servers", "update", "s1", "--enable"];
         assert!(command().try_get_matches_from(update).is_ok());
+    }
+
+    #[test]
+    fn completions_cover_the_subcommands() {
+        let mut out = Vec::new();
+        completions(clap_complete::Shell::Bash, &mut out).unwrap();
+        let script = String::from_utf8(out).unwrap();
+        assert!(script.contains("complete"), "{script}");
+        for word in ["status", "servers", "retry", "--dry-run"] {
+            assert!(script.contains(word), "bash completion lacks {word}");
+        }
+        let bad = command().try_get_matches_from(["ferryctl", "completions", "tcsh"]);
+        assert!(bad.is_err());
     }
 
     #[test]

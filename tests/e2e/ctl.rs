@@ -416,3 +416,175 @@ async fn a_drained_agent_gets_no_new_work() {
     assert!(!unknown.success());
     assert!(unknown.stderr.contains("nobody"), "{}", unknown.stderr);
 }
+
+/// `ferryctl status` sums up the system: file counts by status per server,
+/// the announcement backlog, the oldest waiting file, agent load and the
+/// servers whose last poll failed.
+#[tokio::test]
+async fn ferryctl_status_sums_up_the_system() {
+    let mut s = Stack::new().await;
+    // Site "default" has no agent: nothing moves these rows.
+    let main = s.add_server(s.server_req("main")).await;
+    let watch = s.add_watch(main, "in", "*").await;
+    let broken = s.add_server(s.server_req("broken")).await;
+    sqlx::query("UPDATE servers SET last_poll_error = 'connection refused' WHERE id = $1")
+        .bind(broken)
+        .execute(s.db.pool())
+        .await
+        .unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status, discovered_at, \
+                            next_attempt_at) \
+         VALUES ($1, $2, '/in/new', 1, 1700000000, 'new', now() - interval '1 hour', now()), \
+                ($1, $2, '/in/err', 1, 1700000000, 'error', now() - interval '2 hours', \
+                 now() + interval '1 day'), \
+                ($1, $2, '/in/p1', 1, 1700000000, 'processed', now(), now()), \
+                ($1, $2, '/in/p2', 1, 1700000000, 'processed', now(), now()), \
+                ($1, $2, '/in/gone', 1, 1700000000, 'failed', now(), now()) \
+         RETURNING id",
+    )
+    .bind(main)
+    .bind(watch)
+    .fetch_all(s.db.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (file_id, payload, created_at, published_at, parked_at) \
+         VALUES ($1, '{}', now() - interval '10 minutes', NULL, NULL), \
+                ($2, '{}', now(), NULL, now()), \
+                ($2, '{}', now(), now(), NULL)",
+    )
+    .bind(ids[2])
+    .bind(ids[3])
+    .execute(s.db.pool())
+    .await
+    .unwrap();
+    let _agent = s
+        .agent_with(
+            "lab1",
+            AgentOptions {
+                site: "lab".into(),
+                capacity: 3,
+                ..Default::default()
+            },
+        )
+        .await;
+    let ctl = s.coord.ctl(&s.pki.admin("alice"));
+    let v = eventually("the agent counted as connected", WAIT, || async {
+        let v = ctl.json(&["--json", "status"]).await;
+        (v["agents"]["connected"] == 1).then_some(v)
+    })
+    .await;
+    assert_eq!(
+        v["agents"],
+        serde_json::json!({"connected": 1, "total": 1, "in_flight": 0, "capacity": 3})
+    );
+    let servers = v["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{v}");
+    assert_eq!(servers[0]["name"], "main");
+    assert_eq!(
+        servers[0]["counts"],
+        serde_json::json!({"new": 1, "in_progress": 0, "uploaded": 0, "processed": 2,
+                           "error": 1, "failed": 1, "lost": 0})
+    );
+    assert_eq!(servers[0]["total"], 5);
+    assert_eq!(servers[1]["name"], "broken");
+    assert_eq!(servers[1]["total"], 0);
+    assert_eq!(v["outbox"]["unpublished"], 2);
+    assert_eq!(v["outbox"]["parked"], 1);
+    assert!(
+        v["outbox"]["oldest_pending_age_secs"].as_i64().unwrap() >= 600,
+        "{v}"
+    );
+    assert_eq!(v["oldest_waiting"]["id"], ids[1]);
+    assert_eq!(v["oldest_waiting"]["status"], "error");
+    assert!(
+        v["oldest_waiting"]["age_secs"].as_i64().unwrap() >= 7200,
+        "{v}"
+    );
+    assert_eq!(
+        v["failing_servers"],
+        serde_json::json!([{"name": "broken", "error": "connection refused"}])
+    );
+    let table = ctl.run(&["status"]).await;
+    assert!(table.success(), "{}", table.stderr);
+    assert!(
+        table.stdout.contains("broken: connection refused")
+            && table.stdout.contains("1/1 connected, 0/3"),
+        "{}",
+        table.stdout
+    );
+}
+
+/// `files list` shows the newest files first (`--sort oldest` for discovery
+/// order), across pages; `files retry --dry-run` reports the server's
+/// selection and changes nothing.
+#[tokio::test]
+async fn ferryctl_files_list_order_and_retry_dry_run() {
+    let mut s = Stack::new().await;
+    // Site "default" has no agent: nothing moves these rows.
+    let server = s.add_server(s.server_req("main")).await;
+    let watch = s.add_watch(server, "in", "*").await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status, next_attempt_at) \
+         VALUES ($1, $2, '/in/a', 1, 1700000000, 'processed', now()), \
+                ($1, $2, '/in/b', 1, 1700000000, 'error', now() + interval '1 day'), \
+                ($1, $2, '/in/c', 1, 1700000000, 'failed', now()) \
+         RETURNING id",
+    )
+    .bind(server)
+    .bind(watch)
+    .fetch_all(s.db.pool())
+    .await
+    .unwrap();
+    let ctl = s.coord.ctl(&s.pki.admin("alice"));
+    let listed = |v: Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["id"].as_i64().unwrap())
+            .collect()
+    };
+    let newest = listed(ctl.json(&["--json", "files", "list"]).await);
+    assert_eq!(newest, [ids[2], ids[1], ids[0]]);
+    let oldest = listed(
+        ctl.json(&["--json", "files", "list", "--sort", "oldest"])
+            .await,
+    );
+    assert_eq!(oldest, ids);
+    let all = listed(ctl.json(&["--json", "files", "list", "--all"]).await);
+    assert_eq!(all, newest);
+    let two = listed(ctl.json(&["--json", "files", "list", "--limit", "2"]).await);
+    assert_eq!(two, [ids[2], ids[1]]);
+    let bad = ctl.run(&["files", "list", "--sort", "sideways"]).await;
+    assert_eq!(bad.status, 2, "{}", bad.stderr);
+
+    let statuses = || async {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT status FROM files ORDER BY id")
+            .fetch_all(s.db.pool())
+            .await
+            .unwrap();
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM file_events")
+            .fetch_one(s.db.pool())
+            .await
+            .unwrap();
+        (rows, events)
+    };
+    let before = statuses().await;
+    let dry = ctl.json(&["--json", "files", "retry", "--dry-run"]).await;
+    assert_eq!(dry["requeued"], 2, "{dry}");
+    assert_eq!(dry["file_ids"], serde_json::json!([ids[1], ids[2]]));
+    assert_eq!(statuses().await, before, "a dry run changes nothing");
+    let text = ctl.run(&["files", "retry", "--dry-run"]).await;
+    assert!(
+        text.stdout.contains("would requeue 2 files")
+            && text.stdout.contains(&format!("{} {}", ids[1], ids[2])),
+        "{}",
+        text.stdout
+    );
+    assert_eq!(statuses().await, before, "a dry run changes nothing");
+
+    let done = ctl.json(&["--json", "files", "retry"]).await;
+    assert_eq!(done["requeued"], 2, "{done}");
+    assert_eq!(statuses().await.0, ["processed", "new", "new"]);
+}

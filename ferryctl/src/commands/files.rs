@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::commands::servers;
 use crate::connect::Admin;
 use crate::output::{self, Table, outln};
-use crate::{FilesCmd, FilesListArgs, ServerRef};
+use crate::{FileOrder, FilesCmd, FilesListArgs, ServerRef};
 
 /// Largest page the API serves.
 const MAX_PAGE: u32 = 1000;
@@ -22,12 +22,19 @@ pub(crate) async fn run(admin: &Admin, cmd: FilesCmd, json: bool) -> anyhow::Res
             ids,
             status,
             server,
+            dry_run,
         } => {
             let statuses = status
                 .iter()
                 .map(|s| ferry_proto::convert::status_to_wire(*s))
                 .collect();
-            retry(admin, ids, statuses, server.as_ref(), json).await
+            let request = RetryFilesRequest {
+                ids,
+                statuses,
+                server_id: servers::resolve_filter(admin, server.as_ref()).await?,
+                dry_run,
+            };
+            retry(admin, request, json).await
         }
         FilesCmd::Watch { server, watch_id } => {
             follow(admin, server.as_ref(), watch_id.unwrap_or(0), json).await
@@ -59,6 +66,7 @@ async fn list(admin: &Admin, args: FilesListArgs, json: bool) -> anyhow::Result<
             watch_id: args.watch_id.unwrap_or(0),
             page_size,
             page_token: page_token.clone(),
+            newest_first: args.sort == FileOrder::Newest,
         };
         let page = admin.call(admin.client().list_files(request)).await?;
         files.extend(page.files);
@@ -182,22 +190,22 @@ async fn show(admin: &Admin, id: i64, json: bool) -> anyhow::Result<()> {
     Ok(table.print_or("(no history)")?)
 }
 
-async fn retry(
-    admin: &Admin,
-    ids: Vec<i64>,
-    statuses: Vec<i32>,
-    server: Option<&ServerRef>,
-    json: bool,
-) -> anyhow::Result<()> {
-    let server_id = servers::resolve_filter(admin, server).await?;
-    let request = RetryFilesRequest {
-        ids,
-        statuses,
-        server_id,
-    };
+async fn retry(admin: &Admin, request: RetryFilesRequest, json: bool) -> anyhow::Result<()> {
+    let dry_run = request.dry_run;
     let response = admin.call(admin.client().retry_files(request)).await?;
     if json {
-        output::print_json(&json!({ "requeued": response.requeued }))?;
+        output::print_json(&json!({
+            "requeued": response.requeued,
+            "file_ids": response.file_ids,
+            "dry_run": dry_run,
+        }))?;
+    } else if dry_run {
+        let files = output::count(response.requeued, "file", "files");
+        let ids: Vec<String> = response.file_ids.iter().map(i64::to_string).collect();
+        outln!("would requeue {files} (dry run, nothing changed)")?;
+        if !ids.is_empty() {
+            outln!("file ids: {}", ids.join(" "))?;
+        }
     } else {
         let files = output::count(response.requeued, "file", "files");
         outln!("requeued {files}")?;

@@ -6,4 +6,5 @@
 pub(crate) mod agents;
 pub(crate) mod files;
 pub(crate) mod servers;
+pub(crate) mod status;
 pub(crate) mod watches;
