@@ -75,6 +75,20 @@ impl Probes for Readiness {
     fn ready(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(self.check())
     }
+
+    fn metrics(&self) -> Pin<Box<dyn Future<Output = Option<Result<String, String>>> + Send + '_>> {
+        Box::pin(async move {
+            let Some(db) = self.db.get() else {
+                return Some(Err("not connected to Postgres yet".into()));
+            };
+            Some(
+                crate::status::status(db)
+                    .await
+                    .map(|rows| crate::metrics::render(&rows, chrono::Utc::now()))
+                    .map_err(|e| e.to_string()),
+            )
+        })
+    }
 }
 
 /// Keeps gRPC health in step with readiness until `cancel` fires, then

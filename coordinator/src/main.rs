@@ -12,6 +12,7 @@ mod error;
 mod files;
 mod health;
 mod hostkey;
+mod metrics;
 mod paging;
 mod polls;
 mod post_actions;

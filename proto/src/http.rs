@@ -39,6 +39,12 @@ impl Reply {
 pub trait Probes: Send + Sync + 'static {
     /// Whether the process may serve at all (it is always alive if it answers).
     fn ready(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+
+    /// The Prometheus text exposition for `/metrics`; `None`: not served
+    /// (404), `Some(Err)`: cannot be computed now (503).
+    fn metrics(&self) -> Pin<Box<dyn Future<Output = Option<Result<String, String>>> + Send + '_>> {
+        Box::pin(async { None })
+    }
 }
 
 /// Largest request head read; probes send a few hundred bytes.
@@ -111,7 +117,16 @@ async fn route(head: &str, probes: &dyn Probes) -> Reply {
             Ok(()) => Reply::text(200, "ready\n"),
             Err(why) => Reply::text(503, format!("not ready: {why}\n")),
         },
-        _ => Reply::text(404, "not found (try /healthz or /readyz)\n"),
+        "/metrics" => match probes.metrics().await {
+            Some(Ok(text)) => Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: text,
+            },
+            Some(Err(why)) => Reply::text(503, format!("metrics unavailable: {why}\n")),
+            None => Reply::text(404, "no metrics here\n"),
+        },
+        _ => Reply::text(404, "not found (try /healthz, /readyz or /metrics)\n"),
     }
 }
 

@@ -125,3 +125,64 @@ async fn an_agent_is_ready_while_it_holds_a_coordinator_stream() {
     assert!(why.contains("no coordinator stream"), "{why}");
     assert_eq!(get(http, "/healthz").await.map(|(st, _)| st), Some(200));
 }
+
+#[tokio::test]
+async fn metrics_follow_the_files() {
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut s = Stack::with_coordinator_env(&[("FERRY_HTTP_LISTEN", &http.to_string())]).await;
+    let id = s.add_server(s.server_req("metered")).await;
+    let watch = s.add_watch(id, "metered", "*").await;
+    let scrape = || async {
+        let (status, body) = get(http, "/metrics").await.expect("metrics answer");
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let text = scrape().await;
+    assert!(
+        text.contains("ferry_files{server=\"metered\",status=\"new\"} 0\n"),
+        "{text}"
+    );
+    let file: i64 = sqlx::query_scalar(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
+         VALUES ($1, $2, '/m/a.csv', 1, 1700000000) RETURNING id",
+    )
+    .bind(id)
+    .bind(watch)
+    .fetch_one(s.db.pool())
+    .await
+    .unwrap();
+    let text = scrape().await;
+    assert!(
+        text.contains("ferry_files{server=\"metered\",status=\"new\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("ferry_oldest_waiting_file_age_seconds 0\n"),
+        "{text}"
+    );
+    sqlx::query("UPDATE files SET status = 'processed' WHERE id = $1")
+        .bind(file)
+        .execute(s.db.pool())
+        .await
+        .unwrap();
+    let text = scrape().await;
+    assert!(
+        text.contains("ferry_files{server=\"metered\",status=\"new\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ferry_files{server=\"metered\",status=\"processed\"} 1\n"),
+        "{text}"
+    );
+    // Every sample is declared, in the text format Prometheus reads.
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').expect("sample line");
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        let name = series.split('{').next().unwrap();
+        assert!(name.starts_with("ferry_"), "{line}");
+        assert!(text.contains(&format!("# TYPE {name} gauge\n")), "{line}");
+    }
+}
