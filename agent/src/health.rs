@@ -2,13 +2,11 @@
 //! `/healthz` (alive) and `/readyz` (holds a welcomed stream to a coordinator
 //! and is not shutting down).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferry_common::sync::lock;
-use ferry_proto::http::Probes;
+use ferry_proto::http::{ProbeFuture, Probes};
 
 /// The agent's readiness, updated by the connection loop.
 #[derive(Debug, Default)]
@@ -43,7 +41,7 @@ impl Readiness {
 }
 
 impl Probes for Readiness {
-    fn ready(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    fn ready(&self) -> ProbeFuture<'_, Result<(), String>> {
         Box::pin(async move { self.check() })
     }
 }

@@ -7,14 +7,12 @@
 //! (checked every [`CHECK_EVERY`]). A coordinator without a broker is still
 //! ready: announcements wait in the outbox.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use ferry_common::sync::lock;
-use ferry_proto::http::Probes;
+use ferry_proto::http::{ProbeFuture, Probes};
 use ferry_proto::{
     admin_service_server::AdminServiceServer, agent_service_server::AgentServiceServer,
 };
@@ -72,11 +70,11 @@ impl Readiness {
 }
 
 impl Probes for Readiness {
-    fn ready(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    fn ready(&self) -> ProbeFuture<'_, Result<(), String>> {
         Box::pin(self.check())
     }
 
-    fn metrics(&self) -> Pin<Box<dyn Future<Output = Option<Result<String, String>>> + Send + '_>> {
+    fn metrics(&self) -> ProbeFuture<'_, Option<Result<String, String>>> {
         Box::pin(async move {
             let Some(db) = self.db.get() else {
                 return Some(Err("not connected to Postgres yet".into()));

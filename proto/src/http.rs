@@ -35,14 +35,17 @@ impl Reply {
     }
 }
 
+/// A boxed future of a probe answer.
+pub type ProbeFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// What a binary answers on its HTTP port.
 pub trait Probes: Send + Sync + 'static {
     /// Whether the process may serve at all (it is always alive if it answers).
-    fn ready(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    fn ready(&self) -> ProbeFuture<'_, Result<(), String>>;
 
     /// The Prometheus text exposition for `/metrics`; `None`: not served
     /// (404), `Some(Err)`: cannot be computed now (503).
-    fn metrics(&self) -> Pin<Box<dyn Future<Output = Option<Result<String, String>>> + Send + '_>> {
+    fn metrics(&self) -> ProbeFuture<'_, Option<Result<String, String>>> {
         Box::pin(async { None })
     }
 }
@@ -147,7 +150,7 @@ mod tests {
     struct Fixed(Result<(), String>);
 
     impl Probes for Fixed {
-        fn ready(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        fn ready(&self) -> ProbeFuture<'_, Result<(), String>> {
             Box::pin(async move { self.0.clone() })
         }
     }
