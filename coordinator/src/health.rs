@@ -22,6 +22,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::admin::Admin;
 use crate::agents::AgentStreams;
+use crate::relay::BrokerState;
 
 /// How often gRPC health follows readiness.
 pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -89,15 +90,33 @@ impl Probes for Readiness {
     }
 }
 
-/// Keeps gRPC health in step with readiness until `cancel` fires, then
-/// reports NOT_SERVING.
+/// The gRPC health service name of the relay's broker connection.
+pub(crate) const RELAY_SERVICE: &str = "ferry.v1.Relay";
+
+/// Keeps gRPC health in step with readiness (and, under [`RELAY_SERVICE`],
+/// with the broker connection when a broker is configured) until `cancel`
+/// fires, then reports NOT_SERVING.
 pub(crate) async fn follow(
     readiness: std::sync::Arc<Readiness>,
     reporter: HealthReporter,
+    broker: Option<BrokerState>,
     cancel: CancellationToken,
 ) {
     let mut last: Option<bool> = None;
+    let mut last_broker: Option<bool> = None;
     loop {
+        if let Some(broker) = &broker {
+            let up = broker.connected();
+            if last_broker != Some(up) {
+                let status = if up {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(RELAY_SERVICE, status).await;
+                last_broker = Some(up);
+            }
+        }
         let result = readiness.check().await;
         let serving = result.is_ok();
         if last != Some(serving) {
@@ -115,6 +134,11 @@ pub(crate) async fn follow(
     }
     readiness.stopping();
     set(&reporter, false).await;
+    if broker.is_some() {
+        reporter
+            .set_service_status(RELAY_SERVICE, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
 }
 
 async fn set(reporter: &HealthReporter, serving: bool) {

@@ -20,6 +20,8 @@
 //! `message_id` = file id lets consumers deduplicate.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -94,9 +96,31 @@ pub(crate) fn routing_key(template: &str, server: &str) -> String {
     template.replace("{server}", server)
 }
 
+/// Whether this coordinator's relay holds a working broker connection,
+/// reported apart from readiness (gRPC health service `ferry.v1.Relay`,
+/// `/metrics` `ferry_broker_connected`): a coordinator without its broker
+/// still serves agents, and announcements wait in the outbox.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BrokerState(Arc<AtomicBool>);
+
+impl BrokerState {
+    pub(crate) fn connected(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, up: bool) {
+        self.0.store(up, Ordering::SeqCst);
+    }
+}
+
 /// Publishes the outbox until `cancel` fires. Never returns early: broker and
 /// database outages are logged and retried.
-pub(crate) async fn run(coord: Coordinator, cfg: RelayConfig, cancel: CancellationToken) {
+pub(crate) async fn run(
+    coord: Coordinator,
+    cfg: RelayConfig,
+    broker: BrokerState,
+    cancel: CancellationToken,
+) {
     let mut wake = coord.subscribe_file_events();
     let mut outage = false;
     let mut attempt = 0u32;
@@ -111,6 +135,7 @@ pub(crate) async fn run(coord: Coordinator, cfg: RelayConfig, cancel: Cancellati
         let (connection, channel) = match connected {
             Ok(c) => c,
             Err(e) => {
+                broker.set(false);
                 if outage {
                     tracing::debug!(error = format!("{e:#}"), "AMQP broker still unreachable");
                 } else {
@@ -134,8 +159,11 @@ pub(crate) async fn run(coord: Coordinator, cfg: RelayConfig, cancel: Cancellati
             tracing::info!(exchange = %cfg.exchange, "outbox relay connected to AMQP");
         }
         attempt = 0;
+        broker.set(true);
 
-        match pump(&coord, &cfg, &channel, &mut wake, &cancel).await {
+        let pumped = pump(&coord, &cfg, &channel, &mut wake, &cancel).await;
+        broker.set(false);
+        match pumped {
             Ok(()) => {
                 let _ = channel.close(200, "shutdown".into()).await;
                 let _ = connection.close(200, "shutdown".into()).await;

@@ -22,7 +22,7 @@ use crate::agents::{AgentStreams, TaskSettings};
 use crate::auth::{require_admin, require_agent};
 use crate::config::ServeArgs;
 use crate::health::{self, Readiness};
-use crate::relay::{self, RelayConfig};
+use crate::relay::{self, BrokerState, RelayConfig};
 use crate::secrets::SecretBox;
 use crate::state::Coordinator;
 use crate::{db, registry, tasks};
@@ -158,7 +158,13 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
     let bound = incoming.local_addr().context("local address")?;
 
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(health::follow(readiness.clone(), health, cancel.clone()));
+    let broker = BrokerState::default();
+    background.spawn(health::follow(
+        readiness.clone(),
+        health,
+        args.amqp_url.as_ref().map(|_| broker.clone()),
+        cancel.clone(),
+    ));
     background.spawn(coord.clone().run_listener(cancel.clone()));
     background.spawn(tasks::run_background(
         coord.clone(),
@@ -175,7 +181,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
                 retry: settings.retry,
                 max_attempts: args.amqp_max_attempts.max(1),
             };
-            background.spawn(relay::run(coord.clone(), relay, cancel.clone()));
+            background.spawn(relay::run(coord.clone(), relay, broker, cancel.clone()));
         }
         None => tracing::warn!("FERRY_AMQP_URL is not set: stored files will not be announced"),
     }

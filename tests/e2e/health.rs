@@ -186,3 +186,45 @@ async fn metrics_follow_the_files() {
         assert!(text.contains(&format!("# TYPE {name} gauge\n")), "{line}");
     }
 }
+
+#[tokio::test]
+async fn the_broker_is_reported_apart_from_readiness() {
+    let amqp = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", amqp.addr());
+    let s = Stack::with_coordinator_env(&[
+        ("FERRY_HTTP_LISTEN", &http.to_string()),
+        ("FERRY_AMQP_URL", &url),
+        ("FERRY_AMQP_EXCHANGE", &ferry_tests::unique_exchange()),
+    ])
+    .await;
+    let health = HealthClient::new(s.coord.channel(&s.pki.admin("alice")).await.unwrap());
+    let relay = || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: "ferry.v1.Relay".into(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .unwrap_or(-1)
+        }
+    };
+    eventually("relay SERVING", WAIT, || async {
+        (relay().await == ServingStatus::Serving as i32).then_some(())
+    })
+    .await;
+    // The broker goes away: the relay says so, the coordinator stays ready.
+    amqp.cut();
+    eventually("relay NOT_SERVING", WAIT, || async {
+        (relay().await == ServingStatus::NotServing as i32).then_some(())
+    })
+    .await;
+    assert_eq!(get(http, "/readyz").await.map(|(st, _)| st), Some(200));
+    amqp.heal();
+    eventually("relay SERVING again", WAIT, || async {
+        (relay().await == ServingStatus::Serving as i32).then_some(())
+    })
+    .await;
+}
