@@ -10,6 +10,7 @@ mod ctl;
 mod db_outage;
 mod discovery;
 mod events;
+mod flow;
 mod harness_smoke;
 mod health;
 mod keys;

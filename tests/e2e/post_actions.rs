@@ -7,88 +7,14 @@
 use std::time::{Duration, SystemTime};
 
 use ferry_proto as proto;
-use ferry_tests::{
-    AgentOptions, AmqpMessage, AmqpQueue, S3Server, TcpProxy, eventually, unique_exchange,
-};
-use sha2::{Digest, Sha256};
+use ferry_tests::{AmqpMessage, TcpProxy, eventually};
 
-use crate::stack::{Stack, WAIT};
+use crate::stack::WAIT;
 
-const BUCKET: &str = "ferry-post";
+use crate::flow::{BUCKET, Flow, flow, flow_with, post_action_of, sha256_hex};
 
-/// Stack + S3 + an AMQP exchange reached through a proxy that tests can cut.
-struct Flow {
-    s: Stack,
-    s3: S3Server,
-    queue: AmqpQueue,
-    amqp_proxy: TcpProxy,
-}
-
-async fn flow(extra_env: &[(&str, &str)]) -> Flow {
-    let s3 = S3Server::start().await;
-    s3.create_bucket(BUCKET).await;
-    let exchange = unique_exchange();
-    let queue = AmqpQueue::declare(&exchange).await;
-    let amqp_proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let url = format!("amqp://guest:guest@{}/%2f", amqp_proxy.addr());
-    let mut env = vec![
-        ("FERRY_AMQP_URL", url.as_str()),
-        ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
-        ("FERRY_AMQP_ROUTING_KEY", "ferry.{server}"),
-        ("FERRY_TASK_LEASE_SECS", "6"),
-        ("FERRY_RETRY_BASE_SECS", "1"),
-        ("FERRY_RETRY_MAX_SECS", "2"),
-    ];
-    env.extend_from_slice(extra_env);
-    let s = Stack::with_coordinator_env(&env).await;
-    Flow {
-        s,
-        s3,
-        queue,
-        amqp_proxy,
-    }
-}
-
-fn action(text: &str) -> proto::PostAction {
-    (&text.parse::<ferry_common::domain::PostAction>().unwrap()).into()
-}
-
+/// Row-level views the post-action tests read.
 impl Flow {
-    fn agent_opts(&self, s3_endpoint: Option<&str>) -> AgentOptions {
-        let mut env = self.s3.env();
-        if let Some(endpoint) = s3_endpoint {
-            for (k, v) in &mut env {
-                if k == "AWS_ENDPOINT_URL" {
-                    *v = endpoint.to_string();
-                }
-            }
-        }
-        AgentOptions {
-            capacity: 2,
-            env,
-            ..Default::default()
-        }
-    }
-
-    async fn watch(&mut self, server_id: i64, rel: &str, post_action: &str) -> i64 {
-        self.s.sshd.mkdir(rel);
-        self.s
-            .admin
-            .add_watch(proto::AddWatchRequest {
-                server_id,
-                directory: self.s.sshd.remote_path(rel),
-                poll_interval_secs: 1,
-                bucket: BUCKET.into(),
-                key_template: "{server}/{dir}/{version}/{name}".into(),
-                post_action: Some(action(post_action)),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .id
-    }
-
     /// (id, status, post_action_result) of every row, in id order.
     async fn rows(&self) -> Vec<(i64, String, Option<String>)> {
         sqlx::query_as("SELECT id, status, post_action_result FROM files ORDER BY id")
@@ -117,23 +43,6 @@ impl Flow {
             .await
             .unwrap()
     }
-
-    /// Messages until `n` arrived (and 2 s more to catch extra ones).
-    async fn messages(&mut self, n: usize) -> Vec<AmqpMessage> {
-        let mut got = Vec::new();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while got.len() < n && tokio::time::Instant::now() < deadline {
-            if let Some(m) = self.queue.next_message(Duration::from_secs(1)).await {
-                got.push(m);
-            }
-        }
-        got.extend(self.queue.drain_for(Duration::from_secs(2)).await);
-        got
-    }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 fn announced_sha256s(msgs: &[AmqpMessage]) -> Vec<String> {
@@ -148,12 +57,12 @@ fn announced_sha256s(msgs: &[AmqpMessage]) -> Vec<String> {
 
 #[tokio::test]
 async fn a_rewritten_file_survives_the_delete_of_its_older_version() {
-    let mut f = flow(&[("FERRY_MAX_ATTEMPTS", "50")]).await;
+    let mut f = flow_with(&[("FERRY_MAX_ATTEMPTS", "50")]).await;
     let s3_proxy = TcpProxy::start(f.s3.addr()).await;
     let id = f.s.add_server(f.s.server_req("rw")).await;
     f.watch(id, "out", "delete").await;
     let s3_url = format!("http://{}", s3_proxy.addr());
-    let _agent = f.s.agent_with("a1", f.agent_opts(Some(&s3_url))).await;
+    let _agent = f.s.agent_with("a1", f.agent_opts_via(2, &s3_url)).await;
     // v1 is stored, but its announcement (and so its post-action) waits.
     f.amqp_proxy.cut();
     let v1 = b"v1 of the report".to_vec();
@@ -212,10 +121,10 @@ async fn a_rewritten_file_survives_the_delete_of_its_older_version() {
 
 #[tokio::test]
 async fn changing_a_watch_from_keep_to_delete_spares_processed_files() {
-    let mut f = flow(&[]).await;
+    let mut f = flow().await;
     let id = f.s.add_server(f.s.server_req("kd")).await;
     let watch = f.watch(id, "in", "keep").await;
-    let _agent = f.s.agent_with("a1", f.agent_opts(None)).await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
     f.s.sshd.write_file("in/old.csv", b"kept");
     f.wait_rows("old processed", WAIT, |r| {
         r.len() == 1 && r[0].1 == "processed"
@@ -224,7 +133,7 @@ async fn changing_a_watch_from_keep_to_delete_spares_processed_files() {
     f.s.admin
         .update_watch(proto::UpdateWatchRequest {
             id: watch,
-            post_action: Some(action("delete")),
+            post_action: Some(post_action_of("delete")),
             ..Default::default()
         })
         .await
@@ -243,13 +152,13 @@ async fn changing_a_watch_from_keep_to_delete_spares_processed_files() {
 
 #[tokio::test]
 async fn a_failed_move_is_retried_and_completes_after_the_outage() {
-    let mut f = flow(&[("FERRY_MAX_ATTEMPTS", "50")]).await;
+    let mut f = flow_with(&[("FERRY_MAX_ATTEMPTS", "50")]).await;
     let id = f.s.add_server(f.s.server_req("mv")).await;
     // The archive directory cannot be created: a file is in its way.
     f.s.sshd.write_file("archive", b"in the way");
     let archive = f.s.sshd.remote_path("archive");
     f.watch(id, "in", &format!("move:{archive}")).await;
-    let _agent = f.s.agent_with("a1", f.agent_opts(None)).await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
     f.s.sshd.write_file("in/a.csv", b"move me later");
     f.wait_rows("processed", WAIT, |r| r.len() == 1 && r[0].1 == "processed")
         .await;
@@ -273,12 +182,12 @@ async fn a_failed_move_is_retried_and_completes_after_the_outage() {
 
 #[tokio::test]
 async fn an_exhausted_post_action_stays_failed_until_an_admin_retries_it() {
-    let mut f = flow(&[("FERRY_MAX_ATTEMPTS", "2")]).await;
+    let mut f = flow_with(&[("FERRY_MAX_ATTEMPTS", "2")]).await;
     let id = f.s.add_server(f.s.server_req("ex")).await;
     f.s.sshd.write_file("archive", b"in the way");
     let archive = f.s.sshd.remote_path("archive");
     f.watch(id, "in", &format!("move:{archive}")).await;
-    let _agent = f.s.agent_with("a1", f.agent_opts(None)).await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
     f.s.sshd.write_file("in/a.csv", b"move me");
     f.wait_rows("post-action failed for good", WAIT, |r| {
         r.len() == 1
@@ -317,10 +226,10 @@ async fn an_exhausted_post_action_stays_failed_until_an_admin_retries_it() {
 
 #[tokio::test]
 async fn a_file_resent_after_ferry_deleted_it_is_a_new_version() {
-    let mut f = flow(&[]).await;
+    let mut f = flow().await;
     let id = f.s.add_server(f.s.server_req("rs")).await;
     f.watch(id, "in", "delete").await;
-    let _agent = f.s.agent_with("a1", f.agent_opts(None)).await;
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
     let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let bytes = b"the same bytes twice".to_vec();
     f.s.sshd.write_file("in/a.csv", &bytes);
