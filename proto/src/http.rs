@@ -1,7 +1,8 @@
 //! The plain-HTTP listener both binaries serve on `FERRY_HTTP_LISTEN`, next
 //! to (never instead of) the mTLS gRPC port: `/healthz` (the process is
-//! alive), `/readyz` (ready to take work) and, later, `/metrics`, for load
-//! balancers, orchestrators and Prometheus, which cannot speak mTLS gRPC.
+//! alive), `/readyz` (ready to take work) and `/metrics` (Prometheus text,
+//! see [`crate::metrics`]), for load balancers, orchestrators and Prometheus,
+//! which cannot speak mTLS gRPC.
 //!
 //! Deliberately tiny: `GET` requests with a path, one response per
 //! connection, bounded request size and time. Each binary supplies its own

@@ -22,6 +22,7 @@ pub use generated::*;
 
 pub mod convert;
 pub mod http;
+pub mod metrics;
 mod redact;
 pub mod telemetry;
 pub mod tls;
