@@ -49,6 +49,7 @@ pub(crate) async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::
         endpoint_host(c)?;
     }
     let readiness = Arc::new(Readiness::default());
+    crate::metrics::TRANSFER_CAPACITY.set(&[], i64::from(cfg.capacity));
     if let Some(addr) = cfg.http_listen {
         let bound = ferry_proto::http::serve(addr, readiness.clone(), cancel.clone()).await?;
         tracing::info!(%bound, "serving /healthz and /readyz over plain HTTP");

@@ -1,6 +1,6 @@
 //! What this agent tells orchestrators about itself on `FERRY_HTTP_LISTEN`:
-//! `/healthz` (alive) and `/readyz` (holds a welcomed stream to a coordinator
-//! and is not shutting down).
+//! `/healthz` (alive), `/readyz` (holds a welcomed stream to a coordinator
+//! and is not shutting down) and `/metrics` ([`crate::metrics`]).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +43,10 @@ impl Readiness {
 impl Probes for Readiness {
     fn ready(&self) -> ProbeFuture<'_, Result<(), String>> {
         Box::pin(async move { self.check() })
+    }
+
+    fn metrics(&self) -> ProbeFuture<'_, Option<Result<String, String>>> {
+        Box::pin(async { Some(Ok(crate::metrics::render())) })
     }
 }
 

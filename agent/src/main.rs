@@ -4,6 +4,7 @@
 mod config;
 mod control;
 mod health;
+mod metrics;
 mod poller;
 mod runner;
 mod sftp;

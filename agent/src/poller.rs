@@ -163,6 +163,7 @@ pub(crate) async fn run(
                 duration_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
                 ..report
             };
+            crate::metrics::polled(&conn.name, &report);
             if out.send(message(Body::PollReport(report))).await.is_err() {
                 break;
             }

@@ -229,6 +229,7 @@ impl Runner {
             None
         };
         if let Some(why) = refused {
+            crate::metrics::TRANSFERS.inc(&["refused"]);
             self.queue(message(Body::TaskResult(proto::TaskResult {
                 file_id: task.file_id,
                 fencing_token: task.fencing_token,
@@ -261,6 +262,7 @@ impl Runner {
         }
         let runner = self.clone();
         tokio::spawn(async move {
+            let metered = crate::metrics::transfer();
             let file_id = task.file_id;
             let token = task.fencing_token;
             tracing::info!(file = file_id, path = %task.path, key = %task.key, "transfer started");
@@ -272,6 +274,7 @@ impl Runner {
                 o = transfer::transfer(&task, &runner.0.pool, &runner.0.s3, &progress) => o,
                 _ = cancel.cancelled() => return,
             };
+            metered.finished(&outcome);
             let c = &runner.0.counters;
             match &outcome {
                 Outcome::Success(ok) => {

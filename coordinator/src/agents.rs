@@ -449,6 +449,8 @@ impl AgentStreams {
                         tracing::info!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, entries = entries.len(), "discovery batch ignored: the agent does not poll this server, or the watch is not one of its live watches");
                     }
                     BatchOutcome::Recorded(r) => {
+                        crate::metrics::discovered(db, batch.server_id, entries.len(), r.inserted)
+                            .await;
                         if let Some((path, why)) = &r.example {
                             tracing::warn!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, rejected = r.rejected, example = ?path, why = %why, "agent fault: discovered entries outside the watch rejected");
                         }
@@ -473,6 +475,7 @@ impl AgentStreams {
                     tracing::warn!(agent = %s.agent, server = report.server_id, error = %report.error, "poll failed");
                 }
                 polls::record_report(db, &s.agent, &report).await?;
+                crate::metrics::poll_reported(db, &report).await;
             }
             Body::TaskProgress(p) => {
                 if !results::renew_lease(
@@ -489,7 +492,10 @@ impl AgentStreams {
             }
             Body::TaskResult(r) => {
                 s.task_finished(r.file_id);
-                match results::apply(db, &s.agent, &r, &self.settings.retry).await? {
+                match results::apply(db, &s.agent, &r, &self.settings.retry)
+                    .await
+                    .inspect(|o| crate::metrics::transfer_result(&s.site, &r, o))?
+                {
                     Outcome::Moved { to, .. } => {
                         tracing::info!(agent = %s.agent, file = r.file_id, status = %to, "transfer result")
                     }

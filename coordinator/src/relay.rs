@@ -110,6 +110,7 @@ impl BrokerState {
 
     fn set(&self, up: bool) {
         self.0.store(up, Ordering::SeqCst);
+        crate::metrics::BROKER_CONNECTED.set(&[], i64::from(up));
     }
 }
 
@@ -402,6 +403,7 @@ async fn round(
         .await?;
     }
     tx.commit().await?;
+    crate::metrics::ANNOUNCEMENTS.add(&["published"], published.len() as u64);
 
     if processed > 0 {
         // Processed files may have post-actions: wake the scheduler loop, which dispatches them.
@@ -475,6 +477,7 @@ async fn publish_batch(
         match confirmation.with_context(|| format!("confirm of outbox row {id}"))? {
             Confirmation::Ack(message) => returned.extend(message),
             Confirmation::Nack(message) => {
+                crate::metrics::ANNOUNCEMENTS.inc(&["nacked"]);
                 returned.extend(message);
                 failures.insert(id, "negatively acknowledged by the broker".to_string());
             }
@@ -500,6 +503,7 @@ async fn publish_batch(
         );
         match id {
             Some(id) if batch.contains(&id) => {
+                crate::metrics::ANNOUNCEMENTS.inc(&["returned"]);
                 failures.insert(id, reason);
             }
             _ => {

@@ -297,6 +297,7 @@ pub(crate) async fn schedule_site(
                     }
                     *slots -= 1;
                     sent += 1;
+                    crate::metrics::transfer_started(site, file.id);
                 }
                 Err(AssignmentError::UnsafeKey(why)) => {
                     let change = Change::fenced(

@@ -71,6 +71,7 @@ async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancell
         {
             Ok(reaped) if reaped.is_empty() => {}
             Ok(reaped) => {
+                crate::metrics::leases_expired(&reaped);
                 tracing::warn!(
                     files = reaped.len(),
                     "requeued transfers whose lease expired"

@@ -92,6 +92,7 @@ pub(crate) struct SftpSession {
     opened: Instant,
     /// Milliseconds after `opened` of the last operation started.
     last_used_ms: AtomicU64,
+    _open: ferry_proto::metrics::GaugeHold,
 }
 
 impl SftpSession {
@@ -108,6 +109,7 @@ impl SftpSession {
             target,
             opened: Instant::now(),
             last_used_ms: AtomicU64::new(0),
+            _open: crate::metrics::SFTP_SESSIONS.hold(),
         }
     }
 
