@@ -27,6 +27,9 @@
 #                                   its required options
 #   .dockerignore                   keeps target/, .git, .ferry-dev/,
 #                                   deploy/certs/ and keys out of the context
+#   deploy/grafana/*.json           valid JSON (python3 -m json.tool); every
+#                                   ferry_* metric it queries is in README's
+#                                   Metrics tables
 #
 # Binaries: $FERRY_BIN_DIR, else $CARGO_TARGET_DIR/debug.
 set -euo pipefail
@@ -483,6 +486,26 @@ sys.exit(1 if failed else 0)
 PY
     failures=$((failures + 1))
 fi
+
+# --- Grafana dashboards -------------------------------------------------------
+# Valid JSON, and every ferry_* metric a query uses is one the README lists
+# (so a renamed metric cannot leave a silently empty panel).
+for dashboard in deploy/grafana/*.json; do
+    [[ -e $dashboard ]] || continue
+    if ! python3 -m json.tool "$dashboard" >/dev/null; then
+        fail "$dashboard: not valid JSON"
+        continue
+    fi
+    unknown=$(grep -o 'ferry_[a-z][a-z_]*' "$dashboard" | sed -E 's/_(bucket|sum|count)$//' | sort -u |
+        while read -r metric; do
+            grep -q "^| \`$metric\` |" README.md || echo "$metric"
+        done)
+    if [[ -n $unknown ]]; then
+        fail "$dashboard: metrics not listed in README: $(echo $unknown)"
+    else
+        log "$dashboard: valid JSON, every metric documented"
+    fi
+done
 
 if ((failures)); then
     echo "[check-deploy] deploy checks FAILED (see FAIL lines above)" >&2
