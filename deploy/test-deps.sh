@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and starts what the ferry end-to-end suite (package ferry-tests)
 # needs on a Debian 12 machine: OpenSSH sshd, rclone, Postgres, RabbitMQ,
-# s3s-fs, grpcurl and the `ferrytest` login user. Idempotent: everything
+# s3s-fs, grpcurl, promtool and the `ferrytest` login user. Idempotent: everything
 # already present or already running is skipped. Run as root.
 set -euo pipefail
 
@@ -133,6 +133,33 @@ else
     trap - EXIT
 fi
 log "grpcurl: $(grpcurl -version 2>&1)"
+
+# --- promtool ----------------------------------------------------------------
+# Validates /metrics (tests/e2e/metrics.rs). Only the promtool binary is taken
+# from Debian's `prometheus` package (statically linked, needs nothing else):
+# installing the package would pull its web assets and start a Prometheus
+# server from the maintainer scripts.
+if command -v promtool >/dev/null; then
+    log "promtool: present ($(command -v promtool))"
+else
+    if [[ $apt_updated -eq 0 ]]; then
+        log "apt-get update"
+        apt-get update -qq
+        apt_updated=1
+    fi
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    log "promtool: extracting it from the Debian package prometheus"
+    (cd "$tmp" && apt-get download -q prometheus >/dev/null 2>&1) || {
+        echo "apt-get download prometheus failed" >&2
+        exit 1
+    }
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+    install -m 0755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool
+    rm -rf "$tmp"
+    trap - EXIT
+fi
+log "promtool: $(promtool --version 2>&1 | head -n1)"
 
 # --- SFTP login user ---------------------------------------------------------
 if id ferrytest >/dev/null 2>&1; then

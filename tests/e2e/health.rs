@@ -13,7 +13,7 @@ use crate::stack::{Stack, WAIT};
 
 /// `(status, body)` of `GET path` on a plain-HTTP probe port; `None` if
 /// nothing answers.
-async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
         .await
@@ -183,7 +183,12 @@ async fn metrics_follow_the_files() {
         assert!(value.parse::<f64>().is_ok(), "{line}");
         let name = series.split('{').next().unwrap();
         assert!(name.starts_with("ferry_"), "{line}");
-        assert!(text.contains(&format!("# TYPE {name} gauge\n")), "{line}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| text.contains(&format!("# TYPE {f} histogram\n")))
+            .unwrap_or(name);
+        assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
     }
 }
 

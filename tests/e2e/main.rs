@@ -14,6 +14,7 @@ mod flow;
 mod harness_smoke;
 mod health;
 mod keys;
+mod metrics;
 mod post_actions;
 mod remote_site;
 mod secrets;
