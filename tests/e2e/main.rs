@@ -3,6 +3,7 @@
 //! Build the binaries first: `cargo build --workspace --bins` (deploy/test.sh does).
 
 mod admin_api;
+mod amqp_tls;
 mod agent_identity;
 mod announcements;
 mod architecture;
