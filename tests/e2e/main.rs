@@ -3,8 +3,8 @@
 //! Build the binaries first: `cargo build --workspace --bins` (deploy/test.sh does).
 
 mod admin_api;
-mod amqp_tls;
 mod agent_identity;
+mod amqp_tls;
 mod announcements;
 mod architecture;
 mod ctl;
