@@ -112,13 +112,32 @@ pub(crate) struct ServeArgs {
     /// Durable topic exchange the notifications go to (declared if missing).
     #[arg(long, env = "FERRY_AMQP_EXCHANGE", default_value = "ferry")]
     pub amqp_exchange: String,
-    /// Routing key template; `{server}` becomes the server's name.
+    /// Routing key template of stored files; `{server}` becomes the server's
+    /// name with `%`, `.`, `*`, `#` escaped as `%25`, `%2E`, `%2A`, `%23` (one
+    /// topic word), `{event}` becomes `stored`.
     #[arg(
         long,
         env = "FERRY_AMQP_ROUTING_KEY",
         default_value = "ferry.file.{server}"
     )]
     pub amqp_routing_key: String,
+    /// Announce files that end `failed` or `lost` (type `ferry.file.failed` /
+    /// `ferry.file.lost`), so consumers can alert on them.
+    #[arg(
+        long,
+        env = "FERRY_ANNOUNCE_FAILURES",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub announce_failures: bool,
+    /// Routing key template of failure announcements; `{event}` becomes
+    /// `failed` or `lost`, `{server}` the escaped server name.
+    #[arg(
+        long,
+        env = "FERRY_AMQP_FAILURE_ROUTING_KEY",
+        default_value = "ferry.file.{event}.{server}"
+    )]
+    pub amqp_failure_routing_key: String,
     /// Outbox rows published per transaction by the AMQP relay.
     #[arg(long, env = "FERRY_AMQP_BATCH", default_value_t = 100)]
     pub amqp_batch: i64,

@@ -14,6 +14,13 @@
 //! refused rows never hold back routable ones. A broken connection rolls the
 //! whole batch back and reconnects with backoff.
 //!
+//! Rows of files that ended `failed` or `lost` (payload `event` = `failed` /
+//! `lost`, a [`ferry_common::announcement::FailureAnnouncement`]) go out with
+//! the routing key [`RelayConfig::failure_routing_key`] and their own AMQP
+//! `type`; their confirm only marks the row published (the file stays where
+//! it is). Routing keys escape the server name as one topic word
+//! ([`ferry_common::announcement::routing_key`]).
+//!
 //! **Architecture invariant:** a row is marked published only after the broker
 //! confirmed it and did not return it. A crash between the confirm and the
 //! commit re-publishes the row later: delivery is at least once, and
@@ -33,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use ferry_common::announcement::Properties;
+use ferry_common::announcement::{Failure, Properties, routing_key};
 use ferry_common::backoff::Backoff;
 use ferry_common::lifecycle::{Event, RetryPolicy};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
@@ -59,8 +66,12 @@ pub(crate) struct RelayConfig {
     pub tls: Option<BrokerTls>,
     /// Durable topic exchange, declared on connect.
     pub exchange: String,
-    /// Routing key template; `{server}` is replaced by the server's name.
+    /// Routing key template of stored files; `{server}` is replaced by the
+    /// server's name (escaped), `{event}` by `stored`.
     pub routing_key: String,
+    /// Routing key template of files that ended `failed` / `lost`; `{event}`
+    /// is replaced by `failed` or `lost`.
+    pub failure_routing_key: String,
     /// Rows published per transaction.
     pub batch: i64,
     /// The retry policy the lifecycle table is applied with.
@@ -100,12 +111,6 @@ fn after_refusal(attempts: u32, max_attempts: u32, jitter: f64) -> Refusal {
     } else {
         Refusal::RetryIn(ROW_RETRY.delay_with(attempts.saturating_sub(1), jitter))
     }
-}
-
-/// The routing key for a file of `server`: `template` with every `{server}`
-/// replaced.
-pub(crate) fn routing_key(template: &str, server: &str) -> String {
-    template.replace("{server}", server)
 }
 
 /// Whether this coordinator's relay holds a working broker connection,
@@ -241,8 +246,13 @@ fn tls_plan(tls_url: bool, ca: bool, cert: bool, key: bool) -> Result<TlsPlan, S
         ));
     }
     match (cert, key) {
-        (true, false) => Err("FERRY_AMQP_CERT is set without FERRY_AMQP_KEY (the client certificate's private key)".into()),
-        (false, true) => Err("FERRY_AMQP_KEY is set without FERRY_AMQP_CERT (the client certificate)".into()),
+        (true, false) => Err(
+            "FERRY_AMQP_CERT is set without FERRY_AMQP_KEY (the client certificate's private key)"
+                .into(),
+        ),
+        (false, true) => {
+            Err("FERRY_AMQP_KEY is set without FERRY_AMQP_CERT (the client certificate)".into())
+        }
         _ => Ok(TlsPlan::Tls {
             roots: if ca { Roots::CaFile } else { Roots::System },
             client_cert: cert,
@@ -386,13 +396,13 @@ async fn connect(cfg: &RelayConfig, coordinator_id: &str) -> anyhow::Result<(Con
         .with_connection_name(format!("ferry-coordinator {coordinator_id} relay").into());
     let connection = tokio::time::timeout(CONNECT_TIMEOUT, open(cfg, props))
         .await
-            .context("connect to AMQP broker: timed out")?
-            .with_context(|| {
-                format!(
-                    "connect to AMQP broker at {}",
-                    crate::db::redact(&cfg.amqp_url)
-                )
-            })?;
+        .context("connect to AMQP broker: timed out")?
+        .with_context(|| {
+            format!(
+                "connect to AMQP broker at {}",
+                crate::db::redact(&cfg.amqp_url)
+            )
+        })?;
     let channel = connection
         .create_channel()
         .await
@@ -497,6 +507,15 @@ struct OutboxRow {
     file_id: i64,
     payload: serde_json::Value,
     server: String,
+    /// The payload's `event`: `failed` / `lost`, or `None` for a stored file.
+    event: Option<String>,
+}
+
+impl OutboxRow {
+    /// The failure this row announces; `None`: a stored file.
+    fn failure(&self) -> Option<Failure> {
+        self.event.as_deref().and_then(Failure::of_status)
+    }
 }
 
 /// Publishes one batch inside one transaction; see the module docs.
@@ -507,7 +526,7 @@ async fn round(
 ) -> Result<Round, RoundError> {
     let mut tx = coord.db.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT o.id, o.file_id, o.payload, s.name AS server \
+        "SELECT o.id, o.file_id, o.payload, s.name AS server, o.payload->>'event' AS event \
          FROM outbox o JOIN files f ON f.id = o.file_id JOIN servers s ON s.id = f.server_id \
          WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
          ORDER BY o.next_attempt_at, o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
@@ -529,9 +548,10 @@ async fn round(
         .filter(|r| !failures.contains_key(&r.id))
         .map(|r| r.id)
         .collect();
+    // A failure announcement's file stays `failed` / `lost`.
     let published_files: Vec<i64> = rows
         .iter()
-        .filter(|r| !failures.contains_key(&r.id))
+        .filter(|r| !failures.contains_key(&r.id) && r.failure().is_none())
         .map(|r| r.file_id)
         .collect();
     let mut processed = 0usize;
@@ -540,6 +560,8 @@ async fn round(
             .bind(&published)
             .execute(&mut *tx)
             .await?;
+    }
+    if !published_files.is_empty() {
         let changes: Vec<Change> = published_files
             .iter()
             .map(|&id| Change::new(id, Event::Announced))
@@ -626,9 +648,18 @@ async fn publish_batch(
         let body = serde_json::to_vec(&row.payload).context("encode outbox payload")?;
         let mut headers = FieldTable::default();
         headers.insert(OUTBOX_ID_HEADER.into(), AMQPValue::LongLongInt(row.id));
-        // From the announcement type, without decoding the body: rows written
-        // by an older version go out as they were stored.
-        let announced = Properties::for_file(row.file_id);
+        // From the row's kind, without decoding the body: rows written by an
+        // older version go out as they were stored.
+        let (announced, key) = match row.failure() {
+            None => (
+                Properties::for_file(row.file_id),
+                routing_key(&cfg.routing_key, &row.server, "stored"),
+            ),
+            Some(failure) => (
+                Properties::for_failure(row.file_id, failure, row.id),
+                routing_key(&cfg.failure_routing_key, &row.server, failure.as_str()),
+            ),
+        };
         let properties = BasicProperties::default()
             .with_delivery_mode(announced.delivery_mode)
             .with_content_type(announced.content_type.into())
@@ -639,7 +670,7 @@ async fn publish_batch(
         let confirm = channel
             .basic_publish(
                 cfg.exchange.as_str().into(),
-                routing_key(&cfg.routing_key, &row.server).into(),
+                key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -725,20 +756,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routing_key_substitutes_server() {
-        assert_eq!(
-            routing_key("ferry.file.{server}", "sftp-a"),
-            "ferry.file.sftp-a"
-        );
-        assert_eq!(
-            routing_key("ferry.file.stored", "sftp-a"),
-            "ferry.file.stored"
-        );
-        assert_eq!(routing_key("{server}.{server}", "x"), "x.x");
-        assert_eq!(routing_key("", "x"), "");
-    }
-
-    #[test]
     fn tls_settings_follow_the_url_scheme() {
         assert_eq!(tls_plan(false, false, false, false), Ok(TlsPlan::Plain));
         assert_eq!(
@@ -767,9 +784,15 @@ mod tests {
             )
         );
         let half = tls_plan(true, true, true, false).unwrap_err();
-        assert!(half.starts_with("FERRY_AMQP_CERT is set without FERRY_AMQP_KEY"), "{half}");
+        assert!(
+            half.starts_with("FERRY_AMQP_CERT is set without FERRY_AMQP_KEY"),
+            "{half}"
+        );
         let half = tls_plan(true, false, false, true).unwrap_err();
-        assert!(half.starts_with("FERRY_AMQP_KEY is set without FERRY_AMQP_CERT"), "{half}");
+        assert!(
+            half.starts_with("FERRY_AMQP_KEY is set without FERRY_AMQP_CERT"),
+            "{half}"
+        );
     }
 
     #[test]
@@ -790,7 +813,10 @@ mod tests {
             ..Default::default()
         };
         let err = format!("{:#}", BrokerTls::load(url, &no_cert).unwrap_err());
-        assert!(err.contains("FERRY_AMQP_CA") && err.contains("holds no PEM certificate"), "{err}");
+        assert!(
+            err.contains("FERRY_AMQP_CA") && err.contains("holds no PEM certificate"),
+            "{err}"
+        );
         // A plain URL needs no TLS, and a bad URL never echoes its password.
         assert!(
             BrokerTls::load("amqp://u:p@h:5672/%2f", &BrokerTlsFiles::default())
@@ -801,7 +827,10 @@ mod tests {
             "{:#}",
             BrokerTls::load("http://u:secret@h/", &BrokerTlsFiles::default()).unwrap_err()
         );
-        assert!(err.starts_with("FERRY_AMQP_URL") && !err.contains("secret"), "{err}");
+        assert!(
+            err.starts_with("FERRY_AMQP_URL") && !err.contains("secret"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

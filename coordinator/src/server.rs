@@ -183,6 +183,8 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
         agents.clone(),
         cancel.clone(),
     ));
+    // Without a broker nothing would ever publish them.
+    crate::transitions::announce_failures(args.announce_failures && args.amqp_url.is_some());
     match &args.amqp_url {
         Some(url) => {
             let relay = RelayConfig {
@@ -190,6 +192,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
                 tls: broker_tls,
                 exchange: args.amqp_exchange.clone(),
                 routing_key: args.amqp_routing_key.clone(),
+                failure_routing_key: args.amqp_failure_routing_key.clone(),
                 batch: args.amqp_batch.clamp(1, 10_000),
                 retry: settings.retry,
                 max_attempts: args.amqp_max_attempts.max(1),
