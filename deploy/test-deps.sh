@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what the ferry end-to-end suite (package ferry-tests)
 # needs on a Debian 12 machine: OpenSSH sshd, rclone, Postgres, RabbitMQ,
-# s3s-fs, grpcurl, promtool and the `ferrytest` login user. Idempotent: everything
+# s3s-fs, grpcurl, promtool, HAProxy (TLS in front of RabbitMQ for the amqps://
+# tests) and the `ferrytest` login user. Idempotent: everything
 # already present or already running is skipped. Run as root.
 set -euo pipefail
 
@@ -44,10 +45,12 @@ missing=()
 command -v rclone >/dev/null || missing+=(rclone)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
+# tests/e2e/amqp_tls.rs terminates TLS in front of RabbitMQ with HAProxy.
+[[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
 if ((${#missing[@]})); then
     apt_install "${missing[@]}"
 else
-    log "openssh-server, rclone, openssl, curl: present"
+    log "openssh-server, rclone, openssl, curl, haproxy: present"
 fi
 mkdir -p /run/sshd
 chmod 0755 /run/sshd

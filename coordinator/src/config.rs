@@ -92,21 +92,52 @@ pub(crate) struct ServeArgs {
     /// Longest retry delay, seconds.
     #[arg(long, env = "FERRY_RETRY_MAX_SECS", default_value_t = 3600)]
     pub retry_max_secs: u64,
-    /// AMQP broker URL (amqp://user:pass@host:5672/%2f). Without it nothing is
+    /// AMQP broker URL (amqp://user:pass@host:5672/%2f, or amqps:// for TLS,
+    /// see FERRY_AMQP_CA). Without it nothing is
     /// announced and stored files stay `uploaded`. `--help` never shows the
     /// variable's value (it holds a password).
     #[arg(long, env = "FERRY_AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
+    /// CA certificates (PEM) an `amqps://` broker's certificate must chain to;
+    /// unset: the system roots. Only with an `amqps://` URL.
+    #[arg(long, env = "FERRY_AMQP_CA")]
+    pub amqp_ca: Option<PathBuf>,
+    /// Client certificate (PEM, with its chain) for an `amqps://` broker that
+    /// asks for one; needs FERRY_AMQP_KEY.
+    #[arg(long, env = "FERRY_AMQP_CERT")]
+    pub amqp_cert: Option<PathBuf>,
+    /// Private key (PEM) of FERRY_AMQP_CERT.
+    #[arg(long, env = "FERRY_AMQP_KEY")]
+    pub amqp_key: Option<PathBuf>,
     /// Durable topic exchange the notifications go to (declared if missing).
     #[arg(long, env = "FERRY_AMQP_EXCHANGE", default_value = "ferry")]
     pub amqp_exchange: String,
-    /// Routing key template; `{server}` becomes the server's name.
+    /// Routing key template of stored files; `{server}` becomes the server's
+    /// name with `%`, `.`, `*`, `#` escaped as `%25`, `%2E`, `%2A`, `%23` (one
+    /// topic word), `{event}` becomes `stored`.
     #[arg(
         long,
         env = "FERRY_AMQP_ROUTING_KEY",
         default_value = "ferry.file.{server}"
     )]
     pub amqp_routing_key: String,
+    /// Announce files that end `failed` or `lost` (type `ferry.file.failed` /
+    /// `ferry.file.lost`), so consumers can alert on them.
+    #[arg(
+        long,
+        env = "FERRY_ANNOUNCE_FAILURES",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub announce_failures: bool,
+    /// Routing key template of failure announcements; `{event}` becomes
+    /// `failed` or `lost`, `{server}` the escaped server name.
+    #[arg(
+        long,
+        env = "FERRY_AMQP_FAILURE_ROUTING_KEY",
+        default_value = "ferry.file.{event}.{server}"
+    )]
+    pub amqp_failure_routing_key: String,
     /// Outbox rows published per transaction by the AMQP relay.
     #[arg(long, env = "FERRY_AMQP_BATCH", default_value_t = 100)]
     pub amqp_batch: i64,

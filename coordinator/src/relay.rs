@@ -14,22 +14,39 @@
 //! refused rows never hold back routable ones. A broken connection rolls the
 //! whole batch back and reconnects with backoff.
 //!
+//! Rows of files that ended `failed` or `lost` (payload `event` = `failed` /
+//! `lost`, a [`ferry_common::announcement::FailureAnnouncement`]) go out with
+//! the routing key [`RelayConfig::failure_routing_key`] and their own AMQP
+//! `type`; their confirm only marks the row published (the file stays where
+//! it is). Routing keys escape the server name as one topic word
+//! ([`ferry_common::announcement::routing_key`]).
+//!
 //! **Architecture invariant:** a row is marked published only after the broker
 //! confirmed it and did not return it. A crash between the confirm and the
 //! commit re-publishes the row later: delivery is at least once, and
 //! `message_id` = file id lets consumers deduplicate.
+//!
+//! `amqps://` URLs are served by [`BrokerTls`]: the broker's certificate is
+//! verified against `FERRY_AMQP_CA` when set, else against the system roots,
+//! with the optional client certificate `FERRY_AMQP_CERT` + `FERRY_AMQP_KEY`
+//! (rustls with the aws-lc-rs provider). Which of those apply is decided by
+//! the pure [`tls_plan`]; bad files fail the coordinator's start, naming the
+//! variable.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use ferry_common::announcement::Properties;
+use ferry_common::announcement::{Failure, Properties, routing_key};
 use ferry_common::backoff::Backoff;
 use ferry_common::lifecycle::{Event, RetryPolicy};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::tcp::{AMQPUriTcpExt, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
@@ -43,12 +60,18 @@ use crate::transitions::{self, Change};
 /// Where and how the relay publishes.
 #[derive(Debug, Clone)]
 pub(crate) struct RelayConfig {
-    /// Broker URL, `amqp://user:pass@host:5672/vhost`.
+    /// Broker URL, `amqp://user:pass@host:5672/vhost` or `amqps://...`.
     pub amqp_url: String,
+    /// TLS of an `amqps://` URL; `None` for `amqp://`.
+    pub tls: Option<BrokerTls>,
     /// Durable topic exchange, declared on connect.
     pub exchange: String,
-    /// Routing key template; `{server}` is replaced by the server's name.
+    /// Routing key template of stored files; `{server}` is replaced by the
+    /// server's name (escaped), `{event}` by `stored`.
     pub routing_key: String,
+    /// Routing key template of files that ended `failed` / `lost`; `{event}`
+    /// is replaced by `failed` or `lost`.
+    pub failure_routing_key: String,
     /// Rows published per transaction.
     pub batch: i64,
     /// The retry policy the lifecycle table is applied with.
@@ -88,12 +111,6 @@ fn after_refusal(attempts: u32, max_attempts: u32, jitter: f64) -> Refusal {
     } else {
         Refusal::RetryIn(ROW_RETRY.delay_with(attempts.saturating_sub(1), jitter))
     }
-}
-
-/// The routing key for a file of `server`: `template` with every `{server}`
-/// replaced.
-pub(crate) fn routing_key(template: &str, server: &str) -> String {
-    template.replace("{server}", server)
 }
 
 /// Whether this coordinator's relay holds a working broker connection,
@@ -184,20 +201,209 @@ pub(crate) async fn run(
     }
 }
 
+/// The TLS files named by `FERRY_AMQP_CA`, `FERRY_AMQP_CERT`, `FERRY_AMQP_KEY`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BrokerTlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Whom an `amqps://` connection trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Roots {
+    /// The system trust store.
+    System,
+    /// Only the certificates of `FERRY_AMQP_CA`.
+    CaFile,
+}
+
+/// What the broker settings ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsPlan {
+    Plain,
+    Tls { roots: Roots, client_cert: bool },
+}
+
+/// Decides from the URL scheme and the variables set what TLS to use (pure);
+/// a combination that cannot be meant is an error naming the variables.
+fn tls_plan(tls_url: bool, ca: bool, cert: bool, key: bool) -> Result<TlsPlan, String> {
+    if !tls_url {
+        let set: Vec<&str> = [
+            (ca, "FERRY_AMQP_CA"),
+            (cert, "FERRY_AMQP_CERT"),
+            (key, "FERRY_AMQP_KEY"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+        if set.is_empty() {
+            return Ok(TlsPlan::Plain);
+        }
+        return Err(format!(
+            "{} set, but FERRY_AMQP_URL is not an amqps:// URL",
+            set.join(" and ") + if set.len() == 1 { " is" } else { " are" }
+        ));
+    }
+    match (cert, key) {
+        (true, false) => Err(
+            "FERRY_AMQP_CERT is set without FERRY_AMQP_KEY (the client certificate's private key)"
+                .into(),
+        ),
+        (false, true) => {
+            Err("FERRY_AMQP_KEY is set without FERRY_AMQP_CERT (the client certificate)".into())
+        }
+        _ => Ok(TlsPlan::Tls {
+            roots: if ca { Roots::CaFile } else { Roots::System },
+            client_cert: cert,
+        }),
+    }
+}
+
+/// The rustls client configuration of `amqps://` connections.
+#[derive(Clone)]
+pub(crate) struct BrokerTls(Arc<rustls::ClientConfig>);
+
+impl std::fmt::Debug for BrokerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokerTls")
+    }
+}
+
+impl BrokerTls {
+    /// Reads the TLS files `url` needs: `None` for an `amqp://` URL. Every
+    /// error names the variable whose file is wrong.
+    pub(crate) fn load(url: &str, files: &BrokerTlsFiles) -> anyhow::Result<Option<Self>> {
+        // The parse error never echoes the URL (it may hold a password).
+        let uri: AMQPUri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("FERRY_AMQP_URL is not a valid AMQP URL: {e}"))?;
+        let plan = tls_plan(
+            uri.scheme == AMQPScheme::AMQPS,
+            files.ca.is_some(),
+            files.cert.is_some(),
+            files.key.is_some(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let TlsPlan::Tls { roots, client_cert } = plan else {
+            return Ok(None);
+        };
+        let mut store = rustls::RootCertStore::empty();
+        match (roots, &files.ca) {
+            (Roots::CaFile, Some(ca)) => {
+                for (n, cert) in read_certs("FERRY_AMQP_CA", ca)?.into_iter().enumerate() {
+                    store.add(cert).map_err(|e| {
+                        anyhow::anyhow!(
+                            "FERRY_AMQP_CA: certificate {} in {} is not a usable CA certificate: {e}",
+                            n + 1,
+                            ca.display()
+                        )
+                    })?;
+                }
+            }
+            _ => {
+                let native = rustls_native_certs::load_native_certs();
+                store.add_parsable_certificates(native.certs);
+                anyhow::ensure!(
+                    !store.is_empty(),
+                    "no system root certificates found for the amqps:// broker; set FERRY_AMQP_CA to its CA certificate (PEM)"
+                );
+            }
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions for the AMQP broker")?
+            .with_root_certificates(store);
+        let config = match (client_cert, &files.cert, &files.key) {
+            (true, Some(cert), Some(key)) => {
+                let chain = read_certs("FERRY_AMQP_CERT", cert)?;
+                let key_der = {
+                    use rustls::pki_types::pem::PemObject;
+                    rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                        anyhow::anyhow!(
+                            "FERRY_AMQP_KEY: no usable PEM private key in {}: {e}",
+                            key.display()
+                        )
+                    })?
+                };
+                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                    anyhow::anyhow!(
+                        "FERRY_AMQP_CERT / FERRY_AMQP_KEY: the key does not fit the certificate: {e}"
+                    )
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Some(BrokerTls(Arc::new(config))))
+    }
+}
+
+/// The PEM certificates of `path`, at least one; errors name `var`.
+fn read_certs(
+    var: &str,
+    path: &Path,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bytes = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("{var}: cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{var}: {} is not valid PEM: {e}", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{var}: {} holds no PEM certificate",
+        path.display()
+    );
+    Ok(certs)
+}
+
+/// Opens the AMQP connection of `cfg`, over TLS for `amqps://`.
+async fn open(cfg: &RelayConfig, props: ConnectionProperties) -> anyhow::Result<Connection> {
+    let uri: AMQPUri = cfg
+        .amqp_url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("FERRY_AMQP_URL is not a valid AMQP URL: {e}"))?;
+    let Some(tls) = &cfg.tls else {
+        return Ok(Connection::connect_uri(uri, props).await?);
+    };
+    anyhow::ensure!(
+        uri.scheme == AMQPScheme::AMQPS,
+        "TLS settings for an amqp:// URL"
+    );
+    let connector = RustlsConnector::from(tls.0.clone());
+    let runtime = lapin::runtime::default_runtime()?;
+    let connection = Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            // TCP as for amqp://, then the handshake with ferry's own config.
+            let mut plain = uri.clone();
+            plain.scheme = AMQPScheme::AMQP;
+            let stream = plain.connect_async(&runtime).await?;
+            Ok(stream.into_rustls(&connector, &uri.authority.host).await?)
+        },
+        props,
+    )
+    .await?;
+    Ok(connection)
+}
+
 /// Opens a connection and a confirm-mode channel, and declares the exchange.
 async fn connect(cfg: &RelayConfig, coordinator_id: &str) -> anyhow::Result<(Connection, Channel)> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("ferry-coordinator {coordinator_id} relay").into());
-    let connection =
-        tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&cfg.amqp_url, props))
-            .await
-            .context("connect to AMQP broker: timed out")?
-            .with_context(|| {
-                format!(
-                    "connect to AMQP broker at {}",
-                    crate::db::redact(&cfg.amqp_url)
-                )
-            })?;
+    let connection = tokio::time::timeout(CONNECT_TIMEOUT, open(cfg, props))
+        .await
+        .context("connect to AMQP broker: timed out")?
+        .with_context(|| {
+            format!(
+                "connect to AMQP broker at {}",
+                crate::db::redact(&cfg.amqp_url)
+            )
+        })?;
     let channel = connection
         .create_channel()
         .await
@@ -302,6 +508,15 @@ struct OutboxRow {
     file_id: i64,
     payload: serde_json::Value,
     server: String,
+    /// The payload's `event`: `failed` / `lost`, or `None` for a stored file.
+    event: Option<String>,
+}
+
+impl OutboxRow {
+    /// The failure this row announces; `None`: a stored file.
+    fn failure(&self) -> Option<Failure> {
+        self.event.as_deref().and_then(Failure::of_status)
+    }
 }
 
 /// Publishes one batch inside one transaction; see the module docs.
@@ -312,7 +527,7 @@ async fn round(
 ) -> Result<Round, RoundError> {
     let mut tx = coord.db.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT o.id, o.file_id, o.payload, s.name AS server \
+        "SELECT o.id, o.file_id, o.payload, s.name AS server, o.payload->>'event' AS event \
          FROM outbox o JOIN files f ON f.id = o.file_id JOIN servers s ON s.id = f.server_id \
          WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
          ORDER BY o.next_attempt_at, o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
@@ -334,9 +549,10 @@ async fn round(
         .filter(|r| !failures.contains_key(&r.id))
         .map(|r| r.id)
         .collect();
+    // A failure announcement's file stays `failed` / `lost`.
     let published_files: Vec<i64> = rows
         .iter()
-        .filter(|r| !failures.contains_key(&r.id))
+        .filter(|r| !failures.contains_key(&r.id) && r.failure().is_none())
         .map(|r| r.file_id)
         .collect();
     let mut processed = 0usize;
@@ -345,6 +561,8 @@ async fn round(
             .bind(&published)
             .execute(&mut *tx)
             .await?;
+    }
+    if !published_files.is_empty() {
         let changes: Vec<Change> = published_files
             .iter()
             .map(|&id| Change::new(id, Event::Announced))
@@ -432,9 +650,18 @@ async fn publish_batch(
         let body = serde_json::to_vec(&row.payload).context("encode outbox payload")?;
         let mut headers = FieldTable::default();
         headers.insert(OUTBOX_ID_HEADER.into(), AMQPValue::LongLongInt(row.id));
-        // From the announcement type, without decoding the body: rows written
-        // by an older version go out as they were stored.
-        let announced = Properties::for_file(row.file_id);
+        // From the row's kind, without decoding the body: rows written by an
+        // older version go out as they were stored.
+        let (announced, key) = match row.failure() {
+            None => (
+                Properties::for_file(row.file_id),
+                routing_key(&cfg.routing_key, &row.server, "stored"),
+            ),
+            Some(failure) => (
+                Properties::for_failure(row.file_id, failure, row.id),
+                routing_key(&cfg.failure_routing_key, &row.server, failure.as_str()),
+            ),
+        };
         let properties = BasicProperties::default()
             .with_delivery_mode(announced.delivery_mode)
             .with_content_type(announced.content_type.into())
@@ -445,7 +672,7 @@ async fn publish_batch(
         let confirm = channel
             .basic_publish(
                 cfg.exchange.as_str().into(),
-                routing_key(&cfg.routing_key, &row.server).into(),
+                key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -533,17 +760,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routing_key_substitutes_server() {
+    fn tls_settings_follow_the_url_scheme() {
+        assert_eq!(tls_plan(false, false, false, false), Ok(TlsPlan::Plain));
         assert_eq!(
-            routing_key("ferry.file.{server}", "sftp-a"),
-            "ferry.file.sftp-a"
+            tls_plan(true, false, false, false),
+            Ok(TlsPlan::Tls {
+                roots: Roots::System,
+                client_cert: false
+            })
         );
         assert_eq!(
-            routing_key("ferry.file.stored", "sftp-a"),
-            "ferry.file.stored"
+            tls_plan(true, true, true, true),
+            Ok(TlsPlan::Tls {
+                roots: Roots::CaFile,
+                client_cert: true
+            })
         );
-        assert_eq!(routing_key("{server}.{server}", "x"), "x.x");
-        assert_eq!(routing_key("", "x"), "");
+        assert_eq!(
+            tls_plan(false, true, false, false),
+            Err("FERRY_AMQP_CA is set, but FERRY_AMQP_URL is not an amqps:// URL".into())
+        );
+        assert_eq!(
+            tls_plan(false, false, true, true),
+            Err(
+                "FERRY_AMQP_CERT and FERRY_AMQP_KEY are set, but FERRY_AMQP_URL is not an amqps:// URL"
+                    .into()
+            )
+        );
+        let half = tls_plan(true, true, true, false).unwrap_err();
+        assert!(
+            half.starts_with("FERRY_AMQP_CERT is set without FERRY_AMQP_KEY"),
+            "{half}"
+        );
+        let half = tls_plan(true, false, false, true).unwrap_err();
+        assert!(
+            half.starts_with("FERRY_AMQP_KEY is set without FERRY_AMQP_CERT"),
+            "{half}"
+        );
+    }
+
+    #[test]
+    fn bad_tls_files_name_their_variable() {
+        let dir = std::env::temp_dir().join(format!("ferry-relay-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let url = "amqps://u:p@broker.example:5671/%2f";
+        let missing = BrokerTlsFiles {
+            ca: Some(dir.join("missing.pem")),
+            ..Default::default()
+        };
+        let err = format!("{:#}", BrokerTls::load(url, &missing).unwrap_err());
+        assert!(err.starts_with("FERRY_AMQP_CA: cannot read"), "{err}");
+        let no_cert = BrokerTlsFiles {
+            ca: Some(empty.clone()),
+            ..Default::default()
+        };
+        let err = format!("{:#}", BrokerTls::load(url, &no_cert).unwrap_err());
+        assert!(
+            err.contains("FERRY_AMQP_CA") && err.contains("holds no PEM certificate"),
+            "{err}"
+        );
+        // A plain URL needs no TLS, and a bad URL never echoes its password.
+        assert!(
+            BrokerTls::load("amqp://u:p@h:5672/%2f", &BrokerTlsFiles::default())
+                .unwrap()
+                .is_none()
+        );
+        let err = format!(
+            "{:#}",
+            BrokerTls::load("http://u:secret@h/", &BrokerTlsFiles::default()).unwrap_err()
+        );
+        assert!(
+            err.starts_with("FERRY_AMQP_URL") && !err.contains("secret"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

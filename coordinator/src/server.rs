@@ -22,7 +22,7 @@ use crate::agents::{AgentStreams, TaskSettings};
 use crate::auth::{require_admin, require_agent};
 use crate::config::ServeArgs;
 use crate::health::{self, Readiness};
-use crate::relay::{self, BrokerState, RelayConfig};
+use crate::relay::{self, BrokerState, BrokerTls, BrokerTlsFiles, RelayConfig};
 use crate::secrets::SecretBox;
 use crate::state::Coordinator;
 use crate::{db, registry, tasks};
@@ -101,6 +101,18 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
     }
     .load()?;
     let secrets = SecretBox::from_key_file(&args.secret_key_file)?;
+    // Broker TLS files are checked at start: a wrong one fails here, named.
+    let broker_tls = match &args.amqp_url {
+        Some(url) => BrokerTls::load(
+            url,
+            &BrokerTlsFiles {
+                ca: args.amqp_ca.clone(),
+                cert: args.amqp_cert.clone(),
+                key: args.amqp_key.clone(),
+            },
+        )?,
+        None => None,
+    };
     let readiness = Arc::new(Readiness::default());
     if let Some(addr) = args.http_listen {
         let bound = ferry_proto::http::serve(addr, readiness.clone(), cancel.clone()).await?;
@@ -171,12 +183,16 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
         agents.clone(),
         cancel.clone(),
     ));
+    // Without a broker nothing would ever publish them.
+    crate::transitions::announce_failures(args.announce_failures && args.amqp_url.is_some());
     match &args.amqp_url {
         Some(url) => {
             let relay = RelayConfig {
                 amqp_url: url.clone(),
+                tls: broker_tls,
                 exchange: args.amqp_exchange.clone(),
                 routing_key: args.amqp_routing_key.clone(),
+                failure_routing_key: args.amqp_failure_routing_key.clone(),
                 batch: args.amqp_batch.clamp(1, 10_000),
                 retry: settings.retry,
                 max_attempts: args.amqp_max_attempts.max(1),

@@ -6,7 +6,9 @@
 //! then writes with set-based statements (`unnest` arrays, one statement per
 //! table, not one per file): the `files` columns each event owns, one
 //! `file_events` row per move, and for `Stored` the `outbox` row carrying the
-//! [`Announcement`], built here from the locked row.
+//! [`Announcement`], built here from the locked row; a move to `failed` or
+//! `lost` writes a [`FailureAnnouncement`] row the same way, unless
+//! [`announce_failures`] turned that off (`FERRY_ANNOUNCE_FAILURES=false`).
 //!
 //! **Architecture invariant:** the fencing and ownership checks live here. A
 //! change that names a fencing token (an agent's result, the rejection of a
@@ -31,10 +33,11 @@
 //! files ([`crate::results::record_post_action`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ferry_common::announcement::{Announcement, SCHEMA_VERSION};
+use ferry_common::announcement::{Announcement, Failure, FailureAnnouncement, SCHEMA_VERSION};
 use ferry_common::domain::FileStatus;
 use ferry_common::lifecycle::{
     self, Event, Expected, FailureKind, IllegalTransition, RetryPolicy, Stored, Transition,
@@ -436,6 +439,23 @@ impl Writes {
             outbox_files.push(*id);
             payloads.push(payload);
         }
+        for (i, id) in self.id.iter().enumerate() {
+            if let Some(failure) = rows
+                .get(id)
+                .map(|row| {
+                    failure_announcement(row, self.status[i], self.attempts[i], &self.reason[i])
+                })
+                .transpose()?
+                .flatten()
+            {
+                let payload = serde_json::to_string(&failure).map_err(|e| StoreError::Corrupt {
+                    file_id: *id,
+                    what: format!("encode failure announcement: {e}"),
+                })?;
+                outbox_files.push(*id);
+                payloads.push(payload);
+            }
+        }
         if !outbox_files.is_empty() {
             sqlx::query(
                 "INSERT INTO outbox (file_id, payload) \
@@ -450,16 +470,58 @@ impl Writes {
     }
 }
 
+/// Whether moves to `failed` / `lost` write a [`FailureAnnouncement`] to the
+/// outbox; set once at start from `FERRY_ANNOUNCE_FAILURES` (default on).
+static ANNOUNCE_FAILURES: AtomicBool = AtomicBool::new(true);
+
+/// Turns failure announcements on or off for this process.
+pub(crate) fn announce_failures(on: bool) {
+    ANNOUNCE_FAILURES.store(on, Ordering::Relaxed);
+}
+
+/// The announcement of a file that moves to `to` now, if `to` is `failed` or
+/// `lost` and failures are announced; `reason` is the move's history text.
+fn failure_announcement(
+    row: &Row,
+    to: &str,
+    attempts: i32,
+    reason: &str,
+) -> StoreResult<Option<FailureAnnouncement>> {
+    let Some(event) = Failure::of_status(to).filter(|_| ANNOUNCE_FAILURES.load(Ordering::Relaxed))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(FailureAnnouncement {
+        schema_version: SCHEMA_VERSION,
+        event,
+        file_id: row.id,
+        server: row.server.clone(),
+        server_id: row.server_id,
+        watch_id: row.watch_id,
+        path: row.path.clone(),
+        size: size(row)?,
+        mtime: mtime(row)?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        error: reason.to_string(),
+        discovered_at: row.discovered_at,
+        failed_at: Utc::now(),
+    }))
+}
+
+fn mtime(row: &Row) -> StoreResult<DateTime<Utc>> {
+    DateTime::from_timestamp(row.mtime_unix, 0).ok_or_else(|| StoreError::Corrupt {
+        file_id: row.id,
+        what: format!("mtime {} is not a representable time", row.mtime_unix),
+    })
+}
+
 /// The announcement of a file that is being stored now.
 fn announcement(
     row: &Row,
     stored: &Stored,
     uploaded_at: DateTime<Utc>,
 ) -> StoreResult<Announcement> {
-    let mtime = DateTime::from_timestamp(row.mtime_unix, 0).ok_or_else(|| StoreError::Corrupt {
-        file_id: row.id,
-        what: format!("mtime {} is not a representable time", row.mtime_unix),
-    })?;
+    let mtime = mtime(row)?;
     Ok(Announcement {
         schema_version: SCHEMA_VERSION,
         file_id: row.id,

@@ -1,11 +1,128 @@
 //! Announcements the broker refuses: per-row retry state in Postgres, so
 //! however many rows are unroutable, routable ones still go out; a row refused
-//! too often is parked visibly until an admin retries the file.
+//! too often is parked visibly until an admin retries the file. Files that end
+//! `failed` are announced on their own routing key (unless turned off), and a
+//! server name with dots stays one topic word.
 
+use std::time::Duration;
+
+use ferry_proto as proto;
 use ferry_tests::{AgentOptions, AmqpQueue, S3Server, eventually, unique_exchange};
 use serde_json::Value;
 
+use crate::flow::{BUCKET, Flow, flow_with, post_action_of};
 use crate::stack::{Stack, WAIT};
+
+/// A watch of `server_id` on `rel` storing into `bucket`.
+async fn watch_into(f: &mut Flow, server_id: i64, rel: &str, bucket: &str) -> i64 {
+    f.s.sshd.mkdir(rel);
+    f.s.admin
+        .add_watch(proto::AddWatchRequest {
+            server_id,
+            directory: f.s.sshd.remote_path(rel),
+            poll_interval_secs: 1,
+            bucket: bucket.into(),
+            key_template: "{server}/{dir}/{version}/{name}".into(),
+            post_action: Some(post_action_of("keep")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+#[tokio::test]
+async fn failed_files_are_announced_and_dotted_servers_stay_one_word() {
+    let mut f = flow_with(&[
+        ("FERRY_AMQP_ROUTING_KEY", "ferry.file.{server}"),
+        ("FERRY_MAX_ATTEMPTS", "1"),
+    ])
+    .await;
+    // Bound to one word after `ferry.file.`: stored files of any server only.
+    let mut one_word = AmqpQueue::declare_bound(f.queue.exchange(), "ferry.file.*").await;
+    let id = f.s.add_server(f.s.server_req("sftp.acme.com")).await;
+    watch_into(&mut f, id, "ok", BUCKET).await;
+    // No such bucket: a permanent failure, so the file ends `failed`.
+    watch_into(&mut f, id, "bad", "no-such-bucket").await;
+    f.s.sshd.write_file("ok/good.csv", b"1\n");
+    f.s.sshd.write_file("bad/bad.csv", b"2\n");
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
+
+    f.wait_status(1, "processed", WAIT).await;
+    f.wait_status(1, "failed", WAIT).await;
+    let msgs = f.messages(2).await;
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    let stored = msgs
+        .iter()
+        .find(|m| m.kind.as_deref() == Some("ferry.file.stored"));
+    let stored = stored.expect("a stored announcement");
+    assert_eq!(stored.routing_key, "ferry.file.sftp%2Eacme%2Ecom");
+    assert_eq!(stored.json()["server"], "sftp.acme.com");
+
+    let failed = msgs
+        .iter()
+        .find(|m| m.kind.as_deref() == Some("ferry.file.failed"));
+    let failed = failed.expect("a failure announcement");
+    assert_eq!(failed.routing_key, "ferry.file.failed.sftp%2Eacme%2Ecom");
+    assert_eq!(failed.delivery_mode, Some(2));
+    assert_eq!(failed.content_type.as_deref(), Some("application/json"));
+    let body = failed.json();
+    let (file_id, status) = f.statuses().await[&f.s.sshd.remote_path("bad/bad.csv")].clone();
+    assert_eq!(
+        status, "failed",
+        "a failure announcement leaves the file failed"
+    );
+    assert_eq!(body["schema_version"], 1);
+    assert_eq!(body["event"], "failed");
+    assert_eq!(body["file_id"], file_id);
+    assert_eq!(body["server"], "sftp.acme.com");
+    assert_eq!(body["path"], f.s.sshd.remote_path("bad/bad.csv"));
+    assert_eq!(body["size"], 2);
+    assert_eq!(body["attempts"], 1);
+    assert!(
+        body["error"].as_str().unwrap().contains("NoSuchBucket"),
+        "{body}"
+    );
+    let message_id = failed.message_id.clone().unwrap();
+    assert!(
+        message_id.starts_with(&format!("{file_id}-failed-")),
+        "{message_id}"
+    );
+    // Its outbox row was written with the status change and is published.
+    let (rows, published): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(published_at) FROM outbox WHERE file_id = $1")
+            .bind(file_id)
+            .fetch_one(f.s.db.pool())
+            .await
+            .unwrap();
+    assert_eq!((rows, published), (1, 1));
+
+    // `ferry.file.*` matched the stored file of the dotted server, and only it.
+    let got = one_word.drain_for(Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].kind.as_deref(), Some("ferry.file.stored"));
+}
+
+#[tokio::test]
+async fn failures_are_not_announced_when_turned_off() {
+    let mut f = flow_with(&[
+        ("FERRY_MAX_ATTEMPTS", "1"),
+        ("FERRY_ANNOUNCE_FAILURES", "false"),
+    ])
+    .await;
+    let id = f.s.add_server(f.s.server_req("quiet")).await;
+    watch_into(&mut f, id, "bad", "no-such-bucket").await;
+    f.s.sshd.write_file("bad/bad.csv", b"2\n");
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
+    f.wait_status(1, "failed", WAIT).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(f.s.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    assert!(f.queue.drain_for(Duration::from_secs(2)).await.is_empty());
+}
 
 #[tokio::test]
 async fn unroutable_announcements_never_hold_back_routable_ones() {

@@ -4,6 +4,7 @@
 
 mod admin_api;
 mod agent_identity;
+mod amqp_tls;
 mod announcements;
 mod architecture;
 mod ctl;

@@ -42,6 +42,8 @@ pub struct AmqpMessage {
     /// 2 = persistent.
     pub delivery_mode: Option<u8>,
     pub content_type: Option<String>,
+    /// The `type` property (`ferry.file.stored`, `ferry.file.failed`, ...).
+    pub kind: Option<String>,
     pub redelivered: bool,
 }
 
@@ -184,6 +186,7 @@ impl AmqpQueue {
                 .content_type()
                 .as_ref()
                 .map(|s| s.as_str().to_string()),
+            kind: props.kind().as_ref().map(|s| s.as_str().to_string()),
             redelivered: delivery.redelivered,
             body: delivery.data,
         })
