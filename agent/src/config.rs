@@ -49,6 +49,11 @@ pub(crate) struct AgentConfig {
     /// exiting; unfinished ones are requeued by the coordinator when their lease ends.
     #[arg(long, env = "FERRY_DRAIN_TIMEOUT", default_value_t = 60)]
     pub drain_timeout: u64,
+    /// Resend every stable file of the polled watches this often, seconds (a
+    /// backstop: the coordinator records each file version once, so this
+    /// writes nothing for files it already has).
+    #[arg(long, env = "FERRY_DISCOVERY_RESYNC_SECS", default_value_t = 600)]
+    pub discovery_resync_secs: u64,
     /// Plain-HTTP address for `/healthz` (alive) and `/readyz` (connected to a
     /// coordinator, not shutting down); unset: off.
     #[arg(long, env = "FERRY_HTTP_LISTEN")]
@@ -61,6 +66,13 @@ pub(crate) struct AgentConfig {
 impl AgentConfig {
     pub(crate) fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout)
+    }
+
+    pub(crate) fn poll_settings(&self) -> crate::poller::PollSettings {
+        crate::poller::PollSettings {
+            timeouts: self.sftp_timeouts(),
+            resync: Duration::from_secs(self.discovery_resync_secs.max(1)),
+        }
     }
 
     pub(crate) fn sftp_timeouts(&self) -> Timeouts {

@@ -291,7 +291,7 @@ struct Dispatch {
     out: mpsc::Sender<proto::AgentMessage>,
     trackers: Trackers,
     runner: Runner,
-    timeouts: crate::sftp::Timeouts,
+    poll: poller::PollSettings,
     cancel: CancellationToken,
     running: HashMap<i64, (proto::PollAssignment, CancellationToken, JoinHandle<()>)>,
     /// The coordinator drained this agent on this stream.
@@ -310,7 +310,7 @@ impl Dispatch {
             out,
             trackers,
             runner,
-            timeouts: cfg.sftp_timeouts(),
+            poll: cfg.poll_settings(),
             cancel,
             running: HashMap::new(),
             drained: false,
@@ -338,7 +338,7 @@ impl Dispatch {
                     self.out.clone(),
                     self.runner.clone(),
                     self.trackers.clone(),
-                    self.timeouts,
+                    self.poll,
                     token.clone(),
                 ));
                 self.running.insert(id, (a, token, task));

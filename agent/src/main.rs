@@ -1,6 +1,7 @@
 //! ferry agent: holds one control stream to a coordinator, polls the SFTP
 //! servers it is assigned, and streams files from SFTP to S3. See ARCHITECTURE.md.
 
+mod availability;
 mod config;
 mod control;
 mod health;

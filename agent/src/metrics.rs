@@ -113,6 +113,7 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
         Outcome::Failure(f) => match proto::FailureKind::try_from(f.kind) {
             Ok(proto::FailureKind::Lost) => "lost",
             Ok(proto::FailureKind::Permanent) => "permanent",
+            Ok(proto::FailureKind::Agent) => "agent",
             Ok(proto::FailureKind::Transient | proto::FailureKind::Unspecified) | Err(_) => {
                 "transient"
             }

@@ -3,7 +3,10 @@
 //!
 //! The stability trackers outlive the poller (they are kept per watch in
 //! [`Trackers`]), so after a reconnect or reassignment the agent resends its
-//! full stable set and the coordinator deduplicates.
+//! full stable set and the coordinator deduplicates. It also resends it every
+//! [`PollSettings::resync`]: a backstop for a discovery that was acknowledged
+//! but did not end up in a row (the coordinator inserts idempotently, so a
+//! resync of known files writes nothing).
 
 use ferry_common::sync::lock;
 use std::collections::HashMap;
@@ -21,6 +24,14 @@ use crate::sftp::{self, Auth, ServerEndpoint, SftpError, SftpSession, Timeouts};
 
 /// Entries per discovery message.
 pub(crate) const BATCH: usize = 1000;
+
+/// How a poller works, from the agent's configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PollSettings {
+    pub timeouts: Timeouts,
+    /// Resend the full stable set this often.
+    pub resync: Duration,
+}
 
 /// What identifies a watch's listing: a change resets its tracker.
 type WatchKey = (String, String, bool);
@@ -80,9 +91,10 @@ pub(crate) async fn run(
     out: mpsc::Sender<proto::AgentMessage>,
     runner: Runner,
     trackers: Trackers,
-    timeouts: Timeouts,
+    settings: PollSettings,
     cancel: CancellationToken,
 ) {
+    let timeouts = settings.timeouts;
     let Some(conn) = assignment.server else {
         return;
     };
@@ -126,18 +138,23 @@ pub(crate) async fn run(
         out: &out,
         runner: &runner,
     };
-    // Full resend of what is already known stable (after a reconnect).
-    for w in &watches {
-        let stable = trackers.with(&w.spec, |t| t.stable_set());
-        if !send_batches(&reporter, server_id, w.spec.watch_id, stable).await {
-            return;
-        }
-    }
     let retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut failures = 0u32;
     let mut session: Option<SftpSession> = None;
+    // Full resend of what is already known stable: now (after a reconnect
+    // or reassignment), then every `resync`.
+    let mut next_resync = Instant::now();
     loop {
         let now = Instant::now();
+        if next_resync <= now {
+            for w in &watches {
+                let stable = trackers.with(&w.spec, |t| t.stable_set());
+                if !send_batches(&reporter, server_id, w.spec.watch_id, stable).await {
+                    return;
+                }
+            }
+            next_resync = now + settings.resync.max(Duration::from_secs(1));
+        }
         if watches.iter().any(|w| w.next_due <= now) {
             let started = Instant::now();
             let outcome = tokio::select! {
@@ -191,7 +208,8 @@ pub(crate) async fn run(
             .iter()
             .map(|w| w.next_due)
             .min()
-            .unwrap_or_else(Instant::now);
+            .unwrap_or_else(Instant::now)
+            .min(next_resync);
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep_until(next.into()) => {}

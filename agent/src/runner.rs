@@ -17,6 +17,7 @@ use ferry_proto::{self as proto, agent_message::Body, task_result::Outcome};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::availability::Availability;
 use crate::poller::message;
 use crate::transfer::{self, PostActionOutcome, S3Target, SessionPool};
 
@@ -70,6 +71,8 @@ struct Inner {
     /// Rate window of the heartbeats: when the last one was taken and the
     /// bytes read by then.
     rate: Mutex<Option<RateSample>>,
+    /// Paused after faults of the agent itself (see [`Availability`]).
+    availability: Mutex<Availability>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +110,7 @@ impl Runner {
             draining: AtomicBool::new(false),
             held: AtomicBool::new(false),
             rate: Mutex::new(None),
+            availability: Mutex::default(),
         }))
     }
 
@@ -211,6 +215,9 @@ impl Runner {
             files_transferred: c.files.load(Ordering::Relaxed),
             bytes_transferred: c.bytes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
+            unavailable: lock(&self.0.availability)
+                .unavailable(Instant::now())
+                .unwrap_or_default(),
         }
     }
 
@@ -222,20 +229,21 @@ impl Runner {
     /// Starts a transfer (a repeated assignment of a running file is ignored).
     pub(crate) fn start(&self, task: proto::TaskAssignment) {
         let refused = if self.0.draining.load(Ordering::SeqCst) {
-            Some("agent is shutting down")
+            Some("agent is shutting down".to_owned())
         } else if self.0.held.load(Ordering::SeqCst) {
-            Some("agent is drained")
+            Some("agent is drained".to_owned())
         } else {
-            None
+            lock(&self.0.availability).unavailable(Instant::now())
         };
         if let Some(why) = refused {
             crate::metrics::TRANSFERS.inc(&["refused"]);
+            // The agent's state, not the file's: no attempt is counted.
             self.queue(message(Body::TaskResult(proto::TaskResult {
                 file_id: task.file_id,
                 fencing_token: task.fencing_token,
                 outcome: Some(Outcome::Failure(proto::TaskFailure {
-                    kind: proto::FailureKind::Transient as i32,
-                    message: why.into(),
+                    kind: proto::FailureKind::Agent as i32,
+                    message: why,
                 })),
             })));
             return;
@@ -278,11 +286,15 @@ impl Runner {
             let c = &runner.0.counters;
             match &outcome {
                 Outcome::Success(ok) => {
+                    lock(&runner.0.availability).succeeded();
                     c.files.fetch_add(1, Ordering::Relaxed);
                     c.bytes.fetch_add(ok.size, Ordering::Relaxed);
                     tracing::info!(file = file_id, size = ok.size, sha256 = %ok.sha256, "transfer done");
                 }
                 Outcome::Failure(f) => {
+                    if f.kind == proto::FailureKind::Agent as i32 {
+                        lock(&runner.0.availability).agent_fault(&f.message, Instant::now());
+                    }
                     c.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(file = file_id, kind = f.kind, error = %f.message, "transfer failed");
                 }

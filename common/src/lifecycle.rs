@@ -29,6 +29,10 @@ pub enum FailureKind {
     Lost,
     /// Retrying will not help (permission denied, bucket missing).
     Permanent,
+    /// A fault of the agent, not of the file (its S3 credentials were
+    /// refused, it is draining): the attempt is given back and any agent may
+    /// take the file at once.
+    Agent,
 }
 
 /// Retry policy of failed transfers.
@@ -221,6 +225,18 @@ pub fn transition(
             attempts,
             None,
         )),
+        (
+            S::InProgress,
+            Event::TransferFailed {
+                kind: FailureKind::Agent,
+                message,
+            },
+        ) => Ok(to(
+            S::Error,
+            format!("{message} (a fault of the agent, not of the file: attempt not counted)"),
+            attempts.saturating_sub(1).max(0),
+            Some(Duration::ZERO),
+        )),
         (S::InProgress, Event::TransferFailed { kind, message }) => {
             let (status, delay) = after_failure(*kind, attempts, policy);
             let reason = match status {
@@ -284,6 +300,7 @@ fn after_failure(kind: FailureKind, attempts: i32, policy: &RetryPolicy) -> (Fil
                 .backoff
                 .delay(u32::try_from(attempts.saturating_sub(1)).unwrap_or(0)),
         ),
+        FailureKind::Agent => (FileStatus::Error, Duration::ZERO),
     }
 }
 
@@ -434,6 +451,17 @@ mod tests {
         assert_eq!(
             (last.to, last.reason.as_str()),
             (S::Failed, "boom (attempt 3)")
+        );
+        // An agent's fault gives the attempt back, even the last one.
+        let agent = fail(FailureKind::Agent, 3);
+        assert_eq!(
+            (agent.to, agent.attempts, agent.retry_in),
+            (S::Error, 2, Some(Duration::ZERO))
+        );
+        assert!(
+            agent.reason.contains("attempt not counted"),
+            "{}",
+            agent.reason
         );
     }
 

@@ -2,7 +2,6 @@
 //! registry, and answers queries over files and agents.
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use ferry_common::domain::{FileStatus, PostAction, Role};
 use ferry_common::validate::{self, FieldError};
@@ -17,6 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::agents::AgentStreams;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
+use crate::events;
 use crate::files::{self, FileFilter, RetrySelection};
 use crate::hostkey;
 use crate::paging::{self, Listing};
@@ -669,67 +669,31 @@ impl AdminService for Admin {
         req: Request<proto::WatchEventsRequest>,
     ) -> Rpc<Self::WatchEventsStream> {
         let r = req.into_inner();
-        let db = self.coord.db.clone();
-        let mut wake = self.coord.subscribe_file_events();
-        // Every event of a transaction that finishes after this point is
-        // delivered exactly once, even when ids commit out of order (see
-        // `files::event_horizon`).
-        let start = files::event_horizon(&db).await.map_err(Status::from)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(async move {
-            let mut from = start;
-            loop {
-                let to = match files::event_horizon(&db).await {
-                    Ok(to) => to,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                let window = files::EventWindow {
-                    from: from.clone(),
-                    to: to.clone(),
-                };
-                let mut after = 0;
-                let delivered = loop {
-                    match files::events_in(
-                        &db,
-                        &window,
-                        after,
-                        none_if_zero(r.server_id),
-                        none_if_zero(r.watch_id),
-                    )
+        let filter = events::Filter {
+            server_id: none_if_zero(r.server_id),
+            watch_id: none_if_zero(r.watch_id),
+        };
+        let resumed = events::Cursor::resume(filter, &r.resume_token)
+            .map_err(|e| Status::from(ApiError::from(e)))?;
+        let wake = self.coord.subscribe_file_events();
+        let cursor = match resumed {
+            Some(cursor) => cursor,
+            // Every event of a transaction that finishes after this point
+            // is delivered exactly once (see `files::event_horizon`).
+            None => events::Cursor::starting_at(
+                files::event_horizon(&self.coord.db)
                     .await
-                    {
-                        Ok(events) => {
-                            for e in &events {
-                                after = e.id;
-                                if tx.send(Ok(convert::event(e))).await.is_err() {
-                                    return;
-                                }
-                            }
-                            if events.len() < 1000 {
-                                break Ok(());
-                            }
-                        }
-                        Err(e) => break Err(e),
-                    }
-                };
-                match delivered {
-                    Ok(()) => from = to,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                }
-                // Notifications are a hint; the periodic re-read is the truth.
-                tokio::select! {
-                    _ = wake.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = tx.closed() => return,
-                }
-            }
-        });
+                    .map_err(Status::from)?,
+            ),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(events::stream(
+            self.coord.db.clone(),
+            wake,
+            filter,
+            cursor,
+            tx,
+        ));
         Ok(Response::new(
             Box::pin(ReceiverStream::new(rx)) as EventStream
         ))

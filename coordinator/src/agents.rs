@@ -60,6 +60,9 @@ pub(crate) struct Session {
     pub tasks: Arc<Mutex<HashSet<i64>>>,
     /// Drained by an operator (`agents.draining`, as last told to the agent).
     pub draining: Arc<AtomicBool>,
+    /// Why the agent takes no transfers for now (it said so in its last
+    /// heartbeat, or a result blamed the agent itself); `None` when it does.
+    pub unavailable: Arc<Mutex<Option<String>>>,
     /// Cancelled when this stream must end (superseded by a newer stream of
     /// the same agent, or the agent was revoked); see [`Session::close`].
     pub ended: CancellationToken,
@@ -75,6 +78,12 @@ impl Session {
     /// Drained agents get no transfers, post-actions or poll leases.
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Agents that are unavailable get no transfers (they still poll and
+    /// run post-actions: SFTP works, their S3 configuration does not).
+    pub(crate) fn takes_transfers(&self) -> bool {
+        !self.is_draining() && lock(&self.unavailable).is_none()
     }
 
     pub(crate) fn task_started(&self, file_id: i64) {
@@ -225,7 +234,8 @@ impl AgentStreams {
     async fn disconnected(&self, s: &Session) {
         let db = &self.coord.db;
         let r = sqlx::query(
-            "UPDATE agents SET connected = false, in_flight = 0 WHERE name = $1 AND session_id = $2",
+            "UPDATE agents SET connected = false, in_flight = 0, unavailable = NULL \
+             WHERE name = $1 AND session_id = $2",
         )
         .bind(&s.agent)
         .bind(&s.id)
@@ -297,6 +307,7 @@ impl AgentStreams {
             sent_polls: Arc::default(),
             tasks: Arc::default(),
             draining: Arc::new(AtomicBool::new(draining)),
+            unavailable: Arc::default(),
             ended: CancellationToken::new(),
             end_status: Arc::default(),
         })
@@ -408,9 +419,17 @@ impl AgentStreams {
         let db = &self.coord.db;
         match body {
             Body::Heartbeat(h) => {
+                let unavailable = (!h.unavailable.is_empty()).then(|| h.unavailable.clone());
+                let was = std::mem::replace(&mut *lock(&s.unavailable), unavailable.clone());
+                if was.is_some() != unavailable.is_some() {
+                    tracing::warn!(agent = %s.agent, unavailable = ?unavailable, "agent availability for transfers changed");
+                    if unavailable.is_none() {
+                        self.changed.notify_one();
+                    }
+                }
                 let row: Option<(bool, bool)> = sqlx::query_as(
                     "UPDATE agents SET last_seen_at = now(), in_flight = $3, files_transferred = $4, \
-                     bytes_transferred = $5, errors = $6, bytes_per_sec = $7 \
+                     bytes_transferred = $5, errors = $6, bytes_per_sec = $7, unavailable = $8 \
                      WHERE name = $1 AND session_id = $2 RETURNING draining, revoked_at IS NOT NULL",
                 )
                 .bind(&s.agent)
@@ -420,6 +439,7 @@ impl AgentStreams {
                 .bind(h.bytes_transferred as i64)
                 .bind(h.errors as i64)
                 .bind(h.bytes_per_sec as i64)
+                .bind(&unavailable)
                 .fetch_optional(db)
                 .await?;
                 if let Some(draining) = self.check_still_current(s, row).await {
@@ -484,6 +504,7 @@ impl AgentStreams {
                     p.fencing_token,
                     &s.agent,
                     self.settings.lease,
+                    Some(p.bytes_done),
                 )
                 .await?
                 {
@@ -492,6 +513,12 @@ impl AgentStreams {
             }
             Body::TaskResult(r) => {
                 s.task_finished(r.file_id);
+                if let Some(proto::task_result::Outcome::Failure(f)) = &r.outcome
+                    && f.kind == proto::FailureKind::Agent as i32
+                {
+                    // Until its next heartbeat says otherwise.
+                    *lock(&s.unavailable) = Some(f.message.clone());
+                }
                 match results::apply(db, &s.agent, &r, &self.settings.retry)
                     .await
                     .inspect(|o| crate::metrics::transfer_result(&s.site, &r, o))?
@@ -569,6 +596,7 @@ impl AgentService for AgentStreams {
                 t.fencing_token,
                 &agent,
                 self.settings.lease,
+                None,
             )
             .await
             .unwrap_or(false)

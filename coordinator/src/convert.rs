@@ -105,6 +105,7 @@ pub(crate) fn file(row: &FileRow) -> proto::File {
             .announcement_attempts
             .map_or(0, |n| u32::try_from(n).unwrap_or(0)),
         announcement_error: row.announcement_error.clone().unwrap_or_default(),
+        bytes_done: u64::try_from(row.bytes_done).unwrap_or(0),
     }
 }
 
@@ -120,6 +121,7 @@ pub(crate) fn event(row: &EventRow) -> proto::FileEvent {
         path: row.path.clone(),
         server_id: row.server_id,
         watch_id: row.watch_id,
+        resume_token: String::new(),
     }
 }
 
@@ -142,6 +144,7 @@ pub(crate) fn agent(row: &AgentRow) -> proto::Agent {
         bytes_per_sec: row.bytes_per_sec as u64,
         revoked_at: row.revoked_at.map(timestamp),
         revoked_by: row.revoked_by.clone().unwrap_or_default(),
+        unavailable: row.unavailable.clone().unwrap_or_default(),
     }
 }
 

@@ -35,6 +35,8 @@ pub(crate) struct FileRow {
     pub announcement: Option<String>,
     pub announcement_attempts: Option<i32>,
     pub announcement_error: Option<String>,
+    /// Bytes done of the current assignment (0 unless `in_progress`).
+    pub bytes_done: i64,
 }
 
 const FILE_SELECT: &str = "SELECT f.id, f.server_id, s.name AS server_name, f.watch_id, f.path, \
@@ -43,7 +45,9 @@ const FILE_SELECT: &str = "SELECT f.id, f.server_id, s.name AS server_name, f.wa
     CASE WHEN f.post_action_result IS NULL AND f.post_action_error IS NOT NULL \
          THEN 'retrying after ' || f.post_action_attempts || ' failed attempts: ' || f.post_action_error \
          ELSE f.post_action_result END AS post_action_result, f.discovered_at, f.updated_at, \
-    o.announcement, o.announcement_attempts, o.announcement_error \
+    o.announcement, o.announcement_attempts, o.announcement_error, \
+    CASE WHEN f.status = 'in_progress' AND f.progress_token = f.fencing_token \
+         THEN f.bytes_done ELSE 0 END AS bytes_done \
     FROM files f JOIN servers s ON s.id = f.server_id \
     LEFT JOIN LATERAL (SELECT CASE WHEN published_at IS NOT NULL THEN 'published' \
                                    WHEN parked_at IS NOT NULL THEN 'parked' ELSE 'pending' END AS announcement, \
@@ -340,6 +344,7 @@ pub(crate) struct AgentRow {
     pub bytes_per_sec: i64,
     pub revoked_at: Option<DateTime<Utc>>,
     pub revoked_by: Option<String>,
+    pub unavailable: Option<String>,
     pub polled_servers: Vec<String>,
 }
 
@@ -354,7 +359,7 @@ pub(crate) async fn list_agents(
     Ok(sqlx::query_as::<_, AgentRow>(
         "SELECT a.name, a.site, a.version, a.capacity, a.connected, a.connected_coordinator, \
          a.connected_at, a.last_seen_at, a.in_flight, a.files_transferred, a.bytes_transferred, \
-         a.errors, a.draining, a.bytes_per_sec, a.revoked_at, a.revoked_by, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
+         a.errors, a.draining, a.bytes_per_sec, a.revoked_at, a.revoked_by, a.unavailable, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
          AS polled_servers FROM agents a \
          LEFT JOIN servers s ON s.poller_agent = a.name AND s.deleted_at IS NULL \
          WHERE ($1::TEXT IS NULL OR a.name > $1) AND ($3::TEXT IS NULL OR a.name = $3) \

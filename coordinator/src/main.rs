@@ -9,6 +9,7 @@ mod convert;
 mod db;
 mod discovery;
 mod error;
+mod events;
 mod files;
 mod health;
 mod hostkey;

@@ -190,6 +190,7 @@ fn kind(k: FailureKind) -> &'static str {
         FailureKind::Transient => "transient",
         FailureKind::Lost => "lost",
         FailureKind::Permanent => "permanent",
+        FailureKind::Agent => "agent",
     }
 }
 

@@ -24,26 +24,32 @@ use crate::post_actions::{self, Answer, Verdict};
 use crate::transitions::{self, Change, Outcome};
 
 /// Renews the lease of a running transfer that `agent` holds (progress
-/// report, or a transfer that survived a reconnect). False if it does not
-/// hold it (any more): another agent's lease is never touched.
+/// report with its `bytes_done`, or a transfer that survived a reconnect,
+/// `None`). False if it does not hold it (any more): another agent's lease
+/// is never touched.
 pub(crate) async fn renew_lease(
     db: &PgPool,
     file_id: i64,
     token: u64,
     agent: &str,
     lease: Duration,
+    bytes_done: Option<u64>,
 ) -> StoreResult<bool> {
     let Ok(token) = i64::try_from(token) else {
         return Ok(false);
     };
+    let bytes_done = bytes_done.map(|b| i64::try_from(b).unwrap_or(i64::MAX));
     let n = sqlx::query(
-        "UPDATE files SET lease_expires_at = now() + make_interval(secs => $4) \
+        "UPDATE files SET lease_expires_at = now() + make_interval(secs => $4), \
+         bytes_done = COALESCE($5, bytes_done), \
+         progress_token = CASE WHEN $5::BIGINT IS NULL THEN progress_token ELSE fencing_token END \
          WHERE id = $1 AND fencing_token = $2 AND status = 'in_progress' AND lease_owner = $3",
     )
     .bind(file_id)
     .bind(token)
     .bind(agent)
     .bind(lease.as_secs_f64())
+    .bind(bytes_done)
     .execute(db)
     .await?
     .rows_affected();

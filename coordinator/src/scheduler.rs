@@ -257,7 +257,7 @@ pub(crate) async fn schedule_site(
 ) -> anyhow::Result<usize> {
     let mut free: Vec<(Session, i64)> = sessions
         .iter()
-        .filter(|s| !s.is_draining())
+        .filter(|s| s.takes_transfers())
         .map(|s| (s.clone(), i64::from(s.capacity) - i64::from(s.in_flight())))
         .filter(|(_, f)| *f > 0)
         .collect();

@@ -476,7 +476,9 @@ pub enum FilesCmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Follow live status changes, one line (or JSON object) per event, until Ctrl-C.
+    /// Follow live status changes, one line (or JSON object) per event, until
+    /// Ctrl-C; every 2 s also the bytes done of running transfers that moved.
+    /// A lost connection is reopened where it left off (no event skipped).
     Watch {
         /// Only files of this server (id or name).
         #[arg(long)]
@@ -484,6 +486,9 @@ pub enum FilesCmd {
         /// Only files of this watch.
         #[arg(long = "watch", value_name = "ID")]
         watch_id: Option<i64>,
+        /// Show status changes only, no progress of running transfers.
+        #[arg(long)]
+        no_progress: bool,
     },
 }
 

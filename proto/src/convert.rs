@@ -46,6 +46,7 @@ impl From<FailureKind> for proto::FailureKind {
             FailureKind::Transient => proto::FailureKind::Transient,
             FailureKind::Lost => proto::FailureKind::Lost,
             FailureKind::Permanent => proto::FailureKind::Permanent,
+            FailureKind::Agent => proto::FailureKind::Agent,
         }
     }
 }
@@ -70,6 +71,7 @@ pub fn failure_kind_from_wire(kind: i32) -> FailureKind {
     match proto::FailureKind::try_from(kind) {
         Ok(proto::FailureKind::Lost) => FailureKind::Lost,
         Ok(proto::FailureKind::Permanent) => FailureKind::Permanent,
+        Ok(proto::FailureKind::Agent) => FailureKind::Agent,
         Ok(proto::FailureKind::Transient | proto::FailureKind::Unspecified) | Err(_) => {
             FailureKind::Transient
         }
@@ -143,6 +145,7 @@ mod tests {
             FailureKind::Transient,
             FailureKind::Lost,
             FailureKind::Permanent,
+            FailureKind::Agent,
         ] {
             assert_eq!(
                 failure_kind_from_wire(proto::FailureKind::from(kind) as i32),

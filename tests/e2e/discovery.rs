@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ferry_proto::{self as proto, add_server_request::Auth};
-use ferry_tests::{TestDb, eventually};
+use ferry_tests::{AgentOptions, TestDb, eventually};
 
 use crate::stack::{Stack, WAIT};
 
@@ -298,4 +298,55 @@ async fn agent_survives_a_coordinator_restart() {
         .agents;
     assert_eq!(agents.len(), 1);
     assert!(agents[0].connected);
+}
+
+#[tokio::test]
+async fn a_file_row_lost_after_discovery_comes_back_with_the_periodic_resync() {
+    let mut s = Stack::new().await;
+    let server = s.add_server(s.server_req("resync")).await;
+    s.add_watch(server, "resync", "*").await;
+    let opts = AgentOptions {
+        capacity: 0,
+        env: vec![("FERRY_DISCOVERY_RESYNC_SECS".into(), "2".into())],
+        ..Default::default()
+    };
+    let _agent = s.agent_with("a1", opts).await;
+    s.sshd.write_file("resync/a.csv", b"a");
+    wait_files(&s, 1).await;
+
+    // A resync of files the coordinator has writes nothing.
+    let events = |s: &Stack| {
+        let db = s.db.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM file_events")
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    let before = events(&s).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        events(&s).await,
+        before,
+        "resyncs of known files wrote events"
+    );
+
+    // The row goes missing after the agent's report was acknowledged (the
+    // agent will not report the unchanged file as news again): the next
+    // resync brings it back.
+    sqlx::query("DELETE FROM file_events")
+        .execute(s.db.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM files")
+        .execute(s.db.pool())
+        .await
+        .unwrap();
+    wait_files(&s, 1).await;
+    let path: String = sqlx::query_scalar("SELECT path FROM files")
+        .fetch_one(s.db.pool())
+        .await
+        .unwrap();
+    assert!(path.ends_with("/resync/a.csv"), "{path}");
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ferry_proto as proto;
-use ferry_tests::{TcpProxy, eventually};
+use ferry_tests::{TcpProxy, eventually, signal};
 
 use crate::stack::WAIT;
 
@@ -333,7 +333,10 @@ async fn sigterm_lets_the_running_transfer_finish_before_exiting() {
     f.watch(id, "in", "keep").await;
     let bytes = content(9, 200 << 20);
     f.s.sshd.write_file("in/big.bin", &bytes);
-    let mut agent = f.s.agent_with("a1", f.agent_opts(2)).await;
+    let mut opts = f.agent_opts(2);
+    // Room for a slow machine: the test is about finishing, not about speed.
+    opts.env.push(("FERRY_DRAIN_TIMEOUT".into(), "110".into()));
+    let mut agent = f.s.agent_with("a1", opts).await;
     f.wait_status(1, "in_progress", WAIT).await;
     let status = agent
         .terminate(Duration::from_secs(120))
@@ -359,15 +362,6 @@ async fn sigterm_lets_the_running_transfer_finish_before_exiting() {
     );
     f.wait_status(1, "processed", WAIT).await;
     assert_eq!(sha256_hex(&f.stored("big.bin").await), sha256_hex(&bytes));
-}
-
-/// Sends `signal` (e.g. "STOP", "CONT") to `pid` via `/bin/kill`.
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("/bin/kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}: {status}");
 }
 
 #[tokio::test]

@@ -80,6 +80,20 @@ impl Ctl {
         }
     }
 
+    /// Starts a long-running `ferryctl <args>` (e.g. `files watch`) with
+    /// stdout and stderr piped; killed when the child is dropped.
+    pub fn spawn(&self, args: &[&str]) -> tokio::process::Child {
+        Command::new(&self.bin)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} {args:?}: {e}", self.bin.display()))
+    }
+
     /// Runs `ferryctl <args>` and parses stdout as JSON; panics (showing
     /// stderr) if the exit code is not 0 or stdout is not JSON.
     pub async fn json(&self, args: &[&str]) -> serde_json::Value {

@@ -36,7 +36,7 @@ pub use rogue::RogueAgent;
 pub use s3::S3Server;
 pub use sshd::{HostKey, Sshd};
 pub use util::{
-    ChildGuard, LogDir, bin_path, free_port, random_hex, wait_for_port, workspace_root,
+    ChildGuard, LogDir, bin_path, free_port, random_hex, signal, wait_for_port, workspace_root,
 };
 
 /// Installs the process-wide rustls crypto provider (aws-lc-rs); idempotent.

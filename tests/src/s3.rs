@@ -123,6 +123,11 @@ impl S3Server {
         REGION
     }
 
+    /// Process id of `s3s-fs` (to stop and continue it with signals).
+    pub fn pid(&self) -> Option<u32> {
+        self._child.id()
+    }
+
     /// An SDK client for this server.
     pub fn client(&self) -> &Client {
         &self.client

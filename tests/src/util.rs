@@ -73,6 +73,16 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// `bytes` random bytes as lowercase hex (2 * `bytes` characters).
+/// Sends `signal` (e.g. "STOP", "CONT", "KILL") to `pid` via `/bin/kill`;
+/// panics if it cannot be delivered.
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("/bin/kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("run /bin/kill -{signal} {pid}: {e}"));
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
 pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);

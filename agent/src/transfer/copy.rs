@@ -312,6 +312,9 @@ async fn read_file(
                     .take_spare()
                     .unwrap_or_else(|| Vec::with_capacity(buffer_capacity));
                 let full = std::mem::replace(&mut buffer, next);
+                // Reported before the hand-over, which waits while the
+                // store is slow: the bytes read so far are news.
+                progress(bytes);
                 upload.submit(full).await?;
             }
         }

@@ -14,20 +14,30 @@ use ferry_proto as proto;
 
 use crate::sftp::SftpError;
 
-/// S3 error codes that no retry fixes: the destination or the agent's own
-/// S3 configuration is wrong.
+/// S3 error codes that no retry of the file fixes: the destination is wrong.
 const PERMANENT_S3_CODES: &[&str] = &[
     "NoSuchBucket",
-    "AccessDenied",
-    "AllAccessDisabled",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
     "InvalidBucketName",
-    "AccountProblem",
     "KeyTooLongError",
     "MetadataTooLarge",
     "EntityTooLarge",
     "InvalidStorageClass",
+];
+
+/// S3 error codes that say the agent's own S3 configuration is refused
+/// (credentials, their permissions, its clock): every file it touches would
+/// fail the same way, and another agent (or this one once its keys are
+/// rotated or its clock fixed) would succeed. So do HTTP 401 and 403.
+const AGENT_S3_CODES: &[&str] = &[
+    "AccessDenied",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "RequestTimeTooSkewed",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
 ];
 
 /// Why a transfer failed. `Display` is the message reported to the
@@ -175,16 +185,19 @@ pub(crate) fn classify(err: &TransferError) -> proto::TaskFailure {
 
 fn s3_kind(fault: &S3Fault) -> proto::FailureKind {
     use proto::FailureKind as K;
-    if let Some(code) = &fault.code
-        && PERMANENT_S3_CODES.contains(&code.as_str())
-    {
-        return K::Permanent;
+    if let Some(code) = &fault.code {
+        if PERMANENT_S3_CODES.contains(&code.as_str()) {
+            return K::Permanent;
+        }
+        if AGENT_S3_CODES.contains(&code.as_str()) {
+            return K::Agent;
+        }
     }
     match fault.kind {
         S3FaultKind::Timeout | S3FaultKind::Connection | S3FaultKind::Other => K::Transient,
         S3FaultKind::Construction => K::Permanent,
         S3FaultKind::Response => match fault.status {
-            Some(401 | 403) => K::Permanent,
+            Some(401 | 403) => K::Agent,
             // 5xx, 408 request timeout, 429 slow down, 404 NoSuchUpload (the
             // upload was aborted under us: start over), other client errors.
             _ => K::Transient,
@@ -269,23 +282,30 @@ mod tests {
     #[test]
     fn s3_errors() {
         use S3FaultKind::*;
+        // The agent's credentials, their permissions or its clock: its fault.
         for code in [
-            "NoSuchBucket",
             "AccessDenied",
             "InvalidAccessKeyId",
             "SignatureDoesNotMatch",
+            "RequestTimeTooSkewed",
         ] {
             assert_eq!(
                 kind(&s3(Response, Some(403), Some(code))),
-                K::Permanent,
+                K::Agent,
                 "{code}"
             );
         }
+        assert_eq!(kind(&s3(Response, Some(403), None)), K::Agent);
+        assert_eq!(kind(&s3(Response, Some(401), None)), K::Agent);
+        // The destination itself: no retry helps.
         assert_eq!(
             kind(&s3(Response, Some(404), Some("NoSuchBucket"))),
             K::Permanent
         );
-        assert_eq!(kind(&s3(Response, Some(403), None)), K::Permanent);
+        assert_eq!(
+            kind(&s3(Response, Some(400), Some("KeyTooLongError"))),
+            K::Permanent
+        );
         assert_eq!(
             kind(&s3(Response, Some(503), Some("SlowDown"))),
             K::Transient

@@ -39,6 +39,7 @@ pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
         "BYTES",
         "ERRORS",
         "SERVERS",
+        "UNAVAILABLE",
     ]);
     for a in &agents {
         let connected = match (a.connected, a.coordinator.is_empty()) {
@@ -68,6 +69,7 @@ pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
             } else {
                 a.polled_servers.join(",")
             },
+            output::or_dash(&a.unavailable),
         ]);
     }
     Ok(table.print_or("no agents have connected yet")?)
@@ -144,5 +146,6 @@ pub(crate) fn agent_json(a: &Agent) -> Value {
         "bytes_per_sec": a.bytes_per_sec,
         "revoked_at": output::json_time(a.revoked_at.as_ref()),
         "revoked_by": output::json_opt(&a.revoked_by),
+        "unavailable": output::json_opt(&a.unavailable),
     })
 }

@@ -5,6 +5,8 @@ use ferry_proto::{
     File, FileEvent, GetFileRequest, ListFilesRequest, RetryFilesRequest, WatchEventsRequest,
 };
 use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::commands::servers;
 use crate::connect::Admin;
@@ -36,8 +38,17 @@ pub(crate) async fn run(admin: &Admin, cmd: FilesCmd, json: bool) -> anyhow::Res
             };
             retry(admin, request, json).await
         }
-        FilesCmd::Watch { server, watch_id } => {
-            follow(admin, server.as_ref(), watch_id.unwrap_or(0), json).await
+        FilesCmd::Watch {
+            server,
+            watch_id,
+            no_progress,
+        } => {
+            let args = WatchArgs {
+                watch_id: watch_id.unwrap_or(0),
+                json,
+                progress: !no_progress,
+            };
+            follow(admin, server.as_ref(), args).await
         }
     }
 }
@@ -213,31 +224,191 @@ async fn retry(admin: &Admin, request: RetryFilesRequest, json: bool) -> anyhow:
     Ok(())
 }
 
-/// Prints events as they arrive until Ctrl-C (exit 0) or the stream fails.
-async fn follow(
-    admin: &Admin,
-    server: Option<&ServerRef>,
-    watch_id: i64,
-    json: bool,
-) -> anyhow::Result<()> {
+/// How often `files watch` shows the progress of running transfers.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// Waits between reconnects of a lost event stream: doubling up to the last.
+const RECONNECT_DELAYS: [u64; 5] = [1, 2, 4, 8, 15];
+
+/// Prints events as they arrive until Ctrl-C (exit 0), and every
+/// [`PROGRESS_EVERY`] the bytes done of running transfers that moved. A lost
+/// stream is reopened with the last event's resume token, so no event is
+/// skipped or shown twice; a request the coordinator refuses (bad filter,
+/// no permission) ends the command.
+async fn follow(admin: &Admin, server: Option<&ServerRef>, args: WatchArgs) -> anyhow::Result<()> {
     let server_id = servers::resolve_filter(admin, server).await?;
-    let request = WatchEventsRequest {
-        server_id,
-        watch_id,
+    let mut view = FollowView {
+        json: args.json,
+        shown: HashMap::new(),
     };
-    let mut stream = admin.call(admin.client().watch_events(request)).await?;
+    let mut resume_token = String::new();
+    let mut failures = 0usize;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
+        let request = WatchEventsRequest {
+            server_id,
+            watch_id: args.watch_id,
+            resume_token: resume_token.clone(),
+        };
+        let lost = match admin.call(admin.client().watch_events(request)).await {
+            Err(e) if !worth_reconnecting(&e) => return Err(e),
+            Err(e) => e.to_string(),
+            Ok(mut stream) => {
+                if failures > 0 {
+                    eprintln!(
+                        "ferryctl: event stream reopened; continuing after the last event shown"
+                    );
+                    failures = 0;
+                }
+                let mut tick = tokio::time::interval(PROGRESS_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = &mut ctrl_c => return Ok(()),
+                        _ = tick.tick(), if args.progress => {
+                            // A failed look is skipped: the stream reports outages.
+                            if let Ok(running) = running_files(admin, server_id, args.watch_id).await {
+                                view.progress(&running)?;
+                            }
+                        }
+                        message = stream.message() => match message {
+                            Ok(Some(event)) => {
+                                resume_token.clone_from(&event.resume_token);
+                                view.event(&event)?;
+                            }
+                            Ok(None) => break "the coordinator closed the event stream".to_owned(),
+                            Err(status) => break format!("{}: {}", status.code(), status.message()),
+                        },
+                    }
+                }
+            }
+        };
+        let delay = RECONNECT_DELAYS[failures.min(RECONNECT_DELAYS.len() - 1)];
+        failures += 1;
+        eprintln!("ferryctl: event stream lost ({lost}); reconnecting in {delay}s");
         tokio::select! {
             _ = &mut ctrl_c => return Ok(()),
-            message = stream.message() => match message? {
-                Some(event) if json => outln!("{}", event_json(&event))?,
-                Some(event) => outln!("{}", event_line(&event))?,
-                None => anyhow::bail!("the coordinator closed the event stream"),
-            },
+            _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
         }
     }
+}
+
+/// What `files watch` was asked for.
+#[derive(Debug, Clone, Copy)]
+struct WatchArgs {
+    watch_id: i64,
+    json: bool,
+    progress: bool,
+}
+
+/// Whether a failed `WatchEvents` call may succeed if repeated (the
+/// coordinator or the network is away), as opposed to a refused request.
+fn worth_reconnecting(e: &anyhow::Error) -> bool {
+    use tonic::Code;
+    match e.downcast_ref::<tonic::Status>() {
+        Some(status) => matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Unknown
+                | Code::Internal
+                | Code::Aborted
+                | Code::Cancelled
+                | Code::ResourceExhausted
+        ),
+        None => false,
+    }
+}
+
+/// The running transfers under the filter (first 1000).
+async fn running_files(admin: &Admin, server_id: i64, watch_id: i64) -> anyhow::Result<Vec<File>> {
+    let request = ListFilesRequest {
+        statuses: vec![ferry_proto::convert::status_to_wire(
+            ferry_common::domain::FileStatus::InProgress,
+        )],
+        server_id,
+        watch_id,
+        page_size: MAX_PAGE,
+        page_token: String::new(),
+        newest_first: false,
+    };
+    Ok(admin.call(admin.client().list_files(request)).await?.files)
+}
+
+/// The output of `files watch`: events, and progress lines for running
+/// transfers whose byte count moved since last shown.
+struct FollowView {
+    json: bool,
+    /// Bytes last shown per running file (by id, with its fencing token).
+    shown: HashMap<(i64, u64), u64>,
+}
+
+impl FollowView {
+    fn event(&mut self, event: &FileEvent) -> anyhow::Result<()> {
+        if self.json {
+            outln!("{}", event_json(event))?;
+        } else {
+            outln!("{}", event_line(event))?;
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self, running: &[File]) -> anyhow::Result<()> {
+        let now = chrono::Utc::now();
+        let mut still = HashMap::new();
+        for f in running {
+            let key = (f.id, f.fencing_token);
+            let before = self.shown.get(&key).copied();
+            still.insert(key, f.bytes_done);
+            if f.bytes_done == 0 || before == Some(f.bytes_done) {
+                continue;
+            }
+            if self.json {
+                outln!("{}", progress_json(f))?;
+            } else {
+                outln!("{}", progress_line(f, now))?;
+            }
+        }
+        // Finished transfers are forgotten; their events tell the rest.
+        self.shown = still;
+        Ok(())
+    }
+}
+
+/// One human line for a running transfer's progress.
+fn progress_line(f: &File, now: chrono::DateTime<chrono::Utc>) -> String {
+    let pct = f
+        .bytes_done
+        .min(f.size)
+        .saturating_mul(100)
+        .checked_div(f.size)
+        .unwrap_or(100);
+    output::clean(&format!(
+        "{}  file {} (server {}, watch {})  in_progress  {}  {} of {} ({pct}%)  by agent:{}",
+        output::rfc3339(now),
+        f.id,
+        f.server_id,
+        f.watch_id,
+        f.path,
+        output::size(f.bytes_done),
+        output::size(f.size),
+        f.lease_owner,
+    ))
+}
+
+/// JSON shape of a progress line of `files watch --json` (`"type": "progress"`;
+/// event objects have no `type`).
+fn progress_json(f: &File) -> Value {
+    json!({
+        "type": "progress",
+        "file_id": f.id,
+        "server_id": f.server_id,
+        "watch_id": f.watch_id,
+        "path": f.path,
+        "bytes_done": f.bytes_done,
+        "size": f.size,
+        "agent": f.lease_owner,
+        "fencing_token": f.fencing_token,
+    })
 }
 
 /// One human line per live event.
@@ -351,6 +522,36 @@ mod tests {
     use ferry_proto::FileStatus as P;
 
     #[test]
+    fn progress_lines_show_bytes_of_size_and_the_agent() {
+        let file = File {
+            id: 12,
+            server_id: 3,
+            watch_id: 5,
+            path: "/in/big.bin".into(),
+            size: 4 << 20,
+            bytes_done: 1 << 20,
+            lease_owner: "a1".into(),
+            fencing_token: 7,
+            ..Default::default()
+        };
+        let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        assert_eq!(
+            progress_line(&file, now),
+            "2023-11-14T22:13:20Z  file 12 (server 3, watch 5)  in_progress  /in/big.bin  1.0 MiB of 4.0 MiB (25%)  by agent:a1"
+        );
+        let json = progress_json(&file);
+        assert_eq!(json["type"], "progress");
+        assert_eq!(json["bytes_done"], 1 << 20);
+        // Shown once per change of the byte count.
+        let mut view = FollowView {
+            json: true,
+            shown: HashMap::new(),
+        };
+        view.progress(std::slice::from_ref(&file)).unwrap();
+        assert_eq!(view.shown.get(&(12, 7)), Some(&(1 << 20)));
+    }
+
+    #[test]
     fn event_lines_and_json() {
         let event = FileEvent {
             id: 9,
@@ -366,6 +567,7 @@ mod tests {
             path: "/in/a\nb.csv".into(),
             server_id: 3,
             watch_id: 5,
+            resume_token: "token".into(),
         };
         assert_eq!(
             event_line(&event),
