@@ -17,7 +17,9 @@
 //! **Architecture invariant:** a row is marked published only after the broker
 //! confirmed it and did not return it. A crash between the confirm and the
 //! commit re-publishes the row later: delivery is at least once, and
-//! `message_id` = file id lets consumers deduplicate.
+//! `message_id` = the file row's `announcement_id` (a UUID per file version,
+//! never reused, not even after a database restore rewinds the id sequence)
+//! lets consumers deduplicate.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -301,6 +303,7 @@ struct OutboxRow {
     file_id: i64,
     payload: serde_json::Value,
     server: String,
+    announcement_id: String,
 }
 
 /// Publishes one batch inside one transaction; see the module docs.
@@ -311,7 +314,7 @@ async fn round(
 ) -> Result<Round, RoundError> {
     let mut tx = coord.db.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT o.id, o.file_id, o.payload, s.name AS server \
+        "SELECT o.id, o.file_id, o.payload, s.name AS server, f.announcement_id::text AS announcement_id \
          FROM outbox o JOIN files f ON f.id = o.file_id JOIN servers s ON s.id = f.server_id \
          WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
          ORDER BY o.next_attempt_at, o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
@@ -414,6 +417,17 @@ async fn round(
     })
 }
 
+/// The payload with the row's announcement id: rows written before the id
+/// existed lack it in the body, and the body always names the `message_id`.
+fn with_announcement_id(payload: &serde_json::Value, id: &str) -> serde_json::Value {
+    let mut payload = payload.clone();
+    if let Some(body) = payload.as_object_mut() {
+        body.entry("announcement_id")
+            .or_insert_with(|| serde_json::Value::String(id.to_string()));
+    }
+    payload
+}
+
 /// Publishes every row, then awaits every confirm. Returns the rows the
 /// broker NACKed or returned, with the reason; `Err` means the channel is
 /// unusable and nothing may be marked.
@@ -427,12 +441,13 @@ async fn publish_batch(
         .map_or(0, |d| d.as_secs());
     let mut pending = Vec::with_capacity(rows.len());
     for row in rows {
-        let body = serde_json::to_vec(&row.payload).context("encode outbox payload")?;
+        let body = serde_json::to_vec(&with_announcement_id(&row.payload, &row.announcement_id))
+            .context("encode outbox payload")?;
         let mut headers = FieldTable::default();
         headers.insert(OUTBOX_ID_HEADER.into(), AMQPValue::LongLongInt(row.id));
         // From the announcement type, without decoding the body: rows written
         // by an older version go out as they were stored.
-        let announced = Properties::for_file(row.file_id);
+        let announced = Properties::for_announcement(&row.announcement_id);
         let properties = BasicProperties::default()
             .with_delivery_mode(announced.delivery_mode)
             .with_content_type(announced.content_type.into())
@@ -527,6 +542,14 @@ fn outbox_id(headers: &FieldTable) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_old_payload_gets_the_row_announcement_id_and_a_new_one_keeps_its_own() {
+        let old = serde_json::json!({"schema_version": 1, "file_id": 7});
+        assert_eq!(with_announcement_id(&old, "u-1")["announcement_id"], "u-1");
+        let new = serde_json::json!({"announcement_id": "u-2", "file_id": 7});
+        assert_eq!(with_announcement_id(&new, "u-1"), new);
+    }
 
     #[test]
     fn routing_key_substitutes_server() {
