@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and starts what the ferry end-to-end suite (package ferry-tests)
-# needs on a Debian 12 machine: OpenSSH sshd, rclone, Postgres, RabbitMQ,
+# needs on a Debian 12 machine: OpenSSH sshd, rclone, haproxy, Postgres, RabbitMQ,
 # s3s-fs, grpcurl and the `ferrytest` login user. Idempotent: everything
 # already present or already running is skipped. Run as root.
 set -euo pipefail
@@ -44,10 +44,12 @@ missing=()
 command -v rclone >/dev/null || missing+=(rclone)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
+# The L4 balancer of the HA tests (tests/src/haproxy.rs).
+[[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
 if ((${#missing[@]})); then
     apt_install "${missing[@]}"
 else
-    log "openssh-server, rclone, openssl, curl: present"
+    log "openssh-server, rclone, openssl, curl, haproxy: present"
 fi
 mkdir -p /run/sshd
 chmod 0755 /run/sshd
