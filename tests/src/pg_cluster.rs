@@ -237,8 +237,5 @@ fn bin_dir() -> PathBuf {
         })
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .map(|(_, bin)| bin)
-        .unwrap_or_else(PathBuf::new)
+    versions.pop().map(|(_, bin)| bin).unwrap_or_default()
 }
