@@ -45,7 +45,8 @@ missing=()
 command -v rclone >/dev/null || missing+=(rclone)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
-# tests/e2e/amqp_tls.rs terminates TLS in front of RabbitMQ with HAProxy.
+# tests/e2e/amqp_tls.rs (TLS in front of RabbitMQ) and the HA tests
+# (tests/src/haproxy.rs, the L4 balancer) run HAProxy.
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
 if ((${#missing[@]})); then
     apt_install "${missing[@]}"

@@ -32,6 +32,10 @@ pub const DELIVERY_MODE_PERSISTENT: u8 = 2;
 pub struct Announcement {
     /// [`SCHEMA_VERSION`].
     pub schema_version: u32,
+    /// Stable per file version and never reused (a UUID kept in the file row,
+    /// unlike `file_id`, which a database restore can hand out again); also
+    /// the AMQP `message_id`.
+    pub announcement_id: String,
     pub file_id: i64,
     /// Server name.
     pub server: String,
@@ -134,7 +138,7 @@ impl FailureAnnouncement {
 /// The AMQP properties an announcement goes out with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Properties {
-    /// Stable per file version, for consumer deduplication: the file id.
+    /// Stable per file version, for consumer deduplication: the announcement id.
     pub message_id: String,
     pub content_type: &'static str,
     /// The AMQP `type` property.
@@ -143,11 +147,12 @@ pub struct Properties {
 }
 
 impl Properties {
-    /// The properties of the announcement of file `file_id`. Usable without
-    /// decoding the body, so outbox rows written by older versions still go out.
-    pub fn for_file(file_id: i64) -> Self {
+    /// The properties of the announcement with id `announcement_id` (the
+    /// file row's). Usable without decoding the body, so outbox rows written
+    /// by older versions still go out.
+    pub fn for_announcement(announcement_id: &str) -> Self {
         Properties {
-            message_id: file_id.to_string(),
+            message_id: announcement_id.to_string(),
             content_type: CONTENT_TYPE,
             kind: MESSAGE_TYPE,
             delivery_mode: DELIVERY_MODE_PERSISTENT,
@@ -172,7 +177,7 @@ impl Properties {
 
 impl Announcement {
     pub fn properties(&self) -> Properties {
-        Properties::for_file(self.file_id)
+        Properties::for_announcement(&self.announcement_id)
     }
 }
 
@@ -285,6 +290,7 @@ mod tests {
         let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
         Announcement {
             schema_version: SCHEMA_VERSION,
+            announcement_id: "0b6f2c8e-5d1a-4f3e-9c7b-2a4d6e8f1a3c".into(),
             file_id: 42,
             server: "acme".into(),
             server_id: 1,
@@ -307,7 +313,8 @@ mod tests {
         assert_eq!(
             text,
             concat!(
-                r#"{"schema_version":1,"file_id":42,"server":"acme","server_id":1,"watch_id":3,"#,
+                r#"{"schema_version":1,"announcement_id":"0b6f2c8e-5d1a-4f3e-9c7b-2a4d6e8f1a3c","file_id":42,"#,
+                r#""server":"acme","server_id":1,"watch_id":3,"#,
                 r#""path":"/outbox/2026/report.csv","size":1048576,"mtime":"2026-11-28T10:00:00Z","#,
                 r#""sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08","#,
                 r#""bucket":"ingest","key":"acme/2026/report.csv","etag":"d41d8cd98f00b204e9800998ecf8427e-3","#,
@@ -327,12 +334,12 @@ mod tests {
     }
 
     #[test]
-    fn goes_out_persistent_json_with_the_file_id_as_message_id() {
+    fn goes_out_persistent_json_with_the_announcement_id_as_message_id() {
         let p = sample().properties();
         assert_eq!(
             p,
             Properties {
-                message_id: "42".into(),
+                message_id: "0b6f2c8e-5d1a-4f3e-9c7b-2a4d6e8f1a3c".into(),
                 content_type: "application/json",
                 kind: "ferry.file.stored",
                 delivery_mode: 2,
@@ -440,6 +447,7 @@ mod tests {
         let props = &schema["properties"];
         assert_eq!(props["uploaded_at"]["format"], "date-time");
         assert_eq!(props["sha256"]["pattern"].as_str(), Some("^[0-9a-f]{64}$"));
+        assert_eq!(props["announcement_id"]["format"], "uuid");
 
         let failure = &schema["$defs"]["failure"];
         check_schema(

@@ -24,7 +24,9 @@
 //! **Architecture invariant:** a row is marked published only after the broker
 //! confirmed it and did not return it. A crash between the confirm and the
 //! commit re-publishes the row later: delivery is at least once, and
-//! `message_id` = file id lets consumers deduplicate.
+//! `message_id` = the file row's `announcement_id` (a UUID per file version,
+//! never reused, not even after a database restore rewinds the id sequence)
+//! lets consumers deduplicate.
 //!
 //! `amqps://` URLs are served by [`BrokerTls`]: the broker's certificate is
 //! verified against `FERRY_AMQP_CA` when set, else against the system roots,
@@ -508,6 +510,7 @@ struct OutboxRow {
     file_id: i64,
     payload: serde_json::Value,
     server: String,
+    announcement_id: String,
     /// The payload's `event`: `failed` / `lost`, or `None` for a stored file.
     event: Option<String>,
 }
@@ -527,7 +530,8 @@ async fn round(
 ) -> Result<Round, RoundError> {
     let mut tx = coord.db.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT o.id, o.file_id, o.payload, s.name AS server, o.payload->>'event' AS event \
+        "SELECT o.id, o.file_id, o.payload, s.name AS server, o.payload->>'event' AS event, \
+                f.announcement_id::text AS announcement_id \
          FROM outbox o JOIN files f ON f.id = o.file_id JOIN servers s ON s.id = f.server_id \
          WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
          ORDER BY o.next_attempt_at, o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
@@ -634,6 +638,17 @@ async fn round(
     })
 }
 
+/// The payload with the row's announcement id: rows written before the id
+/// existed lack it in the body, and the body always names the `message_id`.
+fn with_announcement_id(payload: &serde_json::Value, id: &str) -> serde_json::Value {
+    let mut payload = payload.clone();
+    if let Some(body) = payload.as_object_mut() {
+        body.entry("announcement_id")
+            .or_insert_with(|| serde_json::Value::String(id.to_string()));
+    }
+    payload
+}
+
 /// Publishes every row, then awaits every confirm. Returns the rows the
 /// broker NACKed or returned, with the reason; `Err` means the channel is
 /// unusable and nothing may be marked.
@@ -647,14 +662,18 @@ async fn publish_batch(
         .map_or(0, |d| d.as_secs());
     let mut pending = Vec::with_capacity(rows.len());
     for row in rows {
-        let body = serde_json::to_vec(&row.payload).context("encode outbox payload")?;
+        let body = match row.failure() {
+            None => serde_json::to_vec(&with_announcement_id(&row.payload, &row.announcement_id)),
+            Some(_) => serde_json::to_vec(&row.payload),
+        }
+        .context("encode outbox payload")?;
         let mut headers = FieldTable::default();
         headers.insert(OUTBOX_ID_HEADER.into(), AMQPValue::LongLongInt(row.id));
         // From the row's kind, without decoding the body: rows written by an
         // older version go out as they were stored.
         let (announced, key) = match row.failure() {
             None => (
-                Properties::for_file(row.file_id),
+                Properties::for_announcement(&row.announcement_id),
                 routing_key(&cfg.routing_key, &row.server, "stored"),
             ),
             Some(failure) => (
@@ -758,6 +777,14 @@ fn outbox_id(headers: &FieldTable) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_old_payload_gets_the_row_announcement_id_and_a_new_one_keeps_its_own() {
+        let old = serde_json::json!({"schema_version": 1, "file_id": 7});
+        assert_eq!(with_announcement_id(&old, "u-1")["announcement_id"], "u-1");
+        let new = serde_json::json!({"announcement_id": "u-2", "file_id": 7});
+        assert_eq!(with_announcement_id(&new, "u-1"), new);
+    }
 
     #[test]
     fn tls_settings_follow_the_url_scheme() {

@@ -140,6 +140,7 @@ struct Row {
     discovered_at: DateTime<Utc>,
     assigned_bucket: Option<String>,
     assigned_key: Option<String>,
+    announcement_id: String,
 }
 
 /// Applies `changes` in its own transaction; see [`apply`].
@@ -188,7 +189,7 @@ pub(crate) async fn apply(
         "SELECT f.id, f.status, f.attempts, f.fencing_token, f.lease_owner, \
                 COALESCE(f.lease_expires_at < now(), false) AS lease_expired, \
                 f.server_id, s.name AS server, f.watch_id, f.path, f.size, f.mtime_unix, f.discovered_at, \
-                f.assigned_bucket, f.assigned_key \
+                f.assigned_bucket, f.assigned_key, f.announcement_id::text AS announcement_id \
          FROM files f JOIN servers s ON s.id = f.server_id \
          WHERE f.id = ANY($1) ORDER BY f.id FOR UPDATE OF f",
     )
@@ -524,6 +525,7 @@ fn announcement(
     let mtime = mtime(row)?;
     Ok(Announcement {
         schema_version: SCHEMA_VERSION,
+        announcement_id: row.announcement_id.clone(),
         file_id: row.id,
         server: row.server.clone(),
         server_id: row.server_id,
@@ -852,6 +854,13 @@ mod tests {
         let body: Announcement = serde_json::from_value(payloads[0].clone()).unwrap();
         assert_eq!(body.schema_version, 1);
         assert_eq!((body.file_id, body.server.as_str()), (a, "acme"));
+        let row_id: String =
+            sqlx::query_scalar("SELECT announcement_id::text FROM files WHERE id = $1")
+                .bind(a)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(body.announcement_id, row_id, "the row's announcement id");
         assert_eq!((body.path.as_str(), body.size), ("/in/a.csv", 12));
         assert_eq!(
             (body.bucket.as_str(), body.key.as_str()),

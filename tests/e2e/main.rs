@@ -13,6 +13,7 @@ mod db_outage;
 mod discovery;
 mod events;
 mod flow;
+mod ha;
 mod harness_smoke;
 mod health;
 mod keys;

@@ -68,7 +68,7 @@ async fn fifty_files_land_byte_identical_with_one_message_each() {
         .collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 50, "message ids are distinct file ids");
+    assert_eq!(ids.len(), 50, "message ids are distinct announcement ids");
     for m in &msgs {
         assert_eq!(m.delivery_mode, Some(2), "persistent");
         assert_eq!(m.routing_key, "ferry.bulk");
@@ -84,7 +84,7 @@ async fn fifty_files_land_byte_identical_with_one_message_each() {
         assert_eq!(body["sha256"].as_str().unwrap(), want, "{key}");
         assert_eq!(body["bucket"], BUCKET);
         assert_eq!(body["server"], "bulk");
-        assert_eq!(body["file_id"].to_string(), m.message_id.clone().unwrap());
+        assert_eq!(body["announcement_id"].as_str(), m.message_id.as_deref());
         for field in [
             "watch_id",
             "path",
@@ -429,7 +429,7 @@ async fn a_silent_agent_is_told_to_stop_when_its_lease_is_reaped() {
     assert_eq!(body.sha256, sha256_hex(&bytes));
     assert_eq!(
         msgs[0].message_id.as_deref(),
-        Some(body.file_id.to_string().as_str())
+        Some(body.announcement_id.as_str())
     );
 }
 

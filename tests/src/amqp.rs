@@ -35,7 +35,7 @@ pub fn unique_exchange() -> String {
 /// One message taken from the queue.
 #[derive(Debug, Clone)]
 pub struct AmqpMessage {
-    /// The `message_id` property (ferry sets it to the file id).
+    /// The `message_id` property (ferry sets it to the file version's announcement id).
     pub message_id: Option<String>,
     pub routing_key: String,
     pub body: Vec<u8>,

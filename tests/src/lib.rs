@@ -1,6 +1,6 @@
 //! The ferry end-to-end harness: starts real components for each test — a
 //! Postgres database, a PKI, OpenSSH sshd, an S3 server (s3s-fs), a RabbitMQ
-//! exchange and queue, and the real `ferry-coordinator` / `ferryctl` binaries —
+//! exchange and queue, HAProxy, and the real `ferry-coordinator` / `ferryctl` binaries —
 //! on loopback ports, so tests run in parallel without sharing state.
 //!
 //! Prerequisites (installed/started by `deploy/test-deps.sh`, run as root):
@@ -14,9 +14,12 @@
 pub mod agent;
 pub mod amqp;
 pub mod certs;
+pub mod cluster;
 pub mod coordinator;
 pub mod ctl;
+pub mod haproxy;
 pub mod netns;
+pub mod pg_cluster;
 pub mod postgres;
 pub mod proxy;
 pub mod rogue;
@@ -27,9 +30,12 @@ pub mod util;
 pub use agent::{Agent, AgentOptions, eventually};
 pub use amqp::{AmqpMessage, AmqpQueue, amqp_url, unique_exchange};
 pub use certs::{CertFiles, TestPki};
+pub use cluster::{Cluster, ClusterOptions, Tally};
 pub use coordinator::Coordinator;
 pub use ctl::{Ctl, CtlOutput};
+pub use haproxy::HaProxy;
 pub use netns::Site;
+pub use pg_cluster::PgCluster;
 pub use postgres::TestDb;
 pub use proxy::TcpProxy;
 pub use rogue::RogueAgent;

@@ -1,0 +1,449 @@
+//! High availability behind a real L4 balancer: two coordinators behind
+//! HAProxy (run from `deploy/haproxy/haproxy.cfg`), two agents connected
+//! through it, files flowing. A coordinator SIGKILLed or SIGTERMed mid-flow
+//! costs no file, no running transfer and no announcement; its agents serve
+//! again through the survivor. With a test-owned Postgres ([`PgCluster`]): a
+//! restart mid-flow costs no file and no attempt (health NOT_SERVING
+//! meanwhile); a coordinator started before Postgres becomes ready once it
+//! runs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ferry_tests::cluster::{
+    Cluster, ClusterOptions, FileRow, Tally, content, coordinator_name, http_get, stored_digests,
+};
+use ferry_tests::{Coordinator, PgCluster, eventually};
+use sha2::{Digest, Sha256};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::stack::WAIT;
+
+/// Writes `n` files of `size` bytes into `dir`, one every `every`; returns
+/// the sha256 of each, by remote path.
+async fn write_files(
+    cluster: &Cluster,
+    dir: &str,
+    n: u64,
+    size: usize,
+    every: Duration,
+) -> BTreeMap<String, String> {
+    let mut expected = BTreeMap::new();
+    for i in 0..n {
+        let bytes = content(i + 1, size);
+        let rel = format!("{dir}/f{i:03}.bin");
+        cluster.sshd.write_file(&rel, &bytes);
+        expected.insert(
+            cluster.sshd.remote_path(&rel),
+            hex::encode(Sha256::digest(&bytes)),
+        );
+        tokio::time::sleep(every).await;
+    }
+    expected
+}
+
+async fn wait_files(cluster: &Cluster, what: &str, check: impl Fn(&[FileRow]) -> bool) {
+    eventually(what, WAIT * 2, || async {
+        let files = cluster.files().await.ok()?;
+        check(&files).then_some(())
+    })
+    .await;
+}
+
+/// Every agent holds a stream with the coordinator `live` (the other one is
+/// dead or gone, so a row naming `live` was written after it went away or
+/// was already true before).
+async fn agents_served_by(cluster: &Cluster, live: &str) -> bool {
+    let Ok(sessions) = cluster.agent_sessions().await else {
+        return false;
+    };
+    sessions.len() == cluster.agents.len()
+        && sessions
+            .iter()
+            .all(|s| s.connected && s.connected_coordinator.as_deref() == Some(live))
+}
+
+/// The coordinator most agents hold a stream with.
+async fn busiest_coordinator(cluster: &Cluster) -> usize {
+    let sessions = cluster.agent_sessions().await.unwrap();
+    (0..cluster.coordinators.len())
+        .max_by_key(|&i| {
+            let name = coordinator_name(i);
+            sessions
+                .iter()
+                .filter(|s| s.connected && s.connected_coordinator.as_deref() == Some(&name))
+                .count()
+        })
+        .unwrap()
+}
+
+/// Every expected file processed, with the stored bytes and at least one
+/// message; returns the tally (printed).
+async fn check_outcome(cluster: &mut Cluster, expected: &BTreeMap<String, String>) -> Tally {
+    let n = expected.len();
+    wait_files(cluster, &format!("all {n} files processed"), |files| {
+        files.len() >= n && files.iter().all(|f| f.status == "processed")
+    })
+    .await;
+    let files = cluster.files().await.unwrap();
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        messages.extend(cluster.collect_messages(Duration::from_secs(2)).await);
+        let tally = Tally::of(&files, &messages);
+        if tally.lost.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let tally = Tally::of(&files, &messages);
+    println!(
+        "files {} processed {} failed {} lost {} messages {} duplicates {}",
+        tally.files,
+        tally.processed,
+        tally.failed,
+        tally.lost.len(),
+        tally.messages,
+        tally.duplicates
+    );
+    assert_eq!(tally.files, n, "one row per written file");
+    assert!(tally.lost.is_empty(), "lost: {:?}", tally.lost);
+    assert!(
+        tally.conflicting_ids.is_empty(),
+        "message ids naming two versions: {:?}",
+        tally.conflicting_ids
+    );
+    assert_eq!(
+        tally.mismatched_bodies, 0,
+        "body announcement_id = message_id"
+    );
+    let stored = stored_digests(&cluster.s3, &files).await;
+    assert_eq!(&stored, expected, "stored bytes");
+    tally
+}
+
+#[tokio::test]
+async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_the_balancer() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    cluster.watch("kill").await;
+    cluster.start_agent("a1", 2).await;
+    cluster.start_agent("a2", 2).await;
+    eventually("both agents connected", WAIT, || async {
+        let s = cluster.agent_sessions().await.ok()?;
+        (s.len() == 2 && s.iter().all(|s| s.connected)).then_some(())
+    })
+    .await;
+
+    let writing = write_files(&cluster, "kill", 30, 1 << 20, Duration::from_millis(100));
+    let expected = {
+        let cluster = &cluster;
+        let killed = async {
+            // Mid-flow: some files done, some being transferred.
+            wait_files(cluster, "files processed and in flight", |files| {
+                files.iter().any(|f| f.status == "processed")
+                    && files.iter().any(|f| f.status == "in_progress")
+            })
+            .await;
+        };
+        let (expected, ()) = tokio::join!(writing, killed);
+        expected
+    };
+    let victim = busiest_coordinator(&cluster).await;
+    let survivor = coordinator_name(1 - victim);
+    let killed_at = Instant::now();
+    cluster.coordinators[victim].kill().await;
+    eventually("both agents serving through the survivor", WAIT, || async {
+        agents_served_by(&cluster, &survivor).await.then_some(())
+    })
+    .await;
+    let back = killed_at.elapsed();
+    println!(
+        "SIGKILL {}: both agents served by {survivor} again after {:.1}s",
+        coordinator_name(victim),
+        back.as_secs_f64()
+    );
+    assert!(back < Duration::from_secs(60), "agents back after {back:?}");
+
+    let tally = check_outcome(&mut cluster, &expected).await;
+    assert!(tally.messages >= expected.len());
+}
+
+#[tokio::test]
+async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_transfer() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    cluster.watch("drain").await;
+    cluster.start_agent("a1", 2).await;
+    cluster.start_agent("a2", 2).await;
+    eventually("both agents connected", WAIT, || async {
+        let s = cluster.agent_sessions().await.ok()?;
+        (s.len() == 2 && s.iter().all(|s| s.connected)).then_some(())
+    })
+    .await;
+    let big = content(7, 160 << 20);
+    cluster.sshd.write_file("drain/big.bin", &big);
+    let mut expected = BTreeMap::new();
+    expected.insert(
+        cluster.sshd.remote_path("drain/big.bin"),
+        hex::encode(Sha256::digest(&big)),
+    );
+    drop(big);
+    let owner = eventually("the big transfer running", WAIT, || async {
+        let files = cluster.files().await.ok()?;
+        files
+            .iter()
+            .find(|f| f.status == "in_progress")
+            .and_then(|f| f.lease_owner.clone())
+    })
+    .await;
+    let sessions = cluster.agent_sessions().await.unwrap();
+    let holder = sessions
+        .iter()
+        .find(|s| s.name == owner)
+        .and_then(|s| s.connected_coordinator.clone())
+        .expect("the transferring agent's coordinator");
+    let victim = (0..2).find(|&i| coordinator_name(i) == holder).unwrap();
+    let survivor = coordinator_name(1 - victim);
+    let before = cluster.lb.server(&holder).await.unwrap();
+
+    let drained_at = Instant::now();
+    cluster.coordinators[victim].terminate();
+    // Not ready from the moment it drains (503, then nothing listening).
+    let readyz = eventually(
+        "/readyz of the drained coordinator failing",
+        WAIT,
+        || async {
+            match cluster.readyz(victim).await {
+                Some(200) => None,
+                other => Some(other),
+            }
+        },
+    )
+    .await;
+    println!(
+        "SIGTERM {holder}: /readyz {} after {:.1}s",
+        readyz.map_or("refused".to_string(), |s| s.to_string()),
+        drained_at.elapsed().as_secs_f64()
+    );
+    cluster
+        .lb
+        .wait_status(&holder, "DOWN", Duration::from_secs(60))
+        .await;
+    println!(
+        "haproxy marked {holder} DOWN after {:.1}s",
+        drained_at.elapsed().as_secs_f64()
+    );
+    let down = cluster.lb.server(&holder).await.unwrap();
+    // New connections all go to the survivor now.
+    for _ in 0..5 {
+        let channel = cluster.lb.channel(&cluster.pki.admin("bob")).await.unwrap();
+        let mut admin = ferry_proto::admin_service_client::AdminServiceClient::new(channel);
+        admin
+            .list_servers(ferry_proto::ListServersRequest::default())
+            .await
+            .expect("an admin call through the balancer");
+    }
+    let after = cluster.lb.server(&holder).await.unwrap();
+    assert_eq!(
+        after.total, down.total,
+        "no new connection to the drained {holder} (before the drain: {before:?})"
+    );
+    let exited = cluster.coordinators[victim]
+        .wait_exit(WAIT)
+        .await
+        .expect("the drained coordinator exits");
+    assert!(exited.success(), "drained coordinator exit: {exited}");
+
+    eventually("both agents served by the survivor", WAIT, || async {
+        agents_served_by(&cluster, &survivor).await.then_some(())
+    })
+    .await;
+    println!(
+        "agents served by {survivor} after {:.1}s",
+        drained_at.elapsed().as_secs_f64()
+    );
+
+    check_outcome(&mut cluster, &expected).await;
+    let files = cluster.files().await.unwrap();
+    assert_eq!(
+        files[0].attempts, 1,
+        "the running transfer was not restarted"
+    );
+    let history: Vec<(String, String)> =
+        sqlx::query_as("SELECT to_status, reason FROM file_events WHERE file_id = $1 ORDER BY id")
+            .bind(files[0].id)
+            .fetch_all(&cluster.pool)
+            .await
+            .unwrap();
+    assert!(
+        !history
+            .iter()
+            .any(|(st, _)| st == "error" || st == "failed"),
+        "{history:?}"
+    );
+    assert_eq!(
+        history.iter().filter(|(st, _)| st == "in_progress").count(),
+        1,
+        "assigned once: {history:?}"
+    );
+}
+
+/// gRPC health (`""`) of coordinator `i`, asked directly (not through the balancer).
+async fn grpc_health(cluster: &Cluster, i: usize) -> i32 {
+    let Ok(channel) = cluster.coordinators[i]
+        .channel(&cluster.pki.admin("alice"))
+        .await
+    else {
+        return -1;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+/// A cluster whose coordinators use database `ferry` of a test-owned Postgres.
+async fn cluster_on(pg: &PgCluster, env: &[(&str, &str)]) -> Cluster {
+    pg.create_database("ferry").await;
+    Cluster::start(ClusterOptions {
+        database_url: Some(pg.url("ferry")),
+        coordinator_env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_postgres_restart_mid_flow_loses_no_file_and_costs_no_attempt() {
+    let pg = PgCluster::start().await;
+    // While Postgres is down HAProxy takes both coordinators out and cuts the
+    // agents' streams; they come back with backoff. The lease outlasts that,
+    // so what is measured is whether the outage itself costs an attempt.
+    let mut cluster = cluster_on(&pg, &[("FERRY_TASK_LEASE_SECS", "30")]).await;
+    cluster.watch("pgr").await;
+    cluster.start_agent("a1", 2).await;
+    cluster.start_agent("a2", 2).await;
+    let writing = write_files(&cluster, "pgr", 20, 1 << 20, Duration::from_millis(100));
+    let expected = {
+        let cluster = &cluster;
+        let mid_flow = wait_files(cluster, "files processed and in flight", |files| {
+            files.iter().any(|f| f.status == "processed")
+                && files.iter().any(|f| f.status == "in_progress")
+        });
+        tokio::join!(writing, mid_flow).0
+    };
+
+    let stopped_at = Instant::now();
+    pg.stop();
+    for i in 0..2 {
+        eventually("gRPC health NOT_SERVING without Postgres", WAIT, || async {
+            (grpc_health(&cluster, i).await == ServingStatus::NotServing as i32).then_some(())
+        })
+        .await;
+        assert_eq!(cluster.readyz(i).await, Some(503), "/readyz of {i}");
+        cluster
+            .lb
+            .wait_status(&coordinator_name(i), "DOWN", WAIT)
+            .await;
+    }
+    println!(
+        "Postgres stopped: both coordinators NOT_SERVING and out of the balancer after {:.1}s",
+        stopped_at.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.start_server().await;
+    let started_at = Instant::now();
+    for i in 0..2 {
+        eventually("gRPC health SERVING again", WAIT, || async {
+            (grpc_health(&cluster, i).await == ServingStatus::Serving as i32).then_some(())
+        })
+        .await;
+        cluster
+            .lb
+            .wait_status(&coordinator_name(i), "UP", WAIT)
+            .await;
+    }
+    println!(
+        "Postgres back: both coordinators serving after {:.1}s (outage {:.1}s)",
+        started_at.elapsed().as_secs_f64(),
+        stopped_at.elapsed().as_secs_f64()
+    );
+
+    check_outcome(&mut cluster, &expected).await;
+    let files = cluster.files().await.unwrap();
+    let retried: Vec<_> = files.iter().filter(|f| f.attempts != 1).collect();
+    assert!(
+        retried.is_empty(),
+        "the outage consumed attempts: {retried:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_coordinator_started_before_postgres_becomes_ready_once_it_runs() {
+    let pg = PgCluster::init();
+    let db = ferry_tests::TestDb::create().await;
+    let pki = ferry_tests::TestPki::new();
+    let http: SocketAddr = format!("127.0.0.1:{}", ferry_tests::free_port())
+        .parse()
+        .unwrap();
+    let url = pg.url("ferry");
+    let env = [
+        ("FERRY_DATABASE_URL", url.as_str()),
+        ("FERRY_HTTP_LISTEN", &http.to_string()),
+    ];
+    let starting = Coordinator::start_with_env(&db, &pki, &env);
+    let postgres = async {
+        let why = eventually(
+            "/readyz 503 while Postgres is not running",
+            WAIT,
+            || async {
+                http_get(http, "/readyz")
+                    .await
+                    .filter(|(status, _)| *status == 503)
+                    .map(|(_, body)| body)
+            },
+        )
+        .await;
+        println!("before Postgres: /readyz 503 {why:?}");
+        // Still waiting a while later: it retries rather than exits.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(http_get(http, "/readyz").await.map(|(s, _)| s), Some(503));
+        pg.start_server().await;
+        pg.create_database("ferry").await;
+    };
+    let (coordinator, ()) = tokio::join!(starting, postgres);
+    eventually("/readyz 200 once Postgres runs", WAIT, || async {
+        (http_get(http, "/readyz").await.map(|(s, _)| s) == Some(200)).then_some(())
+    })
+    .await;
+    let health = HealthClient::new(coordinator.channel(&pki.admin("alice")).await.unwrap());
+    eventually("gRPC health SERVING", WAIT, || {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .unwrap_or(-1);
+            (status == ServingStatus::Serving as i32).then_some(())
+        }
+    })
+    .await;
+    // It migrated the database it waited for.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let migrated: i64 = sqlx::query_scalar("SELECT count(*) FROM files")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(migrated, 0);
+}
