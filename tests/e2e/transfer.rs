@@ -143,10 +143,11 @@ async fn vanished_file_becomes_lost_and_retry_requeues_it() {
         detail.file.unwrap().last_error.contains("vanished"),
         "lost reason recorded"
     );
-    assert!(
-        f.queue.drain_for(Duration::from_secs(2)).await.is_empty(),
-        "a lost file is never announced"
-    );
+    // Announced as lost (FERRY_ANNOUNCE_FAILURES defaults to on), never as stored.
+    let messages = f.queue.drain_for(Duration::from_secs(2)).await;
+    let kinds: Vec<Option<&str>> = messages.iter().map(|m| m.kind.as_deref()).collect();
+    assert_eq!(kinds, [Some("ferry.file.lost")], "{messages:?}");
+    assert_eq!(messages[0].routing_key, "ferry.file.lost.lost");
     // Put the same version back (same bytes and mtime) and retry it through ferryctl.
     let mtime: i64 = sqlx::query_scalar("SELECT mtime_unix FROM files WHERE id = $1")
         .bind(file_id)
