@@ -418,7 +418,8 @@ async fn small() {
             "SELECT count(*) FROM files WHERE status <> 'processed'",
         )
         .await;
-        let show = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
+        let show =
+            |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
         println!(
             "small: {n} x {kib} KiB ferry {ferry:.2}s ({:.0} files/s); all rows at {}, first processed at {}; \
              AMQP messages {messages} for {} files; files not processed {not_processed}",
@@ -436,7 +437,9 @@ async fn small() {
         .await
         .unwrap();
         for (status, first, last) in phases {
-            println!("small:   {status:<12} first {first:6.2}s last {last:6.2}s after the first event");
+            println!(
+                "small:   {status:<12} first {first:6.2}s last {last:6.2}s after the first event"
+            );
         }
         let remote = sshd.remote_path("small");
         let transfers = capacity.to_string();
