@@ -16,7 +16,7 @@ use ferry_common::domain::Role;
 use ferry_common::lifecycle::RetryPolicy;
 use ferry_common::validate::FieldError;
 use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,6 +35,9 @@ use crate::transitions::Outcome;
 /// Seconds between agent heartbeats, announced in the welcome.
 pub(crate) const HEARTBEAT_SECS: u32 = 5;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most task results applied in one transaction: the ones an agent sent
+/// that are already received when the first is read.
+const RESULT_BATCH: usize = 256;
 
 /// How transfers are leased and retried, and how much may wait for an agent.
 #[derive(Debug, Clone, Copy)]
@@ -415,6 +418,53 @@ impl AgentStreams {
         self.changed.notify_one();
     }
 
+    /// Applies a batch of transfer results of `s`'s agent (in one transaction
+    /// per run of distinct files), acknowledges them and wakes the scheduler
+    /// once.
+    async fn handle_results(
+        &self,
+        s: &Session,
+        batch: Vec<proto::TaskResult>,
+    ) -> anyhow::Result<()> {
+        for r in &batch {
+            s.task_finished(r.file_id);
+            if let Some(proto::task_result::Outcome::Failure(f)) = &r.outcome
+                && f.kind == proto::FailureKind::Agent as i32
+            {
+                // Until its next heartbeat says otherwise.
+                *lock(&s.unavailable) = Some(f.message.clone());
+            }
+        }
+        let outcomes =
+            results::apply(&self.coord.db, &s.agent, &batch, &self.settings.retry).await?;
+        for (r, outcome) in batch.iter().zip(&outcomes) {
+            crate::metrics::transfer_result(&s.site, r, outcome);
+            match outcome {
+                Outcome::Moved { to, .. } => {
+                    tracing::info!(agent = %s.agent, file = r.file_id, status = %to, "transfer result")
+                }
+                Outcome::Stale | Outcome::Illegal(_) => {
+                    tracing::warn!(agent = %s.agent, file = r.file_id, token = r.fencing_token, "transfer result ignored: the file is not leased to this agent with this token")
+                }
+            }
+        }
+        // Recorded (or for good not applicable): the agent may forget them.
+        // Results that failed to apply (database error, `?` above) are not
+        // acknowledged, and the agent sends them again.
+        for r in &batch {
+            s.send(proto::coordinator_message::Body::ResultAck(
+                proto::ResultAck {
+                    file_id: r.file_id,
+                    fencing_token: r.fencing_token,
+                },
+            ))
+            .await;
+        }
+        // Capacity freed and maybe a retry is due: wake the scheduler.
+        self.coord.files_due().await;
+        Ok(())
+    }
+
     async fn handle(&self, s: &Session, body: Body) -> anyhow::Result<()> {
         let db = &self.coord.db;
         match body {
@@ -511,38 +561,7 @@ impl AgentStreams {
                     tracing::info!(agent = %s.agent, file = p.file_id, "progress for a task this agent no longer holds");
                 }
             }
-            Body::TaskResult(r) => {
-                s.task_finished(r.file_id);
-                if let Some(proto::task_result::Outcome::Failure(f)) = &r.outcome
-                    && f.kind == proto::FailureKind::Agent as i32
-                {
-                    // Until its next heartbeat says otherwise.
-                    *lock(&s.unavailable) = Some(f.message.clone());
-                }
-                match results::apply(db, &s.agent, &r, &self.settings.retry)
-                    .await
-                    .inspect(|o| crate::metrics::transfer_result(&s.site, &r, o))?
-                {
-                    Outcome::Moved { to, .. } => {
-                        tracing::info!(agent = %s.agent, file = r.file_id, status = %to, "transfer result")
-                    }
-                    Outcome::Stale | Outcome::Illegal(_) => {
-                        tracing::warn!(agent = %s.agent, file = r.file_id, token = r.fencing_token, "transfer result ignored: the file is not leased to this agent with this token")
-                    }
-                }
-                // Recorded (or for good not applicable): the agent may forget
-                // it. A result that failed to apply (database error, `?`
-                // above) is not acknowledged, and the agent sends it again.
-                s.send(proto::coordinator_message::Body::ResultAck(
-                    proto::ResultAck {
-                        file_id: r.file_id,
-                        fencing_token: r.fencing_token,
-                    },
-                ))
-                .await;
-                // Capacity freed and maybe a retry is due: wake the scheduler.
-                self.coord.files_due().await;
-            }
+            Body::TaskResult(r) => self.handle_results(s, vec![r]).await?,
             Body::PostActionResult(r) => {
                 if !r.ok {
                     tracing::warn!(agent = %s.agent, file = r.file_id, error = %r.message, "post-action failed");
@@ -636,13 +655,39 @@ impl AgentService for AgentStreams {
         let end_status = session.end_status.clone();
         let streams = self.clone();
         tokio::spawn(async move {
+            // A message read ahead while gathering a batch of results.
+            let mut ahead = None;
             loop {
-                let msg = tokio::select! {
-                    _ = streams.cancel.cancelled() => break,
-                    _ = session.ended.cancelled() => break,
-                    m = inbound.next() => m,
+                let msg = match ahead.take() {
+                    Some(msg) => msg,
+                    None => tokio::select! {
+                        _ = streams.cancel.cancelled() => break,
+                        _ = session.ended.cancelled() => break,
+                        m = inbound.next() => m,
+                    },
                 };
                 match msg {
+                    Some(Ok(proto::AgentMessage {
+                        body: Some(Body::TaskResult(first)),
+                    })) => {
+                        // Results already received are applied together.
+                        let mut results = vec![first];
+                        while results.len() < RESULT_BATCH {
+                            match inbound.next().now_or_never() {
+                                Some(Some(Ok(proto::AgentMessage {
+                                    body: Some(Body::TaskResult(r)),
+                                }))) => results.push(r),
+                                Some(other) => {
+                                    ahead = Some(other);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        if let Err(e) = streams.handle_results(&session, results).await {
+                            tracing::warn!(agent = %session.agent, error = format!("{e:#}"), "agent results failed");
+                        }
+                    }
                     Some(Ok(proto::AgentMessage { body: Some(body) })) => {
                         if let Err(e) = streams.handle(&session, body).await {
                             tracing::warn!(agent = %session.agent, error = format!("{e:#}"), "agent message failed");

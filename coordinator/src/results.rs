@@ -1,5 +1,5 @@
 //! What agents report about their transfers: results become lifecycle events
-//! applied by [`crate::transitions`] (which checks the lease holder and the
+//! applied in batches by [`crate::transitions`] (which checks the lease holder and the
 //! fencing token and, on success, the assigned location, and writes the
 //! outbox row in the same transaction); progress renews the lease;
 //! post-action outcomes are recorded on `processed` files.
@@ -12,6 +12,7 @@
 //! to (`files.post_action_agent`). Anything else is ignored: safety does not
 //! rest on fencing tokens being unguessable.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use ferry_common::lifecycle::{Event, FailureKind, RetryPolicy, Stored};
@@ -77,19 +78,59 @@ fn event(result: &proto::TaskResult) -> Event {
     }
 }
 
-/// Applies one transfer result of `agent`: stale unless `agent` holds the
-/// file's lease with this fencing token.
+/// Splits `results` into runs in which no file appears twice, keeping their
+/// order: a file may be reported twice in a row (a result sent again), and
+/// within one batch [`transitions::apply`] counts only a file's first change.
+fn runs(results: &[proto::TaskResult]) -> Vec<&[proto::TaskResult]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut seen = HashSet::new();
+    for (i, r) in results.iter().enumerate() {
+        if !seen.insert(r.file_id) {
+            runs.push(&results[start..i]);
+            start = i;
+            seen.clear();
+            seen.insert(r.file_id);
+        }
+    }
+    if start < results.len() {
+        runs.push(&results[start..]);
+    }
+    runs
+}
+
+/// Applies transfer results of `agent`, in order, each stale unless `agent`
+/// holds the file's lease with its fencing token: one transaction (one
+/// statement per table) per run of distinct files. Returns one outcome per
+/// result, in order.
 pub(crate) async fn apply(
     db: &PgPool,
     agent: &str,
-    result: &proto::TaskResult,
+    results: &[proto::TaskResult],
     policy: &RetryPolicy,
-) -> StoreResult<Outcome> {
-    let Ok(token) = i64::try_from(result.fencing_token) else {
-        return Ok(Outcome::Stale);
-    };
-    let change = Change::fenced(result.file_id, token, event(result)).held_by(agent);
-    transitions::apply_one(db, &format!("agent:{agent}"), policy, change).await
+) -> StoreResult<Vec<Outcome>> {
+    let actor = format!("agent:{agent}");
+    let mut outcomes = Vec::with_capacity(results.len());
+    for run in runs(results) {
+        let changes: Vec<Change> = run
+            .iter()
+            .filter_map(|r| {
+                let token = i64::try_from(r.fencing_token).ok()?;
+                Some(Change::fenced(r.file_id, token, event(r)).held_by(agent))
+            })
+            .collect();
+        let applied = transitions::apply_batch(db, &actor, policy, &changes).await?;
+        let mut by_file: HashMap<i64, Outcome> = applied
+            .into_iter()
+            .map(|a| (a.file_id, a.outcome))
+            .collect();
+        // A token that does not fit is no current assignment: stale.
+        outcomes.extend(
+            run.iter()
+                .map(|r| by_file.remove(&r.file_id).unwrap_or(Outcome::Stale)),
+        );
+    }
+    Ok(outcomes)
 }
 
 /// Records an agent's answer to a post-action if it was sent to `agent` and
@@ -170,6 +211,22 @@ pub(crate) async fn record_post_action(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_file_starts_a_new_run() {
+        let r = |file_id| proto::TaskResult {
+            file_id,
+            fencing_token: 1,
+            outcome: None,
+        };
+        let results = [r(1), r(2), r(1), r(3), r(3)];
+        let ids: Vec<Vec<i64>> = runs(&results)
+            .iter()
+            .map(|run| run.iter().map(|r| r.file_id).collect())
+            .collect();
+        assert_eq!(ids, vec![vec![1, 2], vec![1, 3], vec![3]]);
+        assert!(runs(&[]).is_empty());
+    }
 
     #[test]
     fn results_become_events() {

@@ -10,8 +10,10 @@
 //! - The object location of a task is decided here and recorded on the file
 //!   (`assigned_bucket`, `assigned_key`) before the task is sent; a success
 //!   report naming another location is a failed attempt.
-//! - Claims rotate over servers one file at a time, so a busy server cannot
-//!   starve the others.
+//! - Claims rotate over servers, each taking an equal share of the agent's
+//!   free slots per turn (at least one file), so a busy server cannot starve
+//!   the others; one server's share is claimed in one transaction and its
+//!   tasks built with one query and one decryption of its credentials.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -140,112 +142,182 @@ pub(crate) async fn claim(
     Ok(claimed)
 }
 
+/// A watch of the server a batch of claimed files belongs to, with the
+/// server's connection row (one row per watch, from one query).
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct Source {
     #[sqlx(flatten)]
     conn: ConnectionRow,
+    watch_id: i64,
     directory: String,
     bucket: String,
     key_template: String,
 }
 
-/// Why a claimed file did not become a task.
+/// Why a batch of claimed files did not become tasks.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AssignmentError {
-    /// The file can never become a task (its path cannot be a safe object
-    /// key): it fails permanently.
-    #[error(transparent)]
-    UnsafeKey(#[from] KeyError),
-    /// Reading what the task needs failed: the round is retried.
+    /// Reading or recording what the tasks need failed: the round is retried
+    /// (the claimed files come back through their leases).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The claim changed hands before the task was recorded (e.g. the lease
-    /// was reaped): nothing to send.
-    #[error("file {file_id} is no longer in progress with fencing token {token}")]
-    Gone { file_id: i64, token: i64 },
     /// The server's credentials could not be unsealed (row changed outside
     /// ferry, or another secret key): that server is skipped this round, the
-    /// others go on; its claimed file comes back through its lease.
+    /// others go on; its claimed files come back through their leases.
     #[error("server credentials: {0:#}")]
     Secrets(anyhow::Error),
 }
 
-/// Builds the task for a claimed file and records its object location on the
-/// file row (for this fencing token), so the result can be checked against it.
-pub(crate) async fn assignment(
-    db: &PgPool,
-    secrets: &SecretBox,
+/// The tasks built for one server's batch of claimed files.
+#[derive(Debug, Default)]
+pub(crate) struct Built {
+    /// Ready to send; their object location is recorded on the file rows.
+    pub tasks: Vec<proto::TaskAssignment>,
+    /// Files whose path cannot be a safe object key: they fail permanently.
+    pub unsafe_keys: Vec<(Claimed, KeyError)>,
+    /// Files that changed hands before their location was recorded (e.g.
+    /// the lease was reaped): nothing to send.
+    pub gone: Vec<i64>,
+}
+
+/// The task for `file` (pure): its object key names this version (size,
+/// mtime), so a replaced file gets a new key and a retry of this one the same.
+fn task_for(
     file: &Claimed,
-) -> Result<proto::TaskAssignment, AssignmentError> {
-    let src = sqlx::query_as::<_, Source>(&format!(
-        "SELECT {CONNECTION_COLUMNS}, w.directory, w.bucket, w.key_template \
-         FROM files f JOIN servers s ON s.id = f.server_id JOIN watches w ON w.id = f.watch_id \
-         WHERE f.id = $1"
-    ))
-    .bind(file.id)
-    .fetch_one(db)
-    .await
-    .map_err(StoreError::from)?;
+    server: &str,
+    watch_dir: &str,
+    bucket: &str,
+    key_template: &str,
+    source: &proto::ServerConnection,
+) -> Result<proto::TaskAssignment, KeyError> {
     let date = file.discovered_at.format("%Y-%m-%d").to_string();
     let size = u64::try_from(file.size)
         .map_err(|_| KeyError::UnsafePath(file.path.clone(), "negative size"))?;
-    // The key names this version (size, mtime): a replaced file gets a new
-    // key, a retry of this one the same key.
     let key = keys::render(
-        &src.key_template,
+        key_template,
         &KeyInputs {
-            server: &src.conn.name,
+            server,
             watch_id: file.watch_id,
-            watch_dir: &src.directory,
+            watch_dir,
             remote_path: &file.path,
             date: &date,
             size,
             mtime_unix: file.mtime_unix,
         },
     )?;
-    let source = src
-        .conn
-        .to_proto(secrets)
-        .map_err(AssignmentError::Secrets)?;
-    let recorded = sqlx::query(
-        "UPDATE files SET assigned_bucket = $3, assigned_key = $4 \
-         WHERE id = $1 AND fencing_token = $2 AND status = 'in_progress'",
-    )
-    .bind(file.id)
-    .bind(file.fencing_token)
-    .bind(&src.bucket)
-    .bind(&key)
-    .execute(db)
-    .await
-    .map_err(StoreError::from)?
-    .rows_affected();
-    if recorded != 1 {
-        return Err(AssignmentError::Gone {
-            file_id: file.id,
-            token: file.fencing_token,
-        });
-    }
     let metadata = HashMap::from([
         ("ferry-file-id".to_string(), file.id.to_string()),
-        ("ferry-server".to_string(), src.conn.name.clone()),
+        ("ferry-server".to_string(), server.to_string()),
         ("ferry-mtime".to_string(), file.mtime_unix.to_string()),
     ]);
     Ok(proto::TaskAssignment {
         file_id: file.id,
         fencing_token: file.fencing_token as u64,
-        source: Some(source),
+        source: Some(source.clone()),
         path: file.path.clone(),
         size,
         mtime_unix: file.mtime_unix,
-        bucket: src.bucket,
+        bucket: bucket.to_string(),
         key,
         metadata,
     })
 }
 
+/// Builds the tasks for claimed files of server `server_id` and records
+/// their object locations on the file rows (for their fencing tokens), so
+/// results can be checked against them: one query for the server and its
+/// watches, one decryption of the credentials, one `UPDATE` for the batch.
+pub(crate) async fn assignments(
+    db: &PgPool,
+    secrets: &SecretBox,
+    server_id: i64,
+    files: &[Claimed],
+) -> Result<Built, AssignmentError> {
+    let mut built = Built::default();
+    if files.is_empty() {
+        return Ok(built);
+    }
+    let mut watch_ids: Vec<i64> = files.iter().map(|f| f.watch_id).collect();
+    watch_ids.sort_unstable();
+    watch_ids.dedup();
+    let sources: HashMap<i64, Source> = sqlx::query_as::<_, Source>(&format!(
+        "SELECT {CONNECTION_COLUMNS}, w.id AS watch_id, w.directory, w.bucket, w.key_template \
+         FROM servers s JOIN watches w ON w.server_id = s.id \
+         WHERE s.id = $1 AND w.id = ANY($2)"
+    ))
+    .bind(server_id)
+    .bind(&watch_ids)
+    .fetch_all(db)
+    .await
+    .map_err(StoreError::from)?
+    .into_iter()
+    .map(|s| (s.watch_id, s))
+    .collect();
+    let Some(any) = sources.values().next() else {
+        // Watches and server rows are never deleted (soft delete only).
+        return Err(StoreError::from(sqlx::Error::RowNotFound).into());
+    };
+    let connection = any
+        .conn
+        .to_proto(secrets)
+        .map_err(AssignmentError::Secrets)?;
+    let mut tasks = Vec::with_capacity(files.len());
+    for file in files {
+        let Some(src) = sources.get(&file.watch_id) else {
+            return Err(StoreError::from(sqlx::Error::RowNotFound).into());
+        };
+        match task_for(
+            file,
+            &src.conn.name,
+            &src.directory,
+            &src.bucket,
+            &src.key_template,
+            &connection,
+        ) {
+            Ok(task) => tasks.push(task),
+            Err(why) => built.unsafe_keys.push((file.clone(), why)),
+        }
+    }
+    let recorded: Vec<i64> = sqlx::query_scalar(
+        "UPDATE files f SET assigned_bucket = u.bucket, assigned_key = u.key \
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[]) AS u(id, token, bucket, key) \
+         WHERE f.id = u.id AND f.fencing_token = u.token AND f.status = 'in_progress' \
+         RETURNING f.id",
+    )
+    .bind(tasks.iter().map(|t| t.file_id).collect::<Vec<i64>>())
+    .bind(
+        tasks
+            .iter()
+            .map(|t| t.fencing_token as i64)
+            .collect::<Vec<i64>>(),
+    )
+    .bind(tasks.iter().map(|t| t.bucket.as_str()).collect::<Vec<&str>>())
+    .bind(tasks.iter().map(|t| t.key.as_str()).collect::<Vec<&str>>())
+    .fetch_all(db)
+    .await
+    .map_err(StoreError::from)?;
+    let recorded: std::collections::HashSet<i64> = recorded.into_iter().collect();
+    for task in tasks {
+        if recorded.contains(&task.file_id) {
+            built.tasks.push(task);
+        } else {
+            built.gone.push(task.file_id);
+        }
+    }
+    Ok(built)
+}
+
+/// How many files one server may claim in one turn: an equal share of the
+/// agent's free slots over the servers with due files, at least one.
+fn turn_share(slots: i64, servers: usize) -> i64 {
+    let servers = i64::try_from(servers.max(1)).unwrap_or(i64::MAX);
+    (slots / servers).max(1)
+}
+
 /// One scheduling round for the agents of `sessions` (all of one site):
-/// rotate over servers with due files, one file per server per turn, giving
-/// each to the agent with the most free capacity. Returns tasks sent.
+/// rotate over servers with due files, claiming each server's share of the
+/// free slots per turn in one transaction, giving them to the agent with the
+/// most free capacity. Returns tasks sent.
 pub(crate) async fn schedule_site(
     db: &PgPool,
     secrets: &SecretBox,
@@ -264,6 +336,7 @@ pub(crate) async fn schedule_site(
     if free.is_empty() {
         return Ok(0);
     }
+    let actor = format!("coordinator:{coordinator}");
     let mut servers = servers_with_due_files(db, site).await?;
     let mut sent = 0;
     while !servers.is_empty() {
@@ -271,6 +344,7 @@ pub(crate) async fn schedule_site(
         let Some((session, slots)) = free.first_mut().filter(|(_, f)| *f > 0) else {
             break;
         };
+        let share = turn_share(*slots, servers.len());
         let mut still_due = Vec::with_capacity(servers.len());
         for server_id in servers {
             if *slots <= 0 {
@@ -283,47 +357,63 @@ pub(crate) async fn schedule_site(
                 lease,
                 policy,
             };
-            let claimed = claim(db, who, server_id, 1).await?;
-            let Some(file) = claimed.into_iter().next() else {
+            let want = share.min(*slots);
+            let claimed = claim(db, who, server_id, want).await?;
+            if claimed.is_empty() {
                 continue;
-            };
-            match assignment(db, secrets, &file).await {
-                Ok(task) => {
-                    session.task_started(file.id);
-                    if !session.send(Body::TaskAssignment(task)).await {
-                        session.task_finished(file.id);
-                        // The stream is gone; the lease reaper will requeue the file.
-                        return Ok(sent);
-                    }
-                    *slots -= 1;
-                    sent += 1;
-                    crate::metrics::transfer_started(site, file.id);
-                }
-                Err(AssignmentError::UnsafeKey(why)) => {
-                    let change = Change::fenced(
-                        file.id,
-                        file.fencing_token,
-                        Event::Rejected {
-                            why: why.to_string(),
-                        },
-                    );
-                    let actor = format!("coordinator:{coordinator}");
-                    transitions::apply_one(db, &actor, policy, change).await?;
-                }
-                Err(e @ AssignmentError::Gone { .. }) => {
-                    tracing::info!(error = %e, "claimed file not assigned");
-                }
+            }
+            // Fewer than asked: no more due files or no free sessions now.
+            let more = i64::try_from(claimed.len()).is_ok_and(|n| n >= want);
+            let built = match assignments(db, secrets, server_id, &claimed).await {
+                Ok(built) => built,
                 Err(e @ AssignmentError::Secrets(_)) => {
                     // Not this site's other servers' problem: skip this one.
-                    tracing::warn!(server = server_id, file = file.id, error = %e, "cannot build a task for this server; skipping it this round");
+                    tracing::warn!(server = server_id, files = claimed.len(), error = %e, "cannot build tasks for this server; skipping it this round");
                     continue;
                 }
-                // The claimed file keeps its lease; the reaper requeues it.
+                // The claimed files keep their leases; the reaper requeues them.
                 Err(e) => {
-                    return Err(anyhow::Error::new(e).context(format!("assign file {}", file.id)));
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("assign files of server {server_id}")));
                 }
+            };
+            if !built.unsafe_keys.is_empty() {
+                let changes: Vec<Change> = built
+                    .unsafe_keys
+                    .iter()
+                    .map(|(file, why)| {
+                        Change::fenced(
+                            file.id,
+                            file.fencing_token,
+                            Event::Rejected {
+                                why: why.to_string(),
+                            },
+                        )
+                    })
+                    .collect();
+                transitions::apply_batch(db, &actor, policy, &changes).await?;
             }
-            still_due.push(server_id);
+            for file_id in &built.gone {
+                tracing::info!(
+                    file = file_id,
+                    "claimed file changed hands before its task was recorded; not assigned"
+                );
+            }
+            for task in built.tasks {
+                let file_id = task.file_id;
+                session.task_started(file_id);
+                if !session.send(Body::TaskAssignment(task)).await {
+                    session.task_finished(file_id);
+                    // The stream is gone; the lease reaper will requeue the files.
+                    return Ok(sent);
+                }
+                *slots -= 1;
+                sent += 1;
+                crate::metrics::transfer_started(site, file_id);
+            }
+            if more {
+                still_due.push(server_id);
+            }
         }
         servers = still_due;
         if free.iter().all(|(_, f)| *f <= 0) {
@@ -417,4 +507,62 @@ pub(crate) async fn reap_expired(
             Outcome::Stale | Outcome::Illegal(_) => None,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_server_gets_an_equal_share_of_the_free_slots_at_least_one() {
+        assert_eq!(turn_share(8, 1), 8);
+        assert_eq!(turn_share(8, 3), 2);
+        assert_eq!(turn_share(8, 1000), 1);
+        assert_eq!(turn_share(1, 0), 1);
+    }
+
+    #[test]
+    fn a_task_names_the_version_and_its_source() {
+        let file = Claimed {
+            id: 7,
+            watch_id: 3,
+            path: "/in/a.csv".into(),
+            size: 4096,
+            mtime_unix: 1_700_000_000,
+            fencing_token: 2,
+            discovered_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        };
+        let source = proto::ServerConnection {
+            server_id: 1,
+            name: "s1".into(),
+            ..Default::default()
+        };
+        let task = task_for(
+            &file,
+            "s1",
+            "/in",
+            "b",
+            "{server}/{version}/{name}",
+            &source,
+        )
+        .unwrap();
+        assert_eq!(task.file_id, 7);
+        assert_eq!(task.fencing_token, 2);
+        assert_eq!(task.bucket, "b");
+        assert_eq!(task.key, "s1/1700000000-4096/a.csv");
+        assert_eq!(task.source.as_ref().map(|s| s.server_id), Some(1));
+        assert_eq!(task.metadata["ferry-file-id"], "7");
+        let negative = Claimed { size: -1, ..file };
+        assert!(
+            task_for(
+                &negative,
+                "s1",
+                "/in",
+                "b",
+                "{server}/{version}/{name}",
+                &source
+            )
+            .is_err()
+        );
+    }
 }

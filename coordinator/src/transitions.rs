@@ -156,7 +156,8 @@ pub(crate) async fn apply_batch(
     Ok(applied)
 }
 
-/// Applies one change in its own transaction.
+/// Applies one change in its own transaction (the tests' shorthand).
+#[cfg(test)]
 pub(crate) async fn apply_one(
     db: &PgPool,
     actor: &str,
@@ -718,7 +719,7 @@ mod tests {
             "an illegal event writes nothing"
         );
 
-        // The scheduler records where the object goes (scheduler::assignment).
+        // The scheduler records where the object goes (scheduler::assignments).
         sqlx::query("UPDATE files SET assigned_bucket = 'bkt', assigned_key = 'acme/a.csv'")
             .execute(&db.pool)
             .await

@@ -5,14 +5,25 @@
 //! cargo build --release --bins && cargo bench -p ferry-tests --bench ferry            # all
 //! cargo bench -p ferry-tests --bench ferry -- discovery    # 100,000-file directory
 //! cargo bench -p ferry-tests --bench ferry -- transfer     # 1 GiB and 4 GiB, RSS, MB/s, rclone
+//! cargo bench -p ferry-tests --bench ferry -- small        # N x 4 KiB files, ferry vs rclone
+//! cargo bench -p ferry-tests --bench ferry -- dispatch     # tasks/s, 1 and 2 coordinators, fake agents
 //! ```
-//! `FERRY_BENCH_FILES` (default 100000) and `FERRY_BENCH_SIZES_MIB` (default
-//! `1024,4096`) change the workload.
+//! `FERRY_BENCH_FILES` (discovery: default 100000; small: a list, default
+//! `2000,10000`), `FERRY_BENCH_SIZES_MIB` (default `1024,4096`),
+//! `FERRY_BENCH_KIB` (small: file size, default 4), `FERRY_BENCH_CAPACITY`
+//! and `FERRY_BENCH_SESSIONS` (small: agent capacity and server
+//! `max_sessions`, default 8), `FERRY_BENCH_TASKS`, `FERRY_BENCH_AGENTS`
+//! and `FERRY_BENCH_SERVERS` (dispatch: default 20000 tasks, 8 fake agents
+//! of capacity 64, 16 servers) change the workload.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use ferry_proto as proto;
-use ferry_tests::{Agent, AgentOptions, Coordinator, S3Server, Sshd, TestDb, TestPki, eventually};
+use ferry_tests::{
+    Agent, AgentOptions, AmqpQueue, Coordinator, S3Server, Sshd, TestDb, TestPki, eventually,
+    unique_exchange,
+};
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
@@ -155,7 +166,9 @@ fn write_big(path: &std::path::Path, mib: u64) {
     f.flush().unwrap();
 }
 
-async fn rclone_copy(sshd: &Sshd, s3: &S3Server, remote_path: &str, bucket: &str) -> Option<f64> {
+/// Runs rclone with a config naming `src:` (the sshd) and `dst:` (the S3
+/// server); returns the wall time of a successful run.
+fn rclone(sshd: &Sshd, s3: &S3Server, args: &[&str]) -> Option<f64> {
     let obscured = std::process::Command::new("rclone")
         .args(["obscure", sshd.password()])
         .output()
@@ -178,17 +191,24 @@ async fn rclone_copy(sshd: &Sshd, s3: &S3Server, remote_path: &str, bucket: &str
     .unwrap();
     let start = Instant::now();
     let status = std::process::Command::new("rclone")
-        .args([
-            "--config",
-            conf.to_str().unwrap(),
-            "copyto",
-            &format!("src:{remote_path}"),
-            &format!("dst:{bucket}/rclone.bin"),
-        ])
+        .args(["--config", conf.to_str().unwrap()])
+        .args(args)
         .env_remove("AWS_CA_BUNDLE")
         .status()
         .ok()?;
     status.success().then(|| start.elapsed().as_secs_f64())
+}
+
+async fn rclone_copy(sshd: &Sshd, s3: &S3Server, remote_path: &str, bucket: &str) -> Option<f64> {
+    rclone(
+        sshd,
+        s3,
+        &[
+            "copyto",
+            &format!("src:{remote_path}"),
+            &format!("dst:{bucket}/rclone.bin"),
+        ],
+    )
 }
 
 async fn transfer() {
@@ -274,6 +294,377 @@ async fn transfer() {
     }
 }
 
+/// Small files: N files of a few KiB, already stable, in one directory;
+/// from watch creation to every file `processed` (counted in Postgres) with
+/// one AMQP message each, against `rclone copy` of the same directory to the
+/// same S3 server in the same run.
+async fn small() {
+    let counts: Vec<i64> = env_or("FERRY_BENCH_FILES", "2000,10000")
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let kib: usize = env_or("FERRY_BENCH_KIB", "4").parse().unwrap();
+    let capacity: u32 = env_or("FERRY_BENCH_CAPACITY", "8").parse().unwrap();
+    let sessions: u32 = env_or("FERRY_BENCH_SESSIONS", "8").parse().unwrap();
+    for n in counts {
+        let db = TestDb::create().await;
+        let pki = TestPki::new();
+        let s3 = S3Server::start().await;
+        s3.create_bucket("bench").await;
+        let exchange = unique_exchange();
+        let mut queue = AmqpQueue::declare(&exchange).await;
+        let coord = Coordinator::start_with_env(
+            &db,
+            &pki,
+            &[
+                ("FERRY_AMQP_URL", queue.url()),
+                ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
+                ("RUST_LOG", "warn"),
+            ],
+        )
+        .await;
+        let sshd = Sshd::start().await;
+        sshd.mkdir("small");
+        let mut body = vec![0u8; kib << 10];
+        for i in 0..n {
+            body[..8].copy_from_slice(&i.to_le_bytes());
+            sshd.write_file(&format!("small/f-{i:06}.csv"), &body);
+        }
+        let mut admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
+        let server_id = admin
+            .add_server(proto::AddServerRequest {
+                name: "bench".into(),
+                hostname: "127.0.0.1".into(),
+                port: u32::from(sshd.port()),
+                username: sshd.user().into(),
+                auth: Some(proto::add_server_request::Auth::Password(proto::Password {
+                    password: sshd.password().into(),
+                })),
+                host_key_fingerprint: sshd.host_key_fingerprint().into(),
+                max_sessions: sessions,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id;
+        let mut env = s3.env();
+        env.push(("RUST_LOG".into(), "warn".into()));
+        let _agent = Agent::start(
+            "bench-agent",
+            &pki.agent("bench-agent"),
+            &[coord.endpoint()],
+            AgentOptions {
+                capacity,
+                env,
+                ..Default::default()
+            },
+        )
+        .await;
+        eventually("agent connected", Duration::from_secs(60), || async {
+            (count(&db, "SELECT count(*) FROM agents WHERE connected").await > 0).then_some(())
+        })
+        .await;
+        let start = Instant::now();
+        admin
+            .add_watch(proto::AddWatchRequest {
+                server_id,
+                directory: sshd.remote_path("small"),
+                poll_interval_secs: 1,
+                min_age_secs: Some(0),
+                bucket: "bench".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut first_processed = None;
+        let mut all_rows = None;
+        loop {
+            let (rows, processed): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'processed') FROM files",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            if rows >= n && all_rows.is_none() {
+                all_rows = Some(start.elapsed());
+            }
+            if processed > 0 && first_processed.is_none() {
+                first_processed = Some(start.elapsed());
+            }
+            if processed >= n {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(3600),
+                "{processed} of {n} files processed after an hour"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ferry = start.elapsed().as_secs_f64();
+        let mut ids = HashSet::new();
+        let mut messages = 0;
+        while let Some(m) = queue.next_message(Duration::from_secs(5)).await {
+            messages += 1;
+            ids.insert(m.message_id.unwrap_or_default());
+            if ids.len() as i64 >= n {
+                // Give duplicates, if any, a moment to show up.
+                messages += queue.drain_for(Duration::from_secs(1)).await.len();
+                break;
+            }
+        }
+        let not_processed = count(
+            &db,
+            "SELECT count(*) FROM files WHERE status <> 'processed'",
+        )
+        .await;
+        let show =
+            |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
+        println!(
+            "small: {n} x {kib} KiB ferry {ferry:.2}s ({:.0} files/s); all rows at {}, first processed at {}; \
+             AMQP messages {messages} for {} files; files not processed {not_processed}",
+            n as f64 / ferry,
+            show(all_rows),
+            show(first_processed),
+            ids.len()
+        );
+        let phases: Vec<(String, f64, f64)> = sqlx::query_as(
+            "SELECT to_status, EXTRACT(EPOCH FROM min(at) - (SELECT min(at) FROM file_events))::FLOAT8, \
+                    EXTRACT(EPOCH FROM max(at) - (SELECT min(at) FROM file_events))::FLOAT8 \
+             FROM file_events GROUP BY to_status ORDER BY 2",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        for (status, first, last) in phases {
+            println!(
+                "small:   {status:<12} first {first:6.2}s last {last:6.2}s after the first event"
+            );
+        }
+        let remote = sshd.remote_path("small");
+        let transfers = capacity.to_string();
+        match rclone(
+            &sshd,
+            &s3,
+            &[
+                "copy",
+                "--transfers",
+                &transfers,
+                "--checkers",
+                "16",
+                "--sftp-disable-hashcheck",
+                &format!("src:{remote}"),
+                "dst:bench/rclone",
+            ],
+        ) {
+            Some(r) => println!(
+                "small: {n} x {kib} KiB rclone copy --transfers {transfers} --checkers 16 {r:.2}s ({:.0} files/s); \
+                 ferry/rclone files/s ratio {:.2}",
+                n as f64 / r,
+                r / ferry
+            ),
+            None => println!("small: rclone run failed (is rclone installed?)"),
+        }
+    }
+}
+
+/// A fake agent for `dispatch`: the real protocol over gRPC + mTLS, no
+/// SFTP or S3. It answers every assignment at once with the success the
+/// task asks for, and counts what it was given.
+async fn fake_agent(
+    endpoint: String,
+    certs: ferry_tests::CertFiles,
+    capacity: u32,
+    assigned: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use proto::agent_message::Body;
+    use proto::coordinator_message::Body as CBody;
+    let tls = proto::tls::TlsPaths {
+        ca: certs.ca.clone(),
+        cert: certs.cert.clone(),
+        key: certs.key.clone(),
+    }
+    .load()
+    .unwrap()
+    .client_config("127.0.0.1");
+    let channel = tonic::transport::Channel::from_shared(endpoint)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    tx.send(proto::AgentMessage {
+        body: Some(Body::Hello(proto::Hello {
+            version: "bench".into(),
+            site: "default".into(),
+            capacity,
+            running_tasks: Vec::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = proto::agent_service_client::AgentServiceClient::new(channel)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stop = stop;
+    loop {
+        let msg = tokio::select! {
+            _ = stop.changed() => return,
+            m = inbound.message() => m,
+        };
+        let Ok(Some(proto::CoordinatorMessage { body: Some(body) })) = msg else {
+            return;
+        };
+        if let CBody::TaskAssignment(t) = body {
+            assigned.lock().unwrap().push(t.file_id);
+            let result = proto::TaskResult {
+                file_id: t.file_id,
+                fencing_token: t.fencing_token,
+                outcome: Some(proto::task_result::Outcome::Success(proto::TaskSuccess {
+                    size: t.size,
+                    sha256: "0".repeat(64),
+                    etag: "\"bench\"".into(),
+                    bucket: t.bucket,
+                    key: t.key,
+                })),
+            };
+            if tx
+                .send(proto::AgentMessage {
+                    body: Some(Body::TaskResult(result)),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Control-plane throughput: files inserted as `new` straight into Postgres
+/// (spread over servers with disabled watches, so nothing polls), fake agents
+/// spread over 1 or 2 coordinators sharing the database; from the wake-up to
+/// every file `uploaded` (no AMQP configured, so they stay there). Double
+/// assignments: files assigned more than once (history and fake agents' counts).
+async fn dispatch() {
+    let tasks: i64 = env_or("FERRY_BENCH_TASKS", "20000").parse().unwrap();
+    let agents: usize = env_or("FERRY_BENCH_AGENTS", "8").parse().unwrap();
+    let servers: i64 = env_or("FERRY_BENCH_SERVERS", "16").parse().unwrap();
+    for coordinators in [1usize, 2] {
+        let db = TestDb::create().await;
+        let pki = TestPki::new();
+        let quiet = [("RUST_LOG", "warn")];
+        let mut coords = Vec::new();
+        for _ in 0..coordinators {
+            coords.push(Coordinator::start_with_env(&db, &pki, &quiet).await);
+        }
+        let mut admin = coords[0].admin_client(&pki.admin("bench")).await.unwrap();
+        for i in 0..servers {
+            let id = admin
+                .add_server(proto::AddServerRequest {
+                    name: format!("bench-{i}"),
+                    hostname: "127.0.0.1".into(),
+                    port: 22,
+                    username: "bench".into(),
+                    auth: Some(proto::add_server_request::Auth::Password(proto::Password {
+                        password: "bench".into(),
+                    })),
+                    host_key_fingerprint: "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"
+                        .into(),
+                    max_sessions: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .id;
+            admin
+                .add_watch(proto::AddWatchRequest {
+                    server_id: id,
+                    directory: format!("/in/{i}"),
+                    bucket: "bench".into(),
+                    enabled: Some(false),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let assigned = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut fakes = Vec::new();
+        for a in 0..agents {
+            let endpoint = coords[a % coordinators].endpoint();
+            let certs = pki.agent(&format!("fake-{a}"));
+            fakes.push(tokio::spawn(fake_agent(
+                endpoint,
+                certs,
+                64,
+                assigned.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        eventually("fake agents connected", Duration::from_secs(60), || async {
+            (count(&db, "SELECT count(*) FROM agents WHERE connected").await >= agents as i64)
+                .then_some(())
+        })
+        .await;
+        sqlx::query(
+            "INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
+             SELECT w.server_id, w.id, '/in/f-' || g, 4096, 1700000000 \
+             FROM generate_series(1, $1) g \
+             JOIN watches w ON w.directory = '/in/' || (g % $2)",
+        )
+        .bind(tasks)
+        .bind(servers)
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let start = Instant::now();
+        sqlx::query("SELECT pg_notify('ferry_files_due', '')")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        loop {
+            let done = count(&db, "SELECT count(*) FROM files WHERE status = 'uploaded'").await;
+            if done >= tasks {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(1800),
+                "{done} of {tasks} tasks done after 30 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let _ = stop_tx.send(true);
+        for f in fakes {
+            let _ = f.await;
+        }
+        let given = assigned.lock().unwrap().clone();
+        let distinct: HashSet<i64> = given.iter().copied().collect();
+        let double = count(
+            &db,
+            "SELECT count(*) FROM (SELECT file_id FROM file_events WHERE to_status = 'in_progress' \
+             GROUP BY file_id HAVING count(*) > 1) d",
+        )
+        .await;
+        println!(
+            "dispatch: {coordinators} coordinator(s), {agents} fake agents x capacity 64, {servers} servers: \
+             {tasks} tasks assigned and applied in {secs:.2}s = {:.0} tasks/s; assignments received {} for {} files, \
+             files assigned more than once: {double} (history), {} (agents)",
+            tasks as f64 / secs,
+            given.len(),
+            distinct.len(),
+            given.len() - distinct.len()
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     ferry_tests::init();
@@ -287,5 +678,11 @@ async fn main() {
     }
     if wants("transfer") {
         transfer().await;
+    }
+    if wants("small") {
+        small().await;
+    }
+    if wants("dispatch") {
+        dispatch().await;
     }
 }
