@@ -128,13 +128,6 @@ pub struct FailureAnnouncement {
     pub failed_at: DateTime<Utc>,
 }
 
-impl FailureAnnouncement {
-    /// The properties of this announcement, stored as outbox row `outbox_id`.
-    pub fn properties(&self, outbox_id: i64) -> Properties {
-        Properties::for_failure(self.file_id, self.event, outbox_id)
-    }
-}
-
 /// The AMQP properties an announcement goes out with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Properties {
@@ -161,13 +154,15 @@ impl Properties {
 }
 
 impl Properties {
-    /// The properties of a failure announcement of file `file_id`, stored as
-    /// outbox row `outbox_id`. Its `message_id`, `<file_id>-<event>-<outbox_id>`,
-    /// differs from the stored announcement's (a file retried after failing may
-    /// still be stored) and from an earlier failure's of the same file.
-    pub fn for_failure(file_id: i64, failure: Failure, outbox_id: i64) -> Self {
+    /// The properties of a failure announcement of the file version with
+    /// `announcement_id`, stored as outbox row `outbox_id`. Its `message_id`,
+    /// `<announcement_id>-<event>-<outbox_id>`, differs from the stored
+    /// announcement's (a file retried after failing may still be stored) and
+    /// from an earlier failure's of the same version, and names no other
+    /// version even after a restore rewinds the row ids.
+    pub fn for_failure(announcement_id: &str, failure: Failure, outbox_id: i64) -> Self {
         Properties {
-            message_id: format!("{file_id}-{}-{outbox_id}", failure.as_str()),
+            message_id: format!("{announcement_id}-{}-{outbox_id}", failure.as_str()),
             content_type: CONTENT_TYPE,
             kind: failure.message_type(),
             delivery_mode: DELIVERY_MODE_PERSISTENT,
@@ -505,16 +500,16 @@ mod tests {
     #[test]
     fn failures_go_out_with_their_own_type_and_message_id() {
         assert_eq!(
-            failure_sample().properties(7),
+            Properties::for_failure("0b6f2c8e-5d1a-4f3e-9c7b-2a4d6e8f1a3c", Failure::Failed, 7),
             Properties {
-                message_id: "42-failed-7".into(),
+                message_id: "0b6f2c8e-5d1a-4f3e-9c7b-2a4d6e8f1a3c-failed-7".into(),
                 content_type: "application/json",
                 kind: "ferry.file.failed",
                 delivery_mode: 2,
             }
         );
         assert_eq!(
-            Properties::for_failure(42, Failure::Lost, 8).kind,
+            Properties::for_failure("u", Failure::Lost, 8).kind,
             "ferry.file.lost"
         );
         assert_eq!(Failure::of_status("failed"), Some(Failure::Failed));

@@ -677,7 +677,7 @@ async fn publish_batch(
                 routing_key(&cfg.routing_key, &row.server, "stored"),
             ),
             Some(failure) => (
-                Properties::for_failure(row.file_id, failure, row.id),
+                Properties::for_failure(&row.announcement_id, failure, row.id),
                 routing_key(&cfg.failure_routing_key, &row.server, failure.as_str()),
             ),
         };

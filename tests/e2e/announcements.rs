@@ -85,8 +85,14 @@ async fn failed_files_are_announced_and_dotted_servers_stay_one_word() {
         "{body}"
     );
     let message_id = failed.message_id.clone().unwrap();
+    let announcement_id: String =
+        sqlx::query_scalar("SELECT announcement_id::text FROM files WHERE id = $1")
+            .bind(file_id)
+            .fetch_one(f.s.db.pool())
+            .await
+            .unwrap();
     assert!(
-        message_id.starts_with(&format!("{file_id}-failed-")),
+        message_id.starts_with(&format!("{announcement_id}-failed-")),
         "{message_id}"
     );
     // Its outbox row was written with the status change and is published.
