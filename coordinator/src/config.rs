@@ -83,6 +83,14 @@ pub(crate) struct ServeArgs {
     /// loops serving the others).
     #[arg(long, env = "FERRY_AGENT_SEND_QUEUE", default_value_t = 1024)]
     pub agent_send_queue: usize,
+    /// Prune processed versions gone from their server (with their history
+    /// and announcements), history of other processed versions, and published
+    /// announcements once older than this many days; 0 keeps everything.
+    #[arg(long, env = "FERRY_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u64,
+    /// Seconds between retention passes.
+    #[arg(long, env = "FERRY_RETENTION_INTERVAL_SECS", default_value_t = 3600)]
+    pub retention_interval_secs: u64,
     /// Transfer attempts before a file becomes `failed`.
     #[arg(long, env = "FERRY_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,

@@ -20,6 +20,7 @@ mod post_actions;
 mod registry;
 mod relay;
 mod results;
+mod retention;
 mod scheduler;
 mod secrets;
 mod server;

@@ -183,6 +183,16 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
         agents.clone(),
         cancel.clone(),
     ));
+    background.spawn(crate::retention::run(
+        coord.db.clone(),
+        crate::retention::Retention {
+            keep: (args.retention_days > 0).then(|| {
+                std::time::Duration::from_secs(args.retention_days.saturating_mul(86_400))
+            }),
+            every: std::time::Duration::from_secs(args.retention_interval_secs.max(1)),
+        },
+        cancel.clone(),
+    ));
     // Without a broker nothing would ever publish them.
     crate::transitions::announce_failures(args.announce_failures && args.amqp_url.is_some());
     match &args.amqp_url {

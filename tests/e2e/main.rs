@@ -20,6 +20,7 @@ mod keys;
 mod metrics;
 mod post_actions;
 mod remote_site;
+mod retention;
 mod secrets;
 mod security;
 mod slow_agents;
