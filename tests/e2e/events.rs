@@ -21,15 +21,7 @@ async fn watch_events_misses_no_event_whose_id_commits_late() {
     let mut s = Stack::new().await;
     let server = s.add_server(s.server_req("ev")).await;
     let watch = s.add_watch(server, "ev", "*").await;
-    let file: i64 = sqlx::query_scalar(
-        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
-         VALUES ($1, $2, '/ev/a.csv', 1, 1700000000) RETURNING id",
-    )
-    .bind(server)
-    .bind(watch)
-    .fetch_one(s.db.pool())
-    .await
-    .unwrap();
+    let file = insert_file(&s, server, watch, "/ev/a.csv").await;
     let mut stream = s
         .admin
         .watch_events(proto::WatchEventsRequest::default())
@@ -39,21 +31,9 @@ async fn watch_events_misses_no_event_whose_id_commits_late() {
     // Give the subscription its starting point before the events are written.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let insert = "INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
-                  VALUES ($1, 'new', 'new', 'test', $2) RETURNING id";
     let mut slow = s.db.pool().begin().await.unwrap();
-    let early_id: i64 = sqlx::query_scalar(insert)
-        .bind(file)
-        .bind("takes its id first, commits last")
-        .fetch_one(&mut *slow)
-        .await
-        .unwrap();
-    let late_id: i64 = sqlx::query_scalar(insert)
-        .bind(file)
-        .bind("takes its id second, commits first")
-        .fetch_one(s.db.pool())
-        .await
-        .unwrap();
+    let early_id = insert_event(&mut *slow, file, "takes its id first, commits last").await;
+    let late_id = insert_event(s.db.pool(), file, "takes its id second, commits first").await;
     assert!(early_id < late_id);
     // The watcher sees the higher id first; then the lower one commits.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -73,6 +53,20 @@ async fn watch_events_misses_no_event_whose_id_commits_late() {
             ),
         }
     }
+}
+
+/// Inserts a `new` file row of `watch` at `path`; its id.
+async fn insert_file(s: &Stack, server: i64, watch: i64, path: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
+         VALUES ($1, $2, $3, 1, 1700000000) RETURNING id",
+    )
+    .bind(server)
+    .bind(watch)
+    .bind(path)
+    .fetch_one(s.db.pool())
+    .await
+    .unwrap()
 }
 
 /// Inserts a history event of `file`; its id.
@@ -96,15 +90,7 @@ async fn a_resumed_stream_continues_after_its_last_event_without_gap_or_repeat()
     let mut s = Stack::new().await;
     let server = s.add_server(s.server_req("rs")).await;
     let watch = s.add_watch(server, "rs", "*").await;
-    let file: i64 = sqlx::query_scalar(
-        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
-         VALUES ($1, $2, '/rs/a.csv', 1, 1700000000) RETURNING id",
-    )
-    .bind(server)
-    .bind(watch)
-    .fetch_one(s.db.pool())
-    .await
-    .unwrap();
+    let file = insert_file(&s, server, watch, "/rs/a.csv").await;
     let filter = proto::WatchEventsRequest {
         server_id: server,
         ..Default::default()

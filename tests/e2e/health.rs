@@ -5,25 +5,13 @@
 
 use ferry_tests::{AgentOptions, Coordinator, TcpProxy, eventually, free_port};
 use std::net::SocketAddr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::stack::{Stack, WAIT};
 
-/// `(status, body)` of `GET path` on a plain-HTTP probe port; `None` if
-/// nothing answers.
-pub(crate) async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
-}
+/// `(status, body)` of `GET path` on a plain-HTTP probe port (the harness's).
+pub(crate) use ferry_tests::cluster::http_get as get;
 
 async fn wait_http(addr: SocketAddr, path: &str, want: u16) -> String {
     eventually(

@@ -6,25 +6,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ferry_proto as proto;
+use ferry_tests::cluster::content;
 use ferry_tests::{TcpProxy, eventually, signal};
 
 use crate::stack::WAIT;
 
 use crate::flow::{BUCKET, flow, sha256_hex};
-
-/// Deterministic bytes that compress badly enough to exercise real transfer.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 #[tokio::test]
 async fn fifty_files_land_byte_identical_with_one_message_each() {

@@ -60,15 +60,7 @@ impl Ctl {
 
     /// Runs `ferryctl <args>`; panics only if it cannot be run or hangs (60 s).
     pub async fn run(&self, args: &[&str]) -> CtlOutput {
-        let child = Command::new(&self.bin)
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} {args:?}: {e}", self.bin.display()));
+        let child = self.spawn(args);
         let output = tokio::time::timeout(CTL_TIMEOUT, child.wait_with_output())
             .await
             .unwrap_or_else(|_| panic!("ferryctl {args:?} did not finish within {CTL_TIMEOUT:?}"))
