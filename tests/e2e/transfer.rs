@@ -443,3 +443,50 @@ async fn a_file_not_yet_readable_is_retried_not_failed() {
         .unwrap();
     assert!(attempts >= 2, "attempts {attempts}");
 }
+
+#[tokio::test]
+async fn objects_carry_the_content_type_of_their_extension_and_ferry_metadata() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("types")).await;
+    f.watch(id, "ct", "keep").await;
+    let files = [
+        ("a.csv", 10, "text/csv"),
+        ("b.json", 10, "application/json"),
+        ("c.bin", 10, "application/octet-stream"),
+        // Multipart (over one part), same rule.
+        ("big.csv", 20 << 20, "text/csv"),
+    ];
+    for (i, (name, size, _)) in files.iter().enumerate() {
+        f.s.sshd
+            .write_file(&format!("ct/{name}"), &content(i as u64, *size));
+    }
+    let _agent = f.s.agent_with("a1", f.agent_opts(4)).await;
+    f.wait_status(files.len(), "processed", WAIT).await;
+    for (name, size, want) in files {
+        let (key, sha): (String, String) =
+            sqlx::query_as("SELECT object_key, sha256 FROM files WHERE path LIKE '%/' || $1")
+                .bind(name)
+                .fetch_one(f.s.db.pool())
+                .await
+                .unwrap();
+        let head =
+            f.s3.client()
+                .head_object()
+                .bucket(BUCKET)
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(head.content_type(), Some(want), "{name}");
+        let meta = head.metadata().cloned().unwrap_or_default();
+        assert_eq!(
+            meta.get("ferry-server").map(String::as_str),
+            Some("types"),
+            "{name}: {meta:?}"
+        );
+        if size < (8 << 20) {
+            // Single-request uploads carry the sha256 the agent computed.
+            assert_eq!(meta.get("ferry-sha256"), Some(&sha), "{name}: {meta:?}");
+        }
+    }
+}

@@ -154,6 +154,7 @@ async fn copy(
     let obj = ObjectRef {
         bucket: &task.bucket,
         key: &task.key,
+        content_type: object::content_type(&task.path),
     };
     let part_len = part_size(task.size);
     let result = if task.size <= part_len {
@@ -542,11 +543,12 @@ fn spawn_abort(s3: &S3Target, obj: ObjectRef<'_>, upload_id: String, delays: &'s
         return;
     };
     let s3 = s3.clone();
-    let (bucket, key) = (obj.bucket.to_owned(), obj.key.to_owned());
+    let (bucket, key, content_type) = (obj.bucket.to_owned(), obj.key.to_owned(), obj.content_type);
     runtime.spawn(async move {
         let obj = ObjectRef {
             bucket: &bucket,
             key: &key,
+            content_type,
         };
         let mut last = None;
         for delay in delays {

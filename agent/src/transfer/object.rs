@@ -5,6 +5,43 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
+/// `Content-Type` of an object, from the source file's extension (the
+/// object key may not end with the file name); unknown extensions are
+/// `application/octet-stream`.
+pub(crate) fn content_type(path: &str) -> &'static str {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let Some((_, ext)) = name.rsplit_once('.') else {
+        return "application/octet-stream";
+    };
+    match ext.to_ascii_lowercase().as_str() {
+        "csv" => "text/csv",
+        "tsv" => "text/tab-separated-values",
+        "txt" | "log" => "text/plain",
+        "json" => "application/json",
+        "ndjson" | "jsonl" => "application/x-ndjson",
+        "xml" => "application/xml",
+        "html" | "htm" => "text/html",
+        "pdf" => "application/pdf",
+        "zip" => "application/zip",
+        "gz" | "tgz" => "application/gzip",
+        "bz2" => "application/x-bzip2",
+        "xz" => "application/x-xz",
+        "zst" => "application/zstd",
+        "tar" => "application/x-tar",
+        "parquet" => "application/vnd.apache.parquet",
+        "avro" => "application/avro",
+        "edi" | "x12" => "application/EDI-X12",
+        "edifact" => "application/EDIFACT",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "tif" | "tiff" => "image/tiff",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "xls" => "application/vnd.ms-excel",
+        _ => "application/octet-stream",
+    }
+}
+
 /// S3 limit on user metadata: the sum of key and value lengths, in bytes.
 pub(super) const METADATA_LIMIT: usize = 2048;
 /// S3 limit on object key length, in bytes.
@@ -122,6 +159,20 @@ pub(crate) fn metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_types_follow_the_source_extension() {
+        assert_eq!(content_type("/in/report.csv"), "text/csv");
+        assert_eq!(content_type("/in/REPORT.CSV"), "text/csv");
+        assert_eq!(content_type("/in/a.tar.gz"), "application/gzip");
+        assert_eq!(content_type("/in/photo.JPeG"), "image/jpeg");
+        assert_eq!(content_type("/in/no-extension"), "application/octet-stream");
+        assert_eq!(
+            content_type("/in.d/no-extension"),
+            "application/octet-stream"
+        );
+        assert_eq!(content_type("/in/x.unknown"), "application/octet-stream");
+    }
 
     #[test]
     fn destinations() {

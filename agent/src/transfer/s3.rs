@@ -44,6 +44,8 @@ pub(crate) struct S3Target {
 pub(crate) struct ObjectRef<'a> {
     pub bucket: &'a str,
     pub key: &'a str,
+    /// The object's `Content-Type` (see [`super::object::content_type`]).
+    pub content_type: &'static str,
 }
 
 impl std::fmt::Display for ObjectRef<'_> {
@@ -136,6 +138,7 @@ impl S3Target {
             .bucket(obj.bucket)
             .key(obj.key)
             .content_length(i64::try_from(len).unwrap_or(i64::MAX))
+            .content_type(obj.content_type)
             .set_metadata(Some(metadata))
             .body(ByteStream::from(body))
             .send()
@@ -156,6 +159,7 @@ impl S3Target {
             .create_multipart_upload()
             .bucket(obj.bucket)
             .key(obj.key)
+            .content_type(obj.content_type)
             .set_metadata(Some(metadata))
             .send()
             .await
