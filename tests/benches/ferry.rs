@@ -33,20 +33,25 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(db.pool()).await.unwrap()
 }
 
+/// The server `bench` on `sshd`, password login, pinned host key.
+fn server_request(sshd: &Sshd) -> proto::AddServerRequest {
+    proto::AddServerRequest {
+        name: "bench".into(),
+        hostname: "127.0.0.1".into(),
+        port: u32::from(sshd.port()),
+        username: sshd.user().into(),
+        auth: Some(proto::add_server_request::Auth::Password(proto::Password {
+            password: sshd.password().into(),
+        })),
+        host_key_fingerprint: sshd.host_key_fingerprint().into(),
+        ..Default::default()
+    }
+}
+
 async fn setup(pki: &TestPki, sshd: &Sshd, coord: &Coordinator, dir: &str, bucket: &str) -> i64 {
     let mut admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
     let id = admin
-        .add_server(proto::AddServerRequest {
-            name: "bench".into(),
-            hostname: "127.0.0.1".into(),
-            port: u32::from(sshd.port()),
-            username: sshd.user().into(),
-            auth: Some(proto::add_server_request::Auth::Password(proto::Password {
-                password: sshd.password().into(),
-            })),
-            host_key_fingerprint: sshd.host_key_fingerprint().into(),
-            ..Default::default()
-        })
+        .add_server(server_request(sshd))
         .await
         .unwrap()
         .into_inner()
@@ -333,16 +338,8 @@ async fn small() {
         let mut admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
         let server_id = admin
             .add_server(proto::AddServerRequest {
-                name: "bench".into(),
-                hostname: "127.0.0.1".into(),
-                port: u32::from(sshd.port()),
-                username: sshd.user().into(),
-                auth: Some(proto::add_server_request::Auth::Password(proto::Password {
-                    password: sshd.password().into(),
-                })),
-                host_key_fingerprint: sshd.host_key_fingerprint().into(),
                 max_sessions: sessions,
-                ..Default::default()
+                ..server_request(&sshd)
             })
             .await
             .unwrap()

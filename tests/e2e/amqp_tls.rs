@@ -14,7 +14,7 @@ use ferry_tests::{ChildGuard, TestDb, TestPki, bin_path, eventually, free_port};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::flow::{flow_with, sha256_hex};
+use crate::flow::{Flow, flow_with, sha256_hex};
 use crate::stack::WAIT;
 
 /// HAProxy on a free loopback port: TLS with `pki`'s server certificate
@@ -80,20 +80,26 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
-#[tokio::test]
-async fn files_flow_and_are_announced_over_amqps() {
-    let broker_pki = TestPki::new();
-    let front = TlsFront::start(&broker_pki).await;
-    let client = broker_pki.admin("ferry-relay");
+/// A flow whose coordinator publishes over amqps:// through `front`,
+/// trusting `ca`, with a client certificate of `client_pki`.
+async fn flow_over_tls(front: &TlsFront, ca: &Path, client_pki: &TestPki) -> Flow {
+    let client = client_pki.admin("ferry-relay");
     let url = front.url();
-    let (ca, cert, key) = (path(broker_pki.ca()), path(&client.cert), path(&client.key));
-    let mut f = flow_with(&[
+    let (ca, cert, key) = (path(ca), path(&client.cert), path(&client.key));
+    flow_with(&[
         ("FERRY_AMQP_URL", url.as_str()),
         ("FERRY_AMQP_CA", ca.as_str()),
         ("FERRY_AMQP_CERT", cert.as_str()),
         ("FERRY_AMQP_KEY", key.as_str()),
     ])
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn files_flow_and_are_announced_over_amqps() {
+    let broker_pki = TestPki::new();
+    let front = TlsFront::start(&broker_pki).await;
+    let mut f = flow_over_tls(&front, broker_pki.ca(), &broker_pki).await;
     let id = f.s.add_server(f.s.server_req("tls")).await;
     f.watch(id, "tls", "keep").await;
     let bytes = b"id,amount\n1,42\n".to_vec();
@@ -118,16 +124,7 @@ async fn a_broker_of_another_ca_is_refused_and_reported() {
     let front = TlsFront::start(&broker_pki).await;
     // The coordinator trusts only a CA that did not sign the broker's certificate.
     let other = TestPki::new();
-    let client = broker_pki.admin("ferry-relay");
-    let url = front.url();
-    let (ca, cert, key) = (path(other.ca()), path(&client.cert), path(&client.key));
-    let mut f = flow_with(&[
-        ("FERRY_AMQP_URL", url.as_str()),
-        ("FERRY_AMQP_CA", ca.as_str()),
-        ("FERRY_AMQP_CERT", cert.as_str()),
-        ("FERRY_AMQP_KEY", key.as_str()),
-    ])
-    .await;
+    let mut f = flow_over_tls(&front, other.ca(), &broker_pki).await;
     let id = f.s.add_server(f.s.server_req("untrusted")).await;
     f.watch(id, "untrusted", "keep").await;
     f.s.sshd.write_file("untrusted/report.csv", b"x\n");

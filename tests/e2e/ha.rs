@@ -123,10 +123,11 @@ async fn check_outcome(cluster: &mut Cluster, expected: &BTreeMap<String, String
     tally
 }
 
-#[tokio::test]
-async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_the_balancer() {
+/// Two coordinators behind HAProxy, a watch on `dir`, and agents a1 and a2
+/// (capacity 2) connected through the balancer.
+async fn cluster_with_two_agents(dir: &str) -> Cluster {
     let mut cluster = Cluster::start(ClusterOptions::default()).await;
-    cluster.watch("kill").await;
+    cluster.watch(dir).await;
     cluster.start_agent("a1", 2).await;
     cluster.start_agent("a2", 2).await;
     eventually("both agents connected", WAIT, || async {
@@ -134,6 +135,12 @@ async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_t
         (s.len() == 2 && s.iter().all(|s| s.connected)).then_some(())
     })
     .await;
+    cluster
+}
+
+#[tokio::test]
+async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_the_balancer() {
+    let mut cluster = cluster_with_two_agents("kill").await;
 
     let writing = write_files(&cluster, "kill", 30, 1 << 20, Duration::from_millis(100));
     let expected = {
@@ -171,15 +178,7 @@ async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_t
 
 #[tokio::test]
 async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_transfer() {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await;
-    cluster.watch("drain").await;
-    cluster.start_agent("a1", 2).await;
-    cluster.start_agent("a2", 2).await;
-    eventually("both agents connected", WAIT, || async {
-        let s = cluster.agent_sessions().await.ok()?;
-        (s.len() == 2 && s.iter().all(|s| s.connected)).then_some(())
-    })
-    .await;
+    let mut cluster = cluster_with_two_agents("drain").await;
     let big = content(7, 160 << 20);
     cluster.sshd.write_file("drain/big.bin", &big);
     let mut expected = BTreeMap::new();
