@@ -13,10 +13,13 @@ pub enum FileStatus {
     Error,
     Failed,
     Lost,
+    /// Present when its watch took its baseline (`skip existing files`):
+    /// recorded, never transferred or announced until an admin retries it.
+    Skipped,
 }
 
 impl FileStatus {
-    pub const ALL: [FileStatus; 7] = [
+    pub const ALL: [FileStatus; 8] = [
         FileStatus::New,
         FileStatus::InProgress,
         FileStatus::Uploaded,
@@ -24,6 +27,7 @@ impl FileStatus {
         FileStatus::Error,
         FileStatus::Failed,
         FileStatus::Lost,
+        FileStatus::Skipped,
     ];
 
     /// The name stored in the database and shown to humans.
@@ -36,11 +40,19 @@ impl FileStatus {
             FileStatus::Error => "error",
             FileStatus::Failed => "failed",
             FileStatus::Lost => "lost",
+            FileStatus::Skipped => "skipped",
         }
     }
 
     /// Statuses an operator may requeue with a retry.
     pub fn is_retryable_by_admin(self) -> bool {
+        self.is_retried_by_default() || self == FileStatus::Skipped
+    }
+
+    /// Statuses a retry without status filter or ids requeues: the failures.
+    /// `skipped` files are requeued only when asked for by id or status, so a
+    /// routine "retry the failures" never ingests a watch's baseline.
+    pub fn is_retried_by_default(self) -> bool {
         matches!(
             self,
             FileStatus::Error | FileStatus::Failed | FileStatus::Lost

@@ -12,6 +12,8 @@
 //!   |                 |  +--file gone on server--> lost
 //!   +--backoff-- error <--+--failure (attempts < max)
 //!                     +--attempts exhausted--> failed   (manual retry)
+//!
+//! skipped (baseline of a watch added with "skip existing files") --manual retry--> new
 //! ```
 
 use std::fmt;
@@ -271,7 +273,7 @@ pub fn transition(
         (S::Uploaded, Event::Announced) => {
             Ok(to(S::Processed, "announced on AMQP".into(), attempts, None))
         }
-        (S::Error | S::Failed | S::Lost, Event::AdminRetry) => {
+        (S::Error | S::Failed | S::Lost | S::Skipped, Event::AdminRetry) => {
             Ok(to(S::New, "manual retry".into(), 0, Some(Duration::ZERO)))
         }
         _ => Err(illegal),
@@ -360,7 +362,7 @@ mod tests {
             (S::InProgress, E::LeaseExpired) => Some(S::Error),
             (S::InProgress, E::Rejected) => Some(S::Failed),
             (S::Uploaded, E::Announced) => Some(S::Processed),
-            (S::Error | S::Failed | S::Lost, E::AdminRetry) => Some(S::New),
+            (S::Error | S::Failed | S::Lost | S::Skipped, E::AdminRetry) => Some(S::New),
             _ => None,
         }
     }
@@ -387,7 +389,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(allowed, 10);
+        assert_eq!(allowed, 11);
     }
 
     #[test]

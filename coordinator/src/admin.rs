@@ -250,8 +250,8 @@ impl Admin {
             enabled: r.enabled.unwrap_or(true),
         }
         .checked()?;
-        let row = registry::insert_watch(&self.coord.db, &spec).await?;
-        tracing::info!(watch = row.id, server = %row.server_name, dir = %row.directory, "watch added");
+        let row = registry::insert_watch(&self.coord.db, &spec, r.skip_existing).await?;
+        tracing::info!(watch = row.id, server = %row.server_name, dir = %row.directory, skip_existing = r.skip_existing, "watch added");
         self.coord.registry_changed().await;
         Ok(convert::watch(&row))
     }
@@ -613,7 +613,7 @@ impl AdminService for Admin {
             if let Some(bad) = statuses.iter().find(|s| !s.is_retryable_by_admin()) {
                 return Err(FieldError::new(
                     "statuses",
-                    format!("{bad} files cannot be retried (only error, failed, lost)"),
+                    format!("{bad} files cannot be retried (only error, failed, lost, skipped)"),
                 )
                 .into());
             }

@@ -74,6 +74,7 @@ pub(crate) fn watch(row: &WatchRow) -> proto::Watch {
         enabled: row.enabled,
         created_at: Some(timestamp(row.created_at)),
         updated_at: Some(timestamp(row.updated_at)),
+        baseline_pending: row.baseline_pending,
     }
 }
 

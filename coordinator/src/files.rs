@@ -194,7 +194,7 @@ pub(crate) async fn event_horizon(db: &PgPool) -> ApiResult<String> {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RetrySelection {
     pub ids: Vec<i64>,
-    /// Defaults to error, failed and lost.
+    /// Defaults to error, failed and lost, plus skipped when `ids` are given.
     pub statuses: Vec<FileStatus>,
     pub server_id: Option<i64>,
     /// Do everything in the transaction, report it, then roll it back.
@@ -212,7 +212,8 @@ pub(crate) struct RetryOutcome {
 
 /// Requeues the selected files as `new` (attempts reset), with a history row
 /// each, in one transaction. Only files the lifecycle lets an admin retry
-/// (error, failed, lost) move; others are left alone. When no status filter
+/// (error, failed, lost, and skipped when named by id or status) move;
+/// others are left alone. When no status filter
 /// narrows the selection, parked announcements are offered again and the
 /// failed post-actions (`failed after N attempts: ...`) of selected
 /// `processed` files are re-armed with fresh attempts (refused ones are not:
@@ -226,9 +227,12 @@ pub(crate) async fn retry_files(
     policy: &RetryPolicy,
 ) -> StoreResult<RetryOutcome> {
     let statuses: Vec<&str> = if sel.statuses.is_empty() {
+        // Named files may be baseline (`skipped`) ones; a blanket retry
+        // takes the failures only.
+        let named = !sel.ids.is_empty();
         FileStatus::ALL
             .into_iter()
-            .filter(|s| s.is_retryable_by_admin())
+            .filter(|s| s.is_retried_by_default() || (named && s.is_retryable_by_admin()))
             .map(FileStatus::as_str)
             .collect()
     } else {

@@ -128,6 +128,7 @@ struct AssignedRow {
     recursive: Option<bool>,
     poll_interval_secs: Option<i32>,
     min_age_secs: Option<i32>,
+    baseline_pending: Option<bool>,
 }
 
 /// The poll assignments `agent` should have now, by server id, each with a
@@ -140,7 +141,8 @@ pub(crate) async fn desired(
 ) -> ApiResult<BTreeMap<i64, (String, proto::PollAssignment)>> {
     let rows = sqlx::query_as::<_, AssignedRow>(&format!(
         "SELECT {CONNECTION_COLUMNS}, s.updated_at, \
-                w.id AS watch_id, w.directory, w.glob, w.recursive, w.poll_interval_secs, w.min_age_secs \
+                w.id AS watch_id, w.directory, w.glob, w.recursive, w.poll_interval_secs, w.min_age_secs, \
+                w.baseline_pending \
          FROM servers s LEFT JOIN watches w \
            ON w.server_id = s.id AND w.enabled AND w.deleted_at IS NULL \
          WHERE s.poller_agent = $1 AND s.poller_coordinator = $2 AND s.enabled AND s.deleted_at IS NULL \
@@ -205,6 +207,9 @@ pub(crate) async fn desired(
                 recursive,
                 poll_interval_secs: interval as u32,
                 min_age_secs: min_age as u32,
+                // Not part of the version: clearing it must not restart a
+                // poller that already sent its baseline.
+                baseline: row.baseline_pending.unwrap_or(false),
             };
             entry.0.push_str(&format!(
                 ";w{}:{}:{}:{}:{}:{}",

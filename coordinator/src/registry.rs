@@ -290,11 +290,13 @@ pub(crate) struct WatchRow {
     pub enabled: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Added with "skip existing files" and its baseline not recorded yet.
+    pub baseline_pending: bool,
 }
 
 const WATCH_SELECT: &str = "SELECT w.id, w.server_id, s.name AS server_name, w.directory, w.glob, \
     w.recursive, w.poll_interval_secs, w.min_age_secs, w.bucket, w.key_template, w.post_action, \
-    w.enabled, w.created_at, w.updated_at FROM watches w JOIN servers s ON s.id = w.server_id";
+    w.enabled, w.created_at, w.updated_at, w.baseline_pending FROM watches w JOIN servers s ON s.id = w.server_id";
 
 /// A fully validated watch definition.
 #[derive(Debug, Clone)]
@@ -396,13 +398,19 @@ pub(crate) fn watch_not_found(id: i64) -> ApiError {
     ApiError::NotFound(format!("no watch with id {id}"))
 }
 
-pub(crate) async fn insert_watch(db: &PgPool, spec: &WatchSpec) -> ApiResult<WatchRow> {
+/// Adds a watch; with `skip_existing`, the files its first listing finds are
+/// recorded as `skipped` (see [`crate::discovery`]).
+pub(crate) async fn insert_watch(
+    db: &PgPool,
+    spec: &WatchSpec,
+    skip_existing: bool,
+) -> ApiResult<WatchRow> {
     let mut tx = db.begin().await?;
     check_server_watches(&mut tx, 0, spec).await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO watches (server_id, directory, glob, recursive, poll_interval_secs, \
-         min_age_secs, bucket, key_template, post_action, enabled) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING id",
+         min_age_secs, bucket, key_template, post_action, enabled, baseline_pending) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING id",
     )
     .bind(spec.server_id)
     .bind(&spec.directory)
@@ -414,6 +422,7 @@ pub(crate) async fn insert_watch(db: &PgPool, spec: &WatchSpec) -> ApiResult<Wat
     .bind(&spec.key_template)
     .bind(spec.post_action.to_string())
     .bind(spec.enabled)
+    .bind(skip_existing)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -2,12 +2,12 @@
 //! `FERRY_RETENTION_DAYS`, in small batches (no long locks; rows another
 //! coordinator is pruning are skipped), every `FERRY_RETENTION_INTERVAL_SECS`.
 //!
-//! - **File rows** of `processed` versions that are gone from the server
+//! - **File rows** of `processed` (and baseline `skipped`) versions that are gone from the server
 //!   (ferry deleted or moved them, or another version replaced them:
 //!   `gone_at`) or whose watch or server was removed, with their history and
 //!   published announcements. A processed version still on the server keeps
 //!   its row: the row is what stops it from being ingested again.
-//! - **History** (`file_events`) of the `processed` versions that keep their row.
+//! - **History** (`file_events`) of the `processed` and `skipped` versions that keep their row.
 //! - **Published announcements** (`outbox`) of any file.
 //!
 //! Never pruned: files in any other status, and announcements not yet
@@ -73,7 +73,7 @@ pub(crate) async fn prune(db: &PgPool, keep: Duration) -> StoreResult<Pruned> {
             "WITH doomed AS ( \
                  SELECT f.id FROM files f \
                  JOIN watches w ON w.id = f.watch_id JOIN servers s ON s.id = f.server_id \
-                 WHERE f.status = 'processed' \
+                 WHERE f.status IN ('processed', 'skipped') \
                    AND f.updated_at < now() - make_interval(secs => $1) \
                    AND (f.gone_at IS NOT NULL OR w.deleted_at IS NOT NULL OR s.deleted_at IS NOT NULL) \
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.file_id = f.id AND o.published_at IS NULL) \
@@ -91,7 +91,7 @@ pub(crate) async fn prune(db: &PgPool, keep: Duration) -> StoreResult<Pruned> {
         let history: i64 = sqlx::query_scalar(
             "WITH old AS ( \
                  SELECT e.id FROM file_events e JOIN files f ON f.id = e.file_id \
-                 WHERE f.status = 'processed' AND e.at < now() - make_interval(secs => $1) \
+                 WHERE f.status IN ('processed', 'skipped') AND e.at < now() - make_interval(secs => $1) \
                  ORDER BY e.id LIMIT $2), \
              gone AS (DELETE FROM file_events WHERE id IN (SELECT id FROM old) RETURNING 1) \
              SELECT count(*) FROM gone",

@@ -404,6 +404,12 @@ pub struct WatchAddArgs {
     /// Create the watch disabled.
     #[arg(long)]
     pub disabled: bool,
+    /// Start from now: files already in the directory at the first listing
+    /// are recorded as `skipped` (not transferred, not announced; requeue
+    /// them with `files retry ID...` or `files retry --status skipped`).
+    /// Files that appear later flow normally.
+    #[arg(long)]
+    pub skip_existing: bool,
 }
 
 #[derive(Debug, Args)]
@@ -460,7 +466,8 @@ pub enum FilesCmd {
         /// File id.
         id: i64,
     },
-    /// Requeue files in error, failed or lost (or the given ids); prints how many.
+    /// Requeue files in error, failed or lost (or the given ids, which may also
+    /// be `skipped` baseline files; `--status skipped` takes them all); prints how many.
     /// Without --status it also re-arms the failed post-actions of the selected
     /// processed files (and offers their parked announcements again).
     Retry {

@@ -17,6 +17,7 @@ impl From<FileStatus> for proto::FileStatus {
             FileStatus::Error => proto::FileStatus::Error,
             FileStatus::Failed => proto::FileStatus::Failed,
             FileStatus::Lost => proto::FileStatus::Lost,
+            FileStatus::Skipped => proto::FileStatus::Skipped,
         }
     }
 }
@@ -37,6 +38,7 @@ pub fn status_from_proto(status: proto::FileStatus) -> Option<FileStatus> {
         proto::FileStatus::Error => FileStatus::Error,
         proto::FileStatus::Failed => FileStatus::Failed,
         proto::FileStatus::Lost => FileStatus::Lost,
+        proto::FileStatus::Skipped => FileStatus::Skipped,
     })
 }
 

@@ -8,6 +8,7 @@ mod agent_identity;
 mod amqp_tls;
 mod announcements;
 mod architecture;
+mod baseline;
 mod ctl;
 mod db_outage;
 mod discovery;

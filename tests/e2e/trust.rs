@@ -188,6 +188,7 @@ async fn discover(t: &Trust, rogue: &RogueAgent, entries: Vec<proto::RemoteEntry
             watch_id: t.watch_id,
             entries,
             batch_id: 1,
+            ..Default::default()
         }))
         .await;
 }

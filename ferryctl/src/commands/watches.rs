@@ -34,6 +34,7 @@ async fn add(admin: &Admin, args: WatchAddArgs, json: bool) -> anyhow::Result<()
         key_template: args.key_template.unwrap_or_default(),
         post_action: args.post_action.as_ref().map(Into::into),
         enabled: args.disabled.then_some(false),
+        skip_existing: args.skip_existing,
     };
     let watch = admin.call(admin.client().add_watch(request)).await?;
     if json {
@@ -148,6 +149,14 @@ fn print_detail(w: &Watch) -> std::io::Result<()> {
         ("Key template", w.key_template.clone()),
         ("Post-action", post_action_text(w)),
         ("Enabled", output::yes_no(w.enabled)),
+        (
+            "Baseline",
+            if w.baseline_pending {
+                "pending: files of the first listing will be recorded as skipped".into()
+            } else {
+                "-".into()
+            },
+        ),
         ("Created", output::time_and_age(w.created_at.as_ref())),
         ("Updated", output::time_and_age(w.updated_at.as_ref())),
     ])
@@ -194,6 +203,7 @@ pub(crate) fn watch_json(w: &Watch) -> Value {
         "key_template": w.key_template,
         "post_action": post_action_text(w),
         "enabled": w.enabled,
+        "baseline_pending": w.baseline_pending,
         "created_at": output::json_time(w.created_at.as_ref()),
         "updated_at": output::json_time(w.updated_at.as_ref()),
     })
