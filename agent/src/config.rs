@@ -70,7 +70,6 @@ impl AgentConfig {
 
     pub(crate) fn poll_settings(&self) -> crate::poller::PollSettings {
         crate::poller::PollSettings {
-            timeouts: self.sftp_timeouts(),
             resync: Duration::from_secs(self.discovery_resync_secs.max(1)),
         }
     }

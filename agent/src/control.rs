@@ -354,7 +354,7 @@ impl Dispatch {
                 tracing::info!(file = c.file_id, reason = %c.reason, "transfer cancelled");
                 self.runner.cancel(c.file_id);
             }
-            CBody::PostAction(req) => self.runner.post_action(req),
+            CBody::PostAction(req) => self.runner.post_action(req, self.trackers.clone()),
             CBody::ResultAck(ack) => self.runner.acknowledged(&ack),
             CBody::DiscoveryAck(ack) => self.runner.discovery_acknowledged(&ack),
             CBody::HostKeyProbe(req) => {

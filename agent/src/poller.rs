@@ -1,5 +1,7 @@
 //! Polling one assigned server: lists each watch on its interval, feeds the
-//! stable-file rule, and reports newly stable files in batches.
+//! stable-file rule, and reports newly stable files in batches. A watch
+//! whose assignment asks for a baseline first gets its whole first listing
+//! sent as baseline parts (recorded `skipped` by the coordinator).
 //!
 //! The stability trackers outlive the poller (they are kept per watch in
 //! [`Trackers`]), so after a reconnect or reassignment the agent resends its
@@ -20,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::runner::Runner;
-use crate::sftp::{self, Auth, ServerEndpoint, SftpError, SftpSession, Timeouts};
+use crate::sftp::{Auth, ServerEndpoint, SftpError, SftpSession};
 
 /// Entries per discovery message.
 pub(crate) const BATCH: usize = 1000;
@@ -28,7 +30,6 @@ pub(crate) const BATCH: usize = 1000;
 /// How a poller works, from the agent's configuration.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PollSettings {
-    pub timeouts: Timeouts,
     /// Resend the full stable set this often.
     pub resync: Duration,
 }
@@ -51,6 +52,14 @@ impl Trackers {
             *entry = (key, StabilityTracker::default());
         }
         f(&mut entry.1)
+    }
+
+    /// Forgets `path` in every watch (ferry deleted or moved it; watches of a
+    /// server never overlap, so at most one has it).
+    pub(crate) fn forget_path(&self, path: &str) {
+        for (_, tracker) in lock(&self.0).values_mut() {
+            tracker.forget(path);
+        }
     }
 
     /// Forgets watches that are no longer assigned anywhere on this agent.
@@ -83,6 +92,18 @@ struct WatchState {
     spec: proto::WatchSpec,
     matcher: globset::GlobMatcher,
     next_due: Instant,
+    /// The next listing is sent whole as the watch's baseline
+    /// ([`proto::WatchSpec::baseline`]); cleared once it is.
+    baseline_due: bool,
+}
+
+/// What a discovery batch carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Report {
+    /// Newly stable files, or the stable set again.
+    Stable,
+    /// A whole listing, the watch's baseline.
+    Baseline,
 }
 
 /// Polls one server until cancelled.
@@ -94,13 +115,14 @@ pub(crate) async fn run(
     settings: PollSettings,
     cancel: CancellationToken,
 ) {
-    let timeouts = settings.timeouts;
     let Some(conn) = assignment.server else {
         return;
     };
     let server_id = conn.server_id;
-    let ep = match endpoint(&conn) {
-        Ok(ep) => ep,
+    // The credentials are checked once here; connections come from the
+    // agent's session pool (the server's one connection budget).
+    match endpoint(&conn) {
+        Ok(_) => {}
         Err(e) => {
             tracing::warn!(server = %conn.name, error = %e, "cannot poll");
             let report = proto::PollReport {
@@ -115,7 +137,7 @@ pub(crate) async fn run(
             }
             return;
         }
-    };
+    }
     let mut watches: Vec<WatchState> = Vec::new();
     for spec in assignment.watches {
         match globset::GlobBuilder::new(&spec.glob)
@@ -124,6 +146,7 @@ pub(crate) async fn run(
         {
             Ok(g) => watches.push(WatchState {
                 matcher: g.compile_matcher(),
+                baseline_due: spec.baseline,
                 spec,
                 next_due: Instant::now(),
             }),
@@ -140,7 +163,6 @@ pub(crate) async fn run(
     };
     let retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut failures = 0u32;
-    let mut session: Option<SftpSession> = None;
     // Full resend of what is already known stable: now (after a reconnect
     // or reassignment), then every `resync`.
     let mut next_resync = Instant::now();
@@ -149,7 +171,15 @@ pub(crate) async fn run(
         if next_resync <= now {
             for w in &watches {
                 let stable = trackers.with(&w.spec, |t| t.stable_set());
-                if !send_batches(&reporter, server_id, w.spec.watch_id, stable).await {
+                if !send_batches(
+                    &reporter,
+                    server_id,
+                    w.spec.watch_id,
+                    &stable,
+                    Report::Stable,
+                )
+                .await
+                {
                     return;
                 }
             }
@@ -159,7 +189,7 @@ pub(crate) async fn run(
             let started = Instant::now();
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = poll_due(&mut session, &ep, &timeouts, &mut watches, &trackers, &reporter, server_id) => r,
+                r = poll_due(&runner, &conn, &mut watches, &trackers, &reporter) => r,
             };
             let report = match &outcome {
                 Ok(seen) => proto::PollReport {
@@ -188,11 +218,6 @@ pub(crate) async fn run(
                 Ok(_) => failures = 0,
                 Err(e) => {
                     tracing::warn!(server = %conn.name, error = %e, "poll failed");
-                    if e.breaks_session()
-                        && let Some(s) = session.take()
-                    {
-                        s.close().await;
-                    }
                     // Retry sooner than the interval would, but back off.
                     let delay = retry.delay(failures);
                     failures = failures.saturating_add(1);
@@ -215,26 +240,32 @@ pub(crate) async fn run(
             _ = tokio::time::sleep_until(next.into()) => {}
         }
     }
-    if let Some(s) = session.take() {
-        s.close().await;
-    }
 }
 
-/// Polls every due watch on one SSH connection. Returns the files seen.
+/// Polls every due watch on one pooled SSH connection (an error that breaks
+/// it keeps it out of the pool). Returns the files seen.
 async fn poll_due(
-    session: &mut Option<SftpSession>,
-    ep: &ServerEndpoint,
-    timeouts: &Timeouts,
+    runner: &Runner,
+    conn: &proto::ServerConnection,
     watches: &mut [WatchState],
     trackers: &Trackers,
     reporter: &Reporter<'_>,
-    server_id: i64,
 ) -> Result<u64, SftpError> {
-    let s = match session.take() {
-        Some(s) if s.is_alive() => s,
-        _ => sftp::connect(ep, timeouts).await?,
-    };
-    let s = session.insert(s);
+    let mut session = runner.pool().checkout(conn).await?;
+    let outcome = list_due(&session, conn.server_id, watches, trackers, reporter).await;
+    if let Err(e) = &outcome {
+        session.note(e);
+    }
+    outcome
+}
+
+async fn list_due(
+    s: &SftpSession,
+    server_id: i64,
+    watches: &mut [WatchState],
+    trackers: &Trackers,
+    reporter: &Reporter<'_>,
+) -> Result<u64, SftpError> {
     let mut seen = 0u64;
     for w in watches.iter_mut().filter(|w| w.next_due <= Instant::now()) {
         w.next_due =
@@ -248,11 +279,27 @@ async fn poll_due(
             }));
         }
         seen += files.len() as u64;
+        if w.baseline_due {
+            // The coordinator records the stable files of this watch only
+            // after the baseline, so it goes first, whole.
+            if !send_batches(
+                reporter,
+                server_id,
+                w.spec.watch_id,
+                &files,
+                Report::Baseline,
+            )
+            .await
+            {
+                return Ok(seen);
+            }
+            w.baseline_due = false;
+        }
         let now_unix = chrono::Utc::now().timestamp();
         let newly = trackers.with(&w.spec, |t| {
             t.observe(files, now_unix, w.spec.min_age_secs).newly_stable
         });
-        if !send_batches(reporter, server_id, w.spec.watch_id, newly).await {
+        if !send_batches(reporter, server_id, w.spec.watch_id, &newly, Report::Stable).await {
             return Ok(seen);
         }
     }
@@ -266,13 +313,20 @@ struct Reporter<'a> {
     runner: &'a Runner,
 }
 
+/// Sends `files` in batches of [`BATCH`]; a baseline is sent even when
+/// empty, and its last batch says it is complete. False when the stream is
+/// gone.
 async fn send_batches(
     reporter: &Reporter<'_>,
     server_id: i64,
     watch_id: i64,
-    files: Vec<(String, Observation)>,
+    files: &[(String, Observation)],
+    report: Report,
 ) -> bool {
-    for chunk in files.chunks(BATCH) {
+    let baseline = report == Report::Baseline;
+    let parts = files.len().div_ceil(BATCH).max(usize::from(baseline));
+    for part in 0..parts {
+        let chunk = &files[part * BATCH..((part + 1) * BATCH).min(files.len())];
         let batch = proto::DiscoveryBatch {
             server_id,
             watch_id,
@@ -286,6 +340,8 @@ async fn send_batches(
                     mtime_unix: o.mtime_unix,
                 })
                 .collect(),
+            baseline,
+            baseline_complete: baseline && part + 1 == parts,
         };
         if reporter
             .out

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::availability::Availability;
-use crate::poller::message;
+use crate::poller::{Trackers, message};
 use crate::transfer::{self, PostActionOutcome, S3Target, SessionPool};
 
 /// How often running transfers report progress (which renews their lease).
@@ -112,6 +112,11 @@ impl Runner {
             rate: Mutex::new(None),
             availability: Mutex::default(),
         }))
+    }
+
+    /// The agent's SSH connections (polls use them too).
+    pub(crate) fn pool(&self) -> &SessionPool {
+        &self.0.pool
     }
 
     /// The coordinator drains (`true`) or resumes (`false`) this agent.
@@ -319,13 +324,18 @@ impl Runner {
         }
     }
 
-    /// Runs a post-action and queues its result.
-    pub(crate) fn post_action(&self, req: proto::PostActionRequest) {
+    /// Runs a post-action and queues its result. A path ferry deleted or
+    /// moved is forgotten by the stability trackers, so a file put back
+    /// there (even the same bytes and mtime) is a new version.
+    pub(crate) fn post_action(&self, req: proto::PostActionRequest, trackers: Trackers) {
         let runner = self.clone();
         tokio::spawn(async move {
             let outcome = transfer::post_action(&req, &runner.0.pool).await;
             let (ok, refused, text) = match outcome {
-                PostActionOutcome::Done => (true, false, String::new()),
+                PostActionOutcome::Done => {
+                    trackers.forget_path(&req.path);
+                    (true, false, String::new())
+                }
                 PostActionOutcome::Refused(why) => {
                     tracing::warn!(file = req.file_id, why = %why, "post-action refused");
                     (false, true, why)

@@ -79,6 +79,13 @@ impl StabilityTracker {
             .collect()
     }
 
+    /// Forgets `path` (ferry deleted or moved it): whatever appears there
+    /// next is a first sighting, reported once stable, even with the same
+    /// size and mtime (`rsync -a` re-sending the file).
+    pub fn forget(&mut self, path: &str) -> bool {
+        self.files.remove(path).is_some()
+    }
+
     pub fn len(&self) -> usize {
         self.files.len()
     }
@@ -140,6 +147,19 @@ mod tests {
         poll(&mut t, &[("/y", 1, 100)], 101, 60);
         assert!(poll(&mut t, &[("/y", 1, 100)], 130, 60).is_empty());
         assert_eq!(poll(&mut t, &[("/y", 1, 100)], 160, 60), vec!["/y"]);
+    }
+
+    #[test]
+    fn a_forgotten_path_is_reported_again_even_unchanged() {
+        let mut t = StabilityTracker::default();
+        poll(&mut t, &[("/r", 5, 100)], 200, 0);
+        assert_eq!(poll(&mut t, &[("/r", 5, 100)], 201, 0), vec!["/r"]);
+        // Deleted by ferry and re-sent with the same size and mtime before
+        // the next poll could see it gone.
+        assert!(t.forget("/r"));
+        assert!(poll(&mut t, &[("/r", 5, 100)], 202, 0).is_empty());
+        assert_eq!(poll(&mut t, &[("/r", 5, 100)], 203, 0), vec!["/r"]);
+        assert!(!t.forget("/never-seen"));
     }
 
     #[test]

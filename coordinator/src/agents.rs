@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_common::domain::Role;
 use ferry_common::lifecycle::RetryPolicy;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::discovery::{self, BatchOutcome, Discovered};
+use crate::discovery::{self, BatchKind, BatchOutcome, Discovered};
 use crate::error::ApiError;
 use crate::hostkey::{PROBE_ANSWER_TIMEOUT, PendingProbes, ProbeError, ProbedKey};
 use crate::polls;
@@ -34,6 +34,9 @@ use crate::transitions::Outcome;
 
 /// Seconds between agent heartbeats, announced in the welcome.
 pub(crate) const HEARTBEAT_SECS: u32 = 5;
+/// An agent that sent nothing (not even a heartbeat) for this long is
+/// treated as silent: no new transfers or post-actions go to it.
+pub(crate) const SILENT_AFTER: Duration = Duration::from_secs(3 * HEARTBEAT_SECS as u64);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most task results applied in one transaction: the ones an agent sent
 /// that are already received when the first is read.
@@ -66,6 +69,9 @@ pub(crate) struct Session {
     /// Why the agent takes no transfers for now (it said so in its last
     /// heartbeat, or a result blamed the agent itself); `None` when it does.
     pub unavailable: Arc<Mutex<Option<String>>>,
+    /// When the agent last sent anything on this stream (it sends a
+    /// heartbeat every [`HEARTBEAT_SECS`]).
+    pub heard: Arc<Mutex<Instant>>,
     /// Cancelled when this stream must end (superseded by a newer stream of
     /// the same agent, or the agent was revoked); see [`Session::close`].
     pub ended: CancellationToken,
@@ -84,9 +90,16 @@ impl Session {
     }
 
     /// Agents that are unavailable get no transfers (they still poll and
-    /// run post-actions: SFTP works, their S3 configuration does not).
+    /// run post-actions: SFTP works, their S3 configuration does not), nor do
+    /// silent ones (no message for [`SILENT_AFTER`]: frozen, or cut off
+    /// while the stream looks open).
     pub(crate) fn takes_transfers(&self) -> bool {
-        !self.is_draining() && lock(&self.unavailable).is_none()
+        !self.is_draining() && lock(&self.unavailable).is_none() && !self.is_silent()
+    }
+
+    /// Nothing heard from the agent for [`SILENT_AFTER`].
+    pub(crate) fn is_silent(&self) -> bool {
+        lock(&self.heard).elapsed() > SILENT_AFTER
     }
 
     pub(crate) fn task_started(&self, file_id: i64) {
@@ -309,6 +322,7 @@ impl AgentStreams {
             tx,
             sent_polls: Arc::default(),
             tasks: Arc::default(),
+            heard: Arc::new(Mutex::new(Instant::now())),
             draining: Arc::new(AtomicBool::new(draining)),
             unavailable: Arc::default(),
             ended: CancellationToken::new(),
@@ -497,6 +511,13 @@ impl AgentStreams {
                 }
             }
             Body::Discovery(batch) => {
+                let kind = if batch.baseline {
+                    BatchKind::Baseline {
+                        complete: batch.baseline_complete,
+                    }
+                } else {
+                    BatchKind::Ordinary
+                };
                 let entries: Vec<Discovered> = batch
                     .entries
                     .into_iter()
@@ -511,6 +532,7 @@ impl AgentStreams {
                     &s.agent,
                     batch.server_id,
                     batch.watch_id,
+                    kind,
                     &entries,
                 )
                 .await?;
@@ -518,14 +540,26 @@ impl AgentStreams {
                     BatchOutcome::NotPolled => {
                         tracing::info!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, entries = entries.len(), "discovery batch ignored: the agent does not poll this server, or the watch is not one of its live watches");
                     }
+                    BatchOutcome::AwaitingBaseline => {
+                        // Not acknowledged: the agent sends it again once
+                        // its baseline is recorded.
+                        tracing::debug!(agent = %s.agent, watch = batch.watch_id, entries = entries.len(), "discovery batch held back: the watch's baseline is not recorded yet");
+                        return Ok(());
+                    }
+                    BatchOutcome::BaselineAlreadyTaken => {
+                        tracing::info!(agent = %s.agent, watch = batch.watch_id, entries = entries.len(), "baseline part ignored: the watch's baseline was already recorded");
+                    }
                     BatchOutcome::Recorded(r) => {
                         crate::metrics::discovered(db, batch.server_id, entries.len(), r.inserted)
                             .await;
                         if let Some((path, why)) = &r.example {
                             tracing::warn!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, rejected = r.rejected, example = ?path, why = %why, "agent fault: discovered entries outside the watch rejected");
                         }
-                        tracing::debug!(agent = %s.agent, watch = batch.watch_id, reported = entries.len(), new = r.inserted, "discovery");
-                        if r.inserted > 0 {
+                        if r.baseline_complete {
+                            tracing::info!(agent = %s.agent, watch = batch.watch_id, "watch baseline recorded: files present now are skipped, later ones flow");
+                        }
+                        tracing::debug!(agent = %s.agent, watch = batch.watch_id, reported = entries.len(), new = r.inserted, baseline = batch.baseline, "discovery");
+                        if r.inserted > 0 && kind == BatchKind::Ordinary {
                             self.coord.files_due().await;
                         }
                     }
@@ -666,6 +700,7 @@ impl AgentService for AgentStreams {
                         m = inbound.next() => m,
                     },
                 };
+                *lock(&session.heard) = Instant::now();
                 match msg {
                     Some(Ok(proto::AgentMessage {
                         body: Some(Body::TaskResult(first)),

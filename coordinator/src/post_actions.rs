@@ -1,5 +1,6 @@
-//! Post-actions (`delete`, `move:<dir>`) after a file is `processed`: sent to a
-//! connected agent of the server's site; the agent's answer is judged here
+//! Post-actions (`delete`, `move:<dir>`) after a file is `processed`: sent to
+//! the agent that polls the server (or, without a live poller, a connected
+//! agent of the server's site); the agent's answer is judged here
 //! ([`judge`], pure) and recorded by [`crate::results::record_post_action`].
 //!
 //! **Invariants:** a post-action is only ever requested for a `processed` file,
@@ -50,6 +51,12 @@ struct Due {
     #[sqlx(try_from = "String")]
     post_action: PostAction,
     site: String,
+    /// The server's poll-lease holder, the coordinator holding its stream,
+    /// and whether its `agents` row says it is live (connected, heard from
+    /// lately, not drained).
+    poller_agent: Option<String>,
+    poller_coordinator: Option<String>,
+    poller_live: bool,
     #[sqlx(flatten)]
     conn: ConnectionRow,
 }
@@ -76,12 +83,18 @@ impl PostActions {
         }
         let due = sqlx::query_as::<_, Due>(&format!(
             "SELECT f.id AS file_id, f.path, f.size, f.mtime_unix, \
-                    f.post_action_next_at AS next_at, f.post_action, s.site, {CONNECTION_COLUMNS} \
+                    f.post_action_next_at AS next_at, f.post_action, s.site, \
+                    s.poller_agent, s.poller_coordinator, \
+                    COALESCE(a.connected AND NOT a.draining AND a.revoked_at IS NULL \
+                             AND a.last_seen_at > now() - make_interval(secs => $2), false) AS poller_live, \
+                    {CONNECTION_COLUMNS} \
              FROM files f JOIN watches w ON w.id = f.watch_id JOIN servers s ON s.id = f.server_id \
+             LEFT JOIN agents a ON a.name = s.poller_agent \
              WHERE {PENDING} AND f.post_action_next_at <= now() \
                AND s.site = ANY($1) ORDER BY f.post_action_next_at, f.id LIMIT 200"
         ))
         .bind(&sites)
+        .bind(crate::agents::SILENT_AFTER.as_secs_f64())
         .fetch_all(&coord.db)
         .await?;
         let mut sent = 0;
@@ -101,19 +114,23 @@ impl PostActions {
                 );
                 continue;
             };
-            let Some(agent) = sessions
-                .iter()
-                .filter(|s| s.site == d.site && !s.is_draining())
-                .min_by_key(|s| s.in_flight())
-            else {
+            let Some(agent) = recipient(&d, &coord.id, sessions) else {
                 continue;
+            };
+            let source = match d.conn.to_proto(&coord.secrets) {
+                Ok(source) => source,
+                Err(e) => {
+                    // That server's problem only: the other files go on.
+                    tracing::warn!(file = d.file_id, server = %d.conn.name, error = format!("{e:#}"), "cannot unseal the server's credentials; post-action not sent");
+                    continue;
+                }
             };
             if !record_recipient(coord, d.file_id, &agent.agent).await? {
                 continue;
             }
             let req = proto::PostActionRequest {
                 file_id: d.file_id,
-                source: Some(d.conn.to_proto(&coord.secrets)?),
+                source: Some(source),
                 path: d.path,
                 action: Some((&d.post_action).into()),
                 size,
@@ -126,6 +143,26 @@ impl PostActions {
         }
         Ok(sent)
     }
+}
+
+/// The agent of this coordinator that runs `d`'s post-action: the server's
+/// poller (its session pool is the server's connection budget, see
+/// `scheduler::route`), or, when the server has no live poller, the least
+/// busy live agent of the site. `None` when the poller is served by another
+/// coordinator (it sends the request) or no agent here can take it.
+fn recipient<'a>(d: &Due, coordinator: &str, sessions: &'a [Session]) -> Option<&'a Session> {
+    let live = |s: &&Session| s.site == d.site && !s.is_draining() && !s.is_silent();
+    if let Some(poller) = d.poller_agent.as_deref() {
+        if d.poller_coordinator.as_deref() == Some(coordinator)
+            && let Some(s) = sessions.iter().filter(live).find(|s| s.agent == poller)
+        {
+            return Some(s);
+        }
+        if d.poller_live {
+            return None;
+        }
+    }
+    sessions.iter().filter(live).min_by_key(|s| s.in_flight())
 }
 
 /// Records that `file_id`'s post-action goes to `agent`, if it is still

@@ -14,6 +14,9 @@
 //!   free slots per turn (at least one file), so a busy server cannot starve
 //!   the others; one server's share is claimed in one transaction and its
 //!   tasks built with one query and one decryption of its credentials.
+//! - A server's transfers go to the agent that polls it ([`route`]), so one
+//!   agent's session pool holds all of the server's SSH connections and
+//!   `max_sessions` bounds connections, not just transfers.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -43,10 +46,26 @@ pub(crate) struct Claimed {
     pub discovered_at: DateTime<Utc>,
 }
 
+/// A server with due files, and the agent that polls it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct DueServer {
+    pub id: i64,
+    /// The poll-lease holder, and the coordinator holding its stream.
+    pub poller_agent: Option<String>,
+    pub poller_coordinator: Option<String>,
+    /// The holder takes transfers, as its `agents` row says (connected,
+    /// heard from lately, not drained, not unavailable).
+    pub poller_ready: bool,
+}
+
 /// Servers of `site` that have due files, in a rotating order.
-pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> StoreResult<Vec<i64>> {
-    Ok(sqlx::query_scalar(
-        "SELECT s.id FROM servers s \
+pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> StoreResult<Vec<DueServer>> {
+    Ok(sqlx::query_as(
+        "SELECT s.id, s.poller_agent, s.poller_coordinator, \
+                COALESCE(a.connected AND NOT a.draining AND a.unavailable IS NULL \
+                         AND a.revoked_at IS NULL \
+                         AND a.last_seen_at > now() - make_interval(secs => $2), false) AS poller_ready \
+         FROM servers s LEFT JOIN agents a ON a.name = s.poller_agent \
          WHERE s.site = $1 AND s.enabled AND s.deleted_at IS NULL \
            AND EXISTS (SELECT 1 FROM files f JOIN watches w ON w.id = f.watch_id \
                        WHERE f.server_id = s.id AND f.status IN ('new', 'error') \
@@ -54,8 +73,68 @@ pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> StoreResu
          ORDER BY random()",
     )
     .bind(site)
+    .bind(crate::agents::SILENT_AFTER.as_secs_f64())
     .fetch_all(db)
     .await?)
+}
+
+/// An agent of this coordinator as routing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Candidate<'a> {
+    pub agent: &'a str,
+    pub takes_transfers: bool,
+    pub free: i64,
+}
+
+/// Where a server's due files go this turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// To the candidate at this index, leaving `reserve` of the server's
+    /// sessions unclaimed (1 when another agent polls the server: the
+    /// poller's connection counts against the same `max_sessions`).
+    To { candidate: usize, reserve: i64 },
+    /// Not now: the poller is busy, or another coordinator serves it.
+    Wait,
+}
+
+/// Where `server`'s transfers go (pure). **Invariant:** a server's SSH work
+/// runs on the agent that polls it, so that agent's session pool is the
+/// server's whole connection budget; another agent is used only when the
+/// poller does not take transfers (drained, unavailable, silent), then with
+/// one session left for the poller, or when there is no poller.
+pub(crate) fn route(server: &DueServer, coordinator: &str, here: &[Candidate<'_>]) -> Route {
+    // A stand-in leaves one session for the poller, if there is one.
+    let most_free_other = |except: Option<&str>| {
+        here.iter()
+            .enumerate()
+            .filter(|(_, c)| c.takes_transfers && c.free > 0 && Some(c.agent) != except)
+            .max_by_key(|(i, c)| (c.free, std::cmp::Reverse(*i)))
+            .map_or(Route::Wait, |(candidate, _)| Route::To {
+                candidate,
+                reserve: i64::from(except.is_some()),
+            })
+    };
+    let Some(poller) = server.poller_agent.as_deref() else {
+        return most_free_other(None);
+    };
+    if server.poller_coordinator.as_deref() == Some(coordinator)
+        && let Some((i, c)) = here.iter().enumerate().find(|(_, c)| c.agent == poller)
+    {
+        return match (c.takes_transfers, c.free > 0) {
+            (true, true) => Route::To {
+                candidate: i,
+                reserve: 0,
+            },
+            (true, false) => Route::Wait,
+            (false, _) => most_free_other(Some(poller)),
+        };
+    }
+    // Served by another coordinator, or its stream here is gone.
+    if server.poller_ready {
+        Route::Wait
+    } else {
+        most_free_other(Some(poller))
+    }
 }
 
 /// Who claims: the coordinator's id, the agent that gets the files, and
@@ -69,13 +148,14 @@ pub(crate) struct Claimant<'a> {
 }
 
 /// Claims up to `want` due files of one server for the claimant's agent,
-/// within the server's free sessions, in one transaction. Returns the claimed
-/// files (possibly none).
+/// within the server's free sessions less `reserve`, in one transaction.
+/// Returns the claimed files (possibly none).
 pub(crate) async fn claim(
     db: &PgPool,
     who: Claimant<'_>,
     server_id: i64,
     want: i64,
+    reserve: i64,
 ) -> StoreResult<Vec<Claimed>> {
     let mut tx = db.begin().await?;
     let max: Option<i32> = sqlx::query_scalar(
@@ -93,7 +173,7 @@ pub(crate) async fn claim(
     .bind(server_id)
     .fetch_one(&mut *tx)
     .await?;
-    let n = want.min(i64::from(max) - running);
+    let n = want.min(i64::from(max) - reserve - running);
     if n <= 0 {
         return Ok(Vec::new());
     }
@@ -315,9 +395,9 @@ fn turn_share(slots: i64, servers: usize) -> i64 {
 }
 
 /// One scheduling round for the agents of `sessions` (all of one site):
-/// rotate over servers with due files, claiming each server's share of the
-/// free slots per turn in one transaction, giving them to the agent with the
-/// most free capacity. Returns tasks sent.
+/// rotate over servers with due files, each [routed](route) to its poller
+/// (or a stand-in), claiming the server's share of that agent's free slots
+/// per turn in one transaction. Returns tasks sent.
 pub(crate) async fn schedule_site(
     db: &PgPool,
     secrets: &SecretBox,
@@ -329,36 +409,42 @@ pub(crate) async fn schedule_site(
 ) -> anyhow::Result<usize> {
     let mut free: Vec<(Session, i64)> = sessions
         .iter()
-        .filter(|s| s.takes_transfers())
         .map(|s| (s.clone(), i64::from(s.capacity) - i64::from(s.in_flight())))
-        .filter(|(_, f)| *f > 0)
         .collect();
-    if free.is_empty() {
+    if !free
+        .iter()
+        .any(|(s, slots)| *slots > 0 && s.takes_transfers())
+    {
         return Ok(0);
     }
     let actor = format!("coordinator:{coordinator}");
     let mut servers = servers_with_due_files(db, site).await?;
     let mut sent = 0;
     while !servers.is_empty() {
-        free.sort_by_key(|(_, f)| -*f);
-        let Some((session, slots)) = free.first_mut().filter(|(_, f)| *f > 0) else {
-            break;
-        };
-        let share = turn_share(*slots, servers.len());
         let mut still_due = Vec::with_capacity(servers.len());
-        for server_id in servers {
-            if *slots <= 0 {
-                still_due.push(server_id);
+        let turn = servers.len();
+        for server in servers {
+            let candidates: Vec<Candidate<'_>> = free
+                .iter()
+                .map(|(s, slots)| Candidate {
+                    agent: &s.agent,
+                    takes_transfers: s.takes_transfers(),
+                    free: *slots,
+                })
+                .collect();
+            let Route::To { candidate, reserve } = route(&server, coordinator, &candidates) else {
                 continue;
-            }
+            };
+            let (session, slots) = &mut free[candidate];
             let who = Claimant {
                 coordinator,
                 agent: &session.agent,
                 lease,
                 policy,
             };
-            let want = share.min(*slots);
-            let claimed = claim(db, who, server_id, want).await?;
+            let want = turn_share(*slots, turn).min(*slots);
+            let server_id = server.id;
+            let claimed = claim(db, who, server_id, want, reserve).await?;
             if claimed.is_empty() {
                 continue;
             }
@@ -412,11 +498,14 @@ pub(crate) async fn schedule_site(
                 crate::metrics::transfer_started(site, file_id);
             }
             if more {
-                still_due.push(server_id);
+                still_due.push(server);
             }
         }
         servers = still_due;
-        if free.iter().all(|(_, f)| *f <= 0) {
+        if !free
+            .iter()
+            .any(|(s, slots)| *slots > 0 && s.takes_transfers())
+        {
             break;
         }
     }
@@ -519,6 +608,74 @@ mod tests {
         assert_eq!(turn_share(8, 3), 2);
         assert_eq!(turn_share(8, 1000), 1);
         assert_eq!(turn_share(1, 0), 1);
+    }
+
+    fn due(poller: Option<&str>, coordinator: Option<&str>, ready: bool) -> DueServer {
+        DueServer {
+            id: 1,
+            poller_agent: poller.map(str::to_string),
+            poller_coordinator: coordinator.map(str::to_string),
+            poller_ready: ready,
+        }
+    }
+
+    fn here() -> Vec<Candidate<'static>> {
+        vec![
+            Candidate {
+                agent: "a1",
+                takes_transfers: true,
+                free: 2,
+            },
+            Candidate {
+                agent: "a2",
+                takes_transfers: true,
+                free: 5,
+            },
+            Candidate {
+                agent: "a3",
+                takes_transfers: false,
+                free: 9,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_servers_transfers_go_to_its_poller_while_it_takes_them() {
+        let to = |candidate, reserve| Route::To { candidate, reserve };
+        // The poller here, with free slots: it, the whole budget.
+        assert_eq!(
+            route(&due(Some("a1"), Some("c1"), true), "c1", &here()),
+            to(0, 0)
+        );
+        // The poller here but busy: wait for it, even with others idle.
+        let mut busy = here();
+        busy[0].free = 0;
+        assert_eq!(
+            route(&due(Some("a1"), Some("c1"), true), "c1", &busy),
+            Route::Wait
+        );
+        // The poller here takes no transfers: the freest other, one session
+        // left for the poller.
+        assert_eq!(
+            route(&due(Some("a3"), Some("c1"), true), "c1", &here()),
+            to(1, 1)
+        );
+        // Polled through another coordinator by a ready agent: that one's job.
+        assert_eq!(
+            route(&due(Some("b1"), Some("c2"), true), "c1", &here()),
+            Route::Wait
+        );
+        // ... by an agent that takes none: a stand-in here.
+        assert_eq!(
+            route(&due(Some("b1"), Some("c2"), false), "c1", &here()),
+            to(1, 1)
+        );
+        // Not polled at all (no live watch, or its agent went away): the
+        // freest agent, the whole budget.
+        assert_eq!(route(&due(None, None, false), "c1", &here()), to(1, 0));
+        // Nobody here can take it.
+        let none: Vec<Candidate<'_>> = here().into_iter().filter(|c| !c.takes_transfers).collect();
+        assert_eq!(route(&due(None, None, false), "c1", &none), Route::Wait);
     }
 
     #[test]

@@ -267,3 +267,41 @@ async fn a_file_resent_after_ferry_deleted_it_is_a_new_version() {
         msgs.iter().filter_map(|m| m.message_id.clone()).collect();
     assert_eq!(ids.len(), 2, "announced once per version: {msgs:?}");
 }
+
+#[tokio::test]
+async fn a_file_resent_right_after_ferry_deleted_it_is_a_new_version() {
+    let mut f = flow().await;
+    let id = f.s.add_server(f.s.server_req("rs2")).await;
+    let watch = f.watch(id, "in", "delete").await;
+    // Polls 3 s apart, so the file is back long before a poll could see the
+    // directory empty.
+    f.s.admin
+        .update_watch(proto::UpdateWatchRequest {
+            id: watch,
+            poll_interval_secs: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let bytes = b"sent, deleted, sent again".to_vec();
+    f.s.sshd.write_file("in/a.csv", &bytes);
+    f.s.sshd.set_mtime("in/a.csv", mtime);
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
+    // The moment ferry deletes it, `rsync -a` puts it back: same bytes, same mtime.
+    eventually("ferry deleting the first copy", WAIT, || async {
+        (!f.s.sshd.exists("in/a.csv")).then_some(())
+    })
+    .await;
+    f.s.sshd.write_file("in/a.csv", &bytes);
+    f.s.sshd.set_mtime("in/a.csv", mtime);
+    f.wait_rows("second copy ingested and deleted", WAIT, |r| {
+        r.len() == 2 && r[1].1 == "processed" && r[1].2.as_deref() == Some("done")
+    })
+    .await;
+    assert!(!f.s.sshd.exists("in/a.csv"));
+    let msgs = f.messages(2).await;
+    let ids: std::collections::BTreeSet<String> =
+        msgs.iter().filter_map(|m| m.message_id.clone()).collect();
+    assert_eq!(ids.len(), 2, "announced once per version: {msgs:?}");
+}

@@ -280,38 +280,59 @@ async fn post_actions_delete_and_move_on_the_sftp_server() {
 }
 
 #[tokio::test]
-async fn max_sessions_is_never_exceeded() {
+async fn max_sessions_bounds_every_ssh_connection_of_a_server() {
     let mut f = flow().await;
     let mut req = f.s.server_req("limited");
     req.max_sessions = 2;
     let id = f.s.add_server(req).await;
-    f.watch(id, "in", "keep").await;
+    f.watch(id, "in", "delete").await;
     for i in 0..12 {
         f.s.sshd
-            .write_file(&format!("in/f{i}.bin"), &content(i, 4 << 20));
+            .write_file(&format!("in/f{i}.bin"), &content(i, 2 << 20));
     }
+    // Count the SSH connections sshd holds (polls, transfers, post-actions,
+    // idle pooled sessions alike) every 20 ms until the run is over.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        let count = f.s.sshd.session_counter();
+        tokio::spawn(async move {
+            let mut max = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                max = max.max(count());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            max
+        })
+    };
     let _a1 = f.s.agent_with("a1", f.agent_opts(8)).await;
     let _a2 = f.s.agent_with("a2", f.agent_opts(8)).await;
     f.wait_status(12, "processed", Duration::from_secs(180))
         .await;
-    // Concurrency from the recorded history: in_progress intervals never overlap more than 2.
-    let spans: Vec<(chrono::DateTime<chrono::Utc>, i32)> = sqlx::query_as(
-        "SELECT at, CASE WHEN to_status = 'in_progress' THEN 1 ELSE -1 END FROM file_events \
-         WHERE to_status = 'in_progress' OR from_status = 'in_progress' ORDER BY at, id",
-    )
-    .fetch_all(f.s.db.pool())
-    .await
-    .unwrap();
-    let (mut cur, mut max) = (0, 0);
-    for (_, d) in &spans {
-        cur += d;
-        max = max.max(cur);
+    eventually("every post-action done", WAIT, || async {
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM files WHERE post_action_result = 'done'")
+                .fetch_one(f.s.db.pool())
+                .await
+                .unwrap();
+        (done == 12).then_some(())
+    })
+    .await;
+    // A few more polls of the now empty directory.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let connections = sampler.await.unwrap();
+    for i in 0..12 {
+        assert!(
+            !f.s.sshd.exists(&format!("in/f{i}.bin")),
+            "f{i} not deleted"
+        );
     }
+    assert_eq!(f.stored("f3.bin").await, content(3, 2 << 20));
     assert!(
-        max <= 2,
-        "{max} transfers ran at once on a server with max_sessions 2"
+        (1..=2).contains(&connections),
+        "{connections} SSH connections at once to a server with max_sessions 2"
     );
-    assert!(max >= 1);
 }
 
 #[tokio::test]

@@ -257,6 +257,12 @@ impl Sshd {
         children_of(pid).len()
     }
 
+    /// A `'static` counter of [`Sshd::session_count`], for a sampling task.
+    pub fn session_counter(&self) -> impl Fn() -> usize + Send + 'static {
+        let pid = self.child.id();
+        move || pid.map_or(0, |pid| children_of(pid).len())
+    }
+
     /// sshd's log (`LogLevel VERBOSE`).
     pub fn log_path(&self) -> &Path {
         &self.log

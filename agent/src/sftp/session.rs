@@ -164,6 +164,12 @@ impl SftpSession {
         {
             tracing::debug!(target = %self.target, error = %e, "SSH disconnect");
         }
+        // The connection counts against the server's session budget until
+        // it has really ended (bounded: a dead peer may never answer).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.ssh.is_closed() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Attributes of `path`, following symlinks (SFTP `STAT`).

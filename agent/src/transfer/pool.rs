@@ -1,5 +1,12 @@
-//! [`SessionPool`]: SFTP sessions per server, reused across transfers and
-//! post-actions, at most `max_sessions` in use per server at a time.
+//! [`SessionPool`]: the agent's SSH connections per server, shared by polls,
+//! transfers and post-actions.
+//!
+//! **Invariant:** at most `max_sessions` connections to a server are open at
+//! once on this agent — in use or idle alike: each open connection holds one
+//! of the server's permits until it is closed. A checkout takes an idle
+//! connection, else opens one if a permit is free, else waits for either.
+//! (Across agents the budget holds because the coordinator gives a server's
+//! transfers and post-actions to the agent that polls it.)
 //!
 //! A checked-out session is a [`PooledSession`]; it goes back to the pool
 //! when dropped unless it died or an error that
@@ -18,7 +25,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use ferry_proto as proto;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::poller::endpoint;
 use crate::sftp::{self, SftpError, SftpSession, Timeouts};
@@ -46,10 +53,18 @@ struct Inner {
 struct Slot {
     /// The settings the sessions were opened with.
     conn: proto::ServerConnection,
-    /// One permit per session in use.
+    /// One permit per open connection, in use or idle (`max_sessions`).
     permits: Arc<Semaphore>,
     /// Open sessions nobody uses, most recently returned last.
-    idle: Mutex<Vec<SftpSession>>,
+    idle: Mutex<Vec<Open>>,
+    /// Signalled when a session goes back to `idle`.
+    returned: Notify,
+}
+
+/// An open connection and the permit it holds until it is closed.
+struct Open {
+    session: SftpSession,
+    permit: OwnedSemaphorePermit,
 }
 
 impl SessionPool {
@@ -70,48 +85,53 @@ impl SessionPool {
     }
 
     /// A session to `conn`'s server: an idle pooled one if any is alive,
-    /// else a new connection. Waits while the server's `max_sessions`
-    /// sessions are all in use.
+    /// else a new connection if the server's budget has room, else the first
+    /// of the two to come (a session returned, a connection closed).
     pub(crate) async fn checkout(
         &self,
         conn: &proto::ServerConnection,
     ) -> Result<PooledSession, SftpError> {
         let slot = self.inner.slot(conn);
-        let permit = slot
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| SftpError::Disconnected("session pool closed".to_owned()))?;
-        let (found, stale) = {
-            let mut idle = lock(&slot.idle);
-            let mut stale = Vec::new();
-            let mut found = None;
-            while let Some(session) = idle.pop() {
-                if self.inner.usable(&session) {
-                    found = Some(session);
-                    break;
+        loop {
+            let returned = slot.returned.notified();
+            tokio::pin!(returned);
+            // Registered before looking, so a return in between is not missed.
+            returned.as_mut().enable();
+            let (found, stale) = {
+                let mut idle = lock(&slot.idle);
+                let mut stale = Vec::new();
+                let mut found = None;
+                while let Some(open) = idle.pop() {
+                    if self.inner.usable(&open.session) {
+                        found = Some(open);
+                        break;
+                    }
+                    stale.push(open);
                 }
-                stale.push(session);
+                (found, stale)
+            };
+            close_all(stale);
+            if let Some(open) = found {
+                return Ok(PooledSession::new(open, slot.clone(), true));
             }
-            (found, stale)
-        };
-        close_all(stale);
-        let (session, reused) = match found {
-            Some(session) => (session, true),
-            None => (
-                sftp::connect(&endpoint(conn)?, &self.inner.timeouts).await?,
-                false,
-            ),
-        };
-        Ok(PooledSession {
-            session: Some(session),
-            slot,
-            _permit: permit,
-            reused,
-            broken: false,
-        })
+            let permit = match slot.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(TryAcquireError::Closed) => return Err(pool_closed()),
+                Err(TryAcquireError::NoPermits) => tokio::select! {
+                    permit = slot.permits.clone().acquire_owned() => {
+                        permit.map_err(|_| pool_closed())?
+                    }
+                    _ = returned => continue,
+                },
+            };
+            let session = sftp::connect(&endpoint(conn)?, &self.inner.timeouts).await?;
+            return Ok(PooledSession::new(Open { session, permit }, slot.clone(), false));
+        }
     }
+}
+
+fn pool_closed() -> SftpError {
+    SftpError::Disconnected("session pool closed".to_owned())
 }
 
 impl Inner {
@@ -136,6 +156,7 @@ impl Inner {
             conn: conn.clone(),
             permits: Arc::new(Semaphore::new(max as usize)),
             idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
         });
         if let Some(old) = servers.insert(conn.server_id, slot.clone()) {
             close_all(std::mem::take(&mut *lock(&old.idle)));
@@ -148,7 +169,8 @@ impl Inner {
         for slot in slots {
             let stale = {
                 let mut idle = lock(&slot.idle);
-                let (keep, stale): (Vec<_>, Vec<_>) = idle.drain(..).partition(|s| self.usable(s));
+                let (keep, stale): (Vec<_>, Vec<_>) =
+                    idle.drain(..).partition(|o| self.usable(&o.session));
                 *idle = keep;
                 stale
             };
@@ -176,14 +198,22 @@ async fn reap(pool: Weak<Inner>) {
 
 /// A session checked out of a [`SessionPool`]; derefs to [`SftpSession`].
 pub(crate) struct PooledSession {
-    session: Option<SftpSession>,
+    open: Option<Open>,
     slot: Arc<Slot>,
-    _permit: OwnedSemaphorePermit,
     reused: bool,
     broken: bool,
 }
 
 impl PooledSession {
+    fn new(open: Open, slot: Arc<Slot>, reused: bool) -> PooledSession {
+        PooledSession {
+            open: Some(open),
+            slot,
+            reused,
+            broken: false,
+        }
+    }
+
     /// True if the session came from the pool rather than a new connection
     /// (a pooled session may have died unnoticed: worth one retry).
     pub(crate) fn reused(&self) -> bool {
@@ -209,35 +239,39 @@ impl Deref for PooledSession {
 
     #[expect(clippy::expect_used, reason = "only `Drop` takes the session out")]
     fn deref(&self) -> &SftpSession {
-        self.session
+        &self
+            .open
             .as_ref()
             .expect("pooled session present until drop")
+            .session
     }
 }
 
 impl Drop for PooledSession {
     fn drop(&mut self) {
-        let Some(session) = self.session.take() else {
+        let Some(open) = self.open.take() else {
             return;
         };
-        if self.broken || !session.is_alive() {
-            close_all(vec![session]);
+        if self.broken || !open.session.is_alive() {
+            close_all(vec![open]);
         } else {
-            lock(&self.slot.idle).push(session);
+            lock(&self.slot.idle).push(open);
+            self.slot.returned.notify_one();
         }
     }
 }
 
-/// Closes sessions in the background (dropping them would close them too,
-/// but without telling the server).
-fn close_all(sessions: Vec<SftpSession>) {
+/// Closes sessions in the background; each one's permit is given back once
+/// its connection has ended, so a new connection never overlaps it.
+fn close_all(sessions: Vec<Open>) {
     if sessions.is_empty() {
         return;
     }
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
-            for session in sessions {
-                session.close().await;
+            for open in sessions {
+                open.session.close().await;
+                drop(open.permit);
             }
         });
     }
