@@ -97,6 +97,15 @@ impl Session {
         !self.is_draining() && lock(&self.unavailable).is_none() && !self.is_silent()
     }
 
+    /// Treats the agent as silent until its next message (a lease of its
+    /// expired although the stream is open).
+    pub(crate) fn mark_silent(&self) {
+        let long_ago = Instant::now().checked_sub(SILENT_AFTER + Duration::from_secs(1));
+        if let Some(at) = long_ago {
+            *lock(&self.heard) = at;
+        }
+    }
+
     /// Nothing heard from the agent for [`SILENT_AFTER`].
     pub(crate) fn is_silent(&self) -> bool {
         lock(&self.heard).elapsed() > SILENT_AFTER

@@ -8,7 +8,7 @@
 
 use ferry_common::sync::lock;
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_proto as proto;
 use ferry_proto::coordinator_message::Body;
@@ -59,26 +59,32 @@ async fn poll_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancellatio
 async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: CancellationToken) {
     let mut due = coord.subscribe_files_due();
     let mut post_actions = PostActions::default();
+    let lease = agents.settings.lease;
+    // Agents renew their leases through Postgres; while this coordinator
+    // could not reach it (or before it ran), renewals may have been lost, so
+    // leases are reaped only after one full lease period of a working
+    // database: a transfer that kept running through an outage is not
+    // taken away for want of renewals nobody could record.
+    let mut reap_from = Instant::now() + lease;
     loop {
         let sessions = agents.snapshot();
-        match scheduler::reap_expired(
-            &coord.db,
-            &coord.id,
-            &agents.settings.retry,
-            agents.settings.lease,
-        )
-        .await
-        {
-            Ok(reaped) if reaped.is_empty() => {}
-            Ok(reaped) => {
-                crate::metrics::leases_expired(&reaped);
-                tracing::warn!(
-                    files = reaped.len(),
-                    "requeued transfers whose lease expired"
-                );
-                cancel_reaped(&agents, reaped).await;
+        if Instant::now() >= reap_from {
+            match scheduler::reap_expired(&coord.db, &coord.id, &agents.settings.retry, lease).await
+            {
+                Ok(reaped) if reaped.is_empty() => {}
+                Ok(reaped) => {
+                    crate::metrics::leases_expired(&reaped);
+                    tracing::warn!(
+                        files = reaped.len(),
+                        "requeued transfers whose lease expired"
+                    );
+                    cancel_reaped(&agents, reaped).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease reaper failed");
+                    reap_from = Instant::now() + lease;
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "lease reaper failed"),
         }
         let mut by_site: BTreeMap<String, Vec<Session>> = BTreeMap::new();
         for s in sessions.iter().cloned() {
@@ -97,6 +103,11 @@ async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancell
             .await
             {
                 tracing::warn!(site = %site, error = format!("{e:#}"), "scheduling failed");
+                if e.chain()
+                    .any(|c| c.is::<sqlx::Error>() || c.is::<crate::error::StoreError>())
+                {
+                    reap_from = reap_from.max(Instant::now() + lease);
+                }
             }
         }
         if let Err(e) = post_actions.dispatch(&coord, &sessions).await {
@@ -120,6 +131,9 @@ async fn cancel_reaped(agents: &AgentStreams, reaped: Vec<Reaped>) {
             continue;
         };
         session.task_finished(r.file_id);
+        // Its lease ran out while its stream is open: it stopped reporting,
+        // so it gets no new work until it is heard from again.
+        session.mark_silent();
         let sent = session
             .send(Body::TaskCancellation(proto::TaskCancellation {
                 file_id: r.file_id,

@@ -485,7 +485,7 @@ async fn ferryctl_status_sums_up_the_system() {
     assert_eq!(
         servers[0]["counts"],
         serde_json::json!({"new": 1, "in_progress": 0, "uploaded": 0, "processed": 2,
-                           "error": 1, "failed": 1, "lost": 0})
+                           "error": 1, "failed": 1, "lost": 0, "skipped": 0})
     );
     assert_eq!(servers[0]["total"], 5);
     assert_eq!(servers[1]["name"], "broken");

@@ -125,7 +125,11 @@ impl SessionPool {
                 },
             };
             let session = sftp::connect(&endpoint(conn)?, &self.inner.timeouts).await?;
-            return Ok(PooledSession::new(Open { session, permit }, slot.clone(), false));
+            return Ok(PooledSession::new(
+                Open { session, permit },
+                slot.clone(),
+                false,
+            ));
         }
     }
 }
