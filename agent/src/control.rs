@@ -66,8 +66,13 @@ pub(crate) async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::
     let runner = Runner::new(
         SessionPool::new(cfg.sftp_timeouts()),
         S3Target::from_env().await,
+        cfg.capacity,
     );
-    let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    // Capped well below a task lease: once a coordinator can take the agent
+    // again (after a database outage, say), the agent is back within
+    // seconds and its hello renews the leases of the transfers it kept
+    // running, before the reaper gives up on them.
+    let backoff = Backoff::new(Duration::from_millis(500), RECONNECT_MAX);
     let mut attempt = 0u32;
     let mut next = 0usize;
     loop {
@@ -209,6 +214,8 @@ async fn stream_once(
 /// How long a shutting-down agent waits for the coordinator to acknowledge
 /// the end of its stream.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait between two attempts to reach a coordinator.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// Graceful shutdown: stop polling, refuse new transfers, and keep the stream
 /// open until running transfers finished and their results went out (or

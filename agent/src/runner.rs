@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_proto::{self as proto, agent_message::Body, task_result::Outcome};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::availability::Availability;
@@ -51,6 +51,14 @@ struct Counters {
 struct Inner {
     pool: SessionPool,
     s3: S3Target,
+    /// One permit per transfer that may run at once (the agent's capacity).
+    /// The coordinator assigns ahead of free slots, so assigned transfers
+    /// queue here and start the moment one finishes, without waiting for a
+    /// round trip to the coordinator.
+    slots: Arc<Semaphore>,
+    /// Cancelled on shutdown: transfers still queued for a slot are handed
+    /// back at once.
+    shutting_down: CancellationToken,
     running: Mutex<HashMap<i64, Running>>,
     /// Results not yet handed to a stream.
     pending: Mutex<VecDeque<proto::AgentMessage>>,
@@ -97,10 +105,12 @@ fn bytes_per_sec(prev: Option<RateSample>, now: RateSample) -> u64 {
 pub(crate) struct Runner(Arc<Inner>);
 
 impl Runner {
-    pub(crate) fn new(pool: SessionPool, s3: S3Target) -> Runner {
+    pub(crate) fn new(pool: SessionPool, s3: S3Target, capacity: u32) -> Runner {
         Runner(Arc::new(Inner {
             pool,
             s3,
+            slots: Arc::new(Semaphore::new(capacity as usize)),
+            shutting_down: CancellationToken::new(),
             running: Mutex::default(),
             pending: Mutex::default(),
             unacked: Mutex::default(),
@@ -124,9 +134,36 @@ impl Runner {
         self.0.held.store(held, Ordering::SeqCst);
     }
 
-    /// Refuses new transfers from now on (shutdown).
+    /// Refuses new transfers from now on, and hands back the queued ones
+    /// (shutdown).
     pub(crate) fn drain(&self) {
         self.0.draining.store(true, Ordering::SeqCst);
+        self.0.shutting_down.cancel();
+    }
+
+    /// Why this agent takes no transfer now, if it does not.
+    fn refusal(&self) -> Option<String> {
+        if self.0.draining.load(Ordering::SeqCst) {
+            Some("agent is shutting down".to_owned())
+        } else if self.0.held.load(Ordering::SeqCst) {
+            Some("agent is drained".to_owned())
+        } else {
+            lock(&self.0.availability).unavailable(Instant::now())
+        }
+    }
+
+    /// Hands a task back: the agent's state, not the file's, so no attempt
+    /// is counted.
+    fn refuse(&self, file_id: i64, fencing_token: u64, why: String) {
+        crate::metrics::TRANSFERS.inc(&["refused"]);
+        self.queue(message(Body::TaskResult(proto::TaskResult {
+            file_id,
+            fencing_token,
+            outcome: Some(Outcome::Failure(proto::TaskFailure {
+                kind: proto::FailureKind::Agent as i32,
+                message: why,
+            })),
+        })));
     }
 
     /// No transfer running and every result acknowledged by a coordinator.
@@ -231,26 +268,11 @@ impl Runner {
         self.0.wake.notify_one();
     }
 
-    /// Starts a transfer (a repeated assignment of a running file is ignored).
+    /// Starts a transfer as soon as a slot is free (a repeated assignment of
+    /// a running or queued file is ignored).
     pub(crate) fn start(&self, task: proto::TaskAssignment) {
-        let refused = if self.0.draining.load(Ordering::SeqCst) {
-            Some("agent is shutting down".to_owned())
-        } else if self.0.held.load(Ordering::SeqCst) {
-            Some("agent is drained".to_owned())
-        } else {
-            lock(&self.0.availability).unavailable(Instant::now())
-        };
-        if let Some(why) = refused {
-            crate::metrics::TRANSFERS.inc(&["refused"]);
-            // The agent's state, not the file's: no attempt is counted.
-            self.queue(message(Body::TaskResult(proto::TaskResult {
-                file_id: task.file_id,
-                fencing_token: task.fencing_token,
-                outcome: Some(Outcome::Failure(proto::TaskFailure {
-                    kind: proto::FailureKind::Agent as i32,
-                    message: why,
-                })),
-            })));
+        if let Some(why) = self.refusal() {
+            self.refuse(task.file_id, task.fencing_token, why);
             return;
         }
         let bytes = Arc::new(AtomicU64::new(0));
@@ -275,9 +297,25 @@ impl Runner {
         }
         let runner = self.clone();
         tokio::spawn(async move {
-            let metered = crate::metrics::transfer();
             let file_id = task.file_id;
             let token = task.fencing_token;
+            let queued = tokio::select! {
+                permit = runner.0.slots.clone().acquire_owned() => permit.ok(),
+                _ = runner.0.shutting_down.cancelled() => None,
+                _ = cancel.cancelled() => return,
+            };
+            // Paused or shutting down while it waited: hand it back.
+            let refused = match &queued {
+                Some(_) => runner.refusal(),
+                None => Some("agent is shutting down".to_owned()),
+            };
+            if let Some(why) = refused {
+                runner.forget_running(file_id, token);
+                runner.refuse(file_id, token, why);
+                return;
+            }
+            let _slot = queued;
+            let metered = crate::metrics::transfer();
             tracing::info!(file = file_id, path = %task.path, key = %task.key, "transfer started");
             let progress = {
                 let bytes = bytes.clone();
@@ -304,18 +342,21 @@ impl Runner {
                     tracing::warn!(file = file_id, kind = f.kind, error = %f.message, "transfer failed");
                 }
             }
-            {
-                let mut running = lock(&runner.0.running);
-                if running.get(&file_id).is_some_and(|r| r.token == token) {
-                    running.remove(&file_id);
-                }
-            }
+            runner.forget_running(file_id, token);
             runner.queue(message(Body::TaskResult(proto::TaskResult {
                 file_id,
                 fencing_token: token,
                 outcome: Some(outcome),
             })));
         });
+    }
+
+    /// Drops `file_id` from the running set if it is still this attempt.
+    fn forget_running(&self, file_id: i64, token: u64) {
+        let mut running = lock(&self.0.running);
+        if running.get(&file_id).is_some_and(|r| r.token == token) {
+            running.remove(&file_id);
+        }
     }
 
     pub(crate) fn cancel(&self, file_id: i64) {

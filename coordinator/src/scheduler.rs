@@ -34,6 +34,13 @@ use crate::registry::{CONNECTION_COLUMNS, ConnectionRow};
 use crate::secrets::SecretBox;
 use crate::transitions::{self, Change, Outcome};
 
+/// Transfers assigned per agent slot and per server session: an agent holds
+/// up to `capacity * PIPELINE` tasks (and a server's agent up to
+/// `max_sessions * PIPELINE` of that server's), running `capacity` at once
+/// and starting a queued one the moment another finishes, so the round trip
+/// result -> coordinator -> next assignment no longer idles the agent.
+pub(crate) const PIPELINE: i64 = 2;
+
 /// A claimed file, ready to become a task assignment.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct Claimed {
@@ -148,7 +155,8 @@ pub(crate) struct Claimant<'a> {
 }
 
 /// Claims up to `want` due files of one server for the claimant's agent,
-/// within the server's free sessions less `reserve`, in one transaction.
+/// within the server's queue (`max_sessions * PIPELINE`, or for a stand-in
+/// `max_sessions - reserve`) less its running transfers, in one transaction.
 /// Returns the claimed files (possibly none).
 pub(crate) async fn claim(
     db: &PgPool,
@@ -173,7 +181,16 @@ pub(crate) async fn claim(
     .bind(server_id)
     .fetch_one(&mut *tx)
     .await?;
-    let n = want.min(i64::from(max) - reserve - running);
+    // The agent's session pool bounds the connections; transfers beyond
+    // them wait there for a session, ready to start the moment one frees.
+    // A stand-in (reserve > 0) gets no such queue: its pool is not the
+    // poller's, so only the sessions the poller leaves may be used.
+    let limit = if reserve == 0 {
+        i64::from(max) * PIPELINE
+    } else {
+        i64::from(max) - reserve
+    };
+    let n = want.min(limit - running);
     if n <= 0 {
         return Ok(Vec::new());
     }
@@ -409,7 +426,10 @@ pub(crate) async fn schedule_site(
 ) -> anyhow::Result<usize> {
     let mut free: Vec<(Session, i64)> = sessions
         .iter()
-        .map(|s| (s.clone(), i64::from(s.capacity) - i64::from(s.in_flight())))
+        .map(|s| {
+            let ahead = i64::from(s.capacity) * PIPELINE;
+            (s.clone(), ahead - i64::from(s.in_flight()))
+        })
         .collect();
     if !free
         .iter()
