@@ -207,22 +207,34 @@ async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_tr
 
     let drained_at = Instant::now();
     cluster.coordinators[victim].terminate();
-    // Not ready from the moment it drains (503, then nothing listening).
+    // Not ready from the moment it drains: `/readyz` answers 503 (its HTTP
+    // listener stays up until the process exits), not a refused connection
+    // a balancer could take for a crash; the process itself is alive.
     let readyz = eventually(
         "/readyz of the drained coordinator failing",
         WAIT,
         || async {
-            match cluster.readyz(victim).await {
-                Some(200) => None,
+            match http_get(cluster.http[victim], "/readyz").await {
+                Some((200, _)) => None,
                 other => Some(other),
             }
         },
     )
     .await;
+    let healthz = http_get(cluster.http[victim], "/healthz").await;
     println!(
-        "SIGTERM {holder}: /readyz {} after {:.1}s",
-        readyz.map_or("refused".to_string(), |s| s.to_string()),
+        "SIGTERM {holder}: /readyz {readyz:?} after {:.1}s, /healthz {healthz:?}",
         drained_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        readyz,
+        Some((503, "not ready: draining\n".to_string())),
+        "/readyz of the draining {holder}"
+    );
+    assert_eq!(
+        healthz.map(|(s, _)| s),
+        Some(200),
+        "/healthz while draining"
     );
     cluster
         .lb
@@ -252,6 +264,10 @@ async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_tr
         .await
         .expect("the drained coordinator exits");
     assert!(exited.success(), "drained coordinator exit: {exited}");
+    println!(
+        "{holder} exited by {:.1}s",
+        drained_at.elapsed().as_secs_f64()
+    );
 
     eventually("both agents served by the survivor", WAIT, || async {
         agents_served_by(&cluster, &survivor).await.then_some(())
