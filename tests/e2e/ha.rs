@@ -5,7 +5,8 @@
 //! again through the survivor. With a test-owned Postgres ([`PgCluster`]): a
 //! restart mid-flow costs no file and no attempt (health NOT_SERVING
 //! meanwhile); a coordinator started before Postgres becomes ready once it
-//! runs.
+//! runs. With a test-owned RabbitMQ node ([`RabbitNode`]): a stop and start
+//! of the broker mid-flow loses no announcement.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,24 +15,24 @@ use std::time::{Duration, Instant};
 use ferry_tests::cluster::{
     Cluster, ClusterOptions, FileRow, Tally, content, coordinator_name, http_get, stored_digests,
 };
-use ferry_tests::{Coordinator, PgCluster, eventually};
+use ferry_tests::{AmqpMessage, Coordinator, PgCluster, RabbitNode, eventually};
 use sha2::{Digest, Sha256};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::stack::WAIT;
 
-/// Writes `n` files of `size` bytes into `dir`, one every `every`; returns
-/// the sha256 of each, by remote path.
+/// Writes the files `f<i>.bin` (`i` in `range`) of `size` bytes into `dir`,
+/// one every `every`; returns the sha256 of each, by remote path.
 async fn write_files(
     cluster: &Cluster,
     dir: &str,
-    n: u64,
+    range: std::ops::Range<u64>,
     size: usize,
     every: Duration,
 ) -> BTreeMap<String, String> {
     let mut expected = BTreeMap::new();
-    for i in 0..n {
+    for i in range {
         let bytes = content(i + 1, size);
         let rel = format!("{dir}/f{i:03}.bin");
         cluster.sshd.write_file(&rel, &bytes);
@@ -142,7 +143,7 @@ async fn cluster_with_two_agents(dir: &str) -> Cluster {
 async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_the_balancer() {
     let mut cluster = cluster_with_two_agents("kill").await;
 
-    let writing = write_files(&cluster, "kill", 30, 1 << 20, Duration::from_millis(100));
+    let writing = write_files(&cluster, "kill", 0..30, 1 << 20, Duration::from_millis(100));
     let expected = {
         let cluster = &cluster;
         let killed = async {
@@ -344,7 +345,7 @@ async fn a_postgres_restart_mid_flow_loses_no_file_and_costs_no_attempt() {
     cluster.watch("pgr").await;
     cluster.start_agent("a1", 2).await;
     cluster.start_agent("a2", 2).await;
-    let writing = write_files(&cluster, "pgr", 20, 1 << 20, Duration::from_millis(100));
+    let writing = write_files(&cluster, "pgr", 0..20, 1 << 20, Duration::from_millis(100));
     let expected = {
         let cluster = &cluster;
         let mid_flow = wait_files(cluster, "files processed and in flight", |files| {
@@ -461,4 +462,165 @@ async fn a_coordinator_started_before_postgres_becomes_ready_once_it_runs() {
         .await
         .unwrap();
     assert_eq!(migrated, 0);
+}
+
+/// Seconds since the epoch on the Postgres clock (the clock of `file_events.at`).
+async fn db_now(cluster: &Cluster) -> f64 {
+    sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_flow_loses_no_announcement() {
+    let mut node = RabbitNode::start().await;
+    // The coordinators publish to the node (through the cluster's AMQP proxy).
+    let mut cluster = Cluster::start(ClusterOptions {
+        amqp_target: Some(node.addr()),
+        ..Default::default()
+    })
+    .await;
+    // A durable queue on the node: it and its persistent messages survive
+    // the restart, so what is read afterwards is all that was delivered.
+    let queue = "ferry-ha-announcements";
+    node.declare_queue(cluster.queue.exchange(), queue).await;
+    cluster.watch("mq").await;
+    cluster.start_agent("a1", 2).await;
+    cluster.start_agent("a2", 2).await;
+
+    // The node stops as soon as the first announcement is confirmed, while
+    // files are still being written and transferred.
+    let writing = write_files(&cluster, "mq", 0..20, 256 << 10, Duration::from_millis(150));
+    let (mut expected, stopped_at) = {
+        let (cluster, node) = (&cluster, &mut node);
+        let stop = async move {
+            wait_files(cluster, "a file announced", |files| {
+                files.iter().any(|f| f.status == "processed")
+            })
+            .await;
+            node.stop().await;
+            Instant::now()
+        };
+        tokio::join!(writing, stop)
+    };
+    // Files confirmed by the broker before it stopped are processed; none
+    // can become processed while it is down.
+    let at_stop = cluster.files().await.unwrap();
+    let processed_at_stop = at_stop.iter().filter(|f| f.status == "processed").count();
+    // More files arrive during the outage.
+    expected
+        .extend(write_files(&cluster, "mq", 20..25, 256 << 10, Duration::from_millis(50)).await);
+    let n = expected.len();
+    wait_files(
+        &cluster,
+        "every file stored, waiting for the broker",
+        |files| {
+            files.len() == n
+                && files
+                    .iter()
+                    .all(|f| f.status == "uploaded" || f.status == "processed")
+        },
+    )
+    .await;
+    let during = cluster.files().await.unwrap();
+    let pending: Vec<FileRow> = during
+        .iter()
+        .filter(|f| f.status == "uploaded")
+        .cloned()
+        .collect();
+    assert_eq!(
+        during.len() - pending.len(),
+        processed_at_stop,
+        "no file became processed while the broker was down"
+    );
+    assert!(!pending.is_empty(), "files waiting for the broker");
+    for i in 0..2 {
+        assert_eq!(
+            cluster.readyz(i).await,
+            Some(200),
+            "a coordinator without a broker stays ready"
+        );
+    }
+    println!(
+        "broker stopped with {processed_at_stop} of {} files processed; {} files wait in the outbox",
+        at_stop.len(),
+        pending.len()
+    );
+
+    let restarting = Instant::now();
+    node.start_server().await;
+    let returned_at = db_now(&cluster).await;
+    println!(
+        "broker back after an outage of {:.1}s (start took {:.1}s)",
+        stopped_at.elapsed().as_secs_f64(),
+        restarting.elapsed().as_secs_f64()
+    );
+    wait_files(&cluster, "every file processed", |files| {
+        files.len() == n && files.iter().all(|f| f.status == "processed")
+    })
+    .await;
+    println!(
+        "every file processed {:.1}s after the broker returned",
+        restarting.elapsed().as_secs_f64()
+    );
+    let files = cluster.files().await.unwrap();
+    // Everything delivered, before the stop (kept in the durable queue) and
+    // after the return, is read now, after the return.
+    let mut messages: Vec<AmqpMessage> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        messages.extend(
+            node.take_messages(queue, Duration::from_secs(2))
+                .await
+                .unwrap(),
+        );
+        if Tally::of(&files, &messages).lost.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let tally = Tally::of(&files, &messages);
+    println!(
+        "files {} processed {} lost {} messages {} duplicates {}",
+        tally.files,
+        tally.processed,
+        tally.lost.len(),
+        tally.messages,
+        tally.duplicates
+    );
+    assert_eq!(tally.files, n, "one row per written file");
+    assert_eq!(tally.processed, n);
+    assert!(tally.lost.is_empty(), "lost: {:?}", tally.lost);
+    assert!(
+        tally.conflicting_ids.is_empty(),
+        "duplicates only with the same message_id: {:?}",
+        tally.conflicting_ids
+    );
+    assert_eq!(
+        tally.mismatched_bodies, 0,
+        "body announcement_id = message_id"
+    );
+    // Each file that waited was announced (confirmed by the broker, so
+    // processed) only after the broker returned.
+    let early: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM file_events e JOIN files f ON f.id = e.file_id \
+         WHERE f.announcement_id::text = ANY($1) AND e.to_status = 'processed' \
+           AND EXTRACT(EPOCH FROM e.at) < $2",
+    )
+    .bind(
+        pending
+            .iter()
+            .map(|f| f.announcement_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(returned_at)
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        early, 0,
+        "a waiting file processed before the broker returned"
+    );
+    let stored = stored_digests(&cluster.s3, &files).await;
+    assert_eq!(stored, expected, "stored bytes");
 }
