@@ -5,8 +5,10 @@
 //! again through the survivor. With a test-owned Postgres ([`PgCluster`]): a
 //! restart mid-flow costs no file and no attempt (health NOT_SERVING
 //! meanwhile); a coordinator started before Postgres becomes ready once it
-//! runs. With a test-owned RabbitMQ node ([`RabbitNode`]): a stop and start
-//! of the broker mid-flow loses no announcement.
+//! runs; a restore of a dump taken mid-flow leaves nothing on the server
+//! unprocessed and reuses no `message_id` for another version. With a
+//! test-owned RabbitMQ node ([`RabbitNode`]): a stop and start of the broker
+//! mid-flow loses no announcement.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -620,6 +622,181 @@ async fn a_broker_restart_mid_flow_loses_no_announcement() {
     assert_eq!(
         early, 0,
         "a waiting file processed before the broker returned"
+    );
+    let stored = stored_digests(&cluster.s3, &files).await;
+    assert_eq!(stored, expected, "stored bytes");
+}
+
+/// Every file version announced, by `(path, size, mtime, sha256)`: the
+/// distinct `message_id`s it was announced with.
+fn announced_versions(
+    messages: &[AmqpMessage],
+) -> BTreeMap<(String, i64, String, String), std::collections::BTreeSet<String>> {
+    let mut out: BTreeMap<_, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for m in messages {
+        let body = m.json();
+        let version = (
+            body["path"].as_str().unwrap_or_default().to_string(),
+            body["size"].as_i64().unwrap_or(-1),
+            body["mtime"].as_str().unwrap_or_default().to_string(),
+            body["sha256"].as_str().unwrap_or_default().to_string(),
+        );
+        out.entry(version)
+            .or_default()
+            .insert(m.message_id.clone().unwrap_or_default());
+    }
+    out
+}
+
+fn count_by_status(files: &[FileRow]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for f in files {
+        *out.entry(f.status.clone()).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_restore_from_a_dump_taken_mid_flow_reuses_no_message_id_and_leaves_nothing_unprocessed()
+{
+    let pg = PgCluster::start().await;
+    let mut cluster = cluster_on(&pg, &[]).await;
+    cluster.watch("rst").await;
+    cluster.start_agent("a1", 2).await;
+    cluster.start_agent("a2", 2).await;
+
+    // Files flowing; the dump is taken while some are done, some are on
+    // their way and some are not written yet (they have no row in it).
+    let writing = write_files(
+        &cluster,
+        "rst",
+        0..24,
+        256 << 10,
+        Duration::from_millis(250),
+    );
+    let (mut expected, (dump, at_dump)) = {
+        let (cluster, pg) = (&cluster, &pg);
+        let dumping = async move {
+            wait_files(cluster, "files processed and in flight", |files| {
+                files.iter().any(|f| f.status == "processed")
+                    && files.iter().any(|f| f.status != "processed")
+            })
+            .await;
+            let dump = pg.dump("ferry", "mid-flow");
+            (dump, cluster.files().await.unwrap())
+        };
+        tokio::join!(writing, dumping)
+    };
+    println!(
+        "dump taken mid-flow (about {:?})",
+        count_by_status(&at_dump)
+    );
+    wait_files(&cluster, "the first 24 files processed", |files| {
+        files.len() == 24 && files.iter().all(|f| f.status == "processed")
+    })
+    .await;
+    let mut messages = cluster.collect_messages(Duration::from_secs(2)).await;
+    let before_restore = cluster.files().await.unwrap();
+
+    for c in &mut cluster.coordinators {
+        c.terminate();
+        let exit = c.wait_exit(WAIT).await.expect("the coordinator exits");
+        assert!(exit.success(), "coordinator exit: {exit}");
+    }
+    pg.restore("ferry", &dump).await;
+    let restored = cluster.files().await.unwrap();
+    println!(
+        "restored: {} rows {:?} (there were {} processed before the restore)",
+        restored.len(),
+        count_by_status(&restored),
+        before_restore.len()
+    );
+    for c in &mut cluster.coordinators {
+        c.restart().await;
+    }
+    for i in 0..cluster.coordinators.len() {
+        cluster
+            .lb
+            .wait_status(&coordinator_name(i), "UP", WAIT)
+            .await;
+    }
+    // New files after the restore.
+    expected.extend(
+        write_files(
+            &cluster,
+            "rst",
+            24..30,
+            256 << 10,
+            Duration::from_millis(100),
+        )
+        .await,
+    );
+
+    // Every file on the server ends with a processed row.
+    let n = expected.len();
+    wait_files(&cluster, "every file on the server processed", |files| {
+        let processed: std::collections::HashSet<&str> = files
+            .iter()
+            .filter(|f| f.status == "processed")
+            .map(|f| f.path.as_str())
+            .collect();
+        expected.keys().all(|p| processed.contains(p.as_str()))
+            && files.iter().all(|f| f.status == "processed")
+    })
+    .await;
+    let files = cluster.files().await.unwrap();
+    // What became of the rows the dump held unfinished (printed: README).
+    for r in restored.iter().filter(|r| r.status != "processed") {
+        let history: Vec<String> = sqlx::query_scalar(
+            "SELECT coalesce(from_status, '-') || '->' || to_status || ' (' || reason || ')' \
+             FROM file_events WHERE file_id = $1 AND at > now() - interval '1 hour' \
+             ORDER BY id",
+        )
+        .bind(r.id)
+        .fetch_all(&cluster.pool)
+        .await
+        .unwrap();
+        let last = history.len().saturating_sub(6);
+        println!(
+            "restored {} row {}: {:?}",
+            r.status,
+            r.path.rsplit('/').next().unwrap_or_default(),
+            &history[last..]
+        );
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        messages.extend(cluster.collect_messages(Duration::from_secs(2)).await);
+        if Tally::of(&files, &messages).lost.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let tally = Tally::of(&files, &messages);
+    let versions = announced_versions(&messages);
+    let reannounced = versions.values().filter(|ids| ids.len() > 1).count();
+    println!(
+        "after the restore: files {} processed {} lost {} messages {} duplicates {} \
+         versions announced {} of them under two message ids {}",
+        tally.files,
+        tally.processed,
+        tally.lost.len(),
+        tally.messages,
+        tally.duplicates,
+        versions.len(),
+        reannounced
+    );
+    assert_eq!(tally.files, n, "one row per file on the server");
+    assert!(tally.lost.is_empty(), "unannounced: {:?}", tally.lost);
+    // The point of announcement ids: over the whole run, before and after
+    // the restore, no message_id names two different file versions.
+    assert!(
+        tally.conflicting_ids.is_empty(),
+        "message ids naming two versions: {:?}",
+        tally.conflicting_ids
+    );
+    assert_eq!(
+        tally.mismatched_bodies, 0,
+        "body announcement_id = message_id"
     );
     let stored = stored_digests(&cluster.s3, &files).await;
     assert_eq!(stored, expected, "stored bytes");
