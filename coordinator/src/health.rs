@@ -3,9 +3,13 @@
 //! the gRPC port, from one [`Readiness`].
 //!
 //! **Invariant:** ready means Postgres answers now and the coordinator is not
-//! shutting down; gRPC health says NOT_SERVING exactly when `/readyz` fails
-//! (checked every [`CHECK_EVERY`]). A coordinator without a broker is still
-//! ready: announcements wait in the outbox.
+//! draining; gRPC health says NOT_SERVING exactly when `/readyz` fails
+//! (checked every [`CHECK_EVERY`], and at once when the drain starts). A
+//! coordinator without a broker is still ready: announcements wait in the
+//! outbox. From SIGTERM until the process exits `/readyz` answers 503
+//! `not ready: draining` (the HTTP listener outlives the drain, see
+//! [`ferry_proto::http::serve`]), so a balancer sees "not ready" rather than
+//! a refused connection.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -55,7 +59,7 @@ impl Readiness {
     /// `Ok` when ready; otherwise why not.
     pub(crate) async fn check(&self) -> Result<(), String> {
         if self.stopping.load(Ordering::SeqCst) {
-            return Err("shutting down".into());
+            return Err(ferry_proto::http::DRAINING.into());
         }
         let Some(db) = self.db.get() else {
             return Err(lock(&self.waiting)
@@ -133,6 +137,7 @@ pub(crate) async fn follow(
         }
     }
     readiness.stopping();
+    tracing::info!("draining: gRPC health NOT_SERVING, /readyz 503 until exit");
     set(&reporter, false).await;
     if broker.is_some() {
         reporter

@@ -55,12 +55,22 @@ pub trait Probes: Send + Sync + 'static {
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds `addr` (port 0 picks one) and serves until `cancel` fires; returns
-/// the bound address once listening.
+/// Why `/readyz` fails once the binary drains (see [`serve`]).
+pub const DRAINING: &str = "draining";
+
+/// Binds `addr` (port 0 picks one) and serves until the process exits;
+/// returns the bound address once listening.
+///
+/// `drain` marks the graceful shutdown: from the moment it fires `/readyz`
+/// answers 503 `not ready: draining` whatever the probes say, while
+/// `/healthz` and `/metrics` answer as before. The listener deliberately
+/// outlives the drain (it goes away with the process, i.e. the runtime), so
+/// a balancer checking `/readyz` sees "not ready" for the whole drain rather
+/// than a refused connection it could take for a crash.
 pub async fn serve(
     addr: SocketAddr,
     probes: Arc<dyn Probes>,
-    cancel: CancellationToken,
+    drain: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
@@ -68,23 +78,25 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
-                _ = cancel.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let Ok((stream, _)) = accepted else {
+            let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let probes = probes.clone();
+            let draining = drain.is_cancelled();
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, probes)).await;
+                let _ =
+                    tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, probes, draining)).await;
             });
         }
     });
     Ok(bound)
 }
 
-async fn answer(mut stream: TcpStream, probes: Arc<dyn Probes>) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    probes: Arc<dyn Probes>,
+    draining: bool,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
@@ -94,7 +106,7 @@ async fn answer(mut stream: TcpStream, probes: Arc<dyn Probes>) -> std::io::Resu
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let reply = route(&String::from_utf8_lossy(&head), probes.as_ref()).await;
+    let reply = route(&String::from_utf8_lossy(&head), probes.as_ref(), draining).await;
     let response = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         reply.status,
@@ -107,8 +119,9 @@ async fn answer(mut stream: TcpStream, probes: Arc<dyn Probes>) -> std::io::Resu
     stream.shutdown().await
 }
 
-/// The reply to a request head (pure apart from the readiness check).
-async fn route(head: &str, probes: &dyn Probes) -> Reply {
+/// The reply to a request head (pure apart from the readiness check);
+/// `draining`: the binary is shutting down gracefully.
+async fn route(head: &str, probes: &dyn Probes, draining: bool) -> Reply {
     let mut words = head.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     if method != "GET" && method != "HEAD" {
@@ -117,6 +130,7 @@ async fn route(head: &str, probes: &dyn Probes) -> Reply {
     let path = target.split('?').next().unwrap_or("");
     match path {
         "/healthz" => Reply::text(200, "ok\n"),
+        "/readyz" if draining => Reply::text(503, format!("not ready: {DRAINING}\n")),
         "/readyz" => match probes.ready().await {
             Ok(()) => Reply::text(200, "ready\n"),
             Err(why) => Reply::text(503, format!("not ready: {why}\n")),
@@ -161,25 +175,86 @@ mod tests {
         let ready = Fixed(Ok(()));
         let down = Fixed(Err("database unreachable".into()));
         assert_eq!(
-            route("GET /healthz HTTP/1.1\r\n\r\n", &down).await.status,
+            route("GET /healthz HTTP/1.1\r\n\r\n", &down, false)
+                .await
+                .status,
             200
         );
         assert_eq!(
-            route("GET /readyz HTTP/1.1\r\n\r\n", &ready).await.status,
+            route("GET /readyz HTTP/1.1\r\n\r\n", &ready, false)
+                .await
+                .status,
             200
         );
-        let r = route("GET /readyz?verbose HTTP/1.1\r\n\r\n", &down).await;
+        let r = route("GET /readyz?verbose HTTP/1.1\r\n\r\n", &down, false).await;
         assert_eq!(r.status, 503);
         assert!(r.body.contains("database unreachable"));
         assert_eq!(
-            route("GET /nope HTTP/1.1\r\n\r\n", &ready).await.status,
+            route("GET /nope HTTP/1.1\r\n\r\n", &ready, false)
+                .await
+                .status,
             404
         );
         assert_eq!(
-            route("POST /readyz HTTP/1.1\r\n\r\n", &ready).await.status,
+            route("POST /readyz HTTP/1.1\r\n\r\n", &ready, false)
+                .await
+                .status,
             405
         );
-        assert_eq!(route("", &ready).await.status, 405);
+        assert_eq!(route("", &ready, false).await.status, 405);
+    }
+
+    #[tokio::test]
+    async fn a_draining_binary_is_not_ready_but_alive() {
+        let ready = Fixed(Ok(()));
+        let r = route("GET /readyz HTTP/1.1\r\n\r\n", &ready, true).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.body, "not ready: draining\n");
+        assert_eq!(
+            route("GET /healthz HTTP/1.1\r\n\r\n", &ready, true)
+                .await
+                .status,
+            200
+        );
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn keeps_listening_through_the_drain() {
+        let drain = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Fixed(Ok(()))),
+            drain.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            get(addr, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 200 OK\r\n")
+        );
+        drain.cancel();
+        let out = get(addr, "/readyz").await;
+        assert!(
+            out.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{out}"
+        );
+        assert!(out.ends_with("not ready: draining\n"), "{out}");
+        assert!(
+            get(addr, "/healthz")
+                .await
+                .starts_with("HTTP/1.1 200 OK\r\n")
+        );
     }
 
     #[tokio::test]

@@ -5,7 +5,10 @@
 //! again through the survivor. With a test-owned Postgres ([`PgCluster`]): a
 //! restart mid-flow costs no file and no attempt (health NOT_SERVING
 //! meanwhile); a coordinator started before Postgres becomes ready once it
-//! runs.
+//! runs; a restore of a dump taken mid-flow leaves nothing on the server
+//! unprocessed and reuses no `message_id` for another version. With a
+//! test-owned RabbitMQ node ([`RabbitNode`]): a stop and start of the broker
+//! mid-flow loses no announcement.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,24 +17,24 @@ use std::time::{Duration, Instant};
 use ferry_tests::cluster::{
     Cluster, ClusterOptions, FileRow, Tally, content, coordinator_name, http_get, stored_digests,
 };
-use ferry_tests::{Coordinator, PgCluster, eventually};
+use ferry_tests::{AmqpMessage, Coordinator, PgCluster, RabbitNode, eventually};
 use sha2::{Digest, Sha256};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::stack::WAIT;
 
-/// Writes `n` files of `size` bytes into `dir`, one every `every`; returns
-/// the sha256 of each, by remote path.
+/// Writes the files `f<i>.bin` (`i` in `range`) of `size` bytes into `dir`,
+/// one every `every`; returns the sha256 of each, by remote path.
 async fn write_files(
     cluster: &Cluster,
     dir: &str,
-    n: u64,
+    range: std::ops::Range<u64>,
     size: usize,
     every: Duration,
 ) -> BTreeMap<String, String> {
     let mut expected = BTreeMap::new();
-    for i in 0..n {
+    for i in range {
         let bytes = content(i + 1, size);
         let rel = format!("{dir}/f{i:03}.bin");
         cluster.sshd.write_file(&rel, &bytes);
@@ -142,7 +145,7 @@ async fn cluster_with_two_agents(dir: &str) -> Cluster {
 async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_the_balancer() {
     let mut cluster = cluster_with_two_agents("kill").await;
 
-    let writing = write_files(&cluster, "kill", 30, 1 << 20, Duration::from_millis(100));
+    let writing = write_files(&cluster, "kill", 0..30, 1 << 20, Duration::from_millis(100));
     let expected = {
         let cluster = &cluster;
         let killed = async {
@@ -207,22 +210,34 @@ async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_tr
 
     let drained_at = Instant::now();
     cluster.coordinators[victim].terminate();
-    // Not ready from the moment it drains (503, then nothing listening).
+    // Not ready from the moment it drains: `/readyz` answers 503 (its HTTP
+    // listener stays up until the process exits), not a refused connection
+    // a balancer could take for a crash; the process itself is alive.
     let readyz = eventually(
         "/readyz of the drained coordinator failing",
         WAIT,
         || async {
-            match cluster.readyz(victim).await {
-                Some(200) => None,
+            match http_get(cluster.http[victim], "/readyz").await {
+                Some((200, _)) => None,
                 other => Some(other),
             }
         },
     )
     .await;
+    let healthz = http_get(cluster.http[victim], "/healthz").await;
     println!(
-        "SIGTERM {holder}: /readyz {} after {:.1}s",
-        readyz.map_or("refused".to_string(), |s| s.to_string()),
+        "SIGTERM {holder}: /readyz {readyz:?} after {:.1}s, /healthz {healthz:?}",
         drained_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        readyz,
+        Some((503, "not ready: draining\n".to_string())),
+        "/readyz of the draining {holder}"
+    );
+    assert_eq!(
+        healthz.map(|(s, _)| s),
+        Some(200),
+        "/healthz while draining"
     );
     cluster
         .lb
@@ -252,6 +267,10 @@ async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_tr
         .await
         .expect("the drained coordinator exits");
     assert!(exited.success(), "drained coordinator exit: {exited}");
+    println!(
+        "{holder} exited by {:.1}s",
+        drained_at.elapsed().as_secs_f64()
+    );
 
     eventually("both agents served by the survivor", WAIT, || async {
         agents_served_by(&cluster, &survivor).await.then_some(())
@@ -328,7 +347,7 @@ async fn a_postgres_restart_mid_flow_loses_no_file_and_costs_no_attempt() {
     cluster.watch("pgr").await;
     cluster.start_agent("a1", 2).await;
     cluster.start_agent("a2", 2).await;
-    let writing = write_files(&cluster, "pgr", 20, 1 << 20, Duration::from_millis(100));
+    let writing = write_files(&cluster, "pgr", 0..20, 1 << 20, Duration::from_millis(100));
     let expected = {
         let cluster = &cluster;
         let mid_flow = wait_files(cluster, "files processed and in flight", |files| {
@@ -445,4 +464,340 @@ async fn a_coordinator_started_before_postgres_becomes_ready_once_it_runs() {
         .await
         .unwrap();
     assert_eq!(migrated, 0);
+}
+
+/// Seconds since the epoch on the Postgres clock (the clock of `file_events.at`).
+async fn db_now(cluster: &Cluster) -> f64 {
+    sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_flow_loses_no_announcement() {
+    let mut node = RabbitNode::start().await;
+    // The coordinators publish to the node (through the cluster's AMQP proxy).
+    let mut cluster = Cluster::start(ClusterOptions {
+        amqp_target: Some(node.addr()),
+        ..Default::default()
+    })
+    .await;
+    // A durable queue on the node: it and its persistent messages survive
+    // the restart, so what is read afterwards is all that was delivered.
+    let queue = "ferry-ha-announcements";
+    node.declare_queue(cluster.queue.exchange(), queue).await;
+    cluster.watch("mq").await;
+    cluster.start_agent("a1", 2).await;
+    cluster.start_agent("a2", 2).await;
+
+    // The node stops as soon as the first announcement is confirmed, while
+    // files are still being written and transferred.
+    let writing = write_files(&cluster, "mq", 0..20, 256 << 10, Duration::from_millis(150));
+    let (mut expected, stopped_at) = {
+        let (cluster, node) = (&cluster, &mut node);
+        let stop = async move {
+            wait_files(cluster, "a file announced", |files| {
+                files.iter().any(|f| f.status == "processed")
+            })
+            .await;
+            node.stop().await;
+            Instant::now()
+        };
+        tokio::join!(writing, stop)
+    };
+    // Files confirmed by the broker before it stopped are processed; none
+    // can become processed while it is down.
+    let at_stop = cluster.files().await.unwrap();
+    let processed_at_stop = at_stop.iter().filter(|f| f.status == "processed").count();
+    // More files arrive during the outage.
+    expected
+        .extend(write_files(&cluster, "mq", 20..25, 256 << 10, Duration::from_millis(50)).await);
+    let n = expected.len();
+    wait_files(
+        &cluster,
+        "every file stored, waiting for the broker",
+        |files| {
+            files.len() == n
+                && files
+                    .iter()
+                    .all(|f| f.status == "uploaded" || f.status == "processed")
+        },
+    )
+    .await;
+    let during = cluster.files().await.unwrap();
+    let pending: Vec<FileRow> = during
+        .iter()
+        .filter(|f| f.status == "uploaded")
+        .cloned()
+        .collect();
+    assert_eq!(
+        during.len() - pending.len(),
+        processed_at_stop,
+        "no file became processed while the broker was down"
+    );
+    assert!(!pending.is_empty(), "files waiting for the broker");
+    for i in 0..2 {
+        assert_eq!(
+            cluster.readyz(i).await,
+            Some(200),
+            "a coordinator without a broker stays ready"
+        );
+    }
+    println!(
+        "broker stopped with {processed_at_stop} of {} files processed; {} files wait in the outbox",
+        at_stop.len(),
+        pending.len()
+    );
+
+    let restarting = Instant::now();
+    node.start_server().await;
+    let returned_at = db_now(&cluster).await;
+    println!(
+        "broker back after an outage of {:.1}s (start took {:.1}s)",
+        stopped_at.elapsed().as_secs_f64(),
+        restarting.elapsed().as_secs_f64()
+    );
+    wait_files(&cluster, "every file processed", |files| {
+        files.len() == n && files.iter().all(|f| f.status == "processed")
+    })
+    .await;
+    println!(
+        "every file processed {:.1}s after the broker returned",
+        restarting.elapsed().as_secs_f64()
+    );
+    let files = cluster.files().await.unwrap();
+    // Everything delivered, before the stop (kept in the durable queue) and
+    // after the return, is read now, after the return.
+    let mut messages: Vec<AmqpMessage> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        messages.extend(
+            node.take_messages(queue, Duration::from_secs(2))
+                .await
+                .unwrap(),
+        );
+        if Tally::of(&files, &messages).lost.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let tally = Tally::of(&files, &messages);
+    println!(
+        "files {} processed {} lost {} messages {} duplicates {}",
+        tally.files,
+        tally.processed,
+        tally.lost.len(),
+        tally.messages,
+        tally.duplicates
+    );
+    assert_eq!(tally.files, n, "one row per written file");
+    assert_eq!(tally.processed, n);
+    assert!(tally.lost.is_empty(), "lost: {:?}", tally.lost);
+    assert!(
+        tally.conflicting_ids.is_empty(),
+        "duplicates only with the same message_id: {:?}",
+        tally.conflicting_ids
+    );
+    assert_eq!(
+        tally.mismatched_bodies, 0,
+        "body announcement_id = message_id"
+    );
+    // Each file that waited was announced (confirmed by the broker, so
+    // processed) only after the broker returned.
+    let early: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM file_events e JOIN files f ON f.id = e.file_id \
+         WHERE f.announcement_id::text = ANY($1) AND e.to_status = 'processed' \
+           AND EXTRACT(EPOCH FROM e.at) < $2",
+    )
+    .bind(
+        pending
+            .iter()
+            .map(|f| f.announcement_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(returned_at)
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        early, 0,
+        "a waiting file processed before the broker returned"
+    );
+    let stored = stored_digests(&cluster.s3, &files).await;
+    assert_eq!(stored, expected, "stored bytes");
+}
+
+/// Every file version announced, by `(path, size, mtime, sha256)`: the
+/// distinct `message_id`s it was announced with.
+fn announced_versions(
+    messages: &[AmqpMessage],
+) -> BTreeMap<(String, i64, String, String), std::collections::BTreeSet<String>> {
+    let mut out: BTreeMap<_, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for m in messages {
+        let body = m.json();
+        let version = (
+            body["path"].as_str().unwrap_or_default().to_string(),
+            body["size"].as_i64().unwrap_or(-1),
+            body["mtime"].as_str().unwrap_or_default().to_string(),
+            body["sha256"].as_str().unwrap_or_default().to_string(),
+        );
+        out.entry(version)
+            .or_default()
+            .insert(m.message_id.clone().unwrap_or_default());
+    }
+    out
+}
+
+fn count_by_status(files: &[FileRow]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for f in files {
+        *out.entry(f.status.clone()).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_restore_from_a_dump_taken_mid_flow_reuses_no_message_id_and_leaves_nothing_unprocessed()
+{
+    let pg = PgCluster::start().await;
+    let mut cluster = cluster_on(&pg, &[]).await;
+    cluster.watch("rst").await;
+    cluster.start_agent("a1", 2).await;
+    cluster.start_agent("a2", 2).await;
+
+    // Files flowing; the dump is taken while some are done, some are on
+    // their way and some are not written yet (they have no row in it).
+    let writing = write_files(
+        &cluster,
+        "rst",
+        0..24,
+        256 << 10,
+        Duration::from_millis(250),
+    );
+    let (mut expected, (dump, at_dump)) = {
+        let (cluster, pg) = (&cluster, &pg);
+        let dumping = async move {
+            wait_files(cluster, "files processed and in flight", |files| {
+                files.iter().any(|f| f.status == "processed")
+                    && files.iter().any(|f| f.status != "processed")
+            })
+            .await;
+            let dump = pg.dump("ferry", "mid-flow");
+            (dump, cluster.files().await.unwrap())
+        };
+        tokio::join!(writing, dumping)
+    };
+    println!(
+        "dump taken mid-flow (about {:?})",
+        count_by_status(&at_dump)
+    );
+    wait_files(&cluster, "the first 24 files processed", |files| {
+        files.len() == 24 && files.iter().all(|f| f.status == "processed")
+    })
+    .await;
+    let mut messages = cluster.collect_messages(Duration::from_secs(2)).await;
+    let before_restore = cluster.files().await.unwrap();
+
+    for c in &mut cluster.coordinators {
+        c.terminate();
+        let exit = c.wait_exit(WAIT).await.expect("the coordinator exits");
+        assert!(exit.success(), "coordinator exit: {exit}");
+    }
+    pg.restore("ferry", &dump).await;
+    let restored = cluster.files().await.unwrap();
+    println!(
+        "restored: {} rows {:?} (there were {} processed before the restore)",
+        restored.len(),
+        count_by_status(&restored),
+        before_restore.len()
+    );
+    for c in &mut cluster.coordinators {
+        c.restart().await;
+    }
+    for i in 0..cluster.coordinators.len() {
+        cluster
+            .lb
+            .wait_status(&coordinator_name(i), "UP", WAIT)
+            .await;
+    }
+    // New files after the restore.
+    expected.extend(
+        write_files(
+            &cluster,
+            "rst",
+            24..30,
+            256 << 10,
+            Duration::from_millis(100),
+        )
+        .await,
+    );
+
+    // Every file on the server ends with a processed row.
+    let n = expected.len();
+    wait_files(&cluster, "every file on the server processed", |files| {
+        let processed: std::collections::HashSet<&str> = files
+            .iter()
+            .filter(|f| f.status == "processed")
+            .map(|f| f.path.as_str())
+            .collect();
+        expected.keys().all(|p| processed.contains(p.as_str()))
+            && files.iter().all(|f| f.status == "processed")
+    })
+    .await;
+    let files = cluster.files().await.unwrap();
+    // What became of the rows the dump held unfinished (printed: README).
+    for r in restored.iter().filter(|r| r.status != "processed") {
+        let history: Vec<String> = sqlx::query_scalar(
+            "SELECT coalesce(from_status, '-') || '->' || to_status || ' (' || reason || ')' \
+             FROM file_events WHERE file_id = $1 AND at > now() - interval '1 hour' \
+             ORDER BY id",
+        )
+        .bind(r.id)
+        .fetch_all(&cluster.pool)
+        .await
+        .unwrap();
+        let last = history.len().saturating_sub(6);
+        println!(
+            "restored {} row {}: {:?}",
+            r.status,
+            r.path.rsplit('/').next().unwrap_or_default(),
+            &history[last..]
+        );
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        messages.extend(cluster.collect_messages(Duration::from_secs(2)).await);
+        if Tally::of(&files, &messages).lost.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let tally = Tally::of(&files, &messages);
+    let versions = announced_versions(&messages);
+    let reannounced = versions.values().filter(|ids| ids.len() > 1).count();
+    println!(
+        "after the restore: files {} processed {} lost {} messages {} duplicates {} \
+         versions announced {} of them under two message ids {}",
+        tally.files,
+        tally.processed,
+        tally.lost.len(),
+        tally.messages,
+        tally.duplicates,
+        versions.len(),
+        reannounced
+    );
+    assert_eq!(tally.files, n, "one row per file on the server");
+    assert!(tally.lost.is_empty(), "unannounced: {:?}", tally.lost);
+    // The point of announcement ids: over the whole run, before and after
+    // the restore, no message_id names two different file versions.
+    assert!(
+        tally.conflicting_ids.is_empty(),
+        "message ids naming two versions: {:?}",
+        tally.conflicting_ids
+    );
+    assert_eq!(
+        tally.mismatched_bodies, 0,
+        "body announcement_id = message_id"
+    );
+    let stored = stored_digests(&cluster.s3, &files).await;
+    assert_eq!(stored, expected, "stored bytes");
 }

@@ -90,6 +90,31 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// A failing test shows what the coordinators and agents logged last
+    /// (their temp dirs, with the whole logs, are kept and named too).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, c) in self.coordinators.iter().enumerate() {
+            eprintln!(
+                "---- coordinator {} ({}):\n{}",
+                coordinator_name(i),
+                c.log_path().display(),
+                c.log_tail(60)
+            );
+        }
+        for a in &self.agents {
+            eprintln!(
+                "---- agent ({}):\n{}",
+                a.log_path().display(),
+                a.log_tail(30)
+            );
+        }
+    }
+}
+
 /// The name of coordinator `i` (its `FERRY_COORDINATOR_ID` and HAProxy server name).
 pub fn coordinator_name(i: usize) -> String {
     format!("c{}", i + 1)
@@ -325,7 +350,8 @@ pub struct Tally {
     pub messages: usize,
     /// Messages beyond the first per `message_id`.
     pub duplicates: usize,
-    /// `message_id`s carried by messages naming different file versions.
+    /// `message_id`s carried by messages naming different file versions
+    /// (path, size, mtime) or different bytes (sha256).
     pub conflicting_ids: Vec<String>,
     /// Messages whose body's `announcement_id` is not their `message_id`.
     pub mismatched_bodies: usize,
@@ -333,7 +359,7 @@ pub struct Tally {
 
 impl Tally {
     pub fn of(files: &[FileRow], messages: &[AmqpMessage]) -> Tally {
-        let mut by_id: HashMap<String, Vec<(String, i64, String)>> = HashMap::new();
+        let mut by_id: HashMap<String, Vec<(String, i64, String, String)>> = HashMap::new();
         let mut mismatched = 0;
         for m in messages {
             let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap_or_default();
@@ -345,6 +371,7 @@ impl Tally {
                 body["path"].as_str().unwrap_or_default().to_string(),
                 body["size"].as_i64().unwrap_or(-1),
                 body["mtime"].as_str().unwrap_or_default().to_string(),
+                body["sha256"].as_str().unwrap_or_default().to_string(),
             );
             by_id.entry(id).or_default().push(version);
         }
@@ -488,6 +515,22 @@ mod tests {
         assert_eq!(t.duplicates, 2);
         assert_eq!(t.conflicting_ids, vec!["u5".to_string()]);
         assert_eq!(t.mismatched_bodies, 0);
+    }
+
+    #[test]
+    fn the_same_message_id_with_other_bytes_conflicts() {
+        let with_sha = |sha: &str| {
+            let mut m = message("u1", "/a");
+            let mut body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+            body["sha256"] = sha.into();
+            m.body = serde_json::to_vec(&body).unwrap();
+            m
+        };
+        let files = [row("/a", "processed", "u1")];
+        let same = Tally::of(&files, &[with_sha("aa"), with_sha("aa")]);
+        assert_eq!((same.duplicates, same.conflicting_ids.len()), (1, 0));
+        let other = Tally::of(&files, &[with_sha("aa"), with_sha("bb")]);
+        assert_eq!(other.conflicting_ids, vec!["u1".to_string()]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The ferry end-to-end harness: starts real components for each test — a
 //! Postgres database, a PKI, OpenSSH sshd, an S3 server (s3s-fs), a RabbitMQ
-//! exchange and queue, HAProxy, and the real `ferry-coordinator` / `ferryctl` binaries —
-//! on loopback ports, so tests run in parallel without sharing state.
+//! exchange and queue (or a test-owned RabbitMQ node), HAProxy, and the real
+//! `ferry-coordinator` / `ferryctl` binaries — on loopback ports, so tests run
+//! in parallel without sharing state.
 //!
 //! Prerequisites (installed/started by `deploy/test-deps.sh`, run as root):
 //! sshd, s3s-fs, Postgres on :5432, RabbitMQ on :5672, user `ferrytest`.
@@ -22,6 +23,7 @@ pub mod netns;
 pub mod pg_cluster;
 pub mod postgres;
 pub mod proxy;
+pub mod rabbit_node;
 pub mod rogue;
 pub mod s3;
 pub mod sshd;
@@ -38,6 +40,7 @@ pub use netns::Site;
 pub use pg_cluster::PgCluster;
 pub use postgres::TestDb;
 pub use proxy::TcpProxy;
+pub use rabbit_node::RabbitNode;
 pub use rogue::RogueAgent;
 pub use s3::S3Server;
 pub use sshd::{HostKey, Sshd};
