@@ -52,7 +52,7 @@ pub(crate) async fn run(cfg: AgentConfig, cancel: CancellationToken) -> anyhow::
     crate::metrics::TRANSFER_CAPACITY.set(&[], i64::from(cfg.capacity));
     if let Some(addr) = cfg.http_listen {
         let bound = ferry_proto::http::serve(addr, readiness.clone(), cancel.clone()).await?;
-        tracing::info!(%bound, "serving /healthz and /readyz over plain HTTP");
+        tracing::info!(%bound, "serving /healthz, /readyz and /metrics over plain HTTP");
     }
     {
         let readiness = readiness.clone();

@@ -124,6 +124,12 @@ pub(crate) static DISCOVERED_FILES: Counter = Counter::new(
     &["server"],
 );
 
+pub(crate) static RETENTION_PRUNED: Counter = Counter::new(
+    "ferry_retention_pruned_total",
+    "Rows removed by this coordinator's retention passes, by kind (files, events, announcements).",
+    &["kind"],
+);
+
 /// This process's metrics, in exposition order.
 pub(crate) static PROCESS: &[&dyn Metric] = &[
     &ANNOUNCEMENTS,
@@ -140,6 +146,7 @@ pub(crate) static PROCESS: &[&dyn Metric] = &[
     &DISCOVERY_BATCHES,
     &DISCOVERY_ENTRIES,
     &DISCOVERED_FILES,
+    &RETENTION_PRUNED,
 ];
 
 /// Assignments still waiting for their result, by file id: when they were

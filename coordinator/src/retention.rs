@@ -45,7 +45,14 @@ pub(crate) async fn run(db: PgPool, retention: Retention, cancel: CancellationTo
         return;
     };
     loop {
-        match prune(&db, keep).await {
+        let pass = prune(&db, keep).await;
+        if let Ok(p) = &pass {
+            use crate::metrics::RETENTION_PRUNED;
+            RETENTION_PRUNED.add(&["files"], p.files);
+            RETENTION_PRUNED.add(&["events"], p.events);
+            RETENTION_PRUNED.add(&["announcements"], p.announcements);
+        }
+        match pass {
             Ok(p) if p != Pruned::default() => tracing::info!(
                 files = p.files,
                 events = p.events,

@@ -116,7 +116,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
     let readiness = Arc::new(Readiness::default());
     if let Some(addr) = args.http_listen {
         let bound = ferry_proto::http::serve(addr, readiness.clone(), cancel.clone()).await?;
-        tracing::info!(%bound, "serving /healthz and /readyz over plain HTTP");
+        tracing::info!(%bound, "serving /healthz, /readyz and /metrics over plain HTTP");
         println!("ferry-coordinator http on {bound}");
     }
     // Without Postgres there is nothing to serve: wait for it (readiness says

@@ -28,9 +28,11 @@ async fn rows_of(db: &sqlx::PgPool, table: &str, name: &str) -> i64 {
 
 #[tokio::test]
 async fn retention_prunes_gone_versions_old_history_and_published_announcements_only() {
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], ferry_tests::free_port()));
     let mut f = flow_with(&[
         ("FERRY_RETENTION_DAYS", "30"),
         ("FERRY_RETENTION_INTERVAL_SECS", "1"),
+        ("FERRY_HTTP_LISTEN", &http.to_string()),
     ])
     .await;
     let server = f.s.add_server(f.s.server_req("ret")).await;
@@ -100,4 +102,20 @@ async fn retention_prunes_gone_versions_old_history_and_published_announcements_
     f.wait_status(2, "processed", WAIT).await;
     assert_eq!(rows_of(&db, "files", "b.csv").await, 1);
     assert_eq!(rows_of(&db, "files", "c.csv").await, 1);
+    // What the passes removed is counted: a.csv's row, history and
+    // announcement, b.csv's history and announcement at least.
+    let (_, metrics) = crate::health::get(http, "/metrics")
+        .await
+        .expect("/metrics");
+    let pruned = |kind: &str| -> f64 {
+        let series = format!("ferry_retention_pruned_total{{kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+    assert!(pruned("files") >= 1.0, "{metrics}");
+    assert!(pruned("events") >= 2.0, "{metrics}");
+    assert!(pruned("announcements") >= 2.0, "{metrics}");
 }
