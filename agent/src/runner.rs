@@ -167,6 +167,8 @@ impl Runner {
     }
 
     /// No transfer running and every result acknowledged by a coordinator.
+    /// Read in the order work moves (running -> pending -> unacknowledged),
+    /// so an item moving along is never missed.
     pub(crate) fn is_settled(&self) -> bool {
         lock(&self.0.running).is_empty()
             && lock(&self.0.pending).is_empty()
@@ -310,8 +312,8 @@ impl Runner {
                 None => Some("agent is shutting down".to_owned()),
             };
             if let Some(why) = refused {
-                runner.forget_running(file_id, token);
                 runner.refuse(file_id, token, why);
+                runner.forget_running(file_id, token);
                 return;
             }
             let _slot = queued;
@@ -342,12 +344,14 @@ impl Runner {
                     tracing::warn!(file = file_id, kind = f.kind, error = %f.message, "transfer failed");
                 }
             }
-            runner.forget_running(file_id, token);
+            // Queued before it leaves the running set, so the agent never
+            // looks settled (nothing running, nothing to send) in between.
             runner.queue(message(Body::TaskResult(proto::TaskResult {
                 file_id,
                 fencing_token: token,
                 outcome: Some(outcome),
             })));
+            runner.forget_running(file_id, token);
         });
     }
 
@@ -407,21 +411,29 @@ impl Runner {
         self.resend_unacked(Instant::now());
         loop {
             loop {
-                let next = lock(&self.0.pending).pop_front();
-                let Some(msg) = next else { break };
-                let key = match &msg.body {
-                    Some(Body::TaskResult(r)) => Some(Unacked::Result {
-                        file_id: r.file_id,
-                        fencing_token: r.fencing_token,
-                    }),
-                    Some(Body::Discovery(d)) => Some(Unacked::Discovery {
-                        batch_id: d.batch_id,
-                    }),
-                    _ => None,
+                let msg = {
+                    // Tracked as unacknowledged before it leaves `pending`
+                    // (under its lock), so `is_settled` never sees it in
+                    // neither.
+                    let mut pending = lock(&self.0.pending);
+                    let Some(msg) = pending.pop_front() else {
+                        break;
+                    };
+                    let key = match &msg.body {
+                        Some(Body::TaskResult(r)) => Some(Unacked::Result {
+                            file_id: r.file_id,
+                            fencing_token: r.fencing_token,
+                        }),
+                        Some(Body::Discovery(d)) => Some(Unacked::Discovery {
+                            batch_id: d.batch_id,
+                        }),
+                        _ => None,
+                    };
+                    if let Some(key) = key {
+                        lock(&self.0.unacked).insert(key, (msg.clone(), Instant::now()));
+                    }
+                    msg
                 };
-                if let Some(key) = key {
-                    lock(&self.0.unacked).insert(key, (msg.clone(), Instant::now()));
-                }
                 if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await {
                     lock(&self.0.pending).push_front(msg);
                     return;
