@@ -110,8 +110,17 @@ async fn check_outcome(cluster: &mut Cluster, expected: &BTreeMap<String, String
         tally.messages,
         tally.duplicates
     );
-    assert_eq!(tally.files, n, "one row per written file");
-    assert!(tally.lost.is_empty(), "lost: {:?}", tally.lost);
+    assert_nothing_lost_or_misannounced(&tally, n);
+    let stored = stored_digests(&cluster.s3, &files).await;
+    assert_eq!(&stored, expected, "stored bytes");
+    tally
+}
+
+/// One row per file on the server, every one announced, and no
+/// `message_id` naming two versions or disagreeing with its body.
+fn assert_nothing_lost_or_misannounced(tally: &Tally, n: usize) {
+    assert_eq!(tally.files, n, "one row per file on the server");
+    assert!(tally.lost.is_empty(), "unannounced: {:?}", tally.lost);
     assert!(
         tally.conflicting_ids.is_empty(),
         "message ids naming two versions: {:?}",
@@ -121,9 +130,6 @@ async fn check_outcome(cluster: &mut Cluster, expected: &BTreeMap<String, String
         tally.mismatched_bodies, 0,
         "body announcement_id = message_id"
     );
-    let stored = stored_digests(&cluster.s3, &files).await;
-    assert_eq!(&stored, expected, "stored bytes");
-    tally
 }
 
 /// Two coordinators behind HAProxy, a watch on `dir`, and agents a1 and a2
@@ -590,18 +596,8 @@ async fn a_broker_restart_mid_flow_loses_no_announcement() {
         tally.messages,
         tally.duplicates
     );
-    assert_eq!(tally.files, n, "one row per written file");
+    assert_nothing_lost_or_misannounced(&tally, n);
     assert_eq!(tally.processed, n);
-    assert!(tally.lost.is_empty(), "lost: {:?}", tally.lost);
-    assert!(
-        tally.conflicting_ids.is_empty(),
-        "duplicates only with the same message_id: {:?}",
-        tally.conflicting_ids
-    );
-    assert_eq!(
-        tally.mismatched_bodies, 0,
-        "body announcement_id = message_id"
-    );
     // Each file that waited was announced (confirmed by the broker, so
     // processed) only after the broker returned.
     let early: i64 = sqlx::query_scalar(
@@ -785,19 +781,9 @@ async fn a_restore_from_a_dump_taken_mid_flow_reuses_no_message_id_and_leaves_no
         versions.len(),
         reannounced
     );
-    assert_eq!(tally.files, n, "one row per file on the server");
-    assert!(tally.lost.is_empty(), "unannounced: {:?}", tally.lost);
     // The point of announcement ids: over the whole run, before and after
     // the restore, no message_id names two different file versions.
-    assert!(
-        tally.conflicting_ids.is_empty(),
-        "message ids naming two versions: {:?}",
-        tally.conflicting_ids
-    );
-    assert_eq!(
-        tally.mismatched_bodies, 0,
-        "body announcement_id = message_id"
-    );
+    assert_nothing_lost_or_misannounced(&tally, n);
     let stored = stored_digests(&cluster.s3, &files).await;
     assert_eq!(stored, expected, "stored bytes");
 }

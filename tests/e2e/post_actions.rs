@@ -36,6 +36,23 @@ impl Flow {
         .await;
     }
 
+    /// Puts `in/a.csv` back (`rsync -a`: same bytes, same mtime), waits
+    /// for that second version to be processed and deleted, and checks both
+    /// versions were announced under their own message ids.
+    async fn resend_and_expect_a_second_version(&mut self, bytes: &[u8], mtime: SystemTime) {
+        self.s.sshd.write_file("in/a.csv", bytes);
+        self.s.sshd.set_mtime("in/a.csv", mtime);
+        self.wait_rows("second copy ingested and deleted", WAIT, |r| {
+            r.len() == 2 && r[1].1 == "processed" && r[1].2.as_deref() == Some("done")
+        })
+        .await;
+        assert!(!self.s.sshd.exists("in/a.csv"));
+        let msgs = self.messages(2).await;
+        let ids: std::collections::BTreeSet<String> =
+            msgs.iter().filter_map(|m| m.message_id.clone()).collect();
+        assert_eq!(ids.len(), 2, "announced once per version: {msgs:?}");
+    }
+
     async fn history(&self, file_id: i64) -> Vec<String> {
         sqlx::query_scalar("SELECT reason FROM file_events WHERE file_id = $1 ORDER BY id")
             .bind(file_id)
@@ -249,23 +266,13 @@ async fn a_file_resent_after_ferry_deleted_it_is_a_new_version() {
         (files == Some(0)).then_some(())
     })
     .await;
-    f.s.sshd.write_file("in/a.csv", &bytes);
-    f.s.sshd.set_mtime("in/a.csv", mtime);
-    f.wait_rows("second copy ingested and deleted", WAIT, |r| {
-        r.len() == 2 && r[1].1 == "processed" && r[1].2.as_deref() == Some("done")
-    })
-    .await;
-    assert!(!f.s.sshd.exists("in/a.csv"));
+    f.resend_and_expect_a_second_version(&bytes, mtime).await;
     let versions: Vec<(String, i64, i64)> =
         sqlx::query_as("SELECT path, size, mtime_unix FROM files ORDER BY id")
             .fetch_all(f.s.db.pool())
             .await
             .unwrap();
     assert_eq!(versions[0], versions[1], "the same identity twice");
-    let msgs = f.messages(2).await;
-    let ids: std::collections::BTreeSet<String> =
-        msgs.iter().filter_map(|m| m.message_id.clone()).collect();
-    assert_eq!(ids.len(), 2, "announced once per version: {msgs:?}");
 }
 
 #[tokio::test]
@@ -293,15 +300,5 @@ async fn a_file_resent_right_after_ferry_deleted_it_is_a_new_version() {
         (!f.s.sshd.exists("in/a.csv")).then_some(())
     })
     .await;
-    f.s.sshd.write_file("in/a.csv", &bytes);
-    f.s.sshd.set_mtime("in/a.csv", mtime);
-    f.wait_rows("second copy ingested and deleted", WAIT, |r| {
-        r.len() == 2 && r[1].1 == "processed" && r[1].2.as_deref() == Some("done")
-    })
-    .await;
-    assert!(!f.s.sshd.exists("in/a.csv"));
-    let msgs = f.messages(2).await;
-    let ids: std::collections::BTreeSet<String> =
-        msgs.iter().filter_map(|m| m.message_id.clone()).collect();
-    assert_eq!(ids.len(), 2, "announced once per version: {msgs:?}");
+    f.resend_and_expect_a_second_version(&bytes, mtime).await;
 }

@@ -48,6 +48,25 @@ pub struct AmqpMessage {
 }
 
 impl AmqpMessage {
+    /// The parts of a delivery the tests look at.
+    pub fn of(delivery: lapin::message::Delivery) -> AmqpMessage {
+        let props = &delivery.properties;
+        AmqpMessage {
+            message_id: props.message_id().as_ref().map(|s| s.as_str().to_string()),
+            routing_key: delivery.routing_key.as_str().to_string(),
+            delivery_mode: *props.delivery_mode(),
+            content_type: props
+                .content_type()
+                .as_ref()
+                .map(|s| s.as_str().to_string()),
+            kind: props.kind().as_ref().map(|s| s.as_str().to_string()),
+            redelivered: delivery.redelivered,
+            body: delivery.data,
+        }
+    }
+}
+
+impl AmqpMessage {
     /// The body parsed as JSON; panics if it is not JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
@@ -177,19 +196,7 @@ impl AmqpQueue {
             .await
             .ok()??;
         let delivery = delivery.unwrap_or_else(|e| panic!("AMQP consumer on {}: {e}", self.queue));
-        let props = &delivery.properties;
-        Some(AmqpMessage {
-            message_id: props.message_id().as_ref().map(|s| s.as_str().to_string()),
-            routing_key: delivery.routing_key.as_str().to_string(),
-            delivery_mode: *props.delivery_mode(),
-            content_type: props
-                .content_type()
-                .as_ref()
-                .map(|s| s.as_str().to_string()),
-            kind: props.kind().as_ref().map(|s| s.as_str().to_string()),
-            redelivered: delivery.redelivered,
-            body: delivery.data,
-        })
+        Some(AmqpMessage::of(delivery))
     }
 
     /// Every message that arrives within `duration`.

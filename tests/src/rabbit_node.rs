@@ -288,19 +288,7 @@ impl RabbitNode {
         while let Ok(Some(delivery)) = tokio::time::timeout(quiet, consumer.next()).await {
             let delivery = delivery.with_context(|| format!("consumer of {queue}"))?;
             delivery.ack(BasicAckOptions::default()).await?;
-            let props = &delivery.properties;
-            got.push(AmqpMessage {
-                message_id: props.message_id().as_ref().map(|s| s.as_str().to_string()),
-                routing_key: delivery.routing_key.as_str().to_string(),
-                delivery_mode: *props.delivery_mode(),
-                content_type: props
-                    .content_type()
-                    .as_ref()
-                    .map(|s| s.as_str().to_string()),
-                kind: props.kind().as_ref().map(|s| s.as_str().to_string()),
-                redelivered: delivery.redelivered,
-                body: delivery.data,
-            });
+            got.push(AmqpMessage::of(delivery));
         }
         let _ = ch.close(200, "done".into()).await;
         let _ = conn.close(200, "done".into()).await;
