@@ -120,16 +120,7 @@ impl AmqpQueue {
                 format!("connect to RabbitMQ at {url} (is it running? see deploy/test-deps.sh)")
             })?;
         let channel = connection.create_channel().await.context("open channel")?;
-        channel
-            .exchange_declare(
-                exchange.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        declare_exchange(&channel, exchange)
             .await
             .context("declare exchange")?;
         let queue = format!("ferry-test-q-{}", random_hex(6));
@@ -291,4 +282,19 @@ impl Drop for AmqpQueue {
             let _ = done_rx.recv_timeout(Duration::from_secs(5));
         }
     }
+}
+
+/// Declares `exchange` as the relay does: a durable topic exchange.
+pub(crate) async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }

@@ -173,21 +173,7 @@ impl Coordinator {
 
     /// An mTLS channel to the coordinator presenting `certs`.
     pub async fn channel(&self, certs: &CertFiles) -> anyhow::Result<Channel> {
-        ferry_proto::tls::install_crypto_provider();
-        let tls = certs
-            .tls_paths()
-            .load()
-            .context("load client TLS files")?
-            .client_config("127.0.0.1");
-        let channel = Channel::from_shared(self.endpoint())
-            .context("coordinator endpoint URI")?
-            .connect_timeout(Duration::from_secs(10))
-            .tls_config(tls)
-            .context("client TLS config")?
-            .connect()
-            .await
-            .with_context(|| format!("connect to coordinator at {}", self.endpoint()))?;
-        Ok(channel)
+        mtls_channel(&self.endpoint(), certs, "coordinator").await
     }
 
     /// `ferryctl` pointed at this coordinator, presenting `certs`.
@@ -292,6 +278,30 @@ fn path_str(path: &Path) -> String {
     path.to_str()
         .unwrap_or_else(|| panic!("path {} is not UTF-8", path.display()))
         .to_string()
+}
+
+/// An mTLS channel to `endpoint` (`https://127.0.0.1:port`, the coordinator
+/// itself or a balancer in front of it, named `what` in errors) presenting
+/// `certs`.
+pub(crate) async fn mtls_channel(
+    endpoint: &str,
+    certs: &CertFiles,
+    what: &str,
+) -> anyhow::Result<Channel> {
+    ferry_proto::tls::install_crypto_provider();
+    let tls = certs
+        .tls_paths()
+        .load()
+        .context("load client TLS files")?
+        .client_config("127.0.0.1");
+    Channel::from_shared(endpoint.to_string())
+        .with_context(|| format!("{what} endpoint URI"))?
+        .connect_timeout(Duration::from_secs(10))
+        .tls_config(tls)
+        .context("client TLS config")?
+        .connect()
+        .await
+        .with_context(|| format!("connect to {what} at {endpoint}"))
 }
 
 #[cfg(test)]

@@ -115,20 +115,7 @@ impl HaProxy {
 
     /// An mTLS channel through the balancer presenting `certs`.
     pub async fn channel(&self, certs: &CertFiles) -> anyhow::Result<Channel> {
-        ferry_proto::tls::install_crypto_provider();
-        let tls = certs
-            .tls_paths()
-            .load()
-            .context("load client TLS files")?
-            .client_config("127.0.0.1");
-        Channel::from_shared(self.endpoint())
-            .context("balancer endpoint URI")?
-            .connect_timeout(Duration::from_secs(10))
-            .tls_config(tls)
-            .context("client TLS config")?
-            .connect()
-            .await
-            .with_context(|| format!("connect through haproxy at {}", self.endpoint()))
+        crate::coordinator::mtls_channel(&self.endpoint(), certs, "haproxy").await
     }
 
     /// Per server of the coordinators backend: its stats (`show stat`).

@@ -29,12 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ConnectionProperties};
 use tokio::process::Command;
 
 use crate::amqp::AmqpMessage;
@@ -229,16 +226,7 @@ impl RabbitNode {
         let declare = async {
             let conn = Connection::connect(&self.url(), ConnectionProperties::default()).await?;
             let ch = conn.create_channel().await?;
-            ch.exchange_declare(
-                exchange.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+            crate::amqp::declare_exchange(&ch, exchange).await?;
             ch.queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
