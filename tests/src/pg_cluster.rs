@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::{Connection, Executor, PgConnection};
 
-use crate::util::{LogDir, free_port, log_tail};
+use crate::util::{LogDir, log_tail, stable_port};
 
 /// The OS user the server runs as when the tests run as root.
 const OS_USER: &str = "postgres";
@@ -53,7 +53,8 @@ impl PgCluster {
             data: dir.path().join("data"),
             log: dir.path().join("postgres.log"),
             bin: bin_dir(),
-            port: free_port(),
+            // Bound again after every restart.
+            port: stable_port(),
             as_user,
             dir,
         };

@@ -35,7 +35,7 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::process::Command;
 
 use crate::amqp::AmqpMessage;
-use crate::util::{ChildGuard, LogDir, free_port, log_tail, random_hex, signal};
+use crate::util::{ChildGuard, LogDir, log_tail, random_hex, signal, stable_port};
 
 const SCRIPT: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 /// Boot takes about 10 s on a busy 2-core machine.
@@ -64,10 +64,11 @@ impl RabbitNode {
 
     fn init() -> anyhow::Result<RabbitNode> {
         let dir = LogDir::new("rabbitmq")?;
-        let port = free_port();
-        let mut dist_port = free_port();
+        // Both are bound again at every start: outside the ephemeral range.
+        let port = stable_port();
+        let mut dist_port = stable_port();
         while dist_port == port {
-            dist_port = free_port();
+            dist_port = stable_port();
         }
         for sub in ["home", "mnesia", "log"] {
             std::fs::create_dir_all(dir.path().join(sub))?;

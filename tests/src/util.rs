@@ -24,6 +24,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port for a server the test stops and starts again on the same
+/// port (a test-owned Postgres or RabbitMQ node). It lies below the kernel's
+/// ephemeral range, so while the server is down neither an outgoing
+/// connection nor another test's [`free_port`] can take it.
+pub fn stable_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.max(10_001));
+    let span = u64::from(to - from);
+    let seed = u64::from_str_radix(&random_hex(4), 16).unwrap_or(0);
+    for i in 0..span {
+        let port = from + u16::try_from((seed + i) % span).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {from}..{to}");
+}
+
 /// Waits until something accepts TCP connections on `addr`.
 pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
