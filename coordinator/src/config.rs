@@ -58,6 +58,13 @@ pub(crate) struct ServeArgs {
     /// unset: off. Printed as `ferry-coordinator http on ADDR`.
     #[arg(long, env = "FERRY_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// Seconds between SIGTERM and closing the gRPC listener. Meanwhile
+    /// `/readyz` answers 503 and gRPC health NOT_SERVING while everything
+    /// keeps running, so a balancer takes the coordinator out of rotation
+    /// before its connections close (keep it above the time the balancer
+    /// takes to mark a server down).
+    #[arg(long, env = "FERRY_DRAIN_DELAY_SECS", default_value_t = 10)]
+    pub drain_delay_secs: u64,
     /// CA certificate (PEM) that client certificates must chain to.
     #[arg(long, env = "FERRY_TLS_CA")]
     pub tls_ca: PathBuf,

@@ -98,13 +98,13 @@ impl Probes for Readiness {
 pub(crate) const RELAY_SERVICE: &str = "ferry.v1.Relay";
 
 /// Keeps gRPC health in step with readiness (and, under [`RELAY_SERVICE`],
-/// with the broker connection when a broker is configured) until `cancel`
+/// with the broker connection when a broker is configured) until `drain`
 /// fires, then reports NOT_SERVING.
 pub(crate) async fn follow(
     readiness: std::sync::Arc<Readiness>,
     reporter: HealthReporter,
     broker: Option<BrokerState>,
-    cancel: CancellationToken,
+    drain: CancellationToken,
 ) {
     let mut last: Option<bool> = None;
     let mut last_broker: Option<bool> = None;
@@ -132,7 +132,7 @@ pub(crate) async fn follow(
             last = Some(serving);
         }
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = drain.cancelled() => break,
             _ = tokio::time::sleep(CHECK_EVERY) => {}
         }
     }

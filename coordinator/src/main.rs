@@ -41,9 +41,9 @@ async fn main() -> std::process::ExitCode {
     ferry_proto::telemetry::init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => {
-            let cancel = CancellationToken::new();
-            tokio::spawn(shutdown_on_signal(cancel.clone()));
-            server::serve(*args, cancel).await
+            let drain = CancellationToken::new();
+            tokio::spawn(drain_on_signal(drain.clone()));
+            server::serve(*args, drain).await
         }
         Command::Migrate(args) => {
             async {
@@ -64,8 +64,8 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// SIGTERM or Ctrl-C starts a graceful shutdown.
-async fn shutdown_on_signal(cancel: CancellationToken) {
+/// SIGTERM or Ctrl-C starts the graceful drain (see `server::serve`).
+async fn drain_on_signal(drain: CancellationToken) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -78,5 +78,5 @@ async fn shutdown_on_signal(cancel: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutdown requested");
-    cancel.cancel();
+    drain.cancel();
 }

@@ -1,5 +1,5 @@
 //! Wires the gRPC server: mTLS, role interceptors, admin and agent services,
-//! health and reflection; runs until the cancellation token fires.
+//! health and reflection; runs until a drain (SIGTERM) has run its delay.
 
 use anyhow::Context;
 use ferry_proto::tls::TlsPaths;
@@ -92,8 +92,15 @@ async fn prepare_database(args: &ServeArgs, secrets: &SecretBox) -> anyhow::Resu
     Ok(pool)
 }
 
-/// Runs `ferry-coordinator serve` until `cancel` fires.
-pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+/// Runs `ferry-coordinator serve` until the drain that `drain` starts
+/// (SIGTERM) has lasted `FERRY_DRAIN_DELAY_SECS`; see [`stop_after_drain`].
+pub(crate) async fn serve(args: ServeArgs, drain: CancellationToken) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    tokio::spawn(stop_after_drain(
+        drain.clone(),
+        Duration::from_secs(args.drain_delay_secs),
+        cancel.clone(),
+    ));
     let tls = TlsPaths {
         ca: args.tls_ca.clone(),
         cert: args.tls_cert.clone(),
@@ -115,7 +122,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
     };
     let readiness = Arc::new(Readiness::default());
     if let Some(addr) = args.http_listen {
-        let bound = ferry_proto::http::serve(addr, readiness.clone(), cancel.clone()).await?;
+        let bound = ferry_proto::http::serve(addr, readiness.clone(), drain.clone()).await?;
         tracing::info!(%bound, "serving /healthz, /readyz and /metrics over plain HTTP");
         println!("ferry-coordinator http on {bound}");
     }
@@ -175,7 +182,7 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
         readiness.clone(),
         health,
         args.amqp_url.as_ref().map(|_| broker.clone()),
-        cancel.clone(),
+        drain.clone(),
     ));
     background.spawn(coord.clone().run_listener(cancel.clone()));
     background.spawn(tasks::run_background(
@@ -234,4 +241,22 @@ pub(crate) async fn serve(args: ServeArgs, cancel: CancellationToken) -> anyhow:
     agents.shutdown().await;
     tracing::info!("stopped");
     result
+}
+
+/// The drain: once `drain` fires, readiness fails at once (see
+/// [`health::follow`] and [`ferry_proto::http::serve`]) while gRPC, agents,
+/// scheduling and the relay go on for `delay`, so a balancer checking
+/// `/readyz` marks this coordinator down and sends new connections elsewhere
+/// before its listener closes; then `cancel` stops everything.
+async fn stop_after_drain(drain: CancellationToken, delay: Duration, cancel: CancellationToken) {
+    drain.cancelled().await;
+    tracing::info!(
+        delay_secs = delay.as_secs(),
+        "draining: not ready; closing the gRPC listener after the drain delay"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = cancel.cancelled() => {}
+    }
+    cancel.cancel();
 }

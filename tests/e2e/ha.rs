@@ -134,8 +134,13 @@ fn assert_nothing_lost_or_misannounced(tally: &Tally, n: usize) {
 
 /// Two coordinators behind HAProxy, a watch on `dir`, and agents a1 and a2
 /// (capacity 2) connected through the balancer.
-async fn cluster_with_two_agents(dir: &str) -> Cluster {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+/// The drain delay the drain test gives its coordinators (the default):
+/// longer than HAProxy as deployed takes to mark a draining coordinator
+/// down (about 5 s here), as `FERRY_DRAIN_DELAY_SECS` must be.
+const DRAIN_DELAY_SECS: &str = "10";
+
+async fn cluster_with_two_agents(dir: &str, options: ClusterOptions) -> Cluster {
+    let mut cluster = Cluster::start(options).await;
     cluster.watch(dir).await;
     cluster.start_agent("a1", 2).await;
     cluster.start_agent("a2", 2).await;
@@ -149,7 +154,7 @@ async fn cluster_with_two_agents(dir: &str) -> Cluster {
 
 #[tokio::test]
 async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_the_balancer() {
-    let mut cluster = cluster_with_two_agents("kill").await;
+    let mut cluster = cluster_with_two_agents("kill", ClusterOptions::default()).await;
 
     let writing = write_files(&cluster, "kill", 0..30, 1 << 20, Duration::from_millis(100));
     let expected = {
@@ -187,7 +192,14 @@ async fn a_killed_coordinator_costs_no_file_and_its_agents_serve_again_through_t
 
 #[tokio::test]
 async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_transfer() {
-    let mut cluster = cluster_with_two_agents("drain").await;
+    let mut cluster = cluster_with_two_agents(
+        "drain",
+        ClusterOptions {
+            coordinator_env: vec![("FERRY_DRAIN_DELAY_SECS".into(), DRAIN_DELAY_SECS.into())],
+            ..ClusterOptions::default()
+        },
+    )
+    .await;
     let big = content(7, 160 << 20);
     cluster.sshd.write_file("drain/big.bin", &big);
     let mut expected = BTreeMap::new();
@@ -231,10 +243,14 @@ async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_tr
     )
     .await;
     let healthz = http_get(cluster.http[victim], "/healthz").await;
+    // gRPC health says the same while the listener still answers (the drain
+    // delay): NOT_SERVING (2).
+    let grpc = grpc_health(&cluster, victim).await;
     println!(
-        "SIGTERM {holder}: /readyz {readyz:?} after {:.1}s, /healthz {healthz:?}",
+        "SIGTERM {holder}: /readyz {readyz:?} after {:.1}s, /healthz {healthz:?}, gRPC health {grpc}",
         drained_at.elapsed().as_secs_f64()
     );
+    assert_eq!(grpc, 2, "gRPC health of the draining {holder}");
     assert_eq!(
         readyz,
         Some((503, "not ready: draining\n".to_string())),
@@ -252,6 +268,11 @@ async fn a_drained_coordinator_hands_its_agents_over_without_losing_a_running_tr
     println!(
         "haproxy marked {holder} DOWN after {:.1}s",
         drained_at.elapsed().as_secs_f64()
+    );
+    // Out of rotation while it still serves: the point of the drain delay.
+    assert!(
+        cluster.coordinators[victim].is_running(),
+        "{holder} exited before the balancer marked it down"
     );
     let down = cluster.lb.server(&holder).await.unwrap();
     // New connections all go to the survivor now.

@@ -54,6 +54,9 @@ impl Coordinator {
             ("FERRY_TLS_KEY", &path_str(&certs.key)),
             ("FERRY_SECRET_KEY_FILE", &path_str(pki.secret_key_file())),
             ("RUST_LOG", "info"),
+            // Tests that stop a coordinator gracefully need no balancer to
+            // notice first; the drain test sets its own delay.
+            ("FERRY_DRAIN_DELAY_SECS", "0"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
