@@ -179,15 +179,57 @@ pub(crate) struct EventWindow {
     pub to: String,
 }
 
-/// The oldest transaction still running (`xmin` of a fresh snapshot): every
-/// transaction below it has finished, so its events are all visible and no
-/// more will appear. Events are delivered window by window up to it.
+/// The oldest transaction of this database still running: every
+/// transaction of this database below it has finished, so its events are all
+/// visible and no more will appear. Events are delivered window by window up
+/// to it.
+///
+/// Transactions of other databases on the same Postgres do not count: the
+/// cluster-wide `xmin` of a snapshot would hold every stream back for as long
+/// as any client anywhere on the server keeps a write transaction open.
 pub(crate) async fn event_horizon(db: &PgPool) -> ApiResult<String> {
-    Ok(
-        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-            .fetch_one(db)
-            .await?,
+    let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+        .fetch_one(db)
+        .await?;
+    // Read after the snapshot (a statement of its own): a transaction the
+    // snapshot saw running either still shows its xid here, or has ended.
+    let ours: Vec<String> = sqlx::query_scalar(
+        "SELECT backend_xid::text FROM pg_stat_activity \
+         WHERE datname = current_database() AND backend_xid IS NOT NULL \
+         UNION ALL \
+         SELECT transaction::text FROM pg_prepared_xacts WHERE database = current_database()",
     )
+    .fetch_all(db)
+    .await?;
+    let ours: Vec<u32> = ours.iter().filter_map(|x| x.parse().ok()).collect();
+    horizon_of(&snapshot, &ours)
+        .map(|h| h.to_string())
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("unreadable snapshot {snapshot:?}")))
+}
+
+/// The horizon (pure): the lowest transaction the snapshot
+/// (`xmin:xmax:xip,...`, 64-bit ids) saw running that belongs to this
+/// database (`ours`: 32-bit ids of this database's running transactions),
+/// or the snapshot's `xmax` if none does.
+pub(crate) fn horizon_of(snapshot: &str, ours: &[u32]) -> Option<u64> {
+    let mut parts = snapshot.split(':');
+    let (Some(xmin), Some(xmax), Some(running), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let (xmin, xmax): (u64, u64) = (xmin.parse().ok()?, xmax.parse().ok()?);
+    let running = running
+        .split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u64>().ok())
+        .collect::<Option<Vec<u64>>>()?;
+    // A 64-bit id is the epoch and the 32-bit id.
+    let oldest_ours = running
+        .into_iter()
+        .filter(|x| ours.contains(&(*x as u32)))
+        .min();
+    Some(oldest_ours.unwrap_or(xmax).max(xmin))
 }
 
 /// Which files a retry requeues.
@@ -374,4 +416,38 @@ pub(crate) async fn list_agents(
     .bind(only)
     .fetch_all(db)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transactions_of_other_databases_do_not_hold_the_horizon_back() {
+        assert_eq!(horizon_of("10:20:", &[]), Some(20));
+        assert_eq!(horizon_of("10:20:10,15", &[]), Some(20));
+        assert_eq!(horizon_of("10:20:10,15", &[99]), Some(20));
+    }
+
+    #[test]
+    fn the_oldest_running_transaction_of_this_database_is_the_horizon() {
+        assert_eq!(horizon_of("10:20:10,15,17", &[17, 15]), Some(15));
+        // 64-bit ids carry the epoch above the 32-bit id.
+        let epoch1 = 1u64 << 32;
+        let snapshot = format!(
+            "{}:{}:{},{}",
+            epoch1 + 3,
+            epoch1 + 9,
+            epoch1 + 3,
+            epoch1 + 5
+        );
+        assert_eq!(horizon_of(&snapshot, &[5]), Some(epoch1 + 5));
+    }
+
+    #[test]
+    fn an_unreadable_snapshot_is_none() {
+        for bad in ["", "10:20", "10:x:", "10:20:1,y", "1:2:3:4"] {
+            assert_eq!(horizon_of(bad, &[]), None, "{bad:?}");
+        }
+    }
 }

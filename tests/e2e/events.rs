@@ -1,14 +1,15 @@
 //! `WatchEvents` delivers every status change exactly once, even when event
 //! ids commit out of order (a transaction that took id N commits after the
 //! one that took N+1), and a stream resumed with an event's token continues
-//! right after it; `ferryctl files watch` reconnects that way and shows the
-//! byte progress of running transfers.
+//! right after it; a write transaction left open in another database on
+//! the same Postgres does not hold the stream back; `ferryctl files watch`
+//! reconnects that way and shows the byte progress of running transfers.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use ferry_proto as proto;
-use ferry_tests::signal;
+use ferry_tests::{TestDb, signal};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::ChildStdout;
@@ -53,6 +54,38 @@ async fn watch_events_misses_no_event_whose_id_commits_late() {
             ),
         }
     }
+}
+
+#[tokio::test]
+async fn a_transaction_open_in_another_database_does_not_hold_events_back() {
+    let mut s = Stack::new().await;
+    let server = s.add_server(s.server_req("other")).await;
+    let watch = s.add_watch(server, "other", "*").await;
+    let file = insert_file(&s, server, watch, "/other/a.csv").await;
+    let mut stream = s
+        .admin
+        .watch_events(proto::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Another application on the same Postgres keeps a write transaction
+    // open (it has a transaction id) for as long as this test runs.
+    let other = TestDb::create().await;
+    let mut elsewhere = other.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *elsewhere)
+        .await
+        .unwrap();
+    let id = insert_event(s.db.pool(), file, "committed beside a foreign transaction").await;
+    let got = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("the event delivered while the other database's transaction is open")
+        .unwrap()
+        .expect("an open stream");
+    assert_eq!(got.id, id);
+    elsewhere.rollback().await.unwrap();
 }
 
 /// Inserts a `new` file row of `watch` at `path`; its id.
