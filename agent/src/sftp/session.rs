@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use globset::GlobMatcher;
 use russh::client::Handle;
 use russh_sftp::client::RawSftpSession;
-use russh_sftp::protocol::FileAttributes;
+use russh_sftp::protocol::{FileAttributes, OpenFlags};
 
 use super::connect::PinnedHostKey;
 use super::error::{LibError, SftpError, classify};
@@ -178,6 +178,30 @@ impl SftpSession {
         let attrs = self
             .sftp
             .stat(path)
+            .await
+            .map_err(|e| self.error(e, path))?;
+        Ok(FileStat::from_attrs(&attrs.attrs))
+    }
+
+    /// Opens `path` for reading; returns the handle (close it with the raw
+    /// session's `close`).
+    pub(crate) async fn open_read(&self, path: &str) -> Result<String, SftpError> {
+        self.touch();
+        let opened = self
+            .sftp
+            .open(path, OpenFlags::READ, FileAttributes::default())
+            .await
+            .map_err(|e| self.error(e, path))?;
+        Ok(opened.handle)
+    }
+
+    /// Attributes of the open file `handle` (SFTP `FSTAT`); `path` names it
+    /// in errors.
+    pub(crate) async fn fstat(&self, handle: &str, path: &str) -> Result<FileStat, SftpError> {
+        self.touch();
+        let attrs = self
+            .sftp
+            .fstat(handle)
             .await
             .map_err(|e| self.error(e, path))?;
         Ok(FileStat::from_attrs(&attrs.attrs))

@@ -16,7 +16,7 @@ use ferry_proto as proto;
 use futures::StreamExt;
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::client::error::Error as SftpLibError;
-use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
+use russh_sftp::protocol::StatusCode;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
@@ -43,13 +43,15 @@ pub(crate) async fn transfer(
 ) -> proto::task_result::Outcome {
     use proto::task_result::Outcome;
     let started = Instant::now();
-    match run(task, pool, s3, progress).await {
+    let mut phases = Phases::new();
+    match run(task, pool, s3, progress, &mut phases).await {
         Ok(success) => {
             tracing::debug!(
                 file_id = task.file_id,
                 path = %task.path,
                 bytes = success.size,
                 elapsed_ms = started.elapsed().as_millis() as u64,
+                phases = %phases,
                 "transfer done"
             );
             Outcome::Success(success)
@@ -63,6 +65,7 @@ async fn run(
     pool: &SessionPool,
     s3: &S3Target,
     progress: &(dyn Fn(u64) + Send + Sync),
+    phases: &mut Phases,
 ) -> Result<proto::TaskSuccess, TransferError> {
     check_destination(&task.bucket, &task.key).map_err(TransferError::Permanent)?;
     let conn = task
@@ -70,36 +73,41 @@ async fn run(
         .as_ref()
         .ok_or_else(|| TransferError::Permanent("task names no source server".to_owned()))?;
     s3.check_bucket(&task.bucket).await?;
-    let (mut session, stat) = checkout_and_stat(pool, conn, &task.path).await?;
-    if let Some(change) = describe_change(task.size, task.mtime_unix, &stat) {
-        return Err(TransferError::Lost(format!(
-            "file changed since discovery: {}: {change}",
-            task.path
-        )));
-    }
-    let result = copy(task, &conn.name, &session, s3, progress).await;
+    phases.lap("bucket");
+    let (mut session, handle) = checkout_and_open(pool, conn, &task.path, phases).await?;
+    let result = copy(task, &conn.name, &session, handle, s3, progress, phases).await;
     if let Err(TransferError::Sftp { err, .. }) = &result {
         session.note(err);
     }
     result
 }
 
-/// A session and the file's attributes. A pooled session may have died
-/// since its last use: if the stat fails in a way that breaks the session,
+/// A session and the file opened on it. A pooled session may have died
+/// since its last use: if the open fails in a way that breaks the session,
 /// the session is discarded and the next one (eventually a new connection)
 /// tried.
-async fn checkout_and_stat(
+async fn checkout_and_open(
     pool: &SessionPool,
     conn: &proto::ServerConnection,
     path: &str,
-) -> Result<(PooledSession, FileStat), TransferError> {
+    phases: &mut Phases,
+) -> Result<(PooledSession, OpenHandle), TransferError> {
     loop {
         let mut session = pool
             .checkout(conn)
             .await
             .map_err(|e| TransferError::sftp(format!("connect to server {}", conn.name), e))?;
-        match session.stat(path).await {
-            Ok(stat) => return Ok((session, stat)),
+        phases.lap("checkout");
+        let opened = session.open_read(path).await;
+        phases.lap("open");
+        match opened {
+            Ok(handle) => {
+                let handle = OpenHandle {
+                    raw: session.raw().clone(),
+                    handle: Some(handle),
+                };
+                return Ok((session, handle));
+            }
             Err(e) if e.breaks_session() && session.reused() => {
                 tracing::debug!(target = session.target(), error = %e, "pooled SFTP session is dead; retrying");
                 session.discard();
@@ -111,7 +119,7 @@ async fn checkout_and_stat(
             }
             Err(e) => {
                 session.note(&e);
-                return Err(TransferError::sftp(format!("stat {path}"), e));
+                return Err(TransferError::sftp(format!("open {path}"), e));
             }
         }
     }
@@ -133,24 +141,21 @@ pub(crate) fn describe_change(size: u64, mtime_unix: i64, stat: &FileStat) -> Op
     (!changes.is_empty()).then(|| changes.join(", "))
 }
 
+/// Copies the open file. A small file is read whole and then stored with
+/// one `PutObject`; its version is checked once, after the read (below). A
+/// large one is checked before the read too, so that a changed file is not
+/// read for nothing. **Invariant:** the bytes stored are those of the
+/// version the task names: the open handle's attributes after the last
+/// read match its size and mtime, and all of its bytes were read.
 async fn copy(
     task: &proto::TaskAssignment,
     server: &str,
     session: &SftpSession,
+    handle: OpenHandle,
     s3: &S3Target,
     progress: &(dyn Fn(u64) + Send + Sync),
+    phases: &mut Phases,
 ) -> Result<proto::TaskSuccess, TransferError> {
-    let path = task.path.as_str();
-    let handle = session
-        .raw()
-        .open(path, OpenFlags::READ, FileAttributes::default())
-        .await
-        .map_err(|e| TransferError::sftp(format!("open {path}"), session.map_error(e, path)))?
-        .handle;
-    let handle = OpenHandle {
-        raw: session.raw().clone(),
-        handle: Some(handle),
-    };
     let obj = ObjectRef {
         bucket: &task.bucket,
         key: &task.key,
@@ -158,27 +163,65 @@ async fn copy(
     };
     let part_len = part_size(task.size);
     let result = if task.size <= part_len {
-        copy_single(task, server, session, &handle, obj, s3, progress).await
+        copy_single(task, server, session, handle, obj, s3, progress, phases).await
     } else {
-        copy_multipart(task, server, session, &handle, obj, s3, part_len, progress).await
+        copy_multipart(
+            task, server, session, handle, obj, s3, part_len, progress, phases,
+        )
+        .await
     };
-    handle.close().await;
-    result
+    match result {
+        Err(failure @ TransferError::Sftp { .. }) => {
+            Err(changed_instead(task, session, failure).await)
+        }
+        other => other,
+    }
+}
+
+/// After an SFTP failure: `Lost` if the file is no longer the version the
+/// task names (it changed, vanished or is no longer a regular file), which
+/// explains the failure better; else the failure itself.
+async fn changed_instead(
+    task: &proto::TaskAssignment,
+    session: &SftpSession,
+    failure: TransferError,
+) -> TransferError {
+    match session.stat(&task.path).await {
+        Err(SftpError::NotFound(_)) => TransferError::Lost(format!(
+            "file vanished during transfer: {} ({failure})",
+            task.path
+        )),
+        Ok(stat) => match describe_change(task.size, task.mtime_unix, &stat) {
+            Some(change) => TransferError::Lost(format!(
+                "file changed during transfer: {}: {change} ({failure})",
+                task.path
+            )),
+            None => failure,
+        },
+        Err(_) => failure,
+    }
 }
 
 /// Small file: read it whole, then one `PutObject` with all metadata.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the open source handle, target, progress and timing of one copy"
+)]
 async fn copy_single(
     task: &proto::TaskAssignment,
     server: &str,
     session: &SftpSession,
-    handle: &OpenHandle,
+    handle: OpenHandle,
     obj: ObjectRef<'_>,
     s3: &S3Target,
     progress: &(dyn Fn(u64) + Send + Sync),
+    phases: &mut Phases,
 ) -> Result<proto::TaskSuccess, TransferError> {
     let buffer_len = usize::try_from(task.size).unwrap_or(usize::MAX);
-    let read = read_file(task, session, handle, buffer_len, None, progress).await?;
-    verify(task, session, &read).await?;
+    let read = read_file(task, session, &handle, buffer_len, None, progress).await?;
+    phases.lap("read");
+    verify(task, session, &handle, &read).await?;
+    phases.lap("verify");
     let metadata = object::metadata(
         &Source {
             server,
@@ -188,25 +231,40 @@ async fn copy_single(
         },
         &task.metadata,
     );
-    let etag = s3.put_object(obj, read.tail, metadata).await?;
+    // The handle is done with: closing it need not hold up the upload.
+    let (put, ()) = tokio::join!(s3.put_object(obj, read.tail, metadata), handle.close());
+    let etag = put?;
+    phases.lap("put+close");
     Ok(success(task, read.bytes, read.sha256, etag))
 }
 
 /// Large file: multipart upload; aborted on any failure.
 #[expect(
     clippy::too_many_arguments,
-    reason = "the open source handle, target, sizing and progress of one copy"
+    reason = "the open source handle, target, sizing, progress and timing of one copy"
 )]
 async fn copy_multipart(
     task: &proto::TaskAssignment,
     server: &str,
     session: &SftpSession,
-    handle: &OpenHandle,
+    handle: OpenHandle,
     obj: ObjectRef<'_>,
     s3: &S3Target,
     part_len: u64,
     progress: &(dyn Fn(u64) + Send + Sync),
+    phases: &mut Phases,
 ) -> Result<proto::TaskSuccess, TransferError> {
+    let stat = session
+        .fstat(handle.id(), &task.path)
+        .await
+        .map_err(|e| TransferError::sftp(format!("stat {}", task.path), e))?;
+    if let Some(change) = describe_change(task.size, task.mtime_unix, &stat) {
+        return Err(TransferError::Lost(format!(
+            "file changed since discovery: {}: {change}",
+            task.path
+        )));
+    }
+    phases.lap("stat");
     let metadata = object::metadata(
         &Source {
             server,
@@ -219,13 +277,24 @@ async fn copy_multipart(
     let mut upload = Multipart::new(s3, obj, metadata);
     let result = async {
         let part_len = usize::try_from(part_len).unwrap_or(usize::MAX);
-        let mut read =
-            read_file(task, session, handle, part_len, Some(&mut upload), progress).await?;
-        verify(task, session, &read).await?;
+        let mut read = read_file(
+            task,
+            session,
+            &handle,
+            part_len,
+            Some(&mut upload),
+            progress,
+        )
+        .await?;
+        phases.lap("read+parts");
+        verify(task, session, &handle, &read).await?;
+        phases.lap("verify");
         if !read.tail.is_empty() {
             upload.submit(std::mem::take(&mut read.tail)).await?;
         }
-        let etag = upload.complete().await?;
+        let (etag, ()) = tokio::join!(upload.complete(), handle.close());
+        let etag = etag?;
+        phases.lap("complete+close");
         Ok(success(task, read.bytes, read.sha256, etag))
     }
     .await;
@@ -247,6 +316,41 @@ fn success(
         etag,
         bucket: task.bucket.clone(),
         key: task.key.clone(),
+    }
+}
+
+/// Where one transfer's time went, phase by phase; logged with
+/// "transfer done" at debug level (what to read when small files are slow).
+#[derive(Debug)]
+struct Phases {
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Phases {
+            last: Instant::now(),
+            laps: Vec::with_capacity(8),
+        }
+    }
+
+    /// Ends phase `name` now; the next phase starts.
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.laps.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+/// `checkout=0.1ms stat=0.6ms ...`
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, took)) in self.laps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{name}={:.1}ms", took.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
     }
 }
 
@@ -367,15 +471,18 @@ async fn read_range(
     Ok(out)
 }
 
-/// After reading: the file must still be the version the task names, and
-/// all of it must have been read.
+/// After reading: the open file must still be the version the task names,
+/// and all of it must have been read. The handle's attributes are those of
+/// the bytes read even if another file was renamed over the path meanwhile
+/// (that one is a new version, found by the next poll).
 async fn verify(
     task: &proto::TaskAssignment,
     session: &SftpSession,
+    handle: &OpenHandle,
     read: &ReadResult,
 ) -> Result<(), TransferError> {
     let path = task.path.as_str();
-    let stat = match session.stat(path).await {
+    let stat = match session.fstat(handle.id(), path).await {
         Ok(stat) => stat,
         Err(SftpError::NotFound(_)) => {
             return Err(TransferError::Lost(format!(
