@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the body layout; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The object user-metadata key that carries a stored version's
+/// `announcement_id`, so a later run (e.g. after a database restore) can
+/// tell under which id consumers saw the bytes already in the bucket.
+pub const ANNOUNCEMENT_ID_METADATA: &str = "ferry-announcement-id";
 /// AMQP `type` property of every announcement.
 pub const MESSAGE_TYPE: &str = "ferry.file.stored";
 /// AMQP `type` of the announcement of a file that ended `failed`.

@@ -66,7 +66,7 @@ pub enum Event {
 }
 
 /// Where a stored file landed, as the agent reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stored {
     pub bucket: String,
     pub key: String,
@@ -74,6 +74,10 @@ pub struct Stored {
     pub size: u64,
     /// Lower-case hex sha256 of the bytes read.
     pub sha256: String,
+    /// The bucket already held this version, stored by ferry under this
+    /// announcement id (an earlier run's, e.g. before a database restore);
+    /// the object was not written again.
+    pub stored_announcement_id: Option<String>,
 }
 
 /// What an agent was given for a transfer: the file's size and the object
@@ -325,6 +329,7 @@ mod tests {
             etag: "e-1".into(),
             size: 12,
             sha256: "ab".repeat(32),
+            stored_announcement_id: None,
         }
     }
 

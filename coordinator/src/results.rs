@@ -66,6 +66,8 @@ fn event(result: &proto::TaskResult) -> Event {
             etag: ok.etag.clone(),
             size: ok.size,
             sha256: ok.sha256.clone(),
+            stored_announcement_id: Some(ok.stored_announcement_id.clone())
+                .filter(|id| !id.is_empty()),
         }),
         Some(WireOutcome::Failure(f)) => Event::TransferFailed {
             kind: failure_kind_from_wire(f.kind),
@@ -239,6 +241,7 @@ mod tests {
                 etag: "e".into(),
                 key: "k".into(),
                 bucket: "b".into(),
+                stored_announcement_id: "u-1".into(),
             })),
         };
         assert_eq!(
@@ -249,6 +252,7 @@ mod tests {
                 etag: "e".into(),
                 size: 3,
                 sha256: "s".into(),
+                stored_announcement_id: Some("u-1".into()),
             })
         );
         let lost = proto::TaskResult {

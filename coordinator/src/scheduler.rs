@@ -51,6 +51,9 @@ pub(crate) struct Claimed {
     pub mtime_unix: i64,
     pub fencing_token: i64,
     pub discovered_at: DateTime<Utc>,
+    /// The version's announcement id; it travels in the object's metadata
+    /// (`ferry-announcement-id`), so a later run can tell what consumers saw.
+    pub announcement_id: String,
 }
 
 /// A server with due files, and the agent that polls it.
@@ -229,7 +232,8 @@ pub(crate) async fn claim(
         .map(|a| a.file_id)
         .collect();
     let claimed = sqlx::query_as::<_, Claimed>(
-        "SELECT id, watch_id, path, size, mtime_unix, fencing_token, discovered_at \
+        "SELECT id, watch_id, path, size, mtime_unix, fencing_token, discovered_at, \
+                announcement_id::text AS announcement_id \
          FROM files WHERE id = ANY($1) ORDER BY array_position($1, id)",
     )
     .bind(&moved)
@@ -306,6 +310,10 @@ fn task_for(
         ("ferry-file-id".to_string(), file.id.to_string()),
         ("ferry-server".to_string(), server.to_string()),
         ("ferry-mtime".to_string(), file.mtime_unix.to_string()),
+        (
+            ferry_common::announcement::ANNOUNCEMENT_ID_METADATA.to_string(),
+            file.announcement_id.clone(),
+        ),
     ]);
     Ok(proto::TaskAssignment {
         file_id: file.id,
@@ -708,6 +716,7 @@ mod tests {
             mtime_unix: 1_700_000_000,
             fencing_token: 2,
             discovered_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            announcement_id: "0f8e2a1c-5b7d-4e3a-9c6b-2d1f0e9a8b7c".into(),
         };
         let source = proto::ServerConnection {
             server_id: 1,
@@ -729,6 +738,10 @@ mod tests {
         assert_eq!(task.key, "s1/1700000000-4096/a.csv");
         assert_eq!(task.source.as_ref().map(|s| s.server_id), Some(1));
         assert_eq!(task.metadata["ferry-file-id"], "7");
+        assert_eq!(
+            task.metadata["ferry-announcement-id"],
+            "0f8e2a1c-5b7d-4e3a-9c6b-2d1f0e9a8b7c"
+        );
         let negative = Claimed { size: -1, ..file };
         assert!(
             task_for(

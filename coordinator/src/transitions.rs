@@ -198,6 +198,7 @@ pub(crate) async fn apply(
     .fetch_all(&mut *conn)
     .await?;
     let rows: HashMap<i64, Row> = rows.into_iter().map(|r| (r.id, r)).collect();
+    let adoptions = adoptions(conn, changes, &rows).await?;
 
     let mut seen = HashSet::with_capacity(changes.len());
     let mut applied = Vec::with_capacity(changes.len());
@@ -210,10 +211,20 @@ pub(crate) async fn apply(
         let outcome = match outcome {
             Decision::Stale => Outcome::Stale,
             Decision::Illegal(e) => Outcome::Illegal(e),
-            Decision::Move { from, event, t } => {
+            Decision::Move { from, event, mut t } => {
+                let adopt = match &event {
+                    Event::Stored(s) => {
+                        let adopt = adoptions.get(&change.file_id).cloned();
+                        if let Some(note) = already_stored_note(s, adopt.as_deref()) {
+                            t.reason = format!("{}; {note}", t.reason);
+                        }
+                        adopt
+                    }
+                    _ => None,
+                };
                 let reason = t.reason.clone();
                 let to = t.to;
-                writes.push(change.file_id, from, &event, t);
+                writes.push(change.file_id, from, &event, t, adopt);
                 Outcome::Moved { from, to, reason }
             }
         };
@@ -224,6 +235,79 @@ pub(crate) async fn apply(
     }
     writes.execute(conn, actor, &rows).await?;
     Ok(applied)
+}
+
+/// The announcement ids of earlier stores of the same versions
+/// ([`Stored::stored_announcement_id`]) that the reporting files take over,
+/// by file id. Consumers saw the version under that id, so announcing it
+/// again under the same id is a duplicate they drop, where a new id would be
+/// a second delivery of the same bytes. An id another row holds stays with
+/// that row (the same bytes sent again after ferry deleted them are a new
+/// version with its own announcement).
+async fn adoptions(
+    conn: &mut PgConnection,
+    changes: &[Change],
+    rows: &HashMap<i64, Row>,
+) -> StoreResult<HashMap<i64, String>> {
+    let wanted: Vec<(i64, String)> = changes
+        .iter()
+        .filter_map(|c| match &c.event {
+            Event::Stored(s) => s
+                .stored_announcement_id
+                .as_deref()
+                .and_then(canonical_uuid)
+                .filter(|id| {
+                    rows.get(&c.file_id)
+                        .is_some_and(|r| r.announcement_id != *id)
+                })
+                .map(|id| (c.file_id, id)),
+            _ => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<&str> = wanted.iter().map(|(_, id)| id.as_str()).collect();
+    let held: HashSet<String> = sqlx::query_scalar(
+        "SELECT announcement_id::text FROM files WHERE announcement_id = ANY($1::text[]::uuid[])",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    let mut taken = HashSet::new();
+    Ok(wanted
+        .into_iter()
+        .filter(|(_, id)| !held.contains(id) && taken.insert(id.clone()))
+        .collect())
+}
+
+/// `id` as Postgres prints a UUID (lower-case, hyphenated), if it is one.
+fn canonical_uuid(id: &str) -> Option<String> {
+    let id = id.to_ascii_lowercase();
+    let shape = id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    shape.then_some(id)
+}
+
+/// What the history says about a version the bucket already held (pure):
+/// `adopted` is the earlier announcement id this row now carries.
+fn already_stored_note(stored: &Stored, adopted: Option<&str>) -> Option<String> {
+    let earlier = stored.stored_announcement_id.as_deref()?;
+    Some(match adopted {
+        Some(id) => format!(
+            "the bucket already held this version, stored by an earlier run as announcement {id} \
+             (its row was lost, e.g. by a database restore): not written again, announced again \
+             under {id}"
+        ),
+        None => format!(
+            "the bucket already held this version (announcement {earlier}): not written again"
+        ),
+    })
 }
 
 enum Decision {
@@ -319,10 +403,19 @@ struct Writes {
     sha256: Vec<Option<String>>,
     /// Stored moves, for `uploaded_at` and the announcement.
     stored: Vec<Option<Stored>>,
+    /// The earlier announcement id the file takes over (see [`adoptions`]).
+    adopt: Vec<Option<String>>,
 }
 
 impl Writes {
-    fn push(&mut self, file_id: i64, from: FileStatus, event: &Event, t: Transition) {
+    fn push(
+        &mut self,
+        file_id: i64,
+        from: FileStatus,
+        event: &Event,
+        t: Transition,
+        adopt: Option<String>,
+    ) {
         let (set_error, error) = match event {
             Event::TransferFailed { message, .. } => (true, Some(message.clone())),
             Event::Rejected { why } => (true, Some(why.clone())),
@@ -354,6 +447,7 @@ impl Writes {
         self.etag.push(stored.as_ref().map(|s| s.etag.clone()));
         self.sha256.push(stored.as_ref().map(|s| s.sha256.clone()));
         self.stored.push(stored);
+        self.adopt.push(adopt);
         self.reason.push(t.reason);
     }
 
@@ -376,12 +470,13 @@ impl Writes {
                     bucket = COALESCE(u.bucket, f.bucket), object_key = COALESCE(u.object_key, f.object_key), \
                     etag = COALESCE(u.etag, f.etag), sha256 = COALESCE(u.sha256, f.sha256), \
                     uploaded_at = CASE WHEN u.stored THEN now() ELSE f.uploaded_at END, \
+                    announcement_id = COALESCE(u.adopt::uuid, f.announcement_id), \
                     updated_at = now() \
              FROM unnest($1::bigint[], $2::text[], $3::int4[], $4::bool[], $5::text[], $6::float8[], \
                          $7::float8[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], \
-                         $13::text[], $14::bool[]) \
+                         $13::text[], $14::bool[], $15::text[]) \
                   AS u(id, status, attempts, bump, lease_owner, lease_secs, retry_secs, set_error, \
-                       error, bucket, object_key, etag, sha256, stored) \
+                       error, bucket, object_key, etag, sha256, stored, adopt) \
              WHERE f.id = u.id \
              RETURNING f.id, f.uploaded_at",
         )
@@ -399,6 +494,7 @@ impl Writes {
         .bind(&self.etag)
         .bind(&self.sha256)
         .bind(self.stored.iter().map(Option::is_some).collect::<Vec<bool>>())
+        .bind(&self.adopt)
         .fetch_all(&mut *conn)
         .await?;
 
@@ -419,7 +515,7 @@ impl Writes {
         let uploaded_at: HashMap<i64, Option<DateTime<Utc>>> = updated.into_iter().collect();
         let mut outbox_files = Vec::new();
         let mut payloads = Vec::new();
-        for (id, stored) in self.id.iter().zip(&self.stored) {
+        for ((id, stored), adopt) in self.id.iter().zip(&self.stored).zip(&self.adopt) {
             let (Some(stored), Some(row)) = (stored, rows.get(id)) else {
                 continue;
             };
@@ -432,7 +528,10 @@ impl Writes {
                         file_id: *id,
                         what: "stored without an upload time".into(),
                     })?;
-            let announcement = announcement(row, stored, uploaded_at)?;
+            let mut announcement = announcement(row, stored, uploaded_at)?;
+            if let Some(adopted) = adopt {
+                announcement.announcement_id = adopted.clone();
+            }
             let payload =
                 serde_json::to_string(&announcement).map_err(|e| StoreError::Corrupt {
                     file_id: *id,
@@ -659,6 +758,7 @@ mod tests {
             etag: "etag-1".into(),
             size,
             sha256: "ab".repeat(32),
+            stored_announcement_id: None,
         })
     }
 
@@ -901,6 +1001,90 @@ mod tests {
                 "in_progress>uploaded agent:a1",
                 "uploaded>processed coordinator:c1",
             ]
+        );
+        db.drop().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_already_in_the_bucket_keeps_the_announcement_id_consumers_saw() {
+        let db = Db::create().await;
+        let (a, b) = db.seed().await;
+        let p = policy();
+        for id in [a, b] {
+            apply_one(&db.pool, "coordinator:c1", &p, Change::new(id, assigned()))
+                .await
+                .unwrap();
+        }
+        sqlx::query("UPDATE files SET assigned_bucket = 'bkt', assigned_key = 'acme/a.csv'")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let announcement_of = |id: i64| {
+            let pool = db.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT announcement_id::text FROM files WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            }
+        };
+        let b_own = announcement_of(b).await;
+        let already = |size: u64, id: &str| {
+            let Event::Stored(s) = stored(size) else {
+                unreachable!("stored() is a Stored event")
+            };
+            Event::Stored(Stored {
+                stored_announcement_id: Some(id.into()),
+                ..s
+            })
+        };
+
+        // Stored by an earlier run under an id no row holds (the restore lost
+        // its row): the file takes that id, and so does its announcement.
+        let earlier = "0f8e2a1c-5b7d-4e3a-9c6b-2d1f0e9a8b7c";
+        let outcome = apply_one(
+            &db.pool,
+            "agent:a1",
+            &p,
+            Change::fenced(a, 1, already(12, &earlier.to_uppercase())).held_by("a1"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome.moved_to(), Some(FileStatus::Uploaded));
+        assert_eq!(announcement_of(a).await, earlier);
+        let payload: serde_json::Value =
+            sqlx::query_scalar("SELECT payload FROM outbox WHERE file_id = $1")
+                .bind(a)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(payload["announcement_id"], earlier);
+        let reason = db.events(a).await.last().unwrap().3.clone();
+        assert!(
+            reason.contains(&format!("announced again under {earlier}")),
+            "{reason}"
+        );
+
+        // An id another row holds stays with it: this file keeps its own.
+        let outcome = apply_one(
+            &db.pool,
+            "agent:a1",
+            &p,
+            Change::fenced(b, 1, already(5, earlier)).held_by("a1"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome.moved_to(), Some(FileStatus::Uploaded));
+        assert_eq!(announcement_of(b).await, b_own);
+        let reason = db.events(b).await.last().unwrap().3.clone();
+        assert!(
+            reason.contains(&format!(
+                "already held this version (announcement {earlier})"
+            )),
+            "{reason}"
         );
         db.drop().await;
     }

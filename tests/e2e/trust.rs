@@ -217,6 +217,7 @@ fn success(bucket: &str, key: &str, size: u64) -> Outcome {
         etag: "etag-1".into(),
         bucket: bucket.into(),
         key: key.into(),
+        ..Default::default()
     })
 }
 

@@ -21,9 +21,9 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
 use super::failure::{TransferError, classify};
-use super::object::{self, Source, check_destination};
+use super::object::{self, AlreadyThere, Source, check_destination};
 use super::pool::{PooledSession, SessionPool};
-use super::s3::{ObjectRef, S3Target};
+use super::s3::{ObjectRef, S3Target, Written};
 use super::sizing::{part_size, read_window};
 use crate::sftp::{FileKind, FileStat, SftpError, SftpSession};
 
@@ -232,10 +232,62 @@ async fn copy_single(
         &task.metadata,
     );
     // The handle is done with: closing it need not hold up the upload.
-    let (put, ()) = tokio::join!(s3.put_object(obj, read.tail, metadata), handle.close());
-    let etag = put?;
+    let body = bytes::Bytes::from(read.tail);
+    let (put, ()) = tokio::join!(
+        store_small(s3, obj, body, &metadata, task.size),
+        handle.close()
+    );
+    let (etag, earlier) = put?;
     phases.lap("put+close");
-    Ok(success(task, read.bytes, read.sha256, etag))
+    Ok(success(task, read.bytes, read.sha256, etag, earlier))
+}
+
+/// Writes a small object unless ferry already stored this version at the
+/// key (then nothing is written); returns the ETag and, when it was already
+/// there, the announcement id it was stored under.
+async fn store_small(
+    s3: &S3Target,
+    obj: ObjectRef<'_>,
+    body: bytes::Bytes,
+    metadata: &HashMap<String, String>,
+    size: u64,
+) -> Result<(String, Option<String>), TransferError> {
+    if let Written::Created(etag) = s3.put_object(obj, body.clone(), metadata, true).await? {
+        return Ok((etag, None));
+    }
+    if let Some((etag, id)) = existing_version(s3, obj, metadata, size).await? {
+        return Ok((etag, Some(id)));
+    }
+    match s3.put_object(obj, body, metadata, false).await? {
+        Written::Created(etag) => Ok((etag, None)),
+        Written::AlreadyThere => Err(unexpected_precondition(obj)),
+    }
+}
+
+/// After a create-only write found an object at the key: its ETag and
+/// announcement id if it is this version stored by ferry, else `None` (it
+/// is written over).
+async fn existing_version(
+    s3: &S3Target,
+    obj: ObjectRef<'_>,
+    ours: &HashMap<String, String>,
+    size: u64,
+) -> Result<Option<(String, String)>, TransferError> {
+    let Some(existing) = s3.head_object(obj).await? else {
+        return Ok(None);
+    };
+    Ok(
+        match object::judge_existing(&existing.metadata, existing.size, ours, size) {
+            AlreadyThere::SameVersion { announcement_id } => Some((existing.etag, announcement_id)),
+            AlreadyThere::Other => None,
+        },
+    )
+}
+
+fn unexpected_precondition(obj: ObjectRef<'_>) -> TransferError {
+    TransferError::Transient(format!(
+        "S3 write of {obj}: precondition failed on an unconditional write"
+    ))
 }
 
 /// Large file: multipart upload; aborted on any failure.
@@ -292,10 +344,10 @@ async fn copy_multipart(
         if !read.tail.is_empty() {
             upload.submit(std::mem::take(&mut read.tail)).await?;
         }
-        let (etag, ()) = tokio::join!(upload.complete(), handle.close());
-        let etag = etag?;
+        let (completed, ()) = tokio::join!(upload.complete(task.size), handle.close());
+        let (etag, earlier) = completed?;
         phases.lap("complete+close");
-        Ok(success(task, read.bytes, read.sha256, etag))
+        Ok(success(task, read.bytes, read.sha256, etag, earlier))
     }
     .await;
     if result.is_err() {
@@ -309,6 +361,7 @@ fn success(
     size: u64,
     sha256: String,
     etag: String,
+    stored_announcement_id: Option<String>,
 ) -> proto::TaskSuccess {
     proto::TaskSuccess {
         size,
@@ -316,6 +369,7 @@ fn success(
         etag,
         bucket: task.bucket.clone(),
         key: task.key.clone(),
+        stored_announcement_id: stored_announcement_id.unwrap_or_default(),
     }
 }
 
@@ -513,6 +567,8 @@ struct Multipart<'a> {
     s3: &'a S3Target,
     obj: ObjectRef<'a>,
     metadata: Option<HashMap<String, String>>,
+    /// The metadata written, to judge an object found at the key.
+    ours: HashMap<String, String>,
     upload_id: Option<String>,
     next_part: i32,
     running: JoinSet<Result<CompletedPart, TransferError>>,
@@ -528,6 +584,7 @@ impl<'a> Multipart<'a> {
         Multipart {
             s3,
             obj,
+            ours: metadata.clone(),
             metadata: Some(metadata),
             upload_id: None,
             next_part: 1,
@@ -600,8 +657,11 @@ impl<'a> Multipart<'a> {
         }
     }
 
-    /// Waits for all parts and completes the upload; returns the ETag.
-    async fn complete(&mut self) -> Result<String, TransferError> {
+    /// Waits for all parts and completes the upload unless ferry already
+    /// stored this version (`size` bytes) at the key, in which case the
+    /// upload is discarded; returns the ETag and, when the object was already
+    /// there, the announcement id it was stored under.
+    async fn complete(&mut self, size: u64) -> Result<(String, Option<String>), TransferError> {
         while let Some(joined) = self.running.join_next().await {
             self.record(joined)?;
         }
@@ -612,12 +672,31 @@ impl<'a> Multipart<'a> {
             )));
         };
         let parts = std::mem::take(&mut self.done);
-        let etag = self
+        let written = self
             .s3
-            .complete_multipart(self.obj, &upload_id, parts)
+            .complete_multipart(self.obj, &upload_id, parts.clone(), true)
             .await?;
+        let etag = match written {
+            Written::Created(etag) => etag,
+            Written::AlreadyThere => {
+                if let Some((etag, id)) =
+                    existing_version(self.s3, self.obj, &self.ours, size).await?
+                {
+                    self.abort().await;
+                    return Ok((etag, Some(id)));
+                }
+                match self
+                    .s3
+                    .complete_multipart(self.obj, &upload_id, parts, false)
+                    .await?
+                {
+                    Written::Created(etag) => etag,
+                    Written::AlreadyThere => return Err(unexpected_precondition(self.obj)),
+                }
+            }
+        };
         self.upload_id = None;
-        Ok(etag)
+        Ok((etag, None))
     }
 
     /// Stops running part uploads and discards the upload. Best effort: if

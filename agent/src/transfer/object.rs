@@ -156,6 +156,52 @@ pub(crate) fn metadata(
     out
 }
 
+/// An object already at the key a transfer writes to, judged (pure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AlreadyThere {
+    /// ferry stored this same version there (same server, path, mtime and
+    /// size, and sha256 where both sides know it), under this announcement
+    /// id: an earlier attempt of this row (the same id) or an earlier run's
+    /// row (another id, e.g. lost in a database restore). Not written again.
+    SameVersion { announcement_id: String },
+    /// Anything else (another version under a key template without the
+    /// version, or an object from outside ferry): written over, as the key
+    /// template asks.
+    Other,
+}
+
+/// What the object with `existing` user metadata and `existing_size` is to
+/// the write of `ours` (the metadata this transfer writes, from
+/// [`metadata`]) of `size` bytes.
+pub(crate) fn judge_existing(
+    existing: &HashMap<String, String>,
+    existing_size: Option<i64>,
+    ours: &HashMap<String, String>,
+    size: u64,
+) -> AlreadyThere {
+    let same = |key: &str| existing.get(key).is_some_and(|v| Some(v) == ours.get(key));
+    let same_sha = match (existing.get("ferry-sha256"), ours.get("ferry-sha256")) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    let id = ferry_common::announcement::ANNOUNCEMENT_ID_METADATA;
+    match existing.get(id) {
+        Some(announcement_id)
+            if ours.contains_key(id)
+                && same("ferry-server")
+                && same("ferry-path")
+                && same("ferry-mtime")
+                && same_sha
+                && existing_size.and_then(|s| u64::try_from(s).ok()) == Some(size) =>
+        {
+            AlreadyThere::SameVersion {
+                announcement_id: announcement_id.clone(),
+            }
+        }
+        _ => AlreadyThere::Other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +280,69 @@ mod tests {
         assert!(md.contains_key("ferry-sha256") && md.contains_key("note"));
         let total: usize = md.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(total <= METADATA_LIMIT);
+    }
+
+    fn version(sha: Option<&str>, announcement: &str) -> HashMap<String, String> {
+        let mut extra = HashMap::new();
+        extra.insert("ferry-announcement-id".to_owned(), announcement.to_owned());
+        metadata(
+            &Source {
+                server: "acme",
+                path: "/out/a.csv",
+                mtime_unix: 1_700_000_000,
+                sha256: sha,
+            },
+            &extra,
+        )
+    }
+
+    #[test]
+    fn the_same_version_stored_earlier_is_recognised_with_its_announcement_id() {
+        let ours = version(Some("ab"), "id-now");
+        for earlier in ["id-now", "id-before-restore"] {
+            assert_eq!(
+                judge_existing(&version(Some("ab"), earlier), Some(4), &ours, 4),
+                AlreadyThere::SameVersion {
+                    announcement_id: earlier.to_owned()
+                }
+            );
+        }
+        // A multipart object carries no sha256: the version decides.
+        assert_eq!(
+            judge_existing(&version(None, "x"), Some(4), &ours, 4),
+            AlreadyThere::SameVersion {
+                announcement_id: "x".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn anything_else_at_the_key_is_written_over() {
+        let ours = version(Some("ab"), "id-now");
+        let other_bytes = version(Some("cd"), "x");
+        assert_eq!(
+            judge_existing(&other_bytes, Some(4), &ours, 4),
+            AlreadyThere::Other
+        );
+        assert_eq!(
+            judge_existing(&version(Some("ab"), "x"), Some(5), &ours, 4),
+            AlreadyThere::Other
+        );
+        assert_eq!(
+            judge_existing(&HashMap::new(), Some(4), &ours, 4),
+            AlreadyThere::Other
+        );
+        let mut older_ferry = version(Some("ab"), "x");
+        older_ferry.remove("ferry-announcement-id");
+        assert_eq!(
+            judge_existing(&older_ferry, Some(4), &ours, 4),
+            AlreadyThere::Other
+        );
+        let mut other_mtime = version(Some("ab"), "x");
+        other_mtime.insert("ferry-mtime".into(), "1".into());
+        assert_eq!(
+            judge_existing(&other_mtime, Some(4), &ours, 4),
+            AlreadyThere::Other
+        );
     }
 }

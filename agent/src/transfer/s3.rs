@@ -9,6 +9,7 @@
 
 use ferry_common::sync::lock;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +18,9 @@ use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
@@ -37,6 +40,29 @@ pub(crate) struct S3Target {
     client: Client,
     /// Buckets a `HeadBucket` found to exist.
     known_buckets: Arc<Mutex<HashSet<String>>>,
+    /// False once the store refused a conditional write (`If-None-Match: *`)
+    /// as not implemented: writes are then unconditional, as before.
+    conditional_writes: Arc<AtomicBool>,
+}
+
+/// An object already in the bucket, as `HeadObject` shows it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExistingObject {
+    /// Without quotes.
+    pub etag: String,
+    pub size: Option<i64>,
+    /// User metadata (keys without `x-amz-meta-`, lower-case).
+    pub metadata: HashMap<String, String>,
+}
+
+/// What a write that must not replace an object got.
+#[derive(Debug)]
+pub(crate) enum Written {
+    /// Written; the ETag without quotes.
+    Created(String),
+    /// An object was already at the key (`412 Precondition Failed`); nothing
+    /// was written.
+    AlreadyThere,
 }
 
 /// One object being written, for messages and requests.
@@ -87,6 +113,7 @@ impl S3Target {
         S3Target {
             client: Client::from_conf(config.build()),
             known_buckets: Arc::default(),
+            conditional_writes: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -124,27 +151,94 @@ impl S3Target {
         }
     }
 
-    /// Single-request upload; returns the ETag without quotes.
+    /// Single-request upload. With `if_absent`, only if no object is at the
+    /// key (`If-None-Match: *`, where the store supports it).
     pub(crate) async fn put_object(
         &self,
         obj: ObjectRef<'_>,
-        body: Vec<u8>,
-        metadata: HashMap<String, String>,
-    ) -> Result<String, TransferError> {
+        body: bytes::Bytes,
+        metadata: &HashMap<String, String>,
+        if_absent: bool,
+    ) -> Result<Written, TransferError> {
         let len = body.len();
-        let out = self
+        let mut conditional = if_absent && self.conditional_writes.load(Ordering::Relaxed);
+        loop {
+            let sent = self
+                .client
+                .put_object()
+                .bucket(obj.bucket)
+                .key(obj.key)
+                .content_length(i64::try_from(len).unwrap_or(i64::MAX))
+                .content_type(obj.content_type)
+                .set_metadata(Some(metadata.clone()))
+                .set_if_none_match(conditional.then(|| "*".to_owned()))
+                .body(ByteStream::from(body.clone()))
+                .send()
+                .await;
+            match sent {
+                Ok(out) => return Ok(Written::Created(trim_etag(out.e_tag()))),
+                Err(e) => match self.condition_answer(conditional, &e) {
+                    Some(Written::AlreadyThere) => return Ok(Written::AlreadyThere),
+                    Some(Written::Created(_)) => conditional = false,
+                    None => return Err(TransferError::s3(format!("PutObject {obj}"), &e)),
+                },
+            }
+        }
+    }
+
+    /// How a failed conditional write is to be read: `AlreadyThere` (412),
+    /// `Created` as "retry unconditionally" (the store does not implement the
+    /// condition: remembered), or `None`: a failure like any other.
+    fn condition_answer<E>(
+        &self,
+        conditional: bool,
+        err: &SdkError<E, HttpResponse>,
+    ) -> Option<Written> {
+        if !conditional {
+            return None;
+        }
+        match err.raw_response().map(|r| r.status().as_u16()) {
+            Some(412) => Some(Written::AlreadyThere),
+            Some(501) => {
+                tracing::warn!(
+                    "the S3 store does not implement If-None-Match on writes: objects already in \
+                     the bucket are overwritten, not recognised"
+                );
+                self.conditional_writes.store(false, Ordering::Relaxed);
+                Some(Written::Created(String::new()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The object at `obj`'s key, or `None` if there is none.
+    pub(crate) async fn head_object(
+        &self,
+        obj: ObjectRef<'_>,
+    ) -> Result<Option<ExistingObject>, TransferError> {
+        match self
             .client
-            .put_object()
+            .head_object()
             .bucket(obj.bucket)
             .key(obj.key)
-            .content_length(i64::try_from(len).unwrap_or(i64::MAX))
-            .content_type(obj.content_type)
-            .set_metadata(Some(metadata))
-            .body(ByteStream::from(body))
             .send()
             .await
-            .map_err(|e| TransferError::s3(format!("PutObject {obj}"), &e))?;
-        Ok(trim_etag(out.e_tag()))
+        {
+            Ok(out) => Ok(Some(ExistingObject {
+                etag: trim_etag(out.e_tag()),
+                size: out.content_length(),
+                metadata: out
+                    .metadata()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })),
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(None),
+            Err(e) => Err(TransferError::s3(format!("HeadObject {obj}"), &e)),
+        }
     }
 
     /// Starts a multipart upload; returns its upload id.
@@ -202,30 +296,47 @@ impl S3Target {
             .build())
     }
 
-    /// Completes a multipart upload from its parts (any order); returns the
-    /// ETag without quotes.
+    /// Completes a multipart upload from its parts (any order). With
+    /// `if_absent`, only if no object is at the key (as [`Self::put_object`]);
+    /// the upload stays open when an object was there.
     pub(crate) async fn complete_multipart(
         &self,
         obj: ObjectRef<'_>,
         upload_id: &str,
         mut parts: Vec<CompletedPart>,
-    ) -> Result<String, TransferError> {
+        if_absent: bool,
+    ) -> Result<Written, TransferError> {
         parts.sort_by_key(|p| p.part_number());
-        let out = self
-            .client
-            .complete_multipart_upload()
-            .bucket(obj.bucket)
-            .key(obj.key)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| TransferError::s3(format!("CompleteMultipartUpload {obj}"), &e))?;
-        Ok(trim_etag(out.e_tag()))
+        let mut conditional = if_absent && self.conditional_writes.load(Ordering::Relaxed);
+        loop {
+            let sent = self
+                .client
+                .complete_multipart_upload()
+                .bucket(obj.bucket)
+                .key(obj.key)
+                .upload_id(upload_id)
+                .set_if_none_match(conditional.then(|| "*".to_owned()))
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts.clone()))
+                        .build(),
+                )
+                .send()
+                .await;
+            match sent {
+                Ok(out) => return Ok(Written::Created(trim_etag(out.e_tag()))),
+                Err(e) => match self.condition_answer(conditional, &e) {
+                    Some(Written::AlreadyThere) => return Ok(Written::AlreadyThere),
+                    Some(Written::Created(_)) => conditional = false,
+                    None => {
+                        return Err(TransferError::s3(
+                            format!("CompleteMultipartUpload {obj}"),
+                            &e,
+                        ));
+                    }
+                },
+            }
+        }
     }
 
     /// Discards a multipart upload and its parts.
