@@ -7,6 +7,7 @@
 //! cargo bench -p ferry-tests --bench ferry -- transfer     # 1 GiB and 4 GiB, RSS, MB/s, rclone
 //! cargo bench -p ferry-tests --bench ferry -- small        # N x 4 KiB files, ferry vs rclone
 //! cargo bench -p ferry-tests --bench ferry -- dispatch     # tasks/s, 1 and 2 coordinators, fake agents
+//! cargo bench -p ferry-tests --bench ferry -- servers      # S servers x F files vs 1 server, idle cost
 //! ```
 //! `FERRY_BENCH_FILES` (discovery: default 100000; small: a list, default
 //! `2000,10000`), `FERRY_BENCH_SIZES_MIB` (default `1024,4096`),
@@ -14,15 +15,17 @@
 //! and `FERRY_BENCH_SESSIONS` (small: agent capacity and server
 //! `max_sessions`, default 8), `FERRY_BENCH_TASKS`, `FERRY_BENCH_AGENTS`
 //! and `FERRY_BENCH_SERVERS` (dispatch: default 20000 tasks, 8 fake agents
-//! of capacity 64, 16 servers) change the workload.
+//! of capacity 64, 16 servers), `FERRY_BENCH_LAYOUT` and
+//! `FERRY_BENCH_POLL_SECS` (servers: default `1000x5` and 2 s) change the
+//! workload.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use ferry_proto as proto;
 use ferry_tests::{
-    Agent, AgentOptions, AmqpQueue, Coordinator, S3Server, Sshd, TestDb, TestPki, eventually,
-    unique_exchange,
+    Agent, AgentOptions, AmqpQueue, Coordinator, CpuSnapshot, S3Server, Sshd, TestDb, TestPki,
+    eventually, unique_exchange,
 };
 
 fn env_or(name: &str, default: &str) -> String {
@@ -106,12 +109,18 @@ async fn discovery() {
         all_in.as_secs_f64(),
         n as f64 / all_in.as_secs_f64()
     );
-    // Steady state: three more polls with nothing new.
-    let inserts = "SELECT (n_tup_ins + n_tup_upd + n_tup_del)::BIGINT FROM pg_stat_user_tables WHERE relname = 'files'";
-    let events =
-        "SELECT (n_tup_ins)::BIGINT FROM pg_stat_user_tables WHERE relname = 'file_events'";
+    // Steady state: three more polls with nothing new. Rows written are
+    // counted from the rows themselves (committed ones: `files` rows whose
+    // xmin is newer than a transaction taken now, `file_events` rows above
+    // the current id), not from the statistics views, which backends
+    // update late.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (w0, e0) = (count(&db, inserts).await, count(&db, events).await);
+    let start_xid = count(
+        &db,
+        "SELECT (pg_current_xact_id()::text::BIGINT % 4294967296)::BIGINT",
+    )
+    .await;
+    let last_event = count(&db, "SELECT COALESCE(max(id), 0) FROM file_events").await;
     let mut durations = Vec::new();
     for _ in 0..3 {
         let before: Option<chrono::DateTime<chrono::Utc>> =
@@ -134,21 +143,37 @@ async fn discovery() {
         durations.push(d);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (w1, e1) = (count(&db, inserts).await, count(&db, events).await);
+    let files_written: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM files WHERE xmin::text::BIGINT > $1")
+            .bind(start_xid)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     println!("discovery: steady-state poll durations {durations:?} ms (listing {n} entries)");
+    let written: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT COALESCE(from_status, '-'), to_status, left(reason, 80), count(*) FROM file_events \
+         WHERE id > $1 GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 5",
+    )
+    .bind(last_event)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
     println!(
-        "discovery: rows written by 3 polls without changes: files {} , file_events {}",
-        w1 - w0,
-        e1 - e0
+        "discovery: rows written by 3 polls without changes: files {files_written}, file_events {}",
+        written.iter().map(|w| w.3).sum::<i64>()
     );
+    for (from, to, reason, n) in written {
+        println!("discovery:   {n} events {from} -> {to}: {reason}");
+    }
 }
 
-/// Peak RSS (VmHWM) of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
+/// A `kB` field of `/proc/PID/status` (`VmHWM`: peak RSS, `VmRSS`: RSS),
+/// in KiB; 0 if unknown.
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -259,7 +284,7 @@ async fn transfer() {
         let mut peak = 0;
         let deadline = Instant::now() + Duration::from_secs(3600);
         loop {
-            peak = peak.max(peak_rss_kib(pid));
+            peak = peak.max(status_kib(pid, "VmHWM"));
             let st: Option<String> = sqlx::query_scalar("SELECT status FROM files")
                 .fetch_optional(db.pool())
                 .await
@@ -273,7 +298,7 @@ async fn transfer() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        peak = peak.max(peak_rss_kib(pid));
+        peak = peak.max(status_kib(pid, "VmHWM"));
         let secs: f64 = sqlx::query_scalar(
             "SELECT EXTRACT(EPOCH FROM (max(e.at) FILTER (WHERE e.to_status = 'uploaded') \
                                        - max(e.at) FILTER (WHERE e.to_status = 'in_progress')))::FLOAT8 FROM file_events e",
@@ -346,8 +371,12 @@ async fn small() {
             .into_inner()
             .id;
         let mut env = s3.env();
-        env.push(("RUST_LOG".into(), "warn".into()));
-        let _agent = Agent::start(
+        let agent_log = std::env::var("FERRY_BENCH_AGENT_LOG").ok();
+        env.push((
+            "RUST_LOG".into(),
+            agent_log.clone().unwrap_or_else(|| "warn".into()),
+        ));
+        let agent = Agent::start(
             "bench-agent",
             &pki.agent("bench-agent"),
             &[coord.endpoint()],
@@ -362,6 +391,7 @@ async fn small() {
             (count(&db, "SELECT count(*) FROM agents WHERE connected").await > 0).then_some(())
         })
         .await;
+        let cpu_before = CpuSnapshot::take();
         let start = Instant::now();
         admin
             .add_watch(proto::AddWatchRequest {
@@ -399,6 +429,7 @@ async fn small() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let ferry = start.elapsed().as_secs_f64();
+        let ferry_cpu = CpuSnapshot::take().since(&cpu_before);
         let mut ids = HashSet::new();
         let mut messages = 0;
         while let Some(m) = queue.next_message(Duration::from_secs(5)).await {
@@ -438,9 +469,14 @@ async fn small() {
                 "small:   {status:<12} first {first:6.2}s last {last:6.2}s after the first event"
             );
         }
+        print_cpu("ferry", n, &ferry_cpu);
+        if agent_log.is_some() {
+            print_phases(agent.log_path());
+        }
         let remote = sshd.remote_path("small");
         let transfers = capacity.to_string();
-        match rclone(
+        let cpu_before = CpuSnapshot::take();
+        let rclone_run = rclone(
             &sshd,
             &s3,
             &[
@@ -453,7 +489,9 @@ async fn small() {
                 &format!("src:{remote}"),
                 "dst:bench/rclone",
             ],
-        ) {
+        );
+        print_cpu("rclone", n, &CpuSnapshot::take().since(&cpu_before));
+        match rclone_run {
             Some(r) => println!(
                 "small: {n} x {kib} KiB rclone copy --transfers {transfers} --checkers 16 {r:.2}s ({:.0} files/s); \
                  ferry/rclone files/s ratio {:.2}",
@@ -463,6 +501,234 @@ async fn small() {
             None => println!("small: rclone run failed (is rclone installed?)"),
         }
     }
+}
+
+/// Many servers: S servers (one directory each, all on one sshd) x F files
+/// of a few KiB on one agent, against one server holding S x F files in the
+/// same run. Times run from agent start to every file `processed`; printed:
+/// files/s of both, when the first file of every server was processed
+/// (p50, max), and the agent's idle cost with all S servers polled
+/// (SSH connections, RSS, CPU over 10 s).
+async fn servers() {
+    let layout = env_or("FERRY_BENCH_LAYOUT", "1000x5");
+    let (s, f) = layout
+        .split_once('x')
+        .map(|(s, f)| (s.parse::<usize>().unwrap(), f.parse::<usize>().unwrap()))
+        .expect("FERRY_BENCH_LAYOUT is SERVERSxFILES, e.g. 1000x5");
+    let poll: u32 = env_or("FERRY_BENCH_POLL_SECS", "2").parse().unwrap();
+    let capacity: u32 = env_or("FERRY_BENCH_CAPACITY", "8").parse().unwrap();
+    let kib: usize = env_or("FERRY_BENCH_KIB", "4").parse().unwrap();
+    for (servers, files) in [(s, f), (1, s * f)] {
+        let db = TestDb::create().await;
+        let pki = TestPki::new();
+        let s3 = S3Server::start().await;
+        s3.create_bucket("bench").await;
+        let exchange = unique_exchange();
+        let _queue = AmqpQueue::declare(&exchange).await;
+        let coord = Coordinator::start_with_env(
+            &db,
+            &pki,
+            &[
+                ("FERRY_AMQP_URL", _queue.url()),
+                ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
+                ("RUST_LOG", "warn"),
+            ],
+        )
+        .await;
+        let sshd = Sshd::start().await;
+        let mut body = vec![0u8; kib << 10];
+        for server in 0..servers {
+            sshd.mkdir(&format!("s{server:04}"));
+            for i in 0..files {
+                body[..8].copy_from_slice(&(server * files + i).to_le_bytes());
+                sshd.write_file(&format!("s{server:04}/f-{i:06}.csv"), &body);
+            }
+        }
+        let mut admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
+        for server in 0..servers {
+            let id = admin
+                .add_server(proto::AddServerRequest {
+                    name: format!("bench-{server:04}"),
+                    max_sessions: 2,
+                    ..server_request(&sshd)
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .id;
+            admin
+                .add_watch(proto::AddWatchRequest {
+                    server_id: id,
+                    directory: sshd.remote_path(&format!("s{server:04}")),
+                    poll_interval_secs: poll,
+                    min_age_secs: Some(0),
+                    bucket: "bench".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let mut env = s3.env();
+        env.push(("RUST_LOG".into(), "warn".into()));
+        let start = Instant::now();
+        let agent = Agent::start(
+            "bench-agent",
+            &pki.agent("bench-agent"),
+            &[coord.endpoint()],
+            AgentOptions {
+                capacity,
+                env,
+                ..Default::default()
+            },
+        )
+        .await;
+        let n = (servers * files) as i64;
+        eventually(
+            "every file processed",
+            Duration::from_secs(3600),
+            || async {
+                (count(&db, "SELECT count(*) FROM files WHERE status = 'processed'").await >= n)
+                    .then_some(())
+            },
+        )
+        .await;
+        let took = start.elapsed().as_secs_f64();
+        // When each server's first file was processed, from agent start.
+        let mut firsts: Vec<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM min(e.at) - $1::timestamptz)::FLOAT8 \
+             FROM file_events e JOIN files f ON f.id = e.file_id \
+             WHERE e.to_status = 'processed' GROUP BY f.server_id",
+        )
+        .bind(chrono::Utc::now() - chrono::Duration::from_std(start.elapsed()).unwrap())
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        firsts.sort_by(f64::total_cmp);
+        let p50 = firsts.get(firsts.len() / 2).copied().unwrap_or(f64::NAN);
+        let max = firsts.last().copied().unwrap_or(f64::NAN);
+        println!(
+            "servers: {servers} servers x {files} files ({kib} KiB, poll {poll}s, capacity {capacity}): \
+             {took:.2}s from agent start ({:.0} files/s); first file of a server processed p50 {p50:.2}s, \
+             last server's first {max:.2}s (target: 2 polls + 1s = {}s)",
+            n as f64 / took,
+            2 * poll + 1
+        );
+        // Idle: every server polled, nothing to do.
+        tokio::time::sleep(Duration::from_secs(u64::from(poll) * 2)).await;
+        let pid = agent.pid().expect("agent running");
+        let connections = ssh_connections(pid, sshd.port());
+        let rss = status_kib(pid, "VmRSS");
+        let before = CpuSnapshot::take();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle = CpuSnapshot::take().since(&before);
+        let agent_cpu = idle
+            .by_name
+            .iter()
+            .filter(|(name, _)| name.starts_with("ferry-agent"))
+            .map(|(_, d)| d.as_secs_f64())
+            .sum::<f64>();
+        println!(
+            "servers:   idle with {servers} servers polled every {poll}s: agent SSH connections {connections}, \
+             agent RSS {} MiB, agent CPU {:.1}% of one core; machine {}",
+            rss / 1024,
+            agent_cpu * 10.0,
+            idle.summary(5)
+        );
+    }
+}
+
+/// TCP connections of process `pid` to `port` on this machine (its SSH
+/// connections to the bench sshd), from `/proc/PID/net/tcp` and its fds.
+fn ssh_connections(pid: u32, port: u16) -> usize {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let remote_port = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            f.len() > 9 && f[2].ends_with(&remote_port) && inodes.contains(f[9])
+        })
+        .count()
+}
+
+/// Per-phase times of the agent's transfers, from the `phases=` field of
+/// its "transfer done" lines (logged at debug level:
+/// `FERRY_BENCH_AGENT_LOG=warn,ferry_agent::transfer=debug`).
+fn print_phases(log: &std::path::Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
+    for line in text.lines().filter(|l| l.contains("transfer done")) {
+        let plain = strip_ansi(line);
+        let Some((_, rest)) = plain.split_once("phases=") else {
+            continue;
+        };
+        for token in rest.split_whitespace() {
+            let Some((name, ms)) = token
+                .split_once('=')
+                .and_then(|(n, v)| Some((n, v.strip_suffix("ms")?.parse::<f64>().ok()?)))
+            else {
+                break;
+            };
+            match phases.iter_mut().find(|(n, _)| n == name) {
+                Some((_, times)) => times.push(ms),
+                None => phases.push((name.to_owned(), vec![ms])),
+            }
+        }
+    }
+    for (name, mut times) in phases {
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+        println!(
+            "small:   agent phase {name:<14} n {:>6} mean {:7.2}ms p50 {:7.2}ms p90 {:7.2}ms p99 {:7.2}ms",
+            times.len(),
+            times.iter().sum::<f64>() / times.len() as f64,
+            at(0.5),
+            at(0.9),
+            at(0.99)
+        );
+    }
+}
+
+/// `line` without ANSI colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The machine's CPU over one run and per file, and the processes that
+/// used the most of it.
+fn print_cpu(who: &str, files: i64, usage: &ferry_tests::cpu::CpuUsage) {
+    println!(
+        "small:   {who} {:.1} CPU ms per file; {}",
+        usage.busy.as_secs_f64() * 1000.0 / files as f64,
+        usage.summary(8)
+    );
 }
 
 /// A fake agent for `dispatch`: the real protocol over gRPC + mTLS, no
@@ -528,6 +794,7 @@ async fn fake_agent(
                     etag: "\"bench\"".into(),
                     bucket: t.bucket,
                     key: t.key,
+                    ..Default::default()
                 })),
             };
             if tx
@@ -678,6 +945,9 @@ async fn main() {
     }
     if wants("small") {
         small().await;
+    }
+    if wants("servers") {
+        servers().await;
     }
     if wants("dispatch") {
         dispatch().await;
