@@ -324,6 +324,48 @@ async fn transfer() {
     }
 }
 
+/// What `small` and `servers` run: a database, an S3 server with the
+/// bucket `bench`, a queue bound to a fresh exchange, a coordinator
+/// announcing to it, and an sshd.
+struct FlowStack {
+    db: TestDb,
+    pki: TestPki,
+    s3: S3Server,
+    queue: AmqpQueue,
+    coord: Coordinator,
+    sshd: Sshd,
+}
+
+impl FlowStack {
+    async fn start() -> FlowStack {
+        let db = TestDb::create().await;
+        let pki = TestPki::new();
+        let s3 = S3Server::start().await;
+        s3.create_bucket("bench").await;
+        let exchange = unique_exchange();
+        let queue = AmqpQueue::declare(&exchange).await;
+        let coord = Coordinator::start_with_env(
+            &db,
+            &pki,
+            &[
+                ("FERRY_AMQP_URL", queue.url()),
+                ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
+                ("RUST_LOG", "warn"),
+            ],
+        )
+        .await;
+        let sshd = Sshd::start().await;
+        FlowStack {
+            db,
+            pki,
+            s3,
+            queue,
+            coord,
+            sshd,
+        }
+    }
+}
+
 /// Small files: N files of a few KiB, already stable, in one directory;
 /// from watch creation to every file `processed` (counted in Postgres) with
 /// one AMQP message each, against `rclone copy` of the same directory to the
@@ -337,23 +379,14 @@ async fn small() {
     let capacity: u32 = env_or("FERRY_BENCH_CAPACITY", "8").parse().unwrap();
     let sessions: u32 = env_or("FERRY_BENCH_SESSIONS", "8").parse().unwrap();
     for n in counts {
-        let db = TestDb::create().await;
-        let pki = TestPki::new();
-        let s3 = S3Server::start().await;
-        s3.create_bucket("bench").await;
-        let exchange = unique_exchange();
-        let mut queue = AmqpQueue::declare(&exchange).await;
-        let coord = Coordinator::start_with_env(
-            &db,
-            &pki,
-            &[
-                ("FERRY_AMQP_URL", queue.url()),
-                ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
-                ("RUST_LOG", "warn"),
-            ],
-        )
-        .await;
-        let sshd = Sshd::start().await;
+        let FlowStack {
+            db,
+            pki,
+            s3,
+            mut queue,
+            coord,
+            sshd,
+        } = FlowStack::start().await;
         sshd.mkdir("small");
         let mut body = vec![0u8; kib << 10];
         for i in 0..n {
@@ -519,23 +552,14 @@ async fn servers() {
     let capacity: u32 = env_or("FERRY_BENCH_CAPACITY", "8").parse().unwrap();
     let kib: usize = env_or("FERRY_BENCH_KIB", "4").parse().unwrap();
     for (servers, files) in [(s, f), (1, s * f)] {
-        let db = TestDb::create().await;
-        let pki = TestPki::new();
-        let s3 = S3Server::start().await;
-        s3.create_bucket("bench").await;
-        let exchange = unique_exchange();
-        let _queue = AmqpQueue::declare(&exchange).await;
-        let coord = Coordinator::start_with_env(
-            &db,
-            &pki,
-            &[
-                ("FERRY_AMQP_URL", _queue.url()),
-                ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
-                ("RUST_LOG", "warn"),
-            ],
-        )
-        .await;
-        let sshd = Sshd::start().await;
+        let FlowStack {
+            db,
+            pki,
+            s3,
+            queue: _queue,
+            coord,
+            sshd,
+        } = FlowStack::start().await;
         let mut body = vec![0u8; kib << 10];
         for server in 0..servers {
             sshd.mkdir(&format!("s{server:04}"));

@@ -19,18 +19,7 @@ use crate::stack::{Stack, WAIT};
 
 #[tokio::test]
 async fn watch_events_misses_no_event_whose_id_commits_late() {
-    let mut s = Stack::new().await;
-    let server = s.add_server(s.server_req("ev")).await;
-    let watch = s.add_watch(server, "ev", "*").await;
-    let file = insert_file(&s, server, watch, "/ev/a.csv").await;
-    let mut stream = s
-        .admin
-        .watch_events(proto::WatchEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    // Give the subscription its starting point before the events are written.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, file, mut stream) = watching_all("ev").await;
 
     let mut slow = s.db.pool().begin().await.unwrap();
     let early_id = insert_event(&mut *slow, file, "takes its id first, commits last").await;
@@ -58,17 +47,7 @@ async fn watch_events_misses_no_event_whose_id_commits_late() {
 
 #[tokio::test]
 async fn a_transaction_open_in_another_database_does_not_hold_events_back() {
-    let mut s = Stack::new().await;
-    let server = s.add_server(s.server_req("other")).await;
-    let watch = s.add_watch(server, "other", "*").await;
-    let file = insert_file(&s, server, watch, "/other/a.csv").await;
-    let mut stream = s
-        .admin
-        .watch_events(proto::WatchEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, file, mut stream) = watching_all("other").await;
 
     // Another application on the same Postgres keeps a write transaction
     // open (it has a transaction id) for as long as this test runs.
@@ -86,6 +65,24 @@ async fn a_transaction_open_in_another_database_does_not_hold_events_back() {
         .expect("an open stream");
     assert_eq!(got.id, id);
     elsewhere.rollback().await.unwrap();
+}
+
+/// A stack with a server and watch named `name`, one file row of it, and a
+/// `WatchEvents` stream of all events that has taken its starting point.
+async fn watching_all(name: &str) -> (Stack, i64, tonic::Streaming<proto::FileEvent>) {
+    let mut s = Stack::new().await;
+    let server = s.add_server(s.server_req(name)).await;
+    let watch = s.add_watch(server, name, "*").await;
+    let file = insert_file(&s, server, watch, &format!("/{name}/a.csv")).await;
+    let stream = s
+        .admin
+        .watch_events(proto::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // Give the subscription its starting point before the events are written.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (s, file, stream)
 }
 
 /// Inserts a `new` file row of `watch` at `path`; its id.

@@ -20,7 +20,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sdk_s3::error::SdkError;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
@@ -160,54 +160,62 @@ impl S3Target {
         metadata: &HashMap<String, String>,
         if_absent: bool,
     ) -> Result<Written, TransferError> {
-        let len = body.len();
-        let mut conditional = if_absent && self.conditional_writes.load(Ordering::Relaxed);
-        loop {
-            let sent = self
-                .client
-                .put_object()
-                .bucket(obj.bucket)
-                .key(obj.key)
-                .content_length(i64::try_from(len).unwrap_or(i64::MAX))
-                .content_type(obj.content_type)
-                .set_metadata(Some(metadata.clone()))
-                .set_if_none_match(conditional.then(|| "*".to_owned()))
-                .body(ByteStream::from(body.clone()))
-                .send()
-                .await;
-            match sent {
-                Ok(out) => return Ok(Written::Created(trim_etag(out.e_tag()))),
-                Err(e) => match self.condition_answer(conditional, &e) {
-                    Some(Written::AlreadyThere) => return Ok(Written::AlreadyThere),
-                    Some(Written::Created(_)) => conditional = false,
-                    None => return Err(TransferError::s3(format!("PutObject {obj}"), &e)),
-                },
-            }
-        }
+        let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
+        self.write(
+            if_absent,
+            || format!("PutObject {obj}"),
+            |condition| {
+                let request = self
+                    .client
+                    .put_object()
+                    .bucket(obj.bucket)
+                    .key(obj.key)
+                    .content_length(len)
+                    .content_type(obj.content_type)
+                    .set_metadata(Some(metadata.clone()))
+                    .set_if_none_match(condition)
+                    .body(ByteStream::from(body.clone()));
+                async move { request.send().await.map(|out| trim_etag(out.e_tag())) }
+            },
+        )
+        .await
     }
 
-    /// How a failed conditional write is to be read: `AlreadyThere` (412),
-    /// `Created` as "retry unconditionally" (the store does not implement the
-    /// condition: remembered), or `None`: a failure like any other.
-    fn condition_answer<E>(
+    /// One write request through `send(If-None-Match value)`, conditional
+    /// when `if_absent` and the store implements the condition: a `412`
+    /// answer is [`Written::AlreadyThere`]; a `501` turns conditions off for
+    /// this target (logged once) and the write is sent again without one.
+    async fn write<E, F, Fut>(
         &self,
-        conditional: bool,
-        err: &SdkError<E, HttpResponse>,
-    ) -> Option<Written> {
-        if !conditional {
-            return None;
-        }
-        match err.raw_response().map(|r| r.status().as_u16()) {
-            Some(412) => Some(Written::AlreadyThere),
-            Some(501) => {
-                tracing::warn!(
-                    "the S3 store does not implement If-None-Match on writes: objects already in \
-                     the bucket are overwritten, not recognised"
-                );
-                self.conditional_writes.store(false, Ordering::Relaxed);
-                Some(Written::Created(String::new()))
+        if_absent: bool,
+        op: impl Fn() -> String,
+        send: F,
+    ) -> Result<Written, TransferError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        F: Fn(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<String, SdkError<E, HttpResponse>>>,
+    {
+        let mut conditional = if_absent && self.conditional_writes.load(Ordering::Relaxed);
+        loop {
+            let err = match send(conditional.then(|| "*".to_owned())).await {
+                Ok(etag) => return Ok(Written::Created(etag)),
+                Err(err) => err,
+            };
+            let status = err.raw_response().map(|r| r.status().as_u16());
+            match (conditional, status) {
+                (true, Some(412)) => return Ok(Written::AlreadyThere),
+                (true, Some(501)) => {
+                    if self.conditional_writes.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "the S3 store does not implement If-None-Match on writes: objects \
+                             already in the bucket are overwritten, not recognised"
+                        );
+                    }
+                    conditional = false;
+                }
+                _ => return Err(TransferError::s3(op(), &err)),
             }
-            _ => None,
         }
     }
 
@@ -307,36 +315,26 @@ impl S3Target {
         if_absent: bool,
     ) -> Result<Written, TransferError> {
         parts.sort_by_key(|p| p.part_number());
-        let mut conditional = if_absent && self.conditional_writes.load(Ordering::Relaxed);
-        loop {
-            let sent = self
-                .client
-                .complete_multipart_upload()
-                .bucket(obj.bucket)
-                .key(obj.key)
-                .upload_id(upload_id)
-                .set_if_none_match(conditional.then(|| "*".to_owned()))
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts.clone()))
-                        .build(),
-                )
-                .send()
-                .await;
-            match sent {
-                Ok(out) => return Ok(Written::Created(trim_etag(out.e_tag()))),
-                Err(e) => match self.condition_answer(conditional, &e) {
-                    Some(Written::AlreadyThere) => return Ok(Written::AlreadyThere),
-                    Some(Written::Created(_)) => conditional = false,
-                    None => {
-                        return Err(TransferError::s3(
-                            format!("CompleteMultipartUpload {obj}"),
-                            &e,
-                        ));
-                    }
-                },
-            }
-        }
+        self.write(
+            if_absent,
+            || format!("CompleteMultipartUpload {obj}"),
+            |condition| {
+                let request = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(obj.bucket)
+                    .key(obj.key)
+                    .upload_id(upload_id)
+                    .set_if_none_match(condition)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts.clone()))
+                            .build(),
+                    );
+                async move { request.send().await.map(|out| trim_etag(out.e_tag())) }
+            },
+        )
+        .await
     }
 
     /// Discards a multipart upload and its parts.
