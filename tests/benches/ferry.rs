@@ -366,6 +366,30 @@ impl FlowStack {
     }
 }
 
+/// The bench agent of a [`FlowStack`], storing into its S3 server, logging
+/// at `log` (a `RUST_LOG` filter).
+async fn bench_agent(
+    s3: &S3Server,
+    pki: &TestPki,
+    coord: &Coordinator,
+    capacity: u32,
+    log: &str,
+) -> Agent {
+    let mut env = s3.env();
+    env.push(("RUST_LOG".into(), log.into()));
+    Agent::start(
+        "bench-agent",
+        &pki.agent("bench-agent"),
+        &[coord.endpoint()],
+        AgentOptions {
+            capacity,
+            env,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// Small files: N files of a few KiB, already stable, in one directory;
 /// from watch creation to every file `processed` (counted in Postgres) with
 /// one AMQP message each, against `rclone copy` of the same directory to the
@@ -403,23 +427,9 @@ async fn small() {
             .unwrap()
             .into_inner()
             .id;
-        let mut env = s3.env();
         let agent_log = std::env::var("FERRY_BENCH_AGENT_LOG").ok();
-        env.push((
-            "RUST_LOG".into(),
-            agent_log.clone().unwrap_or_else(|| "warn".into()),
-        ));
-        let agent = Agent::start(
-            "bench-agent",
-            &pki.agent("bench-agent"),
-            &[coord.endpoint()],
-            AgentOptions {
-                capacity,
-                env,
-                ..Default::default()
-            },
-        )
-        .await;
+        let log = agent_log.as_deref().unwrap_or("warn");
+        let agent = bench_agent(&s3, &pki, &coord, capacity, log).await;
         eventually("agent connected", Duration::from_secs(60), || async {
             (count(&db, "SELECT count(*) FROM agents WHERE connected").await > 0).then_some(())
         })
@@ -592,20 +602,8 @@ async fn servers() {
                 .await
                 .unwrap();
         }
-        let mut env = s3.env();
-        env.push(("RUST_LOG".into(), "warn".into()));
         let start = Instant::now();
-        let agent = Agent::start(
-            "bench-agent",
-            &pki.agent("bench-agent"),
-            &[coord.endpoint()],
-            AgentOptions {
-                capacity,
-                env,
-                ..Default::default()
-            },
-        )
-        .await;
+        let agent = bench_agent(&s3, &pki, &coord, capacity, "warn").await;
         let n = (servers * files) as i64;
         eventually(
             "every file processed",
