@@ -10,10 +10,13 @@
 //! - The object location of a task is decided here and recorded on the file
 //!   (`assigned_bucket`, `assigned_key`) before the task is sent; a success
 //!   report naming another location is a failed attempt.
-//! - Claims rotate over servers, each taking an equal share of the agent's
-//!   free slots per turn (at least one file), so a busy server cannot starve
-//!   the others; one server's share is claimed in one transaction and its
-//!   tasks built with one query and one decryption of its credentials.
+//! - Claims rotate over servers, the least recently served first
+//!   (`servers.last_assigned_at`, set by the claim), each taking an equal
+//!   share of the agent's free slots per turn (at least one file), so a busy
+//!   server cannot starve the others and every server gets its first file
+//!   before any gets another turn; one server's share is claimed in one
+//!   transaction and its tasks built with one query and one decryption of
+//!   its credentials.
 //! - A server's transfers go to the agent that polls it ([`route`]), so one
 //!   agent's session pool holds all of the server's SSH connections and
 //!   `max_sessions` bounds connections, not just transfers.
@@ -68,7 +71,9 @@ pub(crate) struct DueServer {
     pub poller_ready: bool,
 }
 
-/// Servers of `site` that have due files, in a rotating order.
+/// Servers of `site` that have due files, the least recently served first
+/// (never-served ones first of all; ties in random order), so every server
+/// gets its turn before any gets a second one.
 pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> StoreResult<Vec<DueServer>> {
     Ok(sqlx::query_as(
         "SELECT s.id, s.poller_agent, s.poller_coordinator, \
@@ -80,7 +85,7 @@ pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> StoreResu
            AND EXISTS (SELECT 1 FROM files f JOIN watches w ON w.id = f.watch_id \
                        WHERE f.server_id = s.id AND f.status IN ('new', 'error') \
                          AND f.next_attempt_at <= now() AND w.deleted_at IS NULL) \
-         ORDER BY random()",
+         ORDER BY s.last_assigned_at NULLS FIRST, random()",
     )
     .bind(site)
     .bind(crate::agents::SILENT_AFTER.as_secs_f64())
@@ -207,6 +212,12 @@ pub(crate) async fn claim(
     .bind(n)
     .fetch_all(&mut *tx)
     .await?;
+    if !picked.is_empty() {
+        sqlx::query("UPDATE servers SET last_assigned_at = now() WHERE id = $1")
+            .bind(server_id)
+            .execute(&mut *tx)
+            .await?;
+    }
     let changes: Vec<Change> = picked
         .iter()
         .map(|&id| {
@@ -754,5 +765,65 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_served_server_comes_first() {
+        let db = crate::transitions::tests::Db::create().await;
+        db.seed().await;
+        let first: i64 = sqlx::query_scalar("SELECT id FROM servers")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        let second: i64 = sqlx::query_scalar(
+            "WITH s AS (INSERT INTO servers (name, hostname, username, auth_kind, secret_ciphertext, host_key_fingerprint) \
+                        VALUES ('beta', 'h', 'u', 'password', '\\x00', 'SHA256:x') RETURNING id), \
+                  w AS (INSERT INTO watches (server_id, directory, bucket) SELECT id, '/in', 'bkt' FROM s RETURNING id, server_id) \
+             INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
+             SELECT server_id, id, '/in/c.csv', 3, 1800000000 FROM w RETURNING server_id",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let order = || async {
+            servers_with_due_files(&db.pool, "default")
+                .await
+                .unwrap()
+                .iter()
+                .map(|s| s.id)
+                .collect::<Vec<i64>>()
+        };
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            backoff: ferry_common::backoff::Backoff::new(
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            ),
+        };
+        let who = |agent| Claimant {
+            coordinator: "c1",
+            agent,
+            lease: Duration::from_secs(60),
+            policy: &policy,
+        };
+        // The first server is served (one of its two files): the other one,
+        // never served, comes first now, however the tie was broken before.
+        assert_eq!(
+            claim(&db.pool, who("a1"), first, 1, 0).await.unwrap().len(),
+            1
+        );
+        for _ in 0..10 {
+            assert_eq!(order().await, vec![second, first]);
+        }
+        assert_eq!(
+            claim(&db.pool, who("a1"), second, 1, 0)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        // The second server has nothing due any more.
+        assert_eq!(order().await, vec![first]);
+        db.drop().await;
     }
 }

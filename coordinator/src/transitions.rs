@@ -645,21 +645,23 @@ fn announcement(
 /// The store against a real Postgres (`FERRY_TEST_PG_URL`, default the local
 /// server): a fresh database per test, migrated, dropped at the end.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ferry_common::backoff::Backoff;
     use sqlx::{Connection, Executor};
 
     const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-    struct Db {
-        pool: PgPool,
+    /// A fresh migrated database on the local Postgres (other modules'
+    /// store tests use it too).
+    pub(crate) struct Db {
+        pub(crate) pool: PgPool,
         name: String,
         admin_url: String,
     }
 
     impl Db {
-        async fn create() -> Db {
+        pub(crate) async fn create() -> Db {
             let admin_url = std::env::var("FERRY_TEST_PG_URL").unwrap_or_else(|_| ADMIN_URL.into());
             let name = format!("ferry_u_{}", uuid::Uuid::new_v4().simple());
             let mut admin = PgConnection::connect(&admin_url).await.unwrap();
@@ -678,7 +680,7 @@ mod tests {
             }
         }
 
-        async fn drop(self) {
+        pub(crate) async fn drop(self) {
             self.pool.close().await;
             let mut admin = PgConnection::connect(&self.admin_url).await.unwrap();
             admin
@@ -688,7 +690,7 @@ mod tests {
         }
 
         /// A server, a watch and two `new` files; returns the file ids.
-        async fn seed(&self) -> (i64, i64) {
+        pub(crate) async fn seed(&self) -> (i64, i64) {
             let server: i64 = sqlx::query_scalar(
                 "INSERT INTO servers (name, hostname, username, auth_kind, secret_ciphertext, host_key_fingerprint) \
                  VALUES ('acme', 'h', 'u', 'password', '\\x00', 'SHA256:x') RETURNING id",

@@ -615,6 +615,7 @@ async fn servers() {
         )
         .await;
         let took = start.elapsed().as_secs_f64();
+        print_warnings("servers", agent.log_path());
         // When each server's first file was processed, from agent start.
         let mut firsts: Vec<f64> = sqlx::query_scalar(
             "SELECT EXTRACT(EPOCH FROM min(e.at) - $1::timestamptz)::FLOAT8 \
@@ -722,6 +723,36 @@ fn print_phases(log: &std::path::Path) {
             at(0.9),
             at(0.99)
         );
+    }
+}
+
+/// How many WARN and ERROR lines a log holds, by message (the text before
+/// the fields), most frequent first: what went wrong during a run.
+fn print_warnings(bench: &str, log: &std::path::Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for line in text.lines().map(strip_ansi) {
+        let Some(rest) = line
+            .split_once(" WARN ")
+            .or_else(|| line.split_once(" ERROR "))
+            .map(|(_, rest)| rest)
+        else {
+            continue;
+        };
+        // `target: message field=value ...`: keep target and message.
+        let message: String = rest
+            .split_whitespace()
+            .take_while(|w| !w.contains('='))
+            .collect::<Vec<_>>()
+            .join(" ");
+        match counts.iter_mut().find(|(m, _)| *m == message) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((message, 1)),
+        }
+    }
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+    for (message, n) in counts.iter().take(5) {
+        println!("{bench}:   agent log: {n} x {message}");
     }
 }
 

@@ -37,6 +37,24 @@ const DEFAULT_READ_CHUNK: u32 = 32 * 1024;
 /// Upper bound of a read request: russh-sftp rejects reply packets above its
 /// `max_packet_len` (256 KiB), minus the DATA header.
 const MAX_READ_CHUNK: u32 = 256 * 1024 - 1024;
+/// Logins in progress to one host and port at once. OpenSSH starts refusing
+/// unauthenticated connections beyond `MaxStartups` (10 by default): an
+/// agent polling many servers of one host (one per directory or account)
+/// would otherwise open them all at once and see most of them refused.
+const LOGINS_PER_HOST: usize = 8;
+const _: () = assert!(LOGINS_PER_HOST < 10, "below OpenSSH's default MaxStartups");
+
+/// The login slots of `host:port`, shared by every connection this agent
+/// opens to it.
+fn login_slots(host: &str, port: u16) -> Arc<tokio::sync::Semaphore> {
+    type Slots = std::collections::HashMap<(String, u16), Arc<tokio::sync::Semaphore>>;
+    static SLOTS: OnceLock<std::sync::Mutex<Slots>> = OnceLock::new();
+    let mut slots = ferry_common::sync::lock(SLOTS.get_or_init(Default::default));
+    slots
+        .entry((host.to_ascii_lowercase(), port))
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(LOGINS_PER_HOST)))
+        .clone()
+}
 
 /// OpenSSH-style fingerprint of a public key: `SHA256:` + unpadded base64 of
 /// the SHA-256 of the wire-encoded key, exactly what `ssh-keygen -lf` prints.
@@ -166,6 +184,12 @@ pub(crate) async fn connect(ep: &ServerEndpoint, t: &Timeouts) -> Result<SftpSes
         }
     };
     let target = format!("{}@{}:{}", ep.username, ep.hostname, ep.port);
+    // Waiting for a slot is not part of the connect timeout.
+    let slots = login_slots(&ep.hostname, ep.port);
+    let _slot = slots
+        .acquire()
+        .await
+        .map_err(|_| SftpError::Connect(format!("{target}: login slots closed")))?;
     match tokio::time::timeout(t.connect, connect_inner(ep, t, credentials, &target)).await {
         Ok(result) => result,
         Err(_) => Err(SftpError::Connect(format!(
@@ -454,6 +478,15 @@ pub(crate) async fn probe_host_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logins_to_one_host_share_a_few_slots_and_other_hosts_have_their_own() {
+        let a = login_slots("Sftp.Example", 22);
+        assert!(Arc::ptr_eq(&a, &login_slots("sftp.example", 22)));
+        assert!(!Arc::ptr_eq(&a, &login_slots("sftp.example", 2222)));
+        assert!(!Arc::ptr_eq(&a, &login_slots("other.example", 22)));
+        assert_eq!(a.available_permits(), LOGINS_PER_HOST);
+    }
 
     // Generated with `ssh-keygen -t ed25519 -C fixture` / `-t rsa -b 2048`;
     // the fingerprints are what `ssh-keygen -lf` printed for them.
