@@ -101,15 +101,7 @@ async fn check_outcome(cluster: &mut Cluster, expected: &BTreeMap<String, String
         }
     }
     let tally = Tally::of(&files, &messages);
-    println!(
-        "files {} processed {} failed {} lost {} messages {} duplicates {}",
-        tally.files,
-        tally.processed,
-        tally.failed,
-        tally.lost.len(),
-        tally.messages,
-        tally.duplicates
-    );
+    println!("{tally}");
     assert_nothing_lost_or_misannounced(&tally, n);
     let stored = stored_digests(&cluster.s3, &files).await;
     assert_eq!(&stored, expected, "stored bytes");
@@ -611,14 +603,7 @@ async fn a_broker_restart_mid_flow_loses_no_announcement() {
         }
     }
     let tally = Tally::of(&files, &messages);
-    println!(
-        "files {} processed {} lost {} messages {} duplicates {}",
-        tally.files,
-        tally.processed,
-        tally.lost.len(),
-        tally.messages,
-        tally.duplicates
-    );
+    println!("{tally}");
     assert_nothing_lost_or_misannounced(&tally, n);
     assert_eq!(tally.processed, n);
     // Each file that waited was announced (confirmed by the broker, so
@@ -794,15 +779,8 @@ async fn a_restore_from_a_dump_taken_mid_flow_reuses_no_message_id_and_leaves_no
     let versions = announced_versions(&messages);
     let reannounced = versions.values().filter(|ids| ids.len() > 1).count();
     println!(
-        "after the restore: files {} processed {} lost {} messages {} duplicates {} \
-         versions announced {} of them under two message ids {}",
-        tally.files,
-        tally.processed,
-        tally.lost.len(),
-        tally.messages,
-        tally.duplicates,
+        "after the restore: {tally} versions announced {} of them under two message ids {reannounced}",
         versions.len(),
-        reannounced
     );
     // The point of announcement ids: over the whole run, before and after
     // the restore, no message_id names two different file versions.

@@ -11,7 +11,7 @@ use ferry_tests::{TcpProxy, eventually, signal};
 
 use crate::stack::WAIT;
 
-use crate::flow::{BUCKET, flow, sha256_hex};
+use crate::flow::{BUCKET, Flow, flow, sha256_hex};
 
 #[tokio::test]
 async fn fifty_files_land_byte_identical_with_one_message_each() {
@@ -258,15 +258,7 @@ async fn post_actions_delete_and_move_on_the_sftp_server() {
     f.s.sshd.write_file("mv/b.csv", b"move me");
     let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
     f.wait_status(2, "processed", WAIT).await;
-    eventually("post-actions done", WAIT, || async {
-        let done: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM files WHERE post_action_result = 'done'")
-                .fetch_one(f.s.db.pool())
-                .await
-                .unwrap();
-        (done == 2).then_some(())
-    })
-    .await;
+    wait_post_actions_done(&f, 2).await;
     assert!(
         !f.s.sshd.root().join("del/a.csv").exists(),
         "deleted after processing"
@@ -309,15 +301,7 @@ async fn max_sessions_bounds_every_ssh_connection_of_a_server() {
     let _a2 = f.s.agent_with("a2", f.agent_opts(8)).await;
     f.wait_status(12, "processed", Duration::from_secs(180))
         .await;
-    eventually("every post-action done", WAIT, || async {
-        let done: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM files WHERE post_action_result = 'done'")
-                .fetch_one(f.s.db.pool())
-                .await
-                .unwrap();
-        (done == 12).then_some(())
-    })
-    .await;
+    wait_post_actions_done(&f, 12).await;
     // A few more polls of the now empty directory.
     tokio::time::sleep(Duration::from_secs(3)).await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -510,4 +494,17 @@ async fn objects_carry_the_content_type_of_their_extension_and_ferry_metadata() 
             assert_eq!(meta.get("ferry-sha256"), Some(&sha), "{name}: {meta:?}");
         }
     }
+}
+
+/// Waits until `n` files have their post-action done.
+async fn wait_post_actions_done(f: &Flow, n: i64) {
+    eventually("post-actions done", WAIT, || async {
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM files WHERE post_action_result = 'done'")
+                .fetch_one(f.s.db.pool())
+                .await
+                .unwrap();
+        (done == n).then_some(())
+    })
+    .await;
 }

@@ -357,6 +357,22 @@ pub struct Tally {
     pub mismatched_bodies: usize,
 }
 
+/// `files N processed N failed N lost N messages N duplicates N`.
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "files {} processed {} failed {} lost {} messages {} duplicates {}",
+            self.files,
+            self.processed,
+            self.failed,
+            self.lost.len(),
+            self.messages,
+            self.duplicates
+        )
+    }
+}
+
 impl Tally {
     pub fn of(files: &[FileRow], messages: &[AmqpMessage]) -> Tally {
         let mut by_id: HashMap<String, Vec<(String, i64, String, String)>> = HashMap::new();
