@@ -483,8 +483,8 @@ impl AgentStreams {
             ))
             .await;
         }
-        // Capacity freed and maybe a retry is due: wake the scheduler.
-        self.coord.files_due().await;
+        // Capacity freed: wake the scheduler.
+        self.coord.capacity_freed_here();
         Ok(())
     }
 

@@ -548,7 +548,7 @@ impl CredentialError {
 }
 
 impl ConnectionRow {
-    fn binding(&self) -> Binding<'_> {
+    pub(crate) fn binding(&self) -> Binding<'_> {
         Binding {
             server_id: self.server_id,
             hostname: &self.hostname,

@@ -8,22 +8,25 @@
 //! - Every assignment bumps the file's fencing token ([`crate::transitions`]);
 //!   a result carrying an older token is stale.
 //! - The object location of a task is decided here and recorded on the file
-//!   (`assigned_bucket`, `assigned_key`) before the task is sent; a success
-//!   report naming another location is a failed attempt.
+//!   (`assigned_bucket`, `assigned_key`) in the same write that claims it,
+//!   before the task is sent; a success report naming another location is a
+//!   failed attempt.
 //! - Claims rotate over servers, the least recently served first
 //!   (`servers.last_assigned_at`, set by the claim), each taking an equal
 //!   share of the agent's free slots per turn (at least one file), so a busy
 //!   server cannot starve the others and every server gets its first file
-//!   before any gets another turn; one server's share is claimed in one
-//!   transaction and its tasks built with one query and one decryption of
-//!   its credentials.
+//!   before any gets another turn. One turn is one claim transaction per
+//!   agent for all the servers routed to it; the claim's status write also
+//!   records each task's object location, one query reads the servers and
+//!   watches, and each server's credentials are decrypted once.
 //! - A server's transfers go to the agent that polls it ([`route`]), so one
 //!   agent's session pool holds all of the server's SSH connections and
 //!   `max_sessions` bounds connections, not just transfers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use ferry_common::domain::FileStatus;
 use ferry_common::keys::{self, KeyError, KeyInputs};
@@ -48,6 +51,7 @@ pub(crate) const PIPELINE: i64 = 2;
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct Claimed {
     pub id: i64,
+    pub server_id: i64,
     pub watch_id: i64,
     pub path: String,
     pub size: i64,
@@ -162,100 +166,34 @@ pub(crate) struct Claimant<'a> {
     pub policy: &'a RetryPolicy,
 }
 
-/// Claims up to `want` due files of one server for the claimant's agent,
-/// within the server's queue (`max_sessions * PIPELINE`, or for a stand-in
-/// `max_sessions - reserve`) less its running transfers, in one transaction.
-/// Returns the claimed files (possibly none).
-pub(crate) async fn claim(
-    db: &PgPool,
-    who: Claimant<'_>,
-    server_id: i64,
-    want: i64,
-    reserve: i64,
-) -> StoreResult<Vec<Claimed>> {
-    let mut tx = db.begin().await?;
-    let max: Option<i32> = sqlx::query_scalar(
-        "SELECT max_sessions FROM servers WHERE id = $1 AND enabled AND deleted_at IS NULL FOR UPDATE",
-    )
-    .bind(server_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(max) = max else {
-        return Ok(Vec::new());
-    };
-    let running: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM files WHERE server_id = $1 AND status = 'in_progress'",
-    )
-    .bind(server_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    // The agent's session pool bounds the connections; transfers beyond
-    // them wait there for a session, ready to start the moment one frees.
-    // A stand-in (reserve > 0) gets no such queue: its pool is not the
-    // poller's, so only the sessions the poller leaves may be used.
-    let limit = if reserve == 0 {
-        i64::from(max) * PIPELINE
-    } else {
-        i64::from(max) - reserve
-    };
-    let n = want.min(limit - running);
-    if n <= 0 {
-        return Ok(Vec::new());
-    }
-    let picked: Vec<i64> = sqlx::query_scalar(
-        "SELECT f.id FROM files f JOIN watches w ON w.id = f.watch_id \
-         WHERE f.server_id = $1 AND f.status IN ('new', 'error') AND f.next_attempt_at <= now() \
-           AND w.deleted_at IS NULL \
-         ORDER BY f.next_attempt_at, f.id LIMIT $2 FOR UPDATE OF f SKIP LOCKED",
-    )
-    .bind(server_id)
-    .bind(n)
-    .fetch_all(&mut *tx)
-    .await?;
-    if !picked.is_empty() {
-        sqlx::query("UPDATE servers SET last_assigned_at = now() WHERE id = $1")
-            .bind(server_id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    let changes: Vec<Change> = picked
-        .iter()
-        .map(|&id| {
-            Change::new(
-                id,
-                Event::Assigned {
-                    agent: who.agent.to_string(),
-                    lease: who.lease,
-                },
-            )
-        })
-        .collect();
-    let applied = transitions::apply(
-        &mut tx,
-        &format!("coordinator:{}", who.coordinator),
-        who.policy,
-        &changes,
-    )
-    .await?;
-    let moved: Vec<i64> = applied
-        .iter()
-        .filter(|a| a.outcome.moved_to() == Some(FileStatus::InProgress))
-        .map(|a| a.file_id)
-        .collect();
-    let claimed = sqlx::query_as::<_, Claimed>(
-        "SELECT id, watch_id, path, size, mtime_unix, fencing_token, discovered_at, \
-                announcement_id::text AS announcement_id \
-         FROM files WHERE id = ANY($1) ORDER BY array_position($1, id)",
-    )
-    .bind(&moved)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(claimed)
+/// One server's part of a claim: up to `want` files, leaving `reserve` of
+/// its sessions unclaimed (see [`Route::To`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ask {
+    pub server_id: i64,
+    pub want: i64,
+    pub reserve: i64,
 }
 
-/// A watch of the server a batch of claimed files belongs to, with the
-/// server's connection row (one row per watch, from one query).
+/// How many files a server may get now (pure): what was asked, within the
+/// server's queue (`max_sessions * PIPELINE`, or for a stand-in
+/// `max_sessions - reserve`) less its running transfers.
+///
+/// The agent's session pool bounds the connections; transfers beyond them
+/// wait there for a session, ready to start the moment one frees. A
+/// stand-in (reserve > 0) gets no such queue: its pool is not the poller's,
+/// so only the sessions the poller leaves may be used.
+fn room(ask: &Ask, max_sessions: i32, running: i64) -> i64 {
+    let limit = if ask.reserve == 0 {
+        i64::from(max_sessions) * PIPELINE
+    } else {
+        i64::from(max_sessions) - ask.reserve
+    };
+    ask.want.min(limit - running).max(0)
+}
+
+/// A watch of a server whose files are being claimed, with the server's
+/// connection row (one row per watch, from one query).
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct Source {
     #[sqlx(flatten)]
@@ -266,51 +204,208 @@ struct Source {
     key_template: String,
 }
 
-/// Why a batch of claimed files did not become tasks.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum AssignmentError {
-    /// Reading or recording what the tasks need failed: the round is retried
-    /// (the claimed files come back through their leases).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The server's credentials could not be unsealed (row changed outside
-    /// ferry, or another secret key): that server is skipped this round, the
-    /// others go on; its claimed files come back through their leases.
-    #[error("server credentials: {0:#}")]
-    Secrets(anyhow::Error),
-}
-
-/// The tasks built for one server's batch of claimed files.
+/// What one claim gave its agent.
 #[derive(Debug, Default)]
-pub(crate) struct Built {
-    /// Ready to send; their object location is recorded on the file rows.
+pub(crate) struct Claim {
+    /// Ready to send: the files are `in_progress`, leased to the claimant's
+    /// agent, with the object location of their task recorded.
     pub tasks: Vec<proto::TaskAssignment>,
-    /// Files whose path cannot be a safe object key: they fail permanently.
-    pub unsafe_keys: Vec<(Claimed, KeyError)>,
-    /// Files that changed hands before their location was recorded (e.g.
-    /// the lease was reaped): nothing to send.
-    pub gone: Vec<i64>,
+    /// Servers that got all they asked for: they may have more due.
+    pub full: HashSet<i64>,
+    /// Files whose path cannot be a safe object key: failed for good in the
+    /// same transaction.
+    pub rejected: Vec<(i64, KeyError)>,
+    /// Servers whose credentials could not be unsealed (row changed outside
+    /// ferry, or another secret key): none of their files was claimed, the
+    /// other servers go on.
+    pub sealed: Vec<(i64, anyhow::Error)>,
 }
 
-/// The task for `file` (pure): its object key names this version (size,
-/// mtime), so a replaced file gets a new key and a retry of this one the same.
+/// Claims due files of several servers for the claimant's agent, each
+/// server's [`room`], in one transaction: the server rows are locked (in id
+/// order) before their running transfers are counted, the files are taken
+/// oldest first (`SKIP LOCKED`), and each moves to `in_progress` with the
+/// object location of its task in one write; one query reads the servers
+/// and watches, and each server's credentials are decrypted once.
+pub(crate) async fn claim(
+    db: &PgPool,
+    secrets: &SecretBox,
+    who: Claimant<'_>,
+    asks: &[Ask],
+) -> StoreResult<Claim> {
+    let mut claim = Claim::default();
+    if asks.is_empty() {
+        return Ok(claim);
+    }
+    let ids: Vec<i64> = asks.iter().map(|a| a.server_id).collect();
+    let mut tx = db.begin().await?;
+    let max: HashMap<i64, i32> = sqlx::query_as(
+        "SELECT id, max_sessions FROM servers WHERE id = ANY($1) AND enabled AND deleted_at IS NULL \
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let running: HashMap<i64, i64> = sqlx::query_as(
+        "SELECT server_id, count(*) FROM files \
+         WHERE server_id = ANY($1) AND status = 'in_progress' GROUP BY server_id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let (servers, counts): (Vec<i64>, Vec<i64>) = asks
+        .iter()
+        .filter_map(|ask| {
+            let max = *max.get(&ask.server_id)?;
+            let n = room(ask, max, running.get(&ask.server_id).copied().unwrap_or(0));
+            (n > 0).then_some((ask.server_id, n))
+        })
+        .unzip();
+    if servers.is_empty() {
+        return Ok(claim);
+    }
+    let picked: Vec<Claimed> = sqlx::query_as(
+        "SELECT f.id, f.server_id, f.watch_id, f.path, f.size, f.mtime_unix, f.fencing_token, \
+                f.discovered_at, f.announcement_id::text AS announcement_id \
+         FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS q(server_id, n, turn) \
+         CROSS JOIN LATERAL ( \
+             SELECT f.* FROM files f JOIN watches w ON w.id = f.watch_id \
+             WHERE f.server_id = q.server_id AND f.status IN ('new', 'error') \
+               AND f.next_attempt_at <= now() AND w.deleted_at IS NULL \
+             ORDER BY f.next_attempt_at, f.id LIMIT q.n FOR UPDATE OF f SKIP LOCKED) f \
+         ORDER BY q.turn, f.next_attempt_at, f.id",
+    )
+    .bind(&servers)
+    .bind(&counts)
+    .fetch_all(&mut *tx)
+    .await?;
+    if picked.is_empty() {
+        return Ok(claim);
+    }
+    let mut watch_ids: Vec<i64> = picked.iter().map(|f| f.watch_id).collect();
+    watch_ids.sort_unstable();
+    watch_ids.dedup();
+    let sources: HashMap<i64, Source> = sqlx::query_as::<_, Source>(&format!(
+        "SELECT {CONNECTION_COLUMNS}, w.id AS watch_id, w.directory, w.bucket, w.key_template \
+         FROM watches w JOIN servers s ON s.id = w.server_id WHERE w.id = ANY($1)"
+    ))
+    .bind(&watch_ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|s| (s.watch_id, s))
+    .collect();
+
+    let assigned = Event::Assigned {
+        agent: who.agent.to_string(),
+        lease: who.lease,
+    };
+    let mut connections: HashMap<i64, anyhow::Result<proto::ServerConnection>> = HashMap::new();
+    let mut got: HashMap<i64, i64> = HashMap::new();
+    let mut changes = Vec::with_capacity(picked.len());
+    let mut tasks = Vec::with_capacity(picked.len());
+    let mut unsafe_keys = Vec::new();
+    for file in &picked {
+        // Watches and server rows are never deleted (soft delete only).
+        let src = sources
+            .get(&file.watch_id)
+            .ok_or_else(|| StoreError::from(sqlx::Error::RowNotFound))?;
+        let Ok(connection) = connections
+            .entry(file.server_id)
+            .or_insert_with(|| src.conn.to_proto(secrets))
+        else {
+            continue;
+        };
+        *got.entry(file.server_id).or_default() += 1;
+        // The claim below bumps the fencing token of the locked row.
+        let next = Claimed {
+            fencing_token: file.fencing_token + 1,
+            ..file.clone()
+        };
+        match task_for(&next, src, connection) {
+            Ok(task) => {
+                changes.push(
+                    Change::new(file.id, assigned.clone()).at_location(&task.bucket, &task.key),
+                );
+                tasks.push(task);
+            }
+            Err(why) => {
+                changes.push(Change::new(file.id, assigned.clone()));
+                unsafe_keys.push((next.id, next.fencing_token, why));
+            }
+        }
+    }
+    let served: Vec<i64> = got.keys().copied().collect();
+    sqlx::query("UPDATE servers SET last_assigned_at = now() WHERE id = ANY($1)")
+        .bind(&served)
+        .execute(&mut *tx)
+        .await?;
+    let actor = format!("coordinator:{}", who.coordinator);
+    let moved: HashSet<i64> = transitions::apply(&mut tx, &actor, who.policy, &changes)
+        .await?
+        .into_iter()
+        .filter(|a| a.outcome.moved_to() == Some(FileStatus::InProgress))
+        .map(|a| a.file_id)
+        .collect();
+    let rejections: Vec<Change> = unsafe_keys
+        .iter()
+        .filter(|(id, _, _)| moved.contains(id))
+        .map(|(id, token, why)| {
+            Change::fenced(
+                *id,
+                *token,
+                Event::Rejected {
+                    why: why.to_string(),
+                },
+            )
+        })
+        .collect();
+    transitions::apply(&mut tx, &actor, who.policy, &rejections).await?;
+    tx.commit().await?;
+
+    claim.tasks = tasks
+        .into_iter()
+        .filter(|t| moved.contains(&t.file_id))
+        .collect();
+    claim.rejected = unsafe_keys
+        .into_iter()
+        .filter(|(id, _, _)| moved.contains(id))
+        .map(|(id, _, why)| (id, why))
+        .collect();
+    claim.full = asks
+        .iter()
+        .filter(|a| got.get(&a.server_id).is_some_and(|n| *n >= a.want))
+        .map(|a| a.server_id)
+        .collect();
+    claim.sealed = connections
+        .into_iter()
+        .filter_map(|(server, c)| c.err().map(|e| (server, e)))
+        .collect();
+    Ok(claim)
+}
+
+/// The task for `file` from `src` (pure): its object key names this version
+/// (size, mtime), so a replaced file gets a new key and a retry of this one
+/// the same.
 fn task_for(
     file: &Claimed,
-    server: &str,
-    watch_dir: &str,
-    bucket: &str,
-    key_template: &str,
+    src: &Source,
     source: &proto::ServerConnection,
 ) -> Result<proto::TaskAssignment, KeyError> {
+    let server = src.conn.name.as_str();
     let date = file.discovered_at.format("%Y-%m-%d").to_string();
     let size = u64::try_from(file.size)
         .map_err(|_| KeyError::UnsafePath(file.path.clone(), "negative size"))?;
     let key = keys::render(
-        key_template,
+        &src.key_template,
         &KeyInputs {
             server,
             watch_id: file.watch_id,
-            watch_dir,
+            watch_dir: &src.directory,
             remote_path: &file.path,
             date: &date,
             size,
@@ -333,94 +428,10 @@ fn task_for(
         path: file.path.clone(),
         size,
         mtime_unix: file.mtime_unix,
-        bucket: bucket.to_string(),
+        bucket: src.bucket.clone(),
         key,
         metadata,
     })
-}
-
-/// Builds the tasks for claimed files of server `server_id` and records
-/// their object locations on the file rows (for their fencing tokens), so
-/// results can be checked against them: one query for the server and its
-/// watches, one decryption of the credentials, one `UPDATE` for the batch.
-pub(crate) async fn assignments(
-    db: &PgPool,
-    secrets: &SecretBox,
-    server_id: i64,
-    files: &[Claimed],
-) -> Result<Built, AssignmentError> {
-    let mut built = Built::default();
-    if files.is_empty() {
-        return Ok(built);
-    }
-    let mut watch_ids: Vec<i64> = files.iter().map(|f| f.watch_id).collect();
-    watch_ids.sort_unstable();
-    watch_ids.dedup();
-    let sources: HashMap<i64, Source> = sqlx::query_as::<_, Source>(&format!(
-        "SELECT {CONNECTION_COLUMNS}, w.id AS watch_id, w.directory, w.bucket, w.key_template \
-         FROM servers s JOIN watches w ON w.server_id = s.id \
-         WHERE s.id = $1 AND w.id = ANY($2)"
-    ))
-    .bind(server_id)
-    .bind(&watch_ids)
-    .fetch_all(db)
-    .await
-    .map_err(StoreError::from)?
-    .into_iter()
-    .map(|s| (s.watch_id, s))
-    .collect();
-    let Some(any) = sources.values().next() else {
-        // Watches and server rows are never deleted (soft delete only).
-        return Err(StoreError::from(sqlx::Error::RowNotFound).into());
-    };
-    let connection = any
-        .conn
-        .to_proto(secrets)
-        .map_err(AssignmentError::Secrets)?;
-    let mut tasks = Vec::with_capacity(files.len());
-    for file in files {
-        let Some(src) = sources.get(&file.watch_id) else {
-            return Err(StoreError::from(sqlx::Error::RowNotFound).into());
-        };
-        match task_for(
-            file,
-            &src.conn.name,
-            &src.directory,
-            &src.bucket,
-            &src.key_template,
-            &connection,
-        ) {
-            Ok(task) => tasks.push(task),
-            Err(why) => built.unsafe_keys.push((file.clone(), why)),
-        }
-    }
-    let recorded: Vec<i64> = sqlx::query_scalar(
-        "UPDATE files f SET assigned_bucket = u.bucket, assigned_key = u.key \
-         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[]) AS u(id, token, bucket, key) \
-         WHERE f.id = u.id AND f.fencing_token = u.token AND f.status = 'in_progress' \
-         RETURNING f.id",
-    )
-    .bind(tasks.iter().map(|t| t.file_id).collect::<Vec<i64>>())
-    .bind(
-        tasks
-            .iter()
-            .map(|t| t.fencing_token as i64)
-            .collect::<Vec<i64>>(),
-    )
-    .bind(tasks.iter().map(|t| t.bucket.as_str()).collect::<Vec<&str>>())
-    .bind(tasks.iter().map(|t| t.key.as_str()).collect::<Vec<&str>>())
-    .fetch_all(db)
-    .await
-    .map_err(StoreError::from)?;
-    let recorded: std::collections::HashSet<i64> = recorded.into_iter().collect();
-    for task in tasks {
-        if recorded.contains(&task.file_id) {
-            built.tasks.push(task);
-        } else {
-            built.gone.push(task.file_id);
-        }
-    }
-    Ok(built)
 }
 
 /// How many files one server may claim in one turn: an equal share of the
@@ -430,10 +441,32 @@ fn turn_share(slots: i64, servers: usize) -> i64 {
     (slots / servers).max(1)
 }
 
+/// One turn's plan (pure): each server, in order, [routed](route) to its
+/// poller (or a stand-in) and given its [share](turn_share) of what that
+/// agent has left; the asks grouped by agent (index into `free`).
+fn plan_turn(servers: &[DueServer], coordinator: &str, free: &[Candidate<'_>]) -> Vec<Vec<Ask>> {
+    let mut left: Vec<Candidate<'_>> = free.to_vec();
+    let mut asks = vec![Vec::new(); free.len()];
+    for server in servers {
+        let Route::To { candidate, reserve } = route(server, coordinator, &left) else {
+            continue;
+        };
+        let slots = left[candidate].free;
+        let want = turn_share(slots, servers.len()).min(slots);
+        left[candidate].free -= want;
+        asks[candidate].push(Ask {
+            server_id: server.id,
+            want,
+            reserve,
+        });
+    }
+    asks
+}
+
 /// One scheduling round for the agents of `sessions` (all of one site):
-/// rotate over servers with due files, each [routed](route) to its poller
-/// (or a stand-in), claiming the server's share of that agent's free slots
-/// per turn in one transaction. Returns tasks sent.
+/// turns over the servers with due files, each turn one [claim] per agent
+/// covering every server [planned](plan_turn) for it, until the agents are
+/// full or no server has more due. Returns tasks sent.
 pub(crate) async fn schedule_site(
     db: &PgPool,
     secrets: &SecretBox,
@@ -450,81 +483,54 @@ pub(crate) async fn schedule_site(
             (s.clone(), ahead - i64::from(s.in_flight()))
         })
         .collect();
-    if !free
-        .iter()
-        .any(|(s, slots)| *slots > 0 && s.takes_transfers())
-    {
+    let any_free = |free: &[(Session, i64)]| {
+        free.iter()
+            .any(|(s, slots)| *slots > 0 && s.takes_transfers())
+    };
+    if !any_free(&free) {
         return Ok(0);
     }
-    let actor = format!("coordinator:{coordinator}");
     let mut servers = servers_with_due_files(db, site).await?;
     let mut sent = 0;
     while !servers.is_empty() {
-        let mut still_due = Vec::with_capacity(servers.len());
-        let turn = servers.len();
-        for server in servers {
-            let candidates: Vec<Candidate<'_>> = free
-                .iter()
-                .map(|(s, slots)| Candidate {
-                    agent: &s.agent,
-                    takes_transfers: s.takes_transfers(),
-                    free: *slots,
-                })
-                .collect();
-            let Route::To { candidate, reserve } = route(&server, coordinator, &candidates) else {
+        let candidates: Vec<Candidate<'_>> = free
+            .iter()
+            .map(|(s, slots)| Candidate {
+                agent: &s.agent,
+                takes_transfers: s.takes_transfers(),
+                free: *slots,
+            })
+            .collect();
+        let plan = plan_turn(&servers, coordinator, &candidates);
+        let mut more = HashSet::new();
+        for (i, asks) in plan.iter().enumerate() {
+            if asks.is_empty() {
                 continue;
-            };
-            let (session, slots) = &mut free[candidate];
+            }
+            let (session, slots) = &mut free[i];
             let who = Claimant {
                 coordinator,
                 agent: &session.agent,
                 lease,
                 policy,
             };
-            let want = turn_share(*slots, turn).min(*slots);
-            let server_id = server.id;
-            let claimed = claim(db, who, server_id, want, reserve).await?;
-            if claimed.is_empty() {
-                continue;
-            }
-            // Fewer than asked: no more due files or no free sessions now.
-            let more = i64::try_from(claimed.len()).is_ok_and(|n| n >= want);
-            let built = match assignments(db, secrets, server_id, &claimed).await {
-                Ok(built) => built,
-                Err(e @ AssignmentError::Secrets(_)) => {
-                    // Not this site's other servers' problem: skip this one.
-                    tracing::warn!(server = server_id, files = claimed.len(), error = %e, "cannot build tasks for this server; skipping it this round");
-                    continue;
-                }
-                // The claimed files keep their leases; the reaper requeues them.
-                Err(e) => {
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("assign files of server {server_id}")));
-                }
-            };
-            if !built.unsafe_keys.is_empty() {
-                let changes: Vec<Change> = built
-                    .unsafe_keys
-                    .iter()
-                    .map(|(file, why)| {
-                        Change::fenced(
-                            file.id,
-                            file.fencing_token,
-                            Event::Rejected {
-                                why: why.to_string(),
-                            },
-                        )
-                    })
-                    .collect();
-                transitions::apply_batch(db, &actor, policy, &changes).await?;
-            }
-            for file_id in &built.gone {
-                tracing::info!(
-                    file = file_id,
-                    "claimed file changed hands before its task was recorded; not assigned"
+            // On error the files claimed so far keep their leases; the
+            // reaper requeues any that were not sent.
+            let claim = claim(db, secrets, who, asks)
+                .await
+                .with_context(|| format!("claim files for agent {}", session.agent))?;
+            for (server, e) in &claim.sealed {
+                tracing::warn!(
+                    server,
+                    error = format!("{e:#}"),
+                    "cannot build tasks for this server; skipping it this round"
                 );
             }
-            for task in built.tasks {
+            for (file, why) in &claim.rejected {
+                tracing::warn!(file, error = %why, "path cannot be an object key; file failed");
+            }
+            more.extend(claim.full);
+            for task in claim.tasks {
                 let file_id = task.file_id;
                 session.task_started(file_id);
                 if !session.send(Body::TaskAssignment(task)).await {
@@ -536,15 +542,9 @@ pub(crate) async fn schedule_site(
                 sent += 1;
                 crate::metrics::transfer_started(site, file_id);
             }
-            if more {
-                still_due.push(server);
-            }
         }
-        servers = still_due;
-        if !free
-            .iter()
-            .any(|(s, slots)| *slots > 0 && s.takes_transfers())
-        {
+        servers.retain(|s| more.contains(&s.id));
+        if !any_free(&free) {
             break;
         }
     }
@@ -717,10 +717,32 @@ mod tests {
         assert_eq!(route(&due(None, None, false), "c1", &none), Route::Wait);
     }
 
+    fn source(key_template: &str) -> Source {
+        Source {
+            conn: ConnectionRow {
+                server_id: 1,
+                name: "s1".into(),
+                hostname: "h".into(),
+                port: 22,
+                username: "u".into(),
+                secret_ciphertext: Vec::new(),
+                secret_format: 2,
+                host_key_fingerprint: "SHA256:x".into(),
+                server_site: "default".into(),
+                max_sessions: 4,
+            },
+            watch_id: 3,
+            directory: "/in".into(),
+            bucket: "b".into(),
+            key_template: key_template.into(),
+        }
+    }
+
     #[test]
     fn a_task_names_the_version_and_its_source() {
         let file = Claimed {
             id: 7,
+            server_id: 1,
             watch_id: 3,
             path: "/in/a.csv".into(),
             size: 4096,
@@ -729,20 +751,13 @@ mod tests {
             discovered_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             announcement_id: "0f8e2a1c-5b7d-4e3a-9c6b-2d1f0e9a8b7c".into(),
         };
-        let source = proto::ServerConnection {
+        let connection = proto::ServerConnection {
             server_id: 1,
             name: "s1".into(),
             ..Default::default()
         };
-        let task = task_for(
-            &file,
-            "s1",
-            "/in",
-            "b",
-            "{server}/{version}/{name}",
-            &source,
-        )
-        .unwrap();
+        let src = source("{server}/{version}/{name}");
+        let task = task_for(&file, &src, &connection).unwrap();
         assert_eq!(task.file_id, 7);
         assert_eq!(task.fencing_token, 2);
         assert_eq!(task.bucket, "b");
@@ -754,17 +769,212 @@ mod tests {
             "0f8e2a1c-5b7d-4e3a-9c6b-2d1f0e9a8b7c"
         );
         let negative = Claimed { size: -1, ..file };
-        assert!(
-            task_for(
-                &negative,
-                "s1",
-                "/in",
-                "b",
-                "{server}/{version}/{name}",
-                &source
+        assert!(task_for(&negative, &src, &connection).is_err());
+    }
+
+    #[test]
+    fn room_is_the_ask_within_the_servers_queue_less_its_running_transfers() {
+        let ask = |want, reserve| Ask {
+            server_id: 1,
+            want,
+            reserve,
+        };
+        // The poller's queue: max_sessions * PIPELINE.
+        assert_eq!(room(&ask(100, 0), 4, 0), 4 * PIPELINE);
+        assert_eq!(room(&ask(3, 0), 4, 0), 3);
+        assert_eq!(room(&ask(100, 0), 4, 4 * PIPELINE - 1), 1);
+        // A stand-in: only the sessions the poller leaves, no queue.
+        assert_eq!(room(&ask(100, 1), 4, 0), 3);
+        assert_eq!(room(&ask(100, 1), 4, 3), 0);
+        // Over the limit (max_sessions lowered): nothing, never negative.
+        assert_eq!(room(&ask(100, 0), 1, 5), 0);
+    }
+
+    #[test]
+    fn a_turn_gives_each_server_its_share_of_its_agents_slots() {
+        let servers: Vec<DueServer> = (1..=3)
+            .map(|id| DueServer {
+                id,
+                poller_agent: Some(if id == 3 { "a2" } else { "a1" }.into()),
+                poller_coordinator: Some("c1".into()),
+                poller_ready: true,
+            })
+            .collect();
+        let plan = plan_turn(&servers, "c1", &here());
+        let wants = |i: usize| {
+            plan[i]
+                .iter()
+                .map(|a| (a.server_id, a.want))
+                .collect::<Vec<_>>()
+        };
+        // a1 has 2 slots over a turn of 3 servers: one each, at least one.
+        assert_eq!(wants(0), vec![(1, 1), (2, 1)]);
+        // a2 has 5: its one server gets 5 / 3.
+        assert_eq!(wants(1), vec![(3, 1)]);
+        assert!(plan[2].is_empty());
+        // Slots run out: the rest wait for the next round.
+        let mut one = here();
+        one[0].free = 1;
+        let plan = plan_turn(&servers, "c1", &one);
+        assert_eq!(plan[0].len(), 1);
+    }
+
+    /// Seals a password for every server row bound to it, as the registry
+    /// does, under a test key.
+    async fn seal_all(db: &PgPool) -> SecretBox {
+        use crate::secrets::{Credential, SealFormat};
+        let secrets = SecretBox::from_key(&[7; 32]);
+        let rows: Vec<ConnectionRow> =
+            sqlx::query_as(&format!("SELECT {CONNECTION_COLUMNS} FROM servers s"))
+                .fetch_all(db)
+                .await
+                .unwrap();
+        for row in rows {
+            let sealed = secrets
+                .seal(&Credential::Password("pw".into()), &row.binding())
+                .unwrap();
+            sqlx::query(
+                "UPDATE servers SET secret_ciphertext = $2, secret_format = $3 WHERE id = $1",
             )
-            .is_err()
+            .bind(row.server_id)
+            .bind(sealed)
+            .bind(SealFormat::BOUND)
+            .execute(db)
+            .await
+            .unwrap();
+        }
+        secrets
+    }
+
+    /// A second server `name` with one watch and `files` due files; its id.
+    async fn add_server(db: &PgPool, name: &str, max_sessions: i32, files: i64) -> i64 {
+        sqlx::query_scalar(
+            "WITH s AS (INSERT INTO servers (name, hostname, username, auth_kind, secret_ciphertext, \
+                                            host_key_fingerprint, max_sessions) \
+                        VALUES ($1, 'h', 'u', 'password', '\\x00', 'SHA256:x', $2) RETURNING id), \
+                  w AS (INSERT INTO watches (server_id, directory, bucket) SELECT id, '/in', 'bkt' FROM s \
+                        RETURNING id, server_id) \
+             INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
+             SELECT server_id, id, '/in/' || $1 || '-' || g || '.csv', 3, 1800000000 \
+             FROM w, generate_series(1, $3) g RETURNING server_id",
+        )
+        .bind(name)
+        .bind(max_sessions)
+        .bind(files)
+        .fetch_all(db)
+        .await
+        .unwrap()[0]
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff: ferry_common::backoff::Backoff::new(
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            ),
+        }
+    }
+
+    fn claimant<'a>(agent: &'a str, policy: &'a RetryPolicy) -> Claimant<'a> {
+        Claimant {
+            coordinator: "c1",
+            agent,
+            lease: Duration::from_secs(60),
+            policy,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_claim_serves_several_servers_within_their_sessions_and_records_each_location() {
+        let db = crate::transitions::tests::Db::create().await;
+        db.seed().await;
+        let first: i64 = sqlx::query_scalar("SELECT id FROM servers")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        let busy = add_server(&db.pool, "busy", 1, 5).await;
+        let sealed = add_server(&db.pool, "sealed", 4, 2).await;
+        let secrets = seal_all(&db.pool).await;
+        // Sealed for another row: its credentials cannot be opened.
+        sqlx::query("UPDATE servers SET secret_ciphertext = (SELECT secret_ciphertext FROM servers WHERE id = $2) WHERE id = $1")
+            .bind(sealed)
+            .bind(first)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        // One of the first server's files cannot be an object key.
+        sqlx::query("UPDATE files SET path = '/in/../b.csv' WHERE path = '/in/b.csv'")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let policy = policy();
+        let ask = |server_id, want| Ask {
+            server_id,
+            want,
+            reserve: 0,
+        };
+        let got = claim(
+            &db.pool,
+            &secrets,
+            claimant("a1", &policy),
+            &[ask(first, 5), ask(busy, 5), ask(sealed, 5)],
+        )
+        .await
+        .unwrap();
+        // busy: max_sessions 1, so a queue of PIPELINE; the first server:
+        // one task, one rejection; the sealed server: nothing claimed.
+        let mut per_server: HashMap<String, usize> = HashMap::new();
+        for t in &got.tasks {
+            *per_server
+                .entry(t.source.as_ref().unwrap().name.clone())
+                .or_default() += 1;
+            assert_eq!(t.source.as_ref().map(|s| s.auth.is_some()), Some(true));
+        }
+        assert_eq!(per_server.get("busy"), Some(&(PIPELINE as usize)));
+        assert_eq!(per_server.get("acme"), Some(&1));
+        assert_eq!(got.tasks.len(), 1 + PIPELINE as usize);
+        assert_eq!(got.rejected.len(), 1);
+        assert_eq!(
+            got.sealed.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![sealed]
         );
+        assert!(got.full.is_empty(), "nobody got all 5: {:?}", got.full);
+        // Each task's location and token are the row's, written by the claim.
+        for t in &got.tasks {
+            let (status, token, bucket, key, owner): (String, i64, Option<String>, Option<String>, Option<String>) =
+                sqlx::query_as(
+                    "SELECT status, fencing_token, assigned_bucket, assigned_key, lease_owner FROM files WHERE id = $1",
+                )
+                .bind(t.file_id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            assert_eq!(status, "in_progress");
+            assert_eq!(token as u64, t.fencing_token);
+            assert_eq!(bucket.as_deref(), Some(t.bucket.as_str()));
+            assert_eq!(key.as_deref(), Some(t.key.as_str()));
+            assert_eq!(owner.as_deref(), Some("a1"));
+        }
+        let statuses: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM files GROUP BY status ORDER BY status")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            statuses,
+            vec![
+                ("failed".into(), 1),
+                ("in_progress".into(), 1 + PIPELINE),
+                ("new".into(), 5 - PIPELINE + 2),
+            ]
+        );
+        // The queue is full now: busy gets nothing more.
+        let again = claim(&db.pool, &secrets, claimant("a1", &policy), &[ask(busy, 5)])
+            .await
+            .unwrap();
+        assert!(again.tasks.is_empty());
+        db.drop().await;
     }
 
     #[tokio::test]
@@ -775,16 +985,8 @@ mod tests {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-        let second: i64 = sqlx::query_scalar(
-            "WITH s AS (INSERT INTO servers (name, hostname, username, auth_kind, secret_ciphertext, host_key_fingerprint) \
-                        VALUES ('beta', 'h', 'u', 'password', '\\x00', 'SHA256:x') RETURNING id), \
-                  w AS (INSERT INTO watches (server_id, directory, bucket) SELECT id, '/in', 'bkt' FROM s RETURNING id, server_id) \
-             INSERT INTO files (server_id, watch_id, path, size, mtime_unix) \
-             SELECT server_id, id, '/in/c.csv', 3, 1800000000 FROM w RETURNING server_id",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+        let second = add_server(&db.pool, "beta", 4, 1).await;
+        let secrets = seal_all(&db.pool).await;
         let order = || async {
             servers_with_due_files(&db.pool, "default")
                 .await
@@ -793,35 +995,28 @@ mod tests {
                 .map(|s| s.id)
                 .collect::<Vec<i64>>()
         };
-        let policy = RetryPolicy {
-            max_attempts: 3,
-            backoff: ferry_common::backoff::Backoff::new(
-                Duration::from_secs(1),
-                Duration::from_secs(1),
-            ),
-        };
-        let who = |agent| Claimant {
-            coordinator: "c1",
-            agent,
-            lease: Duration::from_secs(60),
-            policy: &policy,
+        let policy = policy();
+        let one = |server_id| {
+            [Ask {
+                server_id,
+                want: 1,
+                reserve: 0,
+            }]
         };
         // The first server is served (one of its two files): the other one,
         // never served, comes first now, however the tie was broken before.
-        assert_eq!(
-            claim(&db.pool, who("a1"), first, 1, 0).await.unwrap().len(),
-            1
-        );
+        let got = claim(&db.pool, &secrets, claimant("a1", &policy), &one(first))
+            .await
+            .unwrap();
+        assert_eq!(got.tasks.len(), 1);
+        assert_eq!(got.full, HashSet::from([first]));
         for _ in 0..10 {
             assert_eq!(order().await, vec![second, first]);
         }
-        assert_eq!(
-            claim(&db.pool, who("a1"), second, 1, 0)
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
+        let got = claim(&db.pool, &secrets, claimant("a1", &policy), &one(second))
+            .await
+            .unwrap();
+        assert_eq!(got.tasks.len(), 1);
         // The second server has nothing due any more.
         assert_eq!(order().await, vec![first]);
         db.drop().await;

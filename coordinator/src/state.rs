@@ -82,6 +82,15 @@ impl Coordinator {
         self.notify(channel::FILES_DUE).await;
     }
 
+    /// Wakes this coordinator's scheduler only: capacity of an agent
+    /// connected here freed. Its servers' transfers are routed to it, so no
+    /// other coordinator has work to start; retries become due after their
+    /// backoff, which the schedulers' timer covers. (A `NOTIFY` per result
+    /// batch took a cluster-wide lock at every commit for nothing.)
+    pub(crate) fn capacity_freed_here(&self) {
+        bump(&self.signals.files_due);
+    }
+
     pub(crate) fn subscribe_file_events(&self) -> watch::Receiver<u64> {
         self.signals.file_events.subscribe()
     }

@@ -56,6 +56,10 @@ pub(crate) struct Change {
     pub token: Option<i64>,
     /// The agent that must hold the file's lease: `Some` for agents' results.
     pub holder: Option<String>,
+    /// For an assignment: the object location its task names (bucket, key),
+    /// recorded in the same write as the move, so a result can be checked
+    /// against it.
+    pub location: Option<(String, String)>,
 }
 
 impl Change {
@@ -65,6 +69,7 @@ impl Change {
             event,
             token: None,
             holder: None,
+            location: None,
         }
     }
 
@@ -75,6 +80,7 @@ impl Change {
             event,
             token: Some(token),
             holder: None,
+            location: None,
         }
     }
 
@@ -83,6 +89,14 @@ impl Change {
     pub(crate) fn held_by(self, agent: &str) -> Self {
         Change {
             holder: Some(agent.to_string()),
+            ..self
+        }
+    }
+
+    /// An assignment whose task names this object location.
+    pub(crate) fn at_location(self, bucket: &str, key: &str) -> Self {
+        Change {
+            location: Some((bucket.to_string(), key.to_string())),
             ..self
         }
     }
@@ -224,7 +238,7 @@ pub(crate) async fn apply(
                 };
                 let reason = t.reason.clone();
                 let to = t.to;
-                writes.push(change.file_id, from, &event, t, adopt);
+                writes.push(change, from, &event, t, adopt);
                 Outcome::Moved { from, to, reason }
             }
         };
@@ -405,12 +419,15 @@ struct Writes {
     stored: Vec<Option<Stored>>,
     /// The earlier announcement id the file takes over (see [`adoptions`]).
     adopt: Vec<Option<String>>,
+    /// Assignment: the location its task names (`None`: unchanged).
+    assigned_bucket: Vec<Option<String>>,
+    assigned_key: Vec<Option<String>>,
 }
 
 impl Writes {
     fn push(
         &mut self,
-        file_id: i64,
+        change: &Change,
         from: FileStatus,
         event: &Event,
         t: Transition,
@@ -431,7 +448,11 @@ impl Writes {
             Event::Stored(s) => Some(s.clone()),
             _ => None,
         };
-        self.id.push(file_id);
+        let location = match event {
+            Event::Assigned { .. } => change.location.clone(),
+            _ => None,
+        };
+        self.id.push(change.file_id);
         self.from.push(from.as_str());
         self.status.push(t.to.as_str());
         self.attempts.push(t.attempts);
@@ -448,6 +469,9 @@ impl Writes {
         self.sha256.push(stored.as_ref().map(|s| s.sha256.clone()));
         self.stored.push(stored);
         self.adopt.push(adopt);
+        let (bucket, key) = location.unzip();
+        self.assigned_bucket.push(bucket);
+        self.assigned_key.push(key);
         self.reason.push(t.reason);
     }
 
@@ -471,12 +495,14 @@ impl Writes {
                     etag = COALESCE(u.etag, f.etag), sha256 = COALESCE(u.sha256, f.sha256), \
                     uploaded_at = CASE WHEN u.stored THEN now() ELSE f.uploaded_at END, \
                     announcement_id = COALESCE(u.adopt::uuid, f.announcement_id), \
+                    assigned_bucket = COALESCE(u.assigned_bucket, f.assigned_bucket), \
+                    assigned_key = COALESCE(u.assigned_key, f.assigned_key), \
                     updated_at = now() \
              FROM unnest($1::bigint[], $2::text[], $3::int4[], $4::bool[], $5::text[], $6::float8[], \
                          $7::float8[], $8::bool[], $9::text[], $10::text[], $11::text[], $12::text[], \
-                         $13::text[], $14::bool[], $15::text[]) \
+                         $13::text[], $14::bool[], $15::text[], $16::text[], $17::text[]) \
                   AS u(id, status, attempts, bump, lease_owner, lease_secs, retry_secs, set_error, \
-                       error, bucket, object_key, etag, sha256, stored, adopt) \
+                       error, bucket, object_key, etag, sha256, stored, adopt, assigned_bucket, assigned_key) \
              WHERE f.id = u.id \
              RETURNING f.id, f.uploaded_at",
         )
@@ -495,6 +521,8 @@ impl Writes {
         .bind(&self.sha256)
         .bind(self.stored.iter().map(Option::is_some).collect::<Vec<bool>>())
         .bind(&self.adopt)
+        .bind(&self.assigned_bucket)
+        .bind(&self.assigned_key)
         .fetch_all(&mut *conn)
         .await?;
 

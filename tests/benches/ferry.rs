@@ -778,7 +778,7 @@ fn strip_ansi(line: &str) -> String {
 /// used the most of it.
 fn print_cpu(who: &str, files: i64, usage: &ferry_tests::cpu::CpuUsage) {
     println!(
-        "small:   {who} {:.1} CPU ms per file; {}",
+        "cpu:     {who} {:.2} CPU ms per file; {}",
         usage.busy.as_secs_f64() * 1000.0 / files as f64,
         usage.summary(8)
     );
@@ -941,6 +941,8 @@ async fn dispatch() {
         .execute(db.pool())
         .await
         .unwrap();
+        let commits_before = commits(&db).await;
+        let cpu_before = CpuSnapshot::take();
         let start = Instant::now();
         sqlx::query("SELECT pg_notify('ferry_files_due', '')")
             .execute(db.pool())
@@ -958,6 +960,8 @@ async fn dispatch() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let secs = start.elapsed().as_secs_f64();
+        let cpu = CpuSnapshot::take().since(&cpu_before);
+        let commits = commits(&db).await - commits_before;
         let _ = stop_tx.send(true);
         for f in fakes {
             let _ = f.await;
@@ -979,7 +983,21 @@ async fn dispatch() {
             distinct.len(),
             given.len() - distinct.len()
         );
+        println!(
+            "dispatch: {:.2} Postgres commits per task ({commits} in all)",
+            commits as f64 / tasks as f64
+        );
+        print_cpu(&format!("dispatch x{coordinators}"), tasks, &cpu);
     }
+}
+
+/// Transactions committed so far in the bench's database.
+async fn commits(db: &TestDb) -> i64 {
+    count(
+        db,
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .await
 }
 
 #[tokio::main]
