@@ -163,6 +163,7 @@ pub(crate) struct AgentStreams {
     /// Wakes the reconciler when an agent comes or goes.
     pub changed: Arc<Notify>,
     probes: PendingProbes,
+    poll_reports: polls::ReportRecorder,
 }
 
 impl AgentStreams {
@@ -172,6 +173,7 @@ impl AgentStreams {
         cancel: CancellationToken,
     ) -> Self {
         AgentStreams {
+            poll_reports: polls::ReportRecorder::start(coord.db.clone()),
             coord,
             settings,
             cancel,
@@ -587,8 +589,8 @@ impl AgentStreams {
                 if !report.ok {
                     tracing::warn!(agent = %s.agent, server = report.server_id, error = %report.error, "poll failed");
                 }
-                polls::record_report(db, &s.agent, &report).await?;
                 crate::metrics::poll_reported(db, &report).await;
+                self.poll_reports.record(&s.agent, report).await;
             }
             Body::TaskProgress(p) => {
                 if !results::renew_lease(

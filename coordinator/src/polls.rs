@@ -9,12 +9,13 @@
 //! (`registry::update_server`), `renew` drops any that disagree, and `desired`
 //! never assigns across sites.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ferry_proto as proto;
 use sqlx::PgPool;
+use tokio::sync::mpsc;
 
 use crate::error::ApiResult;
 use crate::registry::{self, CONNECTION_COLUMNS, ConnectionRow};
@@ -226,23 +227,131 @@ pub(crate) async fn desired(
     Ok(out)
 }
 
-/// Records the outcome of a poll, if `agent` still holds the server.
-pub(crate) async fn record_report(
-    db: &PgPool,
-    agent: &str,
-    report: &proto::PollReport,
-) -> ApiResult<()> {
+/// A poll report of an agent, as received.
+pub(crate) type Report = (String, proto::PollReport);
+
+/// Records agents' poll reports in batches: one `UPDATE` of the `servers`
+/// rows per batch, at most about four a second, instead of one commit per
+/// poll (1,000 servers polled every 2 s were 500 commits a second while
+/// idle). A report waits at most [`GATHER`] plus one write; the first after
+/// a quiet spell is written at once.
+#[derive(Debug, Clone)]
+pub(crate) struct ReportRecorder {
+    tx: mpsc::Sender<Report>,
+}
+
+/// How long reports gather after a batch is written.
+const GATHER: Duration = Duration::from_millis(250);
+
+impl ReportRecorder {
+    /// Starts the recording task; it ends when every handle is dropped.
+    pub(crate) fn start(db: PgPool) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(record_loop(db, rx));
+        ReportRecorder { tx }
+    }
+
+    /// Queues `report` of `agent` for the next batch.
+    pub(crate) async fn record(&self, agent: &str, report: proto::PollReport) {
+        // Fails only when the recorder is gone (shutting down).
+        let _ = self.tx.send((agent.to_string(), report)).await;
+    }
+}
+
+async fn record_loop(db: PgPool, mut rx: mpsc::Receiver<Report>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 4096).await > 0 {
+        let latest = latest_per_server(std::mem::take(&mut batch));
+        if let Err(e) = record_reports(&db, &latest).await {
+            // Informational only (last poll time, count, error, duration):
+            // the servers' next polls report again.
+            tracing::warn!(reports = latest.len(), error = %e, "recording poll reports failed");
+        }
+        tokio::time::sleep(GATHER).await;
+    }
+}
+
+/// The last report of each server in `reports` (pure; arrival order).
+fn latest_per_server(reports: Vec<Report>) -> Vec<Report> {
+    let mut at: HashMap<i64, usize> = HashMap::new();
+    let mut out: Vec<Report> = Vec::with_capacity(reports.len());
+    for report in reports {
+        match at.get(&report.1.server_id) {
+            Some(&i) => out[i] = report,
+            None => {
+                at.insert(report.1.server_id, out.len());
+                out.push(report);
+            }
+        }
+    }
+    out
+}
+
+/// Records the outcome of each poll whose agent still holds the server, in
+/// one statement (one report per server).
+async fn record_reports(db: &PgPool, reports: &[Report]) -> ApiResult<()> {
     sqlx::query(
-        "UPDATE servers SET last_poll_at = now(), last_poll_files = $3, last_poll_error = $4, \
-                last_poll_duration_ms = $5 \
-         WHERE id = $1 AND poller_agent = $2",
+        "UPDATE servers s SET last_poll_at = now(), last_poll_files = r.files, \
+                last_poll_error = r.error, last_poll_duration_ms = r.ms \
+         FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::int4[]) \
+              AS r(agent, id, files, error, ms) \
+         WHERE s.id = r.id AND s.poller_agent = r.agent",
     )
-    .bind(report.server_id)
-    .bind(agent)
-    .bind(report.files_seen as i64)
-    .bind((!report.ok).then_some(report.error.as_str()))
-    .bind(report.duration_ms as i32)
+    .bind(reports.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>())
+    .bind(reports.iter().map(|(_, r)| r.server_id).collect::<Vec<_>>())
+    .bind(
+        reports
+            .iter()
+            .map(|(_, r)| r.files_seen as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        reports
+            .iter()
+            .map(|(_, r)| (!r.ok).then_some(r.error.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        reports
+            .iter()
+            .map(|(_, r)| r.duration_ms as i32)
+            .collect::<Vec<_>>(),
+    )
     .execute(db)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(agent: &str, server_id: i64, files_seen: u64) -> Report {
+        (
+            agent.to_string(),
+            proto::PollReport {
+                server_id,
+                files_seen,
+                ok: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_batch_keeps_each_servers_last_report_in_arrival_order() {
+        let got = latest_per_server(vec![
+            report("a1", 1, 10),
+            report("a1", 2, 20),
+            report("a1", 1, 11),
+            report("a2", 3, 30),
+            report("a1", 2, 21),
+        ]);
+        let seen: Vec<(i64, u64)> = got
+            .iter()
+            .map(|(_, r)| (r.server_id, r.files_seen))
+            .collect();
+        assert_eq!(seen, vec![(1, 11), (2, 21), (3, 30)]);
+        assert_eq!(got[2].0, "a2");
+    }
 }
