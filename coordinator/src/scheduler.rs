@@ -885,14 +885,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn one_claim_serves_several_servers_within_their_sessions_and_records_each_location() {
+    /// A test database with the seeded server (two due files); its id.
+    async fn seeded() -> (crate::transitions::tests::Db, i64) {
         let db = crate::transitions::tests::Db::create().await;
         db.seed().await;
         let first: i64 = sqlx::query_scalar("SELECT id FROM servers")
             .fetch_one(&db.pool)
             .await
             .unwrap();
+        (db, first)
+    }
+
+    #[tokio::test]
+    async fn one_claim_serves_several_servers_within_their_sessions_and_records_each_location() {
+        let (db, first) = seeded().await;
         let busy = add_server(&db.pool, "busy", 1, 5).await;
         let sealed = add_server(&db.pool, "sealed", 4, 2).await;
         let secrets = seal_all(&db.pool).await;
@@ -979,12 +985,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_least_recently_served_server_comes_first() {
-        let db = crate::transitions::tests::Db::create().await;
-        db.seed().await;
-        let first: i64 = sqlx::query_scalar("SELECT id FROM servers")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        let (db, first) = seeded().await;
         let second = add_server(&db.pool, "beta", 4, 1).await;
         let secrets = seal_all(&db.pool).await;
         let order = || async {
