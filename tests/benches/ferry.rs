@@ -88,6 +88,10 @@ async fn discovery() {
         made.elapsed().as_secs_f64()
     );
     let id = setup(&pki, &sshd, &coord, "many", "bench").await;
+    let db_start: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
     let start = Instant::now();
     let _agent = Agent::start(
         "bench-agent",
@@ -108,6 +112,21 @@ async fn discovery() {
         "discovery: {n} files -> {n} rows in {:.1}s from agent start ({:.0} files/s)",
         all_in.as_secs_f64(),
         n as f64 / all_in.as_secs_f64()
+    );
+    // Where the time went: before the first row (connect, two polls for
+    // the stability rule) and while inserting (history rows carry the time
+    // they were written).
+    let (first, last): (f64, f64) = sqlx::query_as(
+        "SELECT extract(epoch FROM min(at) - $1)::float8, extract(epoch FROM max(at) - $1)::float8 \
+         FROM file_events",
+    )
+    .bind(db_start)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    println!(
+        "discovery: first row {first:.1}s after agent start, last {last:.1}s ({:.1}s inserting)",
+        last - first
     );
     // Steady state: three more polls with nothing new. Rows written are
     // counted from the rows themselves (committed ones: `files` rows whose
