@@ -17,7 +17,7 @@ use ferry_common::lifecycle::RetryPolicy;
 use ferry_common::validate::FieldError;
 use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
 use futures::{FutureExt, Stream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -153,6 +153,31 @@ impl Session {
     }
 }
 
+/// Tells every loop that watches the agents (poll reconciliation and
+/// scheduling) that one came, went or changed. Each subscriber sees every
+/// change: a `Notify::notify_one` shared by the two loops woke only one of
+/// them, and the other waited for its rescan (the poll reconciler up to 3 s,
+/// so a new agent got its polls that much later).
+#[derive(Debug, Clone)]
+pub(crate) struct AgentChanges(Arc<watch::Sender<u64>>);
+
+impl Default for AgentChanges {
+    fn default() -> Self {
+        AgentChanges(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl AgentChanges {
+    pub(crate) fn notify(&self) {
+        self.0.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A receiver that sees the changes from now on.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
 /// The agent streams held by this coordinator.
 #[derive(Clone)]
 pub(crate) struct AgentStreams {
@@ -160,8 +185,9 @@ pub(crate) struct AgentStreams {
     pub settings: TaskSettings,
     cancel: CancellationToken,
     sessions: Arc<Mutex<HashMap<String, Session>>>,
-    /// Wakes the reconciler when an agent comes or goes.
-    pub changed: Arc<Notify>,
+    /// Wakes the poll reconciler and the scheduler when an agent comes, goes
+    /// or changes.
+    pub changed: AgentChanges,
     probes: PendingProbes,
     poll_reports: polls::ReportRecorder,
 }
@@ -178,7 +204,7 @@ impl AgentStreams {
             settings,
             cancel,
             sessions: Arc::default(),
-            changed: Arc::default(),
+            changed: AgentChanges::default(),
             probes: PendingProbes::default(),
         }
     }
@@ -275,7 +301,7 @@ impl AgentStreams {
             tracing::warn!(agent = %s.agent, error = %e, "could not release poll leases");
         }
         tracing::info!(agent = %s.agent, "agent disconnected");
-        self.changed.notify_one();
+        self.changed.notify();
     }
 
     async fn register(
@@ -440,7 +466,7 @@ impl AgentStreams {
         }))
         .await;
         // Poll leases and capacity changed hands.
-        self.changed.notify_one();
+        self.changed.notify();
     }
 
     /// Applies a batch of transfer results of `s`'s agent (in one transaction
@@ -499,7 +525,7 @@ impl AgentStreams {
                 if was.is_some() != unavailable.is_some() {
                     tracing::warn!(agent = %s.agent, unavailable = ?unavailable, "agent availability for transfers changed");
                     if unavailable.is_none() {
-                        self.changed.notify_one();
+                        self.changed.notify();
                     }
                 }
                 let row: Option<(bool, bool)> = sqlx::query_as(
@@ -694,7 +720,7 @@ impl AgentService for AgentStreams {
             )));
         }
         tracing::info!(agent = %agent, site = %session.site, version = %hello.version, "agent connected");
-        self.changed.notify_one();
+        self.changed.notify();
 
         let session_end = session.ended.clone();
         let end_status = session.end_status.clone();
@@ -767,5 +793,36 @@ impl AgentService for AgentStreams {
         let last = futures::stream::once(async move { lock(&end_status).take().map(Err) })
             .filter_map(|end| end);
         Ok(Response::new(Box::pin(messages.chain(last)) as OutStream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_agent_change_wakes_every_loop_that_waits_for_one() {
+        let changes = AgentChanges::default();
+        let mut polls = changes.subscribe();
+        let mut scheduler = changes.subscribe();
+        // Nothing changed yet: neither wakes.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), polls.changed())
+                .await
+                .is_err()
+        );
+        changes.notify();
+        for (name, rx) in [("polls", &mut polls), ("scheduler", &mut scheduler)] {
+            tokio::time::timeout(Duration::from_secs(1), rx.changed())
+                .await
+                .unwrap_or_else(|_| panic!("the {name} loop was not woken"))
+                .unwrap();
+        }
+        // A change made while a loop was busy is seen when it next waits.
+        changes.notify();
+        tokio::time::timeout(Duration::from_secs(1), polls.changed())
+            .await
+            .expect("a change while busy is not lost")
+            .unwrap();
     }
 }

@@ -36,6 +36,7 @@ pub(crate) async fn run_background(
 
 async fn poll_loop(coord: Coordinator, agents: AgentStreams, cancel: CancellationToken) {
     let mut registry = coord.subscribe_registry();
+    let mut agents_changed = agents.changed.subscribe();
     loop {
         // Superseded and revoked streams go first, so they get no assignments.
         if let Err(e) = agents.sweep().await {
@@ -50,7 +51,7 @@ async fn poll_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancellatio
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = registry.changed() => {}
-            _ = agents.changed.notified() => {}
+            _ = agents_changed.changed() => {}
             _ = tokio::time::sleep(RESCAN) => {}
         }
     }
@@ -58,6 +59,7 @@ async fn poll_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancellatio
 
 async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: CancellationToken) {
     let mut due = coord.subscribe_files_due();
+    let mut agents_changed = agents.changed.subscribe();
     let mut post_actions = PostActions::default();
     let lease = agents.settings.lease;
     // Agents renew their leases through Postgres; while this coordinator
@@ -116,7 +118,7 @@ async fn schedule_loop(coord: Coordinator, agents: AgentStreams, cancel: Cancell
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = due.changed() => {}
-            _ = agents.changed.notified() => {}
+            _ = agents_changed.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
