@@ -17,7 +17,7 @@ use ferry_common::lifecycle::RetryPolicy;
 use ferry_common::validate::FieldError;
 use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
 use futures::{FutureExt, Stream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most task results applied in one transaction: the ones an agent sent
 /// that are already received when the first is read.
 const RESULT_BATCH: usize = 256;
+
+/// Ordinary discovery batches of one agent recorded at once (each in its
+/// own transaction).
+const DISCOVERY_IN_FLIGHT: usize = 4;
 
 /// How transfers are leased and retried, and how much may wait for an agent.
 #[derive(Debug, Clone, Copy)]
@@ -516,6 +520,79 @@ impl AgentStreams {
         Ok(())
     }
 
+    /// Records a discovery batch of `s`'s agent and acknowledges it, or
+    /// leaves it unacknowledged (so the agent sends it again) while the
+    /// watch's baseline is pending or when recording failed.
+    async fn handle_discovery(
+        &self,
+        s: &Session,
+        batch: proto::DiscoveryBatch,
+    ) -> anyhow::Result<()> {
+        let db = &self.coord.db;
+        let kind = if batch.baseline {
+            BatchKind::Baseline {
+                complete: batch.baseline_complete,
+            }
+        } else {
+            BatchKind::Ordinary
+        };
+        let entries: Vec<Discovered> = batch
+            .entries
+            .into_iter()
+            .map(|e| Discovered {
+                path: e.path,
+                size: e.size,
+                mtime_unix: e.mtime_unix,
+            })
+            .collect();
+        let outcome = discovery::record_batch(
+            db,
+            &s.agent,
+            batch.server_id,
+            batch.watch_id,
+            kind,
+            &entries,
+        )
+        .await?;
+        match outcome {
+            BatchOutcome::NotPolled => {
+                tracing::info!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, entries = entries.len(), "discovery batch ignored: the agent does not poll this server, or the watch is not one of its live watches");
+            }
+            BatchOutcome::AwaitingBaseline => {
+                // Not acknowledged: the agent sends it again once
+                // its baseline is recorded.
+                tracing::debug!(agent = %s.agent, watch = batch.watch_id, entries = entries.len(), "discovery batch held back: the watch's baseline is not recorded yet");
+                return Ok(());
+            }
+            BatchOutcome::BaselineAlreadyTaken => {
+                tracing::info!(agent = %s.agent, watch = batch.watch_id, entries = entries.len(), "baseline part ignored: the watch's baseline was already recorded");
+            }
+            BatchOutcome::Recorded(r) => {
+                crate::metrics::discovered(db, batch.server_id, entries.len(), r.inserted).await;
+                if let Some((path, why)) = &r.example {
+                    tracing::warn!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, rejected = r.rejected, example = ?path, why = %why, "agent fault: discovered entries outside the watch rejected");
+                }
+                if r.baseline_complete {
+                    tracing::info!(agent = %s.agent, watch = batch.watch_id, "watch baseline recorded: files present now are skipped, later ones flow");
+                }
+                tracing::debug!(agent = %s.agent, watch = batch.watch_id, reported = entries.len(), new = r.inserted, baseline = batch.baseline, "discovery");
+                if r.inserted > 0 && kind == BatchKind::Ordinary {
+                    self.coord.files_due().await;
+                }
+            }
+        }
+        // Recorded, or for good not applicable: the agent may forget
+        // it. A batch that failed (database error, `?` above) is not
+        // acknowledged and comes again.
+        s.send(proto::coordinator_message::Body::DiscoveryAck(
+            proto::DiscoveryAck {
+                batch_id: batch.batch_id,
+            },
+        ))
+        .await;
+        Ok(())
+    }
+
     async fn handle(&self, s: &Session, body: Body) -> anyhow::Result<()> {
         let db = &self.coord.db;
         match body {
@@ -547,70 +624,7 @@ impl AgentStreams {
                     self.apply_drain(s, draining).await;
                 }
             }
-            Body::Discovery(batch) => {
-                let kind = if batch.baseline {
-                    BatchKind::Baseline {
-                        complete: batch.baseline_complete,
-                    }
-                } else {
-                    BatchKind::Ordinary
-                };
-                let entries: Vec<Discovered> = batch
-                    .entries
-                    .into_iter()
-                    .map(|e| Discovered {
-                        path: e.path,
-                        size: e.size,
-                        mtime_unix: e.mtime_unix,
-                    })
-                    .collect();
-                let outcome = discovery::record_batch(
-                    db,
-                    &s.agent,
-                    batch.server_id,
-                    batch.watch_id,
-                    kind,
-                    &entries,
-                )
-                .await?;
-                match outcome {
-                    BatchOutcome::NotPolled => {
-                        tracing::info!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, entries = entries.len(), "discovery batch ignored: the agent does not poll this server, or the watch is not one of its live watches");
-                    }
-                    BatchOutcome::AwaitingBaseline => {
-                        // Not acknowledged: the agent sends it again once
-                        // its baseline is recorded.
-                        tracing::debug!(agent = %s.agent, watch = batch.watch_id, entries = entries.len(), "discovery batch held back: the watch's baseline is not recorded yet");
-                        return Ok(());
-                    }
-                    BatchOutcome::BaselineAlreadyTaken => {
-                        tracing::info!(agent = %s.agent, watch = batch.watch_id, entries = entries.len(), "baseline part ignored: the watch's baseline was already recorded");
-                    }
-                    BatchOutcome::Recorded(r) => {
-                        crate::metrics::discovered(db, batch.server_id, entries.len(), r.inserted)
-                            .await;
-                        if let Some((path, why)) = &r.example {
-                            tracing::warn!(agent = %s.agent, server = batch.server_id, watch = batch.watch_id, rejected = r.rejected, example = ?path, why = %why, "agent fault: discovered entries outside the watch rejected");
-                        }
-                        if r.baseline_complete {
-                            tracing::info!(agent = %s.agent, watch = batch.watch_id, "watch baseline recorded: files present now are skipped, later ones flow");
-                        }
-                        tracing::debug!(agent = %s.agent, watch = batch.watch_id, reported = entries.len(), new = r.inserted, baseline = batch.baseline, "discovery");
-                        if r.inserted > 0 && kind == BatchKind::Ordinary {
-                            self.coord.files_due().await;
-                        }
-                    }
-                }
-                // Recorded, or for good not applicable: the agent may forget
-                // it. A batch that failed (database error, `?` above) is not
-                // acknowledged and comes again.
-                s.send(proto::coordinator_message::Body::DiscoveryAck(
-                    proto::DiscoveryAck {
-                        batch_id: batch.batch_id,
-                    },
-                ))
-                .await;
-            }
+            Body::Discovery(batch) => self.handle_discovery(s, batch).await?,
             Body::PollReport(report) => {
                 if !report.ok {
                     tracing::warn!(agent = %s.agent, server = report.server_id, error = %report.error, "poll failed");
@@ -728,6 +742,7 @@ impl AgentService for AgentStreams {
         tokio::spawn(async move {
             // A message read ahead while gathering a batch of results.
             let mut ahead = None;
+            let discovery_slots = Arc::new(Semaphore::new(DISCOVERY_IN_FLIGHT));
             loop {
                 let msg = match ahead.take() {
                     Some(msg) => msg,
@@ -759,6 +774,27 @@ impl AgentService for AgentStreams {
                         if let Err(e) = streams.handle_results(&session, results).await {
                             tracing::warn!(agent = %session.agent, error = format!("{e:#}"), "agent results failed");
                         }
+                    }
+                    Some(Ok(proto::AgentMessage {
+                        body: Some(Body::Discovery(batch)),
+                    })) if !batch.baseline => {
+                        // Ordinary batches are idempotent inserts, each
+                        // checking the watch's baseline flag under its row
+                        // lock, so several are recorded at once (the first
+                        // poll of a big directory sends hundreds). Baseline
+                        // parts stay in order, below: a later part that
+                        // committed first would make an earlier one count
+                        // as already taken.
+                        let Ok(slot) = discovery_slots.clone().acquire_owned().await else {
+                            break;
+                        };
+                        let (streams, session) = (streams.clone(), session.clone());
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            if let Err(e) = streams.handle_discovery(&session, batch).await {
+                                tracing::warn!(agent = %session.agent, error = format!("{e:#}"), "agent message failed");
+                            }
+                        });
                     }
                     Some(Ok(proto::AgentMessage { body: Some(body) })) => {
                         if let Err(e) = streams.handle(&session, body).await {
