@@ -271,15 +271,18 @@ async fn record_loop(db: PgPool, mut rx: mpsc::Receiver<Report>) {
     }
 }
 
-/// The last report of each server in `reports` (pure; arrival order).
+/// The last report of each server by each agent in `reports` (pure;
+/// arrival order). Per agent, because a lease that moved leaves the old
+/// holder's last report in the batch too; only the holder's counts.
 fn latest_per_server(reports: Vec<Report>) -> Vec<Report> {
-    let mut at: HashMap<i64, usize> = HashMap::new();
+    let mut at: HashMap<(i64, String), usize> = HashMap::new();
     let mut out: Vec<Report> = Vec::with_capacity(reports.len());
     for report in reports {
-        match at.get(&report.1.server_id) {
+        let key = (report.1.server_id, report.0.clone());
+        match at.get(&key) {
             Some(&i) => out[i] = report,
             None => {
-                at.insert(report.1.server_id, out.len());
+                at.insert(key, out.len());
                 out.push(report);
             }
         }
@@ -339,19 +342,23 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_keeps_each_servers_last_report_in_arrival_order() {
+    fn a_batch_keeps_each_servers_last_report_by_each_agent_in_arrival_order() {
         let got = latest_per_server(vec![
             report("a1", 1, 10),
             report("a1", 2, 20),
             report("a1", 1, 11),
             report("a2", 3, 30),
             report("a1", 2, 21),
+            // The lease of server 1 moved to a2: its report is kept too.
+            report("a2", 1, 12),
         ]);
-        let seen: Vec<(i64, u64)> = got
+        let seen: Vec<(&str, i64, u64)> = got
             .iter()
-            .map(|(_, r)| (r.server_id, r.files_seen))
+            .map(|(a, r)| (a.as_str(), r.server_id, r.files_seen))
             .collect();
-        assert_eq!(seen, vec![(1, 11), (2, 21), (3, 30)]);
-        assert_eq!(got[2].0, "a2");
+        assert_eq!(
+            seen,
+            vec![("a1", 1, 11), ("a1", 2, 21), ("a2", 3, 30), ("a2", 1, 12)]
+        );
     }
 }
