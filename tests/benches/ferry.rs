@@ -51,25 +51,40 @@ fn server_request(sshd: &Sshd) -> proto::AddServerRequest {
     }
 }
 
+type Admin = proto::admin_service_client::AdminServiceClient<tonic::transport::Channel>;
+
+/// Registers `server`; its id.
+async fn add_server(admin: &mut Admin, server: proto::AddServerRequest) -> i64 {
+    admin.add_server(server).await.unwrap().into_inner().id
+}
+
+/// Registers `server` and `watch` on it; the server's id.
+async fn add_watched_server(
+    admin: &mut Admin,
+    server: proto::AddServerRequest,
+    watch: proto::AddWatchRequest,
+) -> i64 {
+    let server_id = add_server(admin, server).await;
+    admin
+        .add_watch(proto::AddWatchRequest { server_id, ..watch })
+        .await
+        .unwrap();
+    server_id
+}
+
 async fn setup(pki: &TestPki, sshd: &Sshd, coord: &Coordinator, dir: &str, bucket: &str) -> i64 {
     let mut admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
-    let id = admin
-        .add_server(server_request(sshd))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    admin
-        .add_watch(proto::AddWatchRequest {
-            server_id: id,
+    add_watched_server(
+        &mut admin,
+        server_request(sshd),
+        proto::AddWatchRequest {
             directory: sshd.remote_path(dir),
             poll_interval_secs: 2,
             bucket: bucket.into(),
             ..Default::default()
-        })
-        .await
-        .unwrap();
-    id
+        },
+    )
+    .await
 }
 
 async fn discovery() {
@@ -437,15 +452,14 @@ async fn small() {
             sshd.write_file(&format!("small/f-{i:06}.csv"), &body);
         }
         let mut admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
-        let server_id = admin
-            .add_server(proto::AddServerRequest {
+        let server_id = add_server(
+            &mut admin,
+            proto::AddServerRequest {
                 max_sessions: sessions,
                 ..server_request(&sshd)
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .id;
+            },
+        )
+        .await;
         let agent_log = std::env::var("FERRY_BENCH_AGENT_LOG").ok();
         let log = agent_log.as_deref().unwrap_or("warn");
         let agent = bench_agent(&s3, &pki, &coord, capacity, log).await;
@@ -599,27 +613,22 @@ async fn servers() {
         }
         let mut admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
         for server in 0..servers {
-            let id = admin
-                .add_server(proto::AddServerRequest {
+            add_watched_server(
+                &mut admin,
+                proto::AddServerRequest {
                     name: format!("bench-{server:04}"),
                     max_sessions: 2,
                     ..server_request(&sshd)
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .id;
-            admin
-                .add_watch(proto::AddWatchRequest {
-                    server_id: id,
+                },
+                proto::AddWatchRequest {
                     directory: sshd.remote_path(&format!("s{server:04}")),
                     poll_interval_secs: poll,
                     min_age_secs: Some(0),
                     bucket: "bench".into(),
                     ..Default::default()
-                })
-                .await
-                .unwrap();
+                },
+            )
+            .await;
         }
         let start = Instant::now();
         let agent = bench_agent(&s3, &pki, &coord, capacity, "warn").await;
@@ -901,8 +910,9 @@ async fn dispatch() {
         }
         let mut admin = coords[0].admin_client(&pki.admin("bench")).await.unwrap();
         for i in 0..servers {
-            let id = admin
-                .add_server(proto::AddServerRequest {
+            add_watched_server(
+                &mut admin,
+                proto::AddServerRequest {
                     name: format!("bench-{i}"),
                     hostname: "127.0.0.1".into(),
                     port: 22,
@@ -914,21 +924,15 @@ async fn dispatch() {
                         .into(),
                     max_sessions: 1000,
                     ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .id;
-            admin
-                .add_watch(proto::AddWatchRequest {
-                    server_id: id,
+                },
+                proto::AddWatchRequest {
                     directory: format!("/in/{i}"),
                     bucket: "bench".into(),
                     enabled: Some(false),
                     ..Default::default()
-                })
-                .await
-                .unwrap();
+                },
+            )
+            .await;
         }
         let assigned = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
