@@ -849,7 +849,7 @@ pub(crate) mod tests {
             "an illegal event writes nothing"
         );
 
-        // The scheduler records where the object goes (scheduler::assignments).
+        // The claim records where the object goes (scheduler::claim).
         sqlx::query("UPDATE files SET assigned_bucket = 'bkt', assigned_key = 'acme/a.csv'")
             .execute(&db.pool)
             .await
