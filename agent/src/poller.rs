@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::runner::Runner;
-use crate::sftp::{Auth, ServerEndpoint, SftpError, SftpSession};
+use crate::sftp::{Auth, RemoteFile, ServerEndpoint, SftpError, SftpSession};
 
 /// Entries per discovery message.
 pub(crate) const BATCH: usize = 1000;
@@ -271,17 +271,14 @@ async fn list_due(
         w.next_due =
             Instant::now() + Duration::from_secs(u64::from(w.spec.poll_interval_secs.max(1)));
         let mut listing = s.listing(&w.spec.directory, &w.matcher, w.spec.recursive);
-        let mut files: Vec<(String, Observation)> = Vec::new();
-        while let Some(batch) = listing.next_batch().await? {
-            files.extend(batch.into_iter().map(|f| {
-                let o = f.observation();
-                (f.path, o)
-            }));
-        }
-        seen += files.len() as u64;
         if w.baseline_due {
             // The coordinator records the stable files of this watch only
             // after the baseline, so it goes first, whole.
+            let mut files: Vec<(String, Observation)> = Vec::new();
+            while let Some(batch) = listing.next_batch().await? {
+                files.extend(observations(batch));
+            }
+            seen += files.len() as u64;
             if !send_batches(
                 reporter,
                 server_id,
@@ -294,16 +291,55 @@ async fn list_due(
                 return Ok(seen);
             }
             w.baseline_due = false;
+            let newly = trackers.with(&w.spec, |t| {
+                t.observe(files, chrono::Utc::now().timestamp(), w.spec.min_age_secs)
+                    .newly_stable
+            });
+            if !send_batches(reporter, server_id, w.spec.watch_id, &newly, Report::Stable).await {
+                return Ok(seen);
+            }
+            continue;
         }
-        let now_unix = chrono::Utc::now().timestamp();
-        let newly = trackers.with(&w.spec, |t| {
-            t.observe(files, now_unix, w.spec.min_age_secs).newly_stable
-        });
+        // Stable files are reported while the listing goes on, in full
+        // batches; the poll counts (forgets what it did not list) only once
+        // the listing is complete.
+        trackers.with(&w.spec, StabilityTracker::begin_poll);
+        let mut newly: Vec<(String, Observation)> = Vec::new();
+        while let Some(batch) = listing.next_batch().await? {
+            seen += batch.len() as u64;
+            let now_unix = chrono::Utc::now().timestamp();
+            newly.extend(trackers.with(&w.spec, |t| {
+                t.observe_part(observations(batch), now_unix, w.spec.min_age_secs)
+            }));
+            let full = newly.len() - newly.len() % BATCH;
+            if full > 0 {
+                if !send_batches(
+                    reporter,
+                    server_id,
+                    w.spec.watch_id,
+                    &newly[..full],
+                    Report::Stable,
+                )
+                .await
+                {
+                    return Ok(seen);
+                }
+                newly.drain(..full);
+            }
+        }
+        trackers.with(&w.spec, StabilityTracker::finish_poll);
         if !send_batches(reporter, server_id, w.spec.watch_id, &newly, Report::Stable).await {
             return Ok(seen);
         }
     }
     Ok(seen)
+}
+
+fn observations(batch: Vec<RemoteFile>) -> impl Iterator<Item = (String, Observation)> {
+    batch.into_iter().map(|f| {
+        let o = f.observation();
+        (f.path, o)
+    })
 }
 
 /// Where discoveries go: the stream, through the runner's acknowledgement

@@ -1,6 +1,14 @@
 //! The stable-file rule: a file is reported only after its size and mtime were
 //! unchanged across two consecutive polls and it is at least `min_age` old.
 //! Pure: the poller feeds it listings, it answers which entries became stable.
+//!
+//! A listing can be fed in parts as it streams in ([`StabilityTracker::begin_poll`],
+//! [`observe_part`](StabilityTracker::observe_part),
+//! [`finish_poll`](StabilityTracker::finish_poll)), so the files of a huge
+//! directory that became stable are reported while the rest is still being
+//! listed. Only a finished poll replaces what the previous poll saw: a poll
+//! cut short (a listing error) changes nothing, and whatever it reported is
+//! reported again by the next one (the coordinator records a version once).
 
 use std::collections::HashMap;
 
@@ -22,7 +30,10 @@ struct Tracked {
 /// Per-watch memory of what the previous poll saw.
 #[derive(Debug, Default, Clone)]
 pub struct StabilityTracker {
+    /// What the last finished poll saw.
     files: HashMap<String, Tracked>,
+    /// What the poll in progress has listed so far.
+    listing: Option<HashMap<String, Tracked>>,
 }
 
 /// What one poll produced.
@@ -41,21 +52,46 @@ impl StabilityTracker {
         now_unix: i64,
         min_age_secs: u32,
     ) -> PollOutcome {
-        let mut next = HashMap::with_capacity(self.files.len());
-        let mut out = PollOutcome::default();
-        for (path, seen) in listing {
-            let tracked = match self.files.remove(&path) {
+        self.begin_poll();
+        let newly_stable = self.observe_part(listing, now_unix, min_age_secs);
+        self.finish_poll();
+        PollOutcome { newly_stable }
+    }
+
+    /// Starts a poll whose listing comes in parts. A poll that was begun and
+    /// not finished is dropped.
+    pub fn begin_poll(&mut self) {
+        self.listing = Some(HashMap::with_capacity(self.files.len()));
+    }
+
+    /// Feeds the next part of the listing begun with [`Self::begin_poll`]
+    /// (taken at `now_unix`); answers the files of this part that became
+    /// stable. Outside a poll it begins one.
+    pub fn observe_part(
+        &mut self,
+        part: impl IntoIterator<Item = (String, Observation)>,
+        now_unix: i64,
+        min_age_secs: u32,
+    ) -> Vec<(String, Observation)> {
+        let files = &self.files;
+        let listing = self.listing.get_or_insert_with(HashMap::new);
+        let mut newly_stable = Vec::new();
+        for (path, seen) in part {
+            if listing.contains_key(&path) {
+                continue;
+            }
+            let tracked = match files.get(&path) {
                 Some(prev) if prev.seen == seen => {
                     let old_enough =
                         now_unix.saturating_sub(seen.mtime_unix) >= i64::from(min_age_secs);
                     if !prev.reported && old_enough {
-                        out.newly_stable.push((path.clone(), seen));
+                        newly_stable.push((path.clone(), seen));
                         Tracked {
                             seen,
                             reported: true,
                         }
                     } else {
-                        prev
+                        *prev
                     }
                 }
                 // First sighting, or changed since the last poll: wait for one more.
@@ -64,10 +100,15 @@ impl StabilityTracker {
                     reported: false,
                 },
             };
-            next.insert(path, tracked);
+            listing.insert(path, tracked);
         }
-        self.files = next;
-        out
+        newly_stable
+    }
+
+    /// Ends the poll: what it listed replaces what the previous poll saw, so
+    /// files missing from it are forgotten.
+    pub fn finish_poll(&mut self) {
+        self.files = self.listing.take().unwrap_or_default();
     }
 
     /// Every file currently considered stable (for a full resend after a reconnect).
@@ -83,7 +124,11 @@ impl StabilityTracker {
     /// next is a first sighting, reported once stable, even with the same
     /// size and mtime (`rsync -a` re-sending the file).
     pub fn forget(&mut self, path: &str) -> bool {
-        self.files.remove(path).is_some()
+        let listed = self
+            .listing
+            .as_mut()
+            .is_some_and(|l| l.remove(path).is_some());
+        self.files.remove(path).is_some() || listed
     }
 
     pub fn len(&self) -> usize {
@@ -172,5 +217,73 @@ mod tests {
         // Replaced under the same name: reported again once stable.
         assert!(poll(&mut t, &[("/v", 2, 300)], 400, 0).is_empty());
         assert_eq!(poll(&mut t, &[("/v", 2, 300)], 401, 0), vec!["/v"]);
+    }
+
+    fn part(t: &mut StabilityTracker, files: &[(&str, u64, i64)], now: i64) -> Vec<String> {
+        t.observe_part(
+            files.iter().map(|(p, s, m)| (p.to_string(), obs(*s, *m))),
+            now,
+            0,
+        )
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
+    }
+
+    #[test]
+    fn a_listing_fed_in_parts_reports_each_parts_stable_files_at_once() {
+        let mut t = StabilityTracker::default();
+        poll(
+            &mut t,
+            &[("/a", 1, 100), ("/b", 1, 100), ("/c", 1, 100)],
+            200,
+            0,
+        );
+        t.begin_poll();
+        assert_eq!(part(&mut t, &[("/a", 1, 100)], 201), vec!["/a"]);
+        // Changed since the last poll: starts over.
+        assert!(part(&mut t, &[("/b", 2, 150)], 201).is_empty());
+        t.finish_poll();
+        // "/c" was not listed by the finished poll: forgotten, so seen again
+        // it is a first sighting.
+        assert!(
+            poll(
+                &mut t,
+                &[("/a", 1, 100), ("/b", 2, 150), ("/c", 1, 100)],
+                202,
+                0
+            )
+            .contains(&"/b".to_string())
+        );
+        assert_eq!(t.len(), 3);
+        assert!(poll(&mut t, &[("/c", 1, 100)], 203, 0).contains(&"/c".to_string()));
+    }
+
+    #[test]
+    fn a_poll_cut_short_changes_nothing_and_its_reports_come_again() {
+        let mut t = StabilityTracker::default();
+        poll(&mut t, &[("/a", 1, 100), ("/b", 1, 100)], 200, 0);
+        t.begin_poll();
+        assert_eq!(part(&mut t, &[("/a", 1, 100)], 201), vec!["/a"]);
+        // The listing failed here; the next poll starts afresh.
+        assert_eq!(
+            poll(&mut t, &[("/a", 1, 100), ("/b", 1, 100)], 202, 0),
+            vec!["/a", "/b"]
+        );
+        assert_eq!(t.stable_set().len(), 2);
+    }
+
+    #[test]
+    fn a_path_forgotten_during_a_poll_is_a_first_sighting_afterwards() {
+        let mut t = StabilityTracker::default();
+        poll(&mut t, &[("/r", 5, 100)], 200, 0);
+        assert_eq!(poll(&mut t, &[("/r", 5, 100)], 201, 0), vec!["/r"]);
+        t.begin_poll();
+        assert!(part(&mut t, &[("/r", 5, 100)], 202).is_empty());
+        // Moved by its post-action while the listing went on.
+        assert!(t.forget("/r"));
+        t.finish_poll();
+        assert!(poll(&mut t, &[("/r", 5, 100)], 203, 0).is_empty());
+        assert_eq!(poll(&mut t, &[("/r", 5, 100)], 204, 0), vec!["/r"]);
     }
 }

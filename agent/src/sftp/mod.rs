@@ -28,7 +28,7 @@ use std::time::Duration;
 
 pub(crate) use connect::{connect, probe_host_key};
 pub(crate) use error::SftpError;
-pub(crate) use session::{FileKind, FileStat, SftpSession};
+pub(crate) use session::{FileKind, FileStat, RemoteFile, SftpSession};
 
 /// Where and how to log in to one SFTP server.
 #[derive(Clone)]
