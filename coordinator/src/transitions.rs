@@ -1185,4 +1185,38 @@ pub(crate) mod tests {
         assert_eq!(db.file(b).await.0, "in_progress");
         db.drop().await;
     }
+
+    /// File rows refer to their server and watch without a foreign key
+    /// (`migrations/0021_hot_path_foreign_keys.sql`), so the database
+    /// refuses to delete those rows instead, even a watch no file refers to.
+    #[tokio::test]
+    async fn servers_and_watches_are_only_ever_soft_deleted() {
+        let db = Db::create().await;
+        db.seed().await;
+        let idle: i64 = sqlx::query_scalar(
+            "INSERT INTO watches (server_id, directory, bucket) \
+             SELECT id, '/idle', 'bkt' FROM servers RETURNING id",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        for sql in [
+            format!("DELETE FROM watches WHERE id = {idle}"),
+            "DELETE FROM servers".to_string(),
+            "TRUNCATE servers CASCADE".to_string(),
+        ] {
+            let e = sqlx::query(&sql).execute(&db.pool).await.unwrap_err();
+            assert!(
+                e.to_string().contains("set deleted_at instead"),
+                "{sql}: {e}"
+            );
+        }
+        let left: (i64, i64) =
+            sqlx::query_as("SELECT (SELECT count(*) FROM servers), (SELECT count(*) FROM watches)")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(left, (1, 2));
+        db.drop().await;
+    }
 }

@@ -70,6 +70,19 @@ async fn retention_prunes_gone_versions_old_history_and_published_announcements_
         (rows_of(&db, "files", "a.csv").await == 0).then_some(())
     })
     .await;
+    // History and announcements refer to their file without a foreign key:
+    // pruning a file removed its rows too, and no other row lost its file.
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM file_events e WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.id = e.file_id)) \
+              + (SELECT count(*) FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.id = o.file_id))",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        orphans, 0,
+        "history or outbox rows of a pruned file are left"
+    );
     eventually("b.csv's history and announcement pruned", WAIT, || async {
         (rows_of(&db, "file_events", "b.csv").await == 0
             && rows_of(&db, "outbox", "b.csv").await == 0)
