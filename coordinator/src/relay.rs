@@ -513,6 +513,9 @@ struct OutboxRow {
     announcement_id: String,
     /// The payload's `event`: `failed` / `lost`, or `None` for a stored file.
     event: Option<String>,
+    /// The file version has a post-action (`delete` / `move:`), due once
+    /// it is `processed`.
+    post_action: bool,
 }
 
 impl OutboxRow {
@@ -531,7 +534,7 @@ async fn round(
     let mut tx = coord.db.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
         "SELECT o.id, o.file_id, o.payload, s.name AS server, o.payload->>'event' AS event, \
-                f.announcement_id::text AS announcement_id \
+                f.announcement_id::text AS announcement_id, f.post_action <> 'keep' AS post_action \
          FROM outbox o JOIN files f ON f.id = o.file_id JOIN servers s ON s.id = f.server_id \
          WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.next_attempt_at <= now() \
          ORDER BY o.next_attempt_at, o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
@@ -554,11 +557,11 @@ async fn round(
         .map(|r| r.id)
         .collect();
     // A failure announcement's file stays `failed` / `lost`.
-    let published_files: Vec<i64> = rows
+    let processing: Vec<&OutboxRow> = rows
         .iter()
         .filter(|r| !failures.contains_key(&r.id) && r.failure().is_none())
-        .map(|r| r.file_id)
         .collect();
+    let published_files: Vec<i64> = processing.iter().map(|r| r.file_id).collect();
     let mut processed = 0usize;
     if !published.is_empty() {
         sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
@@ -627,8 +630,11 @@ async fn round(
     tx.commit().await?;
     crate::metrics::ANNOUNCEMENTS.add(&["published"], published.len() as u64);
 
-    if processed > 0 {
-        // Processed files may have post-actions: wake the scheduler loop, which dispatches them.
+    if processed > 0 && processing.iter().any(|r| r.post_action) {
+        // Post-actions are due: wake the scheduler loops (of every
+        // coordinator: the poller may be connected elsewhere), which
+        // dispatch them. Files that keep their source need no wake-up,
+        // and a NOTIFY per round took Postgres's notify lock for nothing.
         coord.files_due().await;
     }
     Ok(Round {
