@@ -43,7 +43,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const RESULT_BATCH: usize = 256;
 
 /// Ordinary discovery batches of one agent recorded at once (each in its
-/// own transaction).
+/// own transaction). Only consecutive ones overlap: any other message of
+/// the stream is handled after every batch received before it, so a
+/// stream's messages take effect in order except within such a run.
 const DISCOVERY_IN_FLIGHT: usize = 4;
 
 /// How transfers are leased and retried, and how much may wait for an agent.
@@ -54,6 +56,17 @@ pub(crate) struct TaskSettings {
     /// Messages queued per agent stream before the agent counts as not
     /// reading and is disconnected.
     pub send_queue: usize,
+}
+
+/// An ordinary (not baseline) discovery batch, the one kind of message that
+/// is recorded concurrently with the next ones of its stream.
+fn is_ordinary_discovery(msg: &Option<Result<proto::AgentMessage, Status>>) -> bool {
+    matches!(
+        msg,
+        Some(Ok(proto::AgentMessage {
+            body: Some(Body::Discovery(batch)),
+        })) if !batch.baseline
+    )
 }
 
 /// One live agent stream on this coordinator.
@@ -753,6 +766,16 @@ impl AgentService for AgentStreams {
                     },
                 };
                 *lock(&session.heard) = Instant::now();
+                if !is_ordinary_discovery(&msg) {
+                    // Everything received before this message takes effect
+                    // first: wait for the discovery batches being recorded.
+                    let Ok(_all) = discovery_slots
+                        .acquire_many(DISCOVERY_IN_FLIGHT as u32)
+                        .await
+                    else {
+                        break;
+                    };
+                }
                 match msg {
                     Some(Ok(proto::AgentMessage {
                         body: Some(Body::TaskResult(first)),

@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
-use ferry_proto::{self as proto, add_server_request::Auth};
-use ferry_tests::{AgentOptions, TestDb, eventually};
+use ferry_proto::{
+    self as proto, add_server_request::Auth, agent_message::Body,
+    coordinator_message::Body as CBody,
+};
+use ferry_tests::{AgentOptions, RogueAgent, TestDb, eventually};
 
 use crate::stack::{Stack, WAIT};
 
@@ -349,4 +352,73 @@ async fn a_file_row_lost_after_discovery_comes_back_with_the_periodic_resync() {
         .await
         .unwrap();
     assert!(path.ends_with("/resync/a.csv"), "{path}");
+}
+
+/// The coordinator records consecutive ordinary discovery batches of one
+/// stream concurrently, yet a message sent after them (here the heartbeat
+/// of `barrier`) takes effect only once they are recorded: apart from such a
+/// run of batches, a stream's messages take effect in the order sent.
+#[tokio::test]
+async fn a_message_sent_after_discovery_batches_takes_effect_after_them() {
+    let mut s = Stack::new().await;
+    let server_id = s.add_server(s.server_req("acme")).await;
+    s.sshd.mkdir("in");
+    let dir = s.sshd.remote_path("in");
+    let watch_id = s
+        .admin
+        .add_watch(proto::AddWatchRequest {
+            server_id,
+            directory: dir.clone(),
+            poll_interval_secs: 1,
+            bucket: "ordered".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let db = s.db.pool().clone();
+    // Capacity 0: it holds the poll lease and takes no transfers.
+    let mut agent =
+        RogueAgent::connect_with_capacity(&s.coord.endpoint(), &s.pki.agent("scout"), "", 0)
+            .await
+            .expect("the agent connects");
+    agent
+        .wait_for("poll assignment", WAIT, |m| match m {
+            CBody::PollAssignment(a) => a.watches.iter().find(|w| w.watch_id == watch_id).cloned(),
+            _ => None,
+        })
+        .await;
+    const BATCHES: u64 = 4;
+    const ENTRIES: u64 = 5_000;
+    for batch in 1..=BATCHES {
+        let entries = (0..ENTRIES)
+            .map(|i| proto::RemoteEntry {
+                path: format!("{dir}/f-{batch}-{i:05}.csv"),
+                size: i + 1,
+                mtime_unix: 1_700_000_000,
+            })
+            .collect();
+        agent
+            .send(Body::Discovery(proto::DiscoveryBatch {
+                server_id,
+                watch_id,
+                entries,
+                batch_id: batch,
+                baseline: false,
+                baseline_complete: false,
+            }))
+            .await;
+    }
+    agent.barrier(&db, "scout").await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM files WHERE watch_id = $1")
+        .bind(watch_id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        (BATCHES * ENTRIES) as i64,
+        "the heartbeat sent after the discovery batches took effect before they were recorded"
+    );
 }
