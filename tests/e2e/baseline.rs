@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use ferry_proto::{self as proto, agent_message::Body, coordinator_message::Body as CBody};
-use ferry_tests::{RogueAgent, eventually};
+use ferry_tests::eventually;
 use sqlx::PgPool;
 
 use crate::flow::{BUCKET, flow};
@@ -201,17 +201,7 @@ async fn ordinary_discoveries_wait_for_the_baseline_and_a_late_baseline_records_
         .into_inner()
         .id;
     let db = s.db.pool().clone();
-    // Capacity 0: it discovers, and takes no transfers.
-    let mut agent =
-        RogueAgent::connect_with_capacity(&s.coord.endpoint(), &s.pki.agent("scout"), "", 0)
-            .await
-            .expect("the agent connects");
-    let spec = agent
-        .wait_for("poll assignment", WAIT, |m| match m {
-            CBody::PollAssignment(a) => a.watches.iter().find(|w| w.watch_id == watch_id).cloned(),
-            _ => None,
-        })
-        .await;
+    let (mut agent, spec) = s.rogue_poller("scout", watch_id).await;
     assert!(
         spec.baseline,
         "the assignment asks for a baseline: {spec:?}"

@@ -3,11 +3,8 @@
 
 use std::time::Duration;
 
-use ferry_proto::{
-    self as proto, add_server_request::Auth, agent_message::Body,
-    coordinator_message::Body as CBody,
-};
-use ferry_tests::{AgentOptions, RogueAgent, TestDb, eventually};
+use ferry_proto::{self as proto, add_server_request::Auth, agent_message::Body};
+use ferry_tests::{AgentOptions, TestDb, eventually};
 
 use crate::stack::{Stack, WAIT};
 
@@ -362,33 +359,10 @@ async fn a_file_row_lost_after_discovery_comes_back_with_the_periodic_resync() {
 async fn a_message_sent_after_discovery_batches_takes_effect_after_them() {
     let mut s = Stack::new().await;
     let server_id = s.add_server(s.server_req("acme")).await;
-    s.sshd.mkdir("in");
+    let watch_id = s.add_watch(server_id, "in", "*").await;
     let dir = s.sshd.remote_path("in");
-    let watch_id = s
-        .admin
-        .add_watch(proto::AddWatchRequest {
-            server_id,
-            directory: dir.clone(),
-            poll_interval_secs: 1,
-            bucket: "ordered".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
     let db = s.db.pool().clone();
-    // Capacity 0: it holds the poll lease and takes no transfers.
-    let mut agent =
-        RogueAgent::connect_with_capacity(&s.coord.endpoint(), &s.pki.agent("scout"), "", 0)
-            .await
-            .expect("the agent connects");
-    agent
-        .wait_for("poll assignment", WAIT, |m| match m {
-            CBody::PollAssignment(a) => a.watches.iter().find(|w| w.watch_id == watch_id).cloned(),
-            _ => None,
-        })
-        .await;
+    let (agent, _) = s.rogue_poller("scout", watch_id).await;
     const BATCHES: u64 = 4;
     const ENTRIES: u64 = 5_000;
     for batch in 1..=BATCHES {

@@ -4,8 +4,12 @@
 
 use std::time::Duration;
 
-use ferry_proto::{self as proto, admin_service_client::AdminServiceClient};
-use ferry_tests::{Agent, AgentOptions, Coordinator, Sshd, TestDb, TestPki, eventually};
+use ferry_proto::{
+    self as proto, admin_service_client::AdminServiceClient, coordinator_message::Body as CBody,
+};
+use ferry_tests::{
+    Agent, AgentOptions, Coordinator, RogueAgent, Sshd, TestDb, TestPki, eventually,
+};
 use tonic::transport::Channel;
 
 pub(crate) const WAIT: Duration = Duration::from_secs(60);
@@ -74,6 +78,28 @@ impl Stack {
             .unwrap()
             .into_inner()
             .id
+    }
+
+    /// A protocol-level agent `name` of capacity 0 (it takes no transfers)
+    /// once it was given the poll of `watch_id`, and the watch as assigned.
+    pub(crate) async fn rogue_poller(
+        &self,
+        name: &str,
+        watch_id: i64,
+    ) -> (RogueAgent, proto::WatchSpec) {
+        let mut agent =
+            RogueAgent::connect_with_capacity(&self.coord.endpoint(), &self.pki.agent(name), "", 0)
+                .await
+                .expect("the agent connects");
+        let spec = agent
+            .wait_for("poll assignment", WAIT, |m| match m {
+                CBody::PollAssignment(a) => {
+                    a.watches.iter().find(|w| w.watch_id == watch_id).cloned()
+                }
+                _ => None,
+            })
+            .await;
+        (agent, spec)
     }
 
     /// A discovery-only agent (capacity 0: it polls but takes no transfers).
