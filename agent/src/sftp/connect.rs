@@ -16,6 +16,7 @@ use russh_sftp::client::RawSftpSession;
 use tokio::net::TcpStream;
 
 use super::error::{SftpError, classify};
+use super::keys;
 use super::session::SftpSession;
 use super::{Auth, ServerEndpoint, Timeouts};
 
@@ -180,7 +181,10 @@ pub(crate) async fn connect(ep: &ServerEndpoint, t: &Timeouts) -> Result<SftpSes
     let credentials = match &ep.auth {
         Auth::Password(password) => Credentials::Password(password),
         Auth::PrivateKey { pem, passphrase } => {
-            Credentials::Key(Arc::new(decode_key(pem, passphrase)?))
+            let (text, pass) = (pem.clone(), passphrase.clone());
+            Credentials::Key(
+                keys::decoded(pem, passphrase.as_deref(), move || decode_key(&text, &pass)).await?,
+            )
         }
     };
     let target = format!("{}@{}:{}", ep.username, ep.hostname, ep.port);

@@ -4,6 +4,9 @@
 //! What lives where:
 //! - [`connect`](connect()) / [`probe_host_key`] / [`fingerprint`]: the SSH side
 //!   (russh), in `connect.rs`.
+//! - decoded private keys, kept per key text and passphrase so a
+//!   passphrase-protected key is not derived again at every login, in
+//!   `keys.rs`.
 //! - [`SftpSession`]: the file operations the agent needs (listing, stat,
 //!   read, post-actions), in `session.rs`; directory walking in `listing.rs`;
 //!   the sequential file reader in `reader.rs`.
@@ -20,6 +23,7 @@
 
 mod connect;
 mod error;
+mod keys;
 mod listing;
 mod session;
 
