@@ -16,8 +16,9 @@
 //! `max_sessions`, default 8), `FERRY_BENCH_TASKS`, `FERRY_BENCH_AGENTS`
 //! and `FERRY_BENCH_SERVERS` (dispatch: default 20000 tasks, 8 fake agents
 //! of capacity 64, 16 servers), `FERRY_BENCH_LAYOUT` and
-//! `FERRY_BENCH_POLL_SECS` (servers: default `1000x5` and 2 s) change the
-//! workload.
+//! `FERRY_BENCH_POLL_SECS` (servers: default `1000x5` and 2 s) and
+//! `FERRY_BENCH_AUTH` (servers: `password`, the default, `key` or
+//! `key-passphrase`) change the workload.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -108,6 +109,7 @@ async fn discovery() {
         .await
         .unwrap();
     let start = Instant::now();
+    let cpu_start = CpuSnapshot::take();
     let _agent = Agent::start(
         "bench-agent",
         &pki.agent("bench-agent"),
@@ -123,11 +125,13 @@ async fn discovery() {
     })
     .await;
     let all_in = start.elapsed();
+    let run_cpu = CpuSnapshot::take().since(&cpu_start);
     println!(
         "discovery: {n} files -> {n} rows in {:.1}s from agent start ({:.0} files/s)",
         all_in.as_secs_f64(),
         n as f64 / all_in.as_secs_f64()
     );
+    print_cpu("discovery", n, &run_cpu);
     // Where the time went: before the first row (connect, two polls for
     // the stability rule) and while inserting (history rows carry the time
     // they were written).
@@ -594,6 +598,7 @@ async fn servers() {
     let poll: u32 = env_or("FERRY_BENCH_POLL_SECS", "2").parse().unwrap();
     let capacity: u32 = env_or("FERRY_BENCH_CAPACITY", "8").parse().unwrap();
     let kib: usize = env_or("FERRY_BENCH_KIB", "4").parse().unwrap();
+    let auth = env_or("FERRY_BENCH_AUTH", "password");
     for (servers, files) in [(s, f), (1, s * f)] {
         let FlowStack {
             db,
@@ -618,6 +623,7 @@ async fn servers() {
                 proto::AddServerRequest {
                     name: format!("bench-{server:04}"),
                     max_sessions: 2,
+                    auth: Some(bench_auth(&sshd, &auth)),
                     ..server_request(&sshd)
                 },
                 proto::AddWatchRequest {
@@ -631,6 +637,7 @@ async fn servers() {
             .await;
         }
         let start = Instant::now();
+        let cpu_start = CpuSnapshot::take();
         let agent = bench_agent(&s3, &pki, &coord, capacity, "warn").await;
         let n = (servers * files) as i64;
         eventually(
@@ -643,6 +650,7 @@ async fn servers() {
         )
         .await;
         let took = start.elapsed().as_secs_f64();
+        let run_cpu = CpuSnapshot::take().since(&cpu_start);
         print_warnings("servers", agent.log_path());
         // When each server's first file was processed, from agent start.
         let mut firsts: Vec<f64> = sqlx::query_scalar(
@@ -658,12 +666,13 @@ async fn servers() {
         let p50 = firsts.get(firsts.len() / 2).copied().unwrap_or(f64::NAN);
         let max = firsts.last().copied().unwrap_or(f64::NAN);
         println!(
-            "servers: {servers} servers x {files} files ({kib} KiB, poll {poll}s, capacity {capacity}): \
-             {took:.2}s from agent start ({:.0} files/s); first file of a server processed p50 {p50:.2}s, \
-             last server's first {max:.2}s (target: 2 polls + 1s = {}s)",
+            "servers: {servers} servers x {files} files ({kib} KiB, poll {poll}s, capacity {capacity}, \
+             {auth} logins): {took:.2}s from agent start ({:.0} files/s); first file of a server \
+             processed p50 {p50:.2}s, last server's first {max:.2}s (target: 2 polls + 1s = {}s)",
             n as f64 / took,
             2 * poll + 1
         );
+        print_cpu("servers", n, &run_cpu);
         // Idle: every server polled, nothing to do.
         tokio::time::sleep(Duration::from_secs(u64::from(poll) * 2)).await;
         let pid = agent.pid().expect("agent running");
@@ -685,6 +694,31 @@ async fn servers() {
             agent_cpu * 10.0,
             idle.summary(5)
         );
+    }
+}
+
+/// How the `servers` bench logs in (`FERRY_BENCH_AUTH`): `password` (sshd
+/// checks it against the system's password hash), `key` (ed25519) or
+/// `key-passphrase` (ed25519, passphrase-protected: the agent derives the
+/// decryption key from the passphrase).
+fn bench_auth(sshd: &Sshd, auth: &str) -> proto::add_server_request::Auth {
+    use proto::add_server_request::Auth;
+    match auth {
+        "password" => Auth::Password(proto::Password {
+            password: sshd.password().into(),
+        }),
+        "key" => Auth::PrivateKey(proto::PrivateKey {
+            pem: sshd.client_key_ed25519_pem().into(),
+            passphrase: String::new(),
+        }),
+        "key-passphrase" => {
+            let (pem, passphrase) = sshd.client_key_encrypted();
+            Auth::PrivateKey(proto::PrivateKey {
+                pem: pem.into(),
+                passphrase: passphrase.into(),
+            })
+        }
+        other => panic!("FERRY_BENCH_AUTH is `password`, `key` or `key-passphrase`, not {other:?}"),
     }
 }
 
