@@ -12,7 +12,9 @@
 //!   before the task is sent; a success report naming another location is a
 //!   failed attempt.
 //! - Claims rotate over servers, the least recently served first
-//!   (`servers.last_assigned_at`, set by the claim), each taking an equal
+//!   (`servers.last_assigned_at`, set by the claim; ties by id), read page
+//!   by page in that order so a round costs what it serves rather than a
+//!   look at every server of the site, each taking an equal
 //!   share of the agent's free slots per turn (at least one file), so a busy
 //!   server cannot starve the others and every server gets its first file
 //!   before any gets another turn. One turn is one claim transaction per
@@ -73,26 +75,66 @@ pub(crate) struct DueServer {
     /// The holder takes transfers, as its `agents` row says (connected,
     /// heard from lately, not drained, not unavailable).
     pub poller_ready: bool,
+    /// When the server was last given files (the epoch if never): with
+    /// `id`, its place in the serving order.
+    pub served_at: DateTime<Utc>,
 }
 
-/// Servers of `site` that have due files, the least recently served first
-/// (never-served ones first of all; ties in random order), so every server
-/// gets its turn before any gets a second one.
-pub(crate) async fn servers_with_due_files(db: &PgPool, site: &str) -> StoreResult<Vec<DueServer>> {
+/// A place in the serving order: servers after it come next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServeKey {
+    served_at: DateTime<Utc>,
+    id: i64,
+}
+
+impl ServeKey {
+    /// Before every server (never-served ones count as served at the epoch).
+    pub(crate) fn start() -> Self {
+        ServeKey {
+            served_at: DateTime::<Utc>::UNIX_EPOCH - chrono::Duration::seconds(1),
+            id: 0,
+        }
+    }
+
+    fn of(server: &DueServer) -> Self {
+        ServeKey {
+            served_at: server.served_at,
+            id: server.id,
+        }
+    }
+}
+
+/// Up to `limit` servers of `site` that have due files, after `after` in
+/// the serving order: the least recently served first (never-served ones
+/// first of all; ties by id), so every server gets its turn before any gets
+/// a second one. Read page by page along the index `servers_serve_order`,
+/// so a round costs what it serves, not a look at every server of the site.
+pub(crate) async fn servers_with_due_files(
+    db: &PgPool,
+    site: &str,
+    after: ServeKey,
+    limit: i64,
+) -> StoreResult<Vec<DueServer>> {
     Ok(sqlx::query_as(
         "SELECT s.id, s.poller_agent, s.poller_coordinator, \
                 COALESCE(a.connected AND NOT a.draining AND a.unavailable IS NULL \
                          AND a.revoked_at IS NULL \
-                         AND a.last_seen_at > now() - make_interval(secs => $2), false) AS poller_ready \
+                         AND a.last_seen_at > now() - make_interval(secs => $2), false) AS poller_ready, \
+                COALESCE(s.last_assigned_at, '1970-01-01 00:00:00+00'::timestamptz) AS served_at \
          FROM servers s LEFT JOIN agents a ON a.name = s.poller_agent \
          WHERE s.site = $1 AND s.enabled AND s.deleted_at IS NULL \
+           AND (COALESCE(s.last_assigned_at, '1970-01-01 00:00:00+00'::timestamptz), s.id) > ($3, $4) \
            AND EXISTS (SELECT 1 FROM files f JOIN watches w ON w.id = f.watch_id \
                        WHERE f.server_id = s.id AND f.status IN ('new', 'error') \
                          AND f.next_attempt_at <= now() AND w.deleted_at IS NULL) \
-         ORDER BY s.last_assigned_at NULLS FIRST, random()",
+         ORDER BY COALESCE(s.last_assigned_at, '1970-01-01 00:00:00+00'::timestamptz), s.id \
+         LIMIT $5",
     )
     .bind(site)
     .bind(crate::agents::SILENT_AFTER.as_secs_f64())
+    .bind(after.served_at)
+    .bind(after.id)
+    .bind(limit)
     .fetch_all(db)
     .await?)
 }
@@ -463,10 +505,107 @@ fn plan_turn(servers: &[DueServer], coordinator: &str, free: &[Candidate<'_>]) -
     asks
 }
 
+/// Servers read per page of a round (pure): the free slots of the agents
+/// that take transfers (each served server takes at least one), within
+/// bounds; servers that must wait (their poller is busy or elsewhere) only
+/// make the round read another page.
+fn page_size(free: &[(Session, i64)]) -> i64 {
+    let slots: i64 = free
+        .iter()
+        .filter(|(s, _)| s.takes_transfers())
+        .map(|(_, slots)| (*slots).max(0))
+        .sum();
+    slots.clamp(16, 512)
+}
+
+/// What a round works with: where it claims, for whom, under which lease
+/// and retry policy.
+struct Round<'a> {
+    db: &'a PgPool,
+    secrets: &'a SecretBox,
+    coordinator: &'a str,
+    site: &'a str,
+    lease: Duration,
+    policy: &'a RetryPolicy,
+}
+
+/// How a turn ended.
+enum Turned {
+    /// The servers that got all they asked for: they may have more due.
+    Served(HashSet<i64>),
+    /// An agent's stream is gone: the round stops.
+    StreamGone,
+}
+
+impl Round<'_> {
+    /// One turn over `servers`: [planned](plan_turn), one [claim] per agent
+    /// covering every server planned for it, the tasks sent; `free` and
+    /// `sent` are updated.
+    async fn turn(
+        &self,
+        free: &mut [(Session, i64)],
+        servers: &[DueServer],
+        sent: &mut usize,
+    ) -> anyhow::Result<Turned> {
+        let candidates: Vec<Candidate<'_>> = free
+            .iter()
+            .map(|(s, slots)| Candidate {
+                agent: &s.agent,
+                takes_transfers: s.takes_transfers(),
+                free: *slots,
+            })
+            .collect();
+        let plan = plan_turn(servers, self.coordinator, &candidates);
+        let mut more = HashSet::new();
+        for (i, asks) in plan.iter().enumerate() {
+            if asks.is_empty() {
+                continue;
+            }
+            let (session, slots) = &mut free[i];
+            let who = Claimant {
+                coordinator: self.coordinator,
+                agent: &session.agent,
+                lease: self.lease,
+                policy: self.policy,
+            };
+            // On error the files claimed so far keep their leases; the
+            // reaper requeues any that were not sent.
+            let claim = claim(self.db, self.secrets, who, asks)
+                .await
+                .with_context(|| format!("claim files for agent {}", session.agent))?;
+            for (server, e) in &claim.sealed {
+                tracing::warn!(
+                    server,
+                    error = format!("{e:#}"),
+                    "cannot build tasks for this server; skipping it this round"
+                );
+            }
+            for (file, why) in &claim.rejected {
+                tracing::warn!(file, error = %why, "path cannot be an object key; file failed");
+            }
+            more.extend(claim.full);
+            for task in claim.tasks {
+                let file_id = task.file_id;
+                session.task_started(file_id);
+                if !session.send(Body::TaskAssignment(task)).await {
+                    session.task_finished(file_id);
+                    // The stream is gone; the lease reaper will requeue the files.
+                    return Ok(Turned::StreamGone);
+                }
+                *slots -= 1;
+                *sent += 1;
+                crate::metrics::transfer_started(self.site, file_id);
+            }
+        }
+        Ok(Turned::Served(more))
+    }
+}
+
 /// One scheduling round for the agents of `sessions` (all of one site):
-/// turns over the servers with due files, each turn one [claim] per agent
-/// covering every server [planned](plan_turn) for it, until the agents are
-/// full or no server has more due. Returns tasks sent.
+/// first turns for the servers with due files, page by page in serving
+/// order, until the agents are full or no server is left; then further
+/// turns for the servers that may have more, until the agents are full or
+/// none has. Each turn is one [claim] per agent. Returns tasks sent.
 pub(crate) async fn schedule_site(
     db: &PgPool,
     secrets: &SecretBox,
@@ -490,63 +629,44 @@ pub(crate) async fn schedule_site(
     if !any_free(&free) {
         return Ok(0);
     }
-    let mut servers = servers_with_due_files(db, site).await?;
+    let round = Round {
+        db,
+        secrets,
+        coordinator,
+        site,
+        lease,
+        policy,
+    };
+    let page = page_size(&free);
     let mut sent = 0;
-    while !servers.is_empty() {
-        let candidates: Vec<Candidate<'_>> = free
-            .iter()
-            .map(|(s, slots)| Candidate {
-                agent: &s.agent,
-                takes_transfers: s.takes_transfers(),
-                free: *slots,
-            })
-            .collect();
-        let plan = plan_turn(&servers, coordinator, &candidates);
-        let mut more = HashSet::new();
-        for (i, asks) in plan.iter().enumerate() {
-            if asks.is_empty() {
-                continue;
-            }
-            let (session, slots) = &mut free[i];
-            let who = Claimant {
-                coordinator,
-                agent: &session.agent,
-                lease,
-                policy,
-            };
-            // On error the files claimed so far keep their leases; the
-            // reaper requeues any that were not sent.
-            let claim = claim(db, secrets, who, asks)
-                .await
-                .with_context(|| format!("claim files for agent {}", session.agent))?;
-            for (server, e) in &claim.sealed {
-                tracing::warn!(
-                    server,
-                    error = format!("{e:#}"),
-                    "cannot build tasks for this server; skipping it this round"
-                );
-            }
-            for (file, why) in &claim.rejected {
-                tracing::warn!(file, error = %why, "path cannot be an object key; file failed");
-            }
-            more.extend(claim.full);
-            for task in claim.tasks {
-                let file_id = task.file_id;
-                session.task_started(file_id);
-                if !session.send(Body::TaskAssignment(task)).await {
-                    session.task_finished(file_id);
-                    // The stream is gone; the lease reaper will requeue the files.
-                    return Ok(sent);
-                }
-                *slots -= 1;
-                sent += 1;
-                crate::metrics::transfer_started(site, file_id);
-            }
+    let mut after = ServeKey::start();
+    // Servers that had their first turn in this round; one served earlier
+    // in the round shows up again further on (served just now), and is
+    // skipped there.
+    let mut turned = HashSet::new();
+    let mut again: Vec<DueServer> = Vec::new();
+    loop {
+        let mut servers = servers_with_due_files(db, site, after, page).await?;
+        let last_page = i64::try_from(servers.len()).is_ok_and(|n| n < page);
+        if let Some(last) = servers.last() {
+            after = ServeKey::of(last);
         }
-        servers.retain(|s| more.contains(&s.id));
-        if !any_free(&free) {
+        servers.retain(|s| turned.insert(s.id));
+        if !servers.is_empty() {
+            let Turned::Served(more) = round.turn(&mut free, &servers, &mut sent).await? else {
+                return Ok(sent);
+            };
+            again.extend(servers.into_iter().filter(|s| more.contains(&s.id)));
+        }
+        if last_page || !any_free(&free) {
             break;
         }
+    }
+    while !again.is_empty() && any_free(&free) {
+        let Turned::Served(more) = round.turn(&mut free, &again, &mut sent).await? else {
+            return Ok(sent);
+        };
+        again.retain(|s| more.contains(&s.id));
     }
     Ok(sent)
 }
@@ -655,6 +775,7 @@ mod tests {
             poller_agent: poller.map(str::to_string),
             poller_coordinator: coordinator.map(str::to_string),
             poller_ready: ready,
+            served_at: DateTime::<Utc>::UNIX_EPOCH,
         }
     }
 
@@ -798,6 +919,7 @@ mod tests {
                 poller_agent: Some(if id == 3 { "a2" } else { "a1" }.into()),
                 poller_coordinator: Some("c1".into()),
                 poller_ready: true,
+                served_at: DateTime::<Utc>::UNIX_EPOCH,
             })
             .collect();
         let plan = plan_turn(&servers, "c1", &here());
@@ -989,7 +1111,7 @@ mod tests {
         let second = add_server(&db.pool, "beta", 4, 1).await;
         let secrets = seal_all(&db.pool).await;
         let order = || async {
-            servers_with_due_files(&db.pool, "default")
+            servers_with_due_files(&db.pool, "default", ServeKey::start(), 100)
                 .await
                 .unwrap()
                 .iter()
@@ -1020,6 +1142,55 @@ mod tests {
         assert_eq!(got.tasks.len(), 1);
         // The second server has nothing due any more.
         assert_eq!(order().await, vec![first]);
+        db.drop().await;
+    }
+
+    #[tokio::test]
+    async fn pages_in_serving_order_cover_each_server_once_and_a_served_one_comes_last() {
+        let (db, first) = seeded().await;
+        let mut ids = vec![first];
+        for name in ["b", "c", "d", "e"] {
+            ids.push(add_server(&db.pool, name, 4, 2).await);
+        }
+        // A server with nothing due is never listed.
+        let idle = add_server(&db.pool, "idle", 4, 1).await;
+        sqlx::query("UPDATE files SET status = 'processed' WHERE server_id = $1")
+            .bind(idle)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let secrets = seal_all(&db.pool).await;
+        let all_pages = || async {
+            let (mut after, mut seen) = (ServeKey::start(), Vec::new());
+            loop {
+                let page = servers_with_due_files(&db.pool, "default", after, 2)
+                    .await
+                    .unwrap();
+                assert!(page.len() <= 2);
+                let Some(last) = page.last() else {
+                    return seen;
+                };
+                after = ServeKey::of(last);
+                seen.extend(page.iter().map(|s| s.id));
+            }
+        };
+        // Never served: in id order.
+        assert_eq!(all_pages().await, ids);
+        // The third server is served: it comes after all the others.
+        let policy = policy();
+        let ask = [Ask {
+            server_id: ids[2],
+            want: 1,
+            reserve: 0,
+        }];
+        let got = claim(&db.pool, &secrets, claimant("a1", &policy), &ask)
+            .await
+            .unwrap();
+        assert_eq!(got.tasks.len(), 1);
+        let mut expected = ids.clone();
+        let served = expected.remove(2);
+        expected.push(served);
+        assert_eq!(all_pages().await, expected);
         db.drop().await;
     }
 }
