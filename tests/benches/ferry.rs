@@ -104,6 +104,7 @@ async fn discovery() {
         made.elapsed().as_secs_f64()
     );
     let id = setup(&pki, &sshd, &coord, "many", "bench").await;
+    settle_disk();
     let db_start: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
         .fetch_one(db.pool())
         .await
@@ -236,6 +237,15 @@ fn write_big(path: &std::path::Path, mib: u64) {
 
 /// Runs rclone with a config naming `src:` (the sshd) and `dst:` (the S3
 /// server); returns the wall time of a successful run.
+/// Writes back what earlier steps left dirty in the page cache (`sync`), so
+/// a timed run does not share the disk and the CPU with the kernel's
+/// writeback of the files just created for it, or of the run before it.
+fn settle_disk() {
+    if let Err(e) = std::process::Command::new("sync").status() {
+        println!("bench: sync failed: {e}");
+    }
+}
+
 fn rclone(sshd: &Sshd, s3: &S3Server, args: &[&str]) -> Option<f64> {
     let obscured = std::process::Command::new("rclone")
         .args(["obscure", sshd.password()])
@@ -257,6 +267,7 @@ fn rclone(sshd: &Sshd, s3: &S3Server, args: &[&str]) -> Option<f64> {
         ),
     )
     .unwrap();
+    settle_disk();
     let start = Instant::now();
     let status = std::process::Command::new("rclone")
         .args(["--config", conf.to_str().unwrap()])
@@ -298,6 +309,7 @@ async fn transfer() {
             .args(["ferrytest:", local.to_str().unwrap()])
             .status();
         setup(&pki, &sshd, &coord, "big", "bench").await;
+        settle_disk();
         let mut env = s3.env();
         // Optional agent environment to compare, e.g. FERRY_BENCH_AGENT_ENV=MALLOC_ARENA_MAX=2
         if let Ok(extra) = std::env::var("FERRY_BENCH_AGENT_ENV") {
@@ -471,6 +483,7 @@ async fn small() {
             (count(&db, "SELECT count(*) FROM agents WHERE connected").await > 0).then_some(())
         })
         .await;
+        settle_disk();
         let cpu_before = CpuSnapshot::take();
         let start = Instant::now();
         admin
@@ -636,6 +649,7 @@ async fn servers() {
             )
             .await;
         }
+        settle_disk();
         let start = Instant::now();
         let cpu_start = CpuSnapshot::take();
         let agent = bench_agent(&s3, &pki, &coord, capacity, "warn").await;
