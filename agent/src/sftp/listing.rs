@@ -5,20 +5,25 @@
 //! servers fill with `lstat` semantics: a symlink shows up as a symlink and is
 //! skipped, so links can neither escape the watched tree nor loop.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::future::{MaybeDone, maybe_done};
 use globset::GlobMatcher;
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::client::error::Error as SftpLibError;
-use russh_sftp::protocol::{FileAttributes, StatusCode};
+use russh_sftp::protocol::{FileAttributes, Name, StatusCode};
 
 use super::error::SftpError;
 use super::session::{FileKind, RemoteFile, SftpSession};
 
 /// A listing in progress; see [`SftpSession::listing`].
 ///
-/// Holds at most one open directory handle on the server. Dropping it early
-/// closes that handle in the background.
+/// Holds at most one open directory handle on the server, with up to
+/// [`READDIR_AHEAD`] requests on it. Dropping it early closes that handle in
+/// the background.
 pub(crate) struct Listing<'a> {
     session: &'a SftpSession,
     glob: &'a GlobMatcher,
@@ -30,9 +35,37 @@ pub(crate) struct Listing<'a> {
     open: Option<OpenDir>,
 }
 
+/// `READDIR` requests kept in flight on the open directory. One reply
+/// holds about 100 entries (OpenSSH), so a directory of 100,000 files took
+/// 1,000 round trips one after another; a few requests ahead overlap them.
+/// Replies are consumed in the order the requests were sent; the
+/// directory's end is the first end-of-directory reply, and the requests
+/// sent after it are still awaited (a server that answers out of order may
+/// have given one of them entries), their errors ignored.
+const READDIR_AHEAD: usize = 4;
+
+/// A `READDIR` request sent, with its reply once it came.
+type Pending =
+    Pin<Box<MaybeDone<Pin<Box<dyn Future<Output = Result<Name, SftpLibError>> + Send>>>>>;
+
 struct OpenDir {
     path: String,
     handle: String,
+    /// Requests sent and not yet consumed, oldest first.
+    ahead: VecDeque<Pending>,
+    /// A reply said end of directory: no more requests are sent.
+    at_end: bool,
+}
+
+impl OpenDir {
+    fn new(path: String, handle: String) -> Self {
+        OpenDir {
+            path,
+            handle,
+            ahead: VecDeque::new(),
+            at_end: false,
+        }
+    }
 }
 
 /// What to do with one directory entry.
@@ -70,15 +103,34 @@ impl<'a> Listing<'a> {
     /// be read is skipped (logged), so one bad subtree does not hide the rest.
     pub(crate) async fn next_batch(&mut self) -> Result<Option<Vec<RemoteFile>>, SftpError> {
         loop {
-            let Some(dir) = &self.open else {
+            let Some(dir) = &mut self.open else {
                 if self.open_next_dir().await? {
                     continue;
                 }
                 return Ok(None);
             };
-            let (path, handle) = (dir.path.clone(), dir.handle.clone());
-            self.session.touch();
-            match self.session.sftp().readdir(handle.as_str()).await {
+            while !dir.at_end && dir.ahead.len() < READDIR_AHEAD {
+                self.session.touch();
+                let (sftp, handle) = (self.session.sftp().clone(), dir.handle.clone());
+                let reply: Pin<Box<dyn Future<Output = _> + Send>> =
+                    Box::pin(async move { sftp.readdir(handle).await });
+                let mut request = Box::pin(maybe_done(reply));
+                // Polled once: the request goes out now, behind the others.
+                let _ = futures::poll!(request.as_mut());
+                dir.ahead.push_back(request);
+            }
+            let (path, at_end) = (dir.path.clone(), dir.at_end);
+            let Some(mut request) = dir.ahead.pop_front() else {
+                // The end was seen and every request sent is answered.
+                self.close_open().await;
+                continue;
+            };
+            request.as_mut().await;
+            let Some(reply) = request.as_mut().take_output() else {
+                // Not reachable: a finished `MaybeDone` holds its output.
+                continue;
+            };
+            match reply {
                 Ok(name) => {
                     let mut batch = Vec::new();
                     for file in name.files {
@@ -89,7 +141,12 @@ impl<'a> Listing<'a> {
                     }
                 }
                 Err(SftpLibError::Status(status)) if status.status_code == StatusCode::Eof => {
-                    self.close_open().await;
+                    if let Some(dir) = &mut self.open {
+                        dir.at_end = true;
+                    }
+                }
+                Err(e) if at_end => {
+                    tracing::debug!(target = %self.session.target(), dir = path, error = %e, "READDIR after the end of the directory failed; ignored");
                 }
                 Err(e) => {
                     self.close_open().await;
@@ -127,17 +184,14 @@ impl<'a> Listing<'a> {
                 .await
                 .map_err(|e| self.session.error(e, &root))?
                 .handle;
-            self.open = Some(OpenDir { path: root, handle });
+            self.open = Some(OpenDir::new(root, handle));
             return Ok(true);
         }
         while let Some(dir) = self.pending.pop() {
             self.session.touch();
             match sftp.opendir(dir.as_str()).await {
                 Ok(handle) => {
-                    self.open = Some(OpenDir {
-                        path: dir,
-                        handle: handle.handle,
-                    });
+                    self.open = Some(OpenDir::new(dir, handle.handle));
                     return Ok(true);
                 }
                 Err(e) => match self.session.error(e, &dir) {
