@@ -4,7 +4,10 @@
 //! A process's time counts its own CPU and that of the children it reaped
 //! (`utime + stime + cutime + cstime`), so per-connection `sshd` children of
 //! a listener that exited during the run still show up under `sshd`.
-//! Processes that exited unreaped by a surviving parent are not seen.
+//! Processes that exited unreaped by a surviving parent are not seen. A pid
+//! is the same process in both snapshots if its start time is the same:
+//! kernel workers change their name with their work item, and a name change
+//! must not count a worker's whole lifetime as used during the run.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,8 +17,8 @@ use std::time::Duration;
 pub struct CpuSnapshot {
     /// Busy ticks of all CPUs (everything but idle and iowait).
     busy: u64,
-    /// pid -> (name, ticks including reaped children).
-    processes: HashMap<u32, (String, u64)>,
+    /// pid -> (name, start time, ticks including reaped children).
+    processes: HashMap<u32, (String, u64, u64)>,
 }
 
 /// CPU used between two snapshots.
@@ -52,9 +55,12 @@ impl CpuSnapshot {
     pub fn since(&self, earlier: &CpuSnapshot) -> CpuUsage {
         let tick = tick();
         let mut by_name: HashMap<&str, u64> = HashMap::new();
-        for (pid, (name, ticks)) in &self.processes {
+        for (pid, (name, started, ticks)) in &self.processes {
+            // The same process if it started at the same time; its name may
+            // have changed (kernel workers are named after their current
+            // work item). Another start time: the pid was reused.
             let before = match earlier.processes.get(pid) {
-                Some((old, t)) if old == name => *t,
+                Some((_, then, t)) if then == started => *t,
                 _ => 0,
             };
             *by_name.entry(name).or_default() += ticks.saturating_sub(before);
@@ -113,9 +119,10 @@ fn machine_busy(cpu_line: &str) -> u64 {
         .sum()
 }
 
-/// (name, utime + stime + cutime + cstime) from a `/proc/PID/stat` line.
-/// The name is in parentheses and may itself hold spaces or parentheses.
-fn process_ticks(stat: &str) -> Option<(String, u64)> {
+/// (name, start time, utime + stime + cutime + cstime) from a
+/// `/proc/PID/stat` line. The name is in parentheses and may itself hold
+/// spaces or parentheses.
+fn process_ticks(stat: &str) -> Option<(String, u64, u64)> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     let name = stat.get(open + 1..close)?.to_owned();
@@ -124,7 +131,9 @@ fn process_ticks(stat: &str) -> Option<(String, u64)> {
     let ticks = (11..=14)
         .map(|i| rest.get(i).and_then(|f| f.parse::<u64>().ok()))
         .sum::<Option<u64>>()?;
-    Some((name, ticks))
+    // starttime is field 22.
+    let started = rest.get(19)?.parse().ok()?;
+    Some((name, started, ticks))
 }
 
 #[cfg(test)]
@@ -133,10 +142,10 @@ mod tests {
 
     #[test]
     fn reads_the_times_after_a_name_with_spaces_and_parentheses() {
-        let line = "4242 (tokio (rt) 1) S 1 2 3 4 5 6 7 8 9 10 100 20 3 4 20 0 1 0";
+        let line = "4242 (tokio (rt) 1) S 1 2 3 4 5 6 7 8 9 10 100 20 3 4 20 0 1 0 777 0";
         assert_eq!(
             process_ticks(line),
-            Some(("tokio (rt) 1".to_owned(), 100 + 20 + 3 + 4))
+            Some(("tokio (rt) 1".to_owned(), 777, 100 + 20 + 3 + 4))
         );
     }
 
@@ -153,14 +162,22 @@ mod tests {
     fn usage_counts_new_processes_whole_and_old_ones_by_difference() {
         let earlier = CpuSnapshot {
             busy: 100,
-            processes: HashMap::from([(1, ("postgres".to_owned(), 50))]),
+            processes: HashMap::from([
+                (1, ("postgres".to_owned(), 5, 50)),
+                (4, ("kworker/u8:1-writeback".to_owned(), 2, 900)),
+                (5, ("sshd".to_owned(), 6, 300)),
+            ]),
         };
         let later = CpuSnapshot {
             busy: 400,
             processes: HashMap::from([
-                (1, ("postgres".to_owned(), 80)),
-                (2, ("postgres".to_owned(), 40)),
-                (3, ("sshd".to_owned(), 10)),
+                (1, ("postgres".to_owned(), 5, 80)),
+                (2, ("postgres".to_owned(), 9, 40)),
+                (3, ("sshd".to_owned(), 9, 10)),
+                // Renamed after its work item: the same thread.
+                (4, ("kworker/u8:1-flush-254:0".to_owned(), 2, 905)),
+                // Pid 5 reused by a process started later.
+                (5, ("sshd".to_owned(), 12, 20)),
             ]),
         };
         let usage = later.since(&earlier);
@@ -168,7 +185,11 @@ mod tests {
         assert_eq!(usage.busy, t * 300);
         assert_eq!(
             usage.by_name,
-            vec![("postgres".to_owned(), t * 70), ("sshd".to_owned(), t * 10)]
+            vec![
+                ("postgres".to_owned(), t * 70),
+                ("sshd".to_owned(), t * 30),
+                ("kworker/u8:1-flush-254:0".to_owned(), t * 5),
+            ]
         );
     }
 }
