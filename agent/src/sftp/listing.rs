@@ -6,11 +6,11 @@
 //! skipped, so links can neither escape the watched tree nor loop.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::future::{MaybeDone, maybe_done};
+use futures::FutureExt;
+use futures::future::{BoxFuture, MaybeDone, maybe_done};
 use globset::GlobMatcher;
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::client::error::Error as SftpLibError;
@@ -45,8 +45,7 @@ pub(crate) struct Listing<'a> {
 const READDIR_AHEAD: usize = 4;
 
 /// A `READDIR` request sent, with its reply once it came.
-type Pending =
-    Pin<Box<MaybeDone<Pin<Box<dyn Future<Output = Result<Name, SftpLibError>> + Send>>>>>;
+type Pending = MaybeDone<BoxFuture<'static, Result<Name, SftpLibError>>>;
 
 struct OpenDir {
     path: String,
@@ -112,11 +111,9 @@ impl<'a> Listing<'a> {
             while !dir.at_end && dir.ahead.len() < READDIR_AHEAD {
                 self.session.touch();
                 let (sftp, handle) = (self.session.sftp().clone(), dir.handle.clone());
-                let reply: Pin<Box<dyn Future<Output = _> + Send>> =
-                    Box::pin(async move { sftp.readdir(handle).await });
-                let mut request = Box::pin(maybe_done(reply));
+                let mut request = maybe_done(async move { sftp.readdir(handle).await }.boxed());
                 // Polled once: the request goes out now, behind the others.
-                let _ = futures::poll!(request.as_mut());
+                let _ = futures::poll!(&mut request);
                 dir.ahead.push_back(request);
             }
             let (path, at_end) = (dir.path.clone(), dir.at_end);
@@ -125,8 +122,8 @@ impl<'a> Listing<'a> {
                 self.close_open().await;
                 continue;
             };
-            request.as_mut().await;
-            let Some(reply) = request.as_mut().take_output() else {
+            (&mut request).await;
+            let Some(reply) = Pin::new(&mut request).take_output() else {
                 // Not reachable: a finished `MaybeDone` holds its output.
                 continue;
             };
