@@ -531,7 +531,7 @@ async fn round(
     cfg: &RelayConfig,
     channel: &Channel,
 ) -> Result<Round, RoundError> {
-    let mut tx = coord.db.begin().await?;
+    let mut tx = crate::db::begin_batch(&coord.db).await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
         "SELECT o.id, o.file_id, o.payload, s.name AS server, o.payload->>'event' AS event, \
                 f.announcement_id::text AS announcement_id, f.post_action <> 'keep' AS post_action \

@@ -280,7 +280,7 @@ pub(crate) async fn claim(
         return Ok(claim);
     }
     let ids: Vec<i64> = asks.iter().map(|a| a.server_id).collect();
-    let mut tx = db.begin().await?;
+    let mut tx = crate::db::begin_batch(db).await?;
     let max: HashMap<i64, i32> = sqlx::query_as(
         "SELECT id, max_sessions FROM servers WHERE id = ANY($1) AND enabled AND deleted_at IS NULL \
          ORDER BY id FOR UPDATE",

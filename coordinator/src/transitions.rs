@@ -164,7 +164,7 @@ pub(crate) async fn apply_batch(
     policy: &RetryPolicy,
     changes: &[Change],
 ) -> StoreResult<Vec<Applied>> {
-    let mut tx = db.begin().await?;
+    let mut tx = crate::db::begin_batch(db).await?;
     let applied = apply(&mut tx, actor, policy, changes).await?;
     tx.commit().await?;
     Ok(applied)
