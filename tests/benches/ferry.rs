@@ -69,7 +69,7 @@ async fn await_processed(db: &TestDb, n: i64, start: Instant) -> Milestones {
             m.first_processed = Some(start.elapsed());
         }
         let mut pause = Duration::from_millis(50);
-        if let (Some(_), Some(_)) = (m.all_rows, m.first_processed) {
+        if m.all_rows.is_some() && m.first_processed.is_some() {
             let left = count(
                 db,
                 "SELECT count(*) FROM files \
