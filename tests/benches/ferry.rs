@@ -697,23 +697,36 @@ async fn servers() {
         let took = start.elapsed().as_secs_f64();
         let run_cpu = CpuSnapshot::take().since(&cpu_start);
         print_warnings("servers", agent.log_path());
-        // When each server's first file was processed, from agent start.
-        let mut firsts: Vec<f64> = sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM min(e.at) - $1::timestamptz)::FLOAT8 \
-             FROM file_events e JOIN files f ON f.id = e.file_id \
-             WHERE e.to_status = 'processed' GROUP BY f.server_id",
-        )
-        .bind(chrono::Utc::now() - chrono::Duration::from_std(start.elapsed()).unwrap())
-        .fetch_all(db.pool())
-        .await
-        .unwrap();
-        firsts.sort_by(f64::total_cmp);
-        let p50 = firsts.get(firsts.len() / 2).copied().unwrap_or(f64::NAN);
-        let max = firsts.last().copied().unwrap_or(f64::NAN);
+        // When each server's first file was discovered (reported stable:
+        // its login and two listings) and processed, from agent start.
+        let since = |field: &str| {
+            format!(
+                "SELECT EXTRACT(EPOCH FROM min(e.at) - $1::timestamptz)::FLOAT8 \
+                 FROM file_events e JOIN files f ON f.id = e.file_id \
+                 WHERE e.to_status = '{field}' GROUP BY f.server_id"
+            )
+        };
+        let started_at = chrono::Utc::now() - chrono::Duration::from_std(start.elapsed()).unwrap();
+        let mut firsts = Vec::new();
+        for status in ["new", "processed"] {
+            let mut times: Vec<f64> = sqlx::query_scalar(&since(status))
+                .bind(started_at)
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+            times.sort_by(f64::total_cmp);
+            let p50 = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+            let max = times.last().copied().unwrap_or(f64::NAN);
+            firsts.push((p50, max));
+        }
+        let [(new_p50, new_max), (p50, max)] = firsts[..] else {
+            unreachable!("two statuses")
+        };
         println!(
             "servers: {servers} servers x {files} files ({kib} KiB, poll {poll}s, capacity {capacity}, \
              {auth} logins): {took:.2}s from agent start ({:.0} files/s); first file of a server \
-             processed p50 {p50:.2}s, last server's first {max:.2}s (target: 2 polls + 1s = {}s)",
+             processed p50 {p50:.2}s, last server's first {max:.2}s (target: 2 polls + 1s = {}s); \
+             discovered p50 {new_p50:.2}s, last server's first {new_max:.2}s",
             n as f64 / took,
             2 * poll + 1
         );
