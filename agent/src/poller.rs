@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::runner::Runner;
 use crate::sftp::{Auth, RemoteFile, ServerEndpoint, SftpError, SftpSession};
+use crate::transfer::Work;
 
 /// Entries per discovery message.
 pub(crate) const BATCH: usize = 1000;
@@ -251,7 +252,7 @@ async fn poll_due(
     trackers: &Trackers,
     reporter: &Reporter<'_>,
 ) -> Result<u64, SftpError> {
-    let mut session = runner.pool().checkout(conn).await?;
+    let mut session = runner.pool().checkout(conn, Work::Light).await?;
     let outcome = list_due(&session, conn.server_id, watches, trackers, reporter).await;
     if let Err(e) = &outcome {
         session.note(e);

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 
 use super::failure::{TransferError, classify};
 use super::object::{self, AlreadyThere, Source, check_destination};
-use super::pool::{PooledSession, SessionPool};
+use super::pool::{PooledSession, SessionPool, Work};
 use super::s3::{ObjectRef, S3Target, Written};
 use super::sizing::{part_size, read_window};
 use crate::sftp::{FileKind, FileStat, SftpError, SftpSession};
@@ -74,7 +74,8 @@ async fn run(
         .ok_or_else(|| TransferError::Permanent("task names no source server".to_owned()))?;
     s3.check_bucket(&task.bucket).await?;
     phases.lap("bucket");
-    let (mut session, handle) = checkout_and_open(pool, conn, &task.path, phases).await?;
+    let work = Work::transfer(task.size);
+    let (mut session, handle) = checkout_and_open(pool, conn, work, &task.path, phases).await?;
     let result = copy(task, &conn.name, &session, handle, s3, progress, phases).await;
     if let Err(TransferError::Sftp { err, .. }) = &result {
         session.note(err);
@@ -89,12 +90,13 @@ async fn run(
 async fn checkout_and_open(
     pool: &SessionPool,
     conn: &proto::ServerConnection,
+    work: Work,
     path: &str,
     phases: &mut Phases,
 ) -> Result<(PooledSession, OpenHandle), TransferError> {
     loop {
         let mut session = pool
-            .checkout(conn)
+            .checkout(conn, work)
             .await
             .map_err(|e| TransferError::sftp(format!("connect to server {}", conn.name), e))?;
         phases.lap("checkout");

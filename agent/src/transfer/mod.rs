@@ -4,8 +4,9 @@
 //! What lives where:
 //! - [`transfer`] (in `copy.rs`): one task, from stat to completed upload,
 //!   with pipelined SFTP reads and bounded multipart uploads.
-//! - [`SessionPool`] (in `pool.rs`): SFTP sessions reused per server within
-//!   its `max_sessions`.
+//! - [`SessionPool`] (in `pool.rs`): SSH connections per server within its
+//!   `max_sessions`, several checkouts sharing one connection for light
+//!   [`Work`] (listings, post-actions, small files).
 //! - [`S3Target`] (in `s3.rs`): the S3 client and the requests a transfer
 //!   makes.
 //! - [`part_size`] and [`read_window`] (in `sizing.rs`), object key checks
@@ -32,7 +33,7 @@ use ferry_common::domain::PostAction;
 use ferry_proto::{self as proto, convert::post_action_from_proto};
 
 pub(crate) use copy::transfer;
-pub(crate) use pool::SessionPool;
+pub(crate) use pool::{SessionPool, Work};
 pub(crate) use s3::S3Target;
 
 use crate::sftp::{FileKind, FileStat, SftpError};
@@ -73,7 +74,7 @@ pub(crate) async fn post_action(
         return PostActionOutcome::Failed("post-action names no source server".into());
     };
     let path = req.path.as_str();
-    let mut session = match pool.checkout(conn).await {
+    let mut session = match pool.checkout(conn, Work::Light).await {
         Ok(session) => session,
         Err(e) => {
             return PostActionOutcome::Failed(format!("SFTP connect to server {}: {e}", conn.name));
