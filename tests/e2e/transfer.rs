@@ -1,6 +1,7 @@
 //! Transfers end to end: real sshd, S3 server (s3s-fs), RabbitMQ, Postgres and
 //! binaries. Files land byte-identical, are announced once, and survive
-//! S3/AMQP outages and a killed agent; post-actions and max_sessions hold.
+//! S3/AMQP outages and a killed agent; post-actions and max_sessions hold, and
+//! a poll shares a server's connection with a running transfer.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -316,6 +317,57 @@ async fn max_sessions_bounds_every_ssh_connection_of_a_server() {
     assert!(
         (1..=2).contains(&connections),
         "{connections} SSH connections at once to a server with max_sessions 2"
+    );
+}
+
+#[tokio::test]
+async fn a_poll_shares_the_one_connection_with_a_stalled_transfer() {
+    // max_sessions 1: the large transfer holds the server's only connection
+    // while S3 is frozen; the poll rides on the same connection (SFTP
+    // multiplexes requests), so a new file is still discovered.
+    let mut f = flow().await;
+    let mut req = f.s.server_req("one");
+    req.max_sessions = 1;
+    let id = f.s.add_server(req).await;
+    f.watch(id, "in", "keep").await;
+    let big = content(11, 300 << 20);
+    f.s.sshd.write_file("in/big.bin", &big);
+    let _agent = f.s.agent_with("a1", f.agent_opts(2)).await;
+    f.wait_status(1, "in_progress", WAIT).await;
+    let s3 = f.s3.pid().expect("s3s-fs running");
+    signal(s3, "STOP");
+    f.s.sshd
+        .write_file("in/small.csv", b"found while big.bin was stuck");
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            let st = f.statuses().await;
+            let big_status = st
+                .iter()
+                .find(|(p, _)| p.ends_with("/big.bin"))
+                .map(|(_, (_, s))| s.clone());
+            if st.keys().any(|p| p.ends_with("/small.csv")) {
+                break big_status;
+            }
+            if big_status.as_deref() != Some("in_progress") {
+                break big_status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    signal(s3, "CONT");
+    assert_eq!(
+        seen.expect("small.csv discovered or big.bin left in_progress within the wait")
+            .as_deref(),
+        Some("in_progress"),
+        "small.csv must be discovered while big.bin's transfer holds the only connection"
+    );
+    f.wait_status(2, "processed", Duration::from_secs(180))
+        .await;
+    assert_eq!(sha256_hex(&f.stored("big.bin").await), sha256_hex(&big));
+    assert_eq!(
+        f.stored("small.csv").await,
+        b"found while big.bin was stuck"
     );
 }
 
