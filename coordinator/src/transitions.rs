@@ -484,8 +484,16 @@ impl Writes {
         if self.id.is_empty() {
             return Ok(());
         }
+        // The row changes and their history rows in one statement (one
+        // round trip): a data-modifying `WITH` runs to completion whether or
+        // not the outer query reads it.
         let updated: Vec<(i64, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "UPDATE files f SET status = u.status, attempts = u.attempts, \
+            "WITH history AS ( \
+                 INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
+                 SELECT id, from_status, to_status, $20, reason \
+                 FROM unnest($1::bigint[], $18::text[], $2::text[], $19::text[]) \
+                      AS e(id, from_status, to_status, reason)) \
+             UPDATE files f SET status = u.status, attempts = u.attempts, \
                     fencing_token = f.fencing_token + CASE WHEN u.bump THEN 1 ELSE 0 END, \
                     lease_owner = u.lease_owner, \
                     lease_expires_at = now() + u.lease_secs * interval '1 second', \
@@ -523,21 +531,10 @@ impl Writes {
         .bind(&self.adopt)
         .bind(&self.assigned_bucket)
         .bind(&self.assigned_key)
-        .fetch_all(&mut *conn)
-        .await?;
-
-        sqlx::query(
-            "INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
-             SELECT id, from_status, to_status, $5, reason \
-             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) \
-                  AS e(id, from_status, to_status, reason)",
-        )
-        .bind(&self.id)
         .bind(&self.from)
-        .bind(&self.status)
         .bind(&self.reason)
         .bind(actor)
-        .execute(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
 
         let uploaded_at: HashMap<i64, Option<DateTime<Utc>>> = updated.into_iter().collect();
