@@ -85,6 +85,14 @@ enum Choice {
     Wait,
 }
 
+/// A [`Choice`] carried out under the slot's lock.
+enum Next {
+    /// Checked out: this connection's user count already includes us.
+    Take(Arc<Open>),
+    Open,
+    Wait,
+}
+
 /// Picks a connection for `work`. `users` holds how many checkouts use each
 /// open connection that may take more (a broken one counts as full);
 /// `permit_free` says whether the server's budget allows one more
@@ -142,6 +150,17 @@ struct Entry {
     retired: bool,
 }
 
+impl Entry {
+    /// How busy it is for [`choose`]: a retired connection counts as full.
+    fn load(&self) -> usize {
+        if self.retired {
+            USERS_PER_SESSION
+        } else {
+            self.users
+        }
+    }
+}
+
 /// An open connection and the permit it holds: the permit goes back when
 /// the last holder drops this, after the connection has been closed.
 struct Open {
@@ -181,39 +200,30 @@ impl SessionPool {
             tokio::pin!(returned);
             // Registered before looking, so a return in between is not missed.
             returned.as_mut().enable();
-            let (choice, stale) = {
+            let (next, stale) = {
                 let mut open = lock(&slot.open);
                 let stale = self.inner.retire_unusable(&mut open);
-                let users: Vec<usize> = open
-                    .iter()
-                    .map(|e| {
-                        if e.retired {
-                            USERS_PER_SESSION
-                        } else {
-                            e.users
-                        }
-                    })
-                    .collect();
-                let choice = choose(&users, slot.permits.available_permits() > 0, work);
-                let choice = match choice {
+                let users: Vec<usize> = open.iter().map(Entry::load).collect();
+                let next = match choose(&users, slot.permits.available_permits() > 0, work) {
                     Choice::Use(i) => {
                         open[i].users += 1;
-                        Ok(open[i].open.clone())
+                        Next::Take(open[i].open.clone())
                     }
-                    other => Err(other),
+                    Choice::Open => Next::Open,
+                    Choice::Wait => Next::Wait,
                 };
-                (choice, stale)
+                (next, stale)
             };
             close_all(stale);
-            let permit = match choice {
-                Ok(open) => return Ok(PooledSession::new(open, slot.clone(), true)),
-                Err(Choice::Open) => match slot.permits.clone().try_acquire_owned() {
+            let permit = match next {
+                Next::Take(open) => return Ok(PooledSession::new(open, slot.clone(), true)),
+                Next::Open => match slot.permits.clone().try_acquire_owned() {
                     Ok(permit) => permit,
                     Err(TryAcquireError::Closed) => return Err(pool_closed()),
                     // Taken meanwhile by a waiter: look again.
                     Err(TryAcquireError::NoPermits) => continue,
                 },
-                Err(_) => tokio::select! {
+                Next::Wait => tokio::select! {
                     permit = slot.permits.clone().acquire_owned() => {
                         permit.map_err(|_| pool_closed())?
                     }
