@@ -24,15 +24,19 @@ pub(crate) struct AgentConfig {
     /// CA certificate (PEM) the coordinators' certificates chain to.
     #[arg(long, env = "FERRY_TLS_CA")]
     pub tls_ca: PathBuf,
-    /// This agent's client certificate (PEM); its SAN URI spiffe://ferry/agent/<name> is its identity.
+    /// This agent's client certificate (PEM); its SAN URI
+    /// spiffe://ferry/agent/<site>/<name> is its identity (site and name).
     #[arg(long, env = "FERRY_TLS_CERT")]
     pub tls_cert: PathBuf,
     /// Private key of the client certificate (PEM).
     #[arg(long, env = "FERRY_TLS_KEY")]
     pub tls_key: PathBuf,
-    /// Site label: this agent serves the servers of this site.
-    #[arg(long, env = "FERRY_SITE", default_value = "default")]
-    pub site: String,
+    /// Optional consistency check: the site this agent serves comes from its
+    /// certificate (`spiffe://ferry/agent/<site>/<name>`); when set and
+    /// different, the coordinator refuses the stream naming both. Unset: the
+    /// certificate's site.
+    #[arg(long, env = "FERRY_SITE")]
+    pub site: Option<String>,
     /// Concurrent transfers this agent accepts.
     #[arg(long, env = "FERRY_CAPACITY", default_value_t = 4)]
     pub capacity: u32,

@@ -127,13 +127,15 @@ async fn stream_once(
     let (tx, rx) = mpsc::channel::<proto::AgentMessage>(1024);
     tx.send(message(Body::Hello(proto::Hello {
         version: ferry_common::VERSION.to_string(),
-        site: cfg.site.clone(),
+        site: cfg.site.clone().unwrap_or_default(),
         capacity: cfg.capacity,
         running_tasks: runner.running_tasks(),
     })))
     .await
     .context("queue hello")?;
     let mut inbound = AgentServiceClient::new(channel)
+        .max_decoding_message_size(proto::AGENT_STREAM_MAX_MESSAGE)
+        .max_encoding_message_size(proto::AGENT_STREAM_MAX_MESSAGE)
         .connect(ReceiverStream::new(rx))
         .await
         .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?

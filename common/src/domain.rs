@@ -208,6 +208,46 @@ impl Role {
             Role::Agent { name, .. } | Role::Admin(name) => name,
         }
     }
+
+    /// The identity of an agent role; `None` for an admin.
+    pub fn agent_id(&self) -> Option<AgentId> {
+        match self {
+            Role::Agent { name, site } => Some(AgentId::new(site.clone(), name.clone())),
+            Role::Admin(_) => None,
+        }
+    }
+}
+
+/// An agent's identity: the site and name its certificate carries. Operators
+/// name agents after their role, so `agent-1` at two sites is two agents;
+/// every lease, poll lease, post-action recipient, revocation and drain names
+/// both. Its text form `site/name` (a site has no `/`) is how the
+/// coordinators record an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentId {
+    pub site: String,
+    pub name: String,
+}
+
+impl AgentId {
+    pub fn new(site: impl Into<String>, name: impl Into<String>) -> AgentId {
+        AgentId {
+            site: site.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses the text form `site/name`; `None` when it has no site.
+    pub fn parse(key: &str) -> Option<AgentId> {
+        let (site, name) = key.split_once('/')?;
+        (!site.is_empty() && !name.is_empty()).then(|| AgentId::new(site, name))
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.site, self.name)
+    }
 }
 
 #[cfg(test)]
@@ -271,5 +311,17 @@ mod tests {
             Role::from_uri(&Role::agent("x", "dmz").uri()),
             Some(Role::agent("x", "dmz"))
         );
+    }
+
+    #[test]
+    fn an_agent_is_its_site_and_name() {
+        let a = Role::agent("agent-1", "site-a").agent_id().unwrap();
+        let b = Role::agent("agent-1", "site-b").agent_id().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.to_string(), "site-a/agent-1");
+        assert_eq!(AgentId::parse("site-a/agent-1"), Some(a));
+        assert_eq!(AgentId::parse("agent-1"), None);
+        assert_eq!(AgentId::parse("/agent-1"), None);
+        assert_eq!(Role::Admin("x".into()).agent_id(), None);
     }
 }

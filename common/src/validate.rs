@@ -261,6 +261,39 @@ pub fn site(site: &str) -> Checked<()> {
     Ok(())
 }
 
+/// Which agent an admin call names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentRef {
+    /// Site and name: one identity.
+    Exact(crate::domain::AgentId),
+    /// A name alone: it stands for an agent only if one site has it.
+    Bare(String),
+}
+
+/// The agent of an admin call, from its `site` field (may be empty) and its
+/// `name`, which may carry the site itself as `site/name`.
+pub fn agent_ref(site_field: &str, name: &str) -> Checked<AgentRef> {
+    let (site_part, name) = match name.split_once('/') {
+        Some((s, n)) => (Some(s), n),
+        None => (None, name),
+    };
+    agent_name(name)?;
+    let chosen = match (site_part, site_field) {
+        (Some(s), "") => s,
+        (Some(s), f) if s == f => s,
+        (Some(s), f) => {
+            return Err(FieldError::new(
+                "site",
+                format!("{f:?} differs from the site {s:?} in the name {s}/{name}"),
+            ));
+        }
+        (None, "") => return Ok(AgentRef::Bare(name.to_string())),
+        (None, f) => f,
+    };
+    site(chosen)?;
+    Ok(AgentRef::Exact(crate::domain::AgentId::new(chosen, name)))
+}
+
 pub fn max_sessions(n: u32) -> Checked<u32> {
     if (1..=1024).contains(&n) {
         Ok(n)
@@ -441,5 +474,28 @@ mod tests {
         ] {
             assert!(bucket(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_agent_is_named_by_site_and_name() {
+        use crate::domain::AgentId;
+        let exact = |s: &str, n: &str| Ok(AgentRef::Exact(AgentId::new(s, n)));
+        assert_eq!(agent_ref("", "site-a/agent-1"), exact("site-a", "agent-1"));
+        assert_eq!(agent_ref("site-a", "agent-1"), exact("site-a", "agent-1"));
+        assert_eq!(
+            agent_ref("site-a", "site-a/agent-1"),
+            exact("site-a", "agent-1")
+        );
+        assert_eq!(
+            agent_ref("", "agent-1"),
+            Ok(AgentRef::Bare("agent-1".into()))
+        );
+        assert_eq!(
+            agent_ref("site-b", "site-a/agent-1").unwrap_err().field,
+            "site"
+        );
+        assert_eq!(agent_ref("", "bad site/a").unwrap_err().field, "site");
+        assert_eq!(agent_ref("", "a/b/c").unwrap_err().field, "name");
+        assert_eq!(agent_ref("", "").unwrap_err().field, "name");
     }
 }

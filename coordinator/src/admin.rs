@@ -3,8 +3,8 @@
 
 use std::pin::Pin;
 
-use ferry_common::domain::{FileStatus, PostAction, Role};
-use ferry_common::validate::{self, FieldError};
+use ferry_common::domain::{AgentId, FileStatus, PostAction, Role};
+use ferry_common::validate::{self, AgentRef, FieldError};
 use ferry_proto::convert::post_action_from_proto;
 use ferry_proto::{
     self as proto, add_server_request, admin_service_server::AdminService, update_server_request,
@@ -358,33 +358,69 @@ impl Admin {
         })
     }
 
+    /// The agent an admin call names: its site and name, or a bare name
+    /// that only one site's agent has.
+    async fn resolve_agent(&self, site: &str, name: &str) -> ApiResult<AgentId> {
+        let bare = match validate::agent_ref(site, name)? {
+            AgentRef::Exact(id) => return Ok(id),
+            AgentRef::Bare(name) => name,
+        };
+        let sites: Vec<String> =
+            sqlx::query_scalar("SELECT site FROM agents WHERE name = $1 ORDER BY site")
+                .bind(&bare)
+                .fetch_all(&self.coord.db)
+                .await?;
+        match sites.as_slice() {
+            [] => Err(ApiError::NotFound(format!(
+                "no agent named {bare:?} is known; name it with its site as SITE/{bare} \
+                 (or the site field) to act on one that never connected"
+            ))),
+            [one] => Ok(AgentId::new(one.clone(), bare)),
+            many => Err(FieldError::new(
+                "name",
+                format!(
+                    "agent name {bare:?} is ambiguous: agents of that name exist at the sites {}; \
+                     name one as SITE/{bare} (e.g. {}/{bare}) or give the site field",
+                    many.join(", "),
+                    many[0]
+                ),
+            )
+            .into()),
+        }
+    }
+
+    /// The agent's row as the API shows it.
+    async fn agent_row(&self, agent: &str) -> ApiResult<proto::Agent> {
+        let row = files::list_agents(&self.coord.db, None, Some(agent), 1)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::NotFound(format!("no agent {agent}")))?;
+        Ok(convert::agent(&row))
+    }
+
     async fn drain_agent(&self, r: proto::DrainAgentRequest) -> ApiResult<proto::Agent> {
         if r.name.is_empty() {
             return Err(FieldError::new("name", "give the agent's name").into());
         }
+        let agent = self.resolve_agent(&r.site, &r.name).await?.to_string();
         let draining = !r.undo;
-        let found = sqlx::query("UPDATE agents SET draining = $2 WHERE name = $1")
-            .bind(&r.name)
+        let found = sqlx::query("UPDATE agents SET draining = $2 WHERE id = $1")
+            .bind(&agent)
             .bind(draining)
             .execute(&self.coord.db)
             .await?
             .rows_affected();
         if found == 0 {
             return Err(ApiError::NotFound(format!(
-                "no agent named {:?} has ever connected",
-                r.name
+                "no agent {agent} has ever connected"
             )));
         }
-        tracing::info!(agent = %r.name, draining, "agent drain set");
+        tracing::info!(agent = %agent, draining, "agent drain set");
         // Fast path when the stream is here; otherwise its coordinator
         // notices on the agent's next heartbeat.
-        self.agents.drain_changed(&r.name, draining).await;
-        let row = files::list_agents(&self.coord.db, None, Some(&r.name), 1)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| ApiError::NotFound(format!("no agent named {:?}", r.name)))?;
-        Ok(convert::agent(&row))
+        self.agents.drain_changed(&agent, draining).await;
+        self.agent_row(&agent).await
     }
 
     async fn revoke_agent(
@@ -392,29 +428,30 @@ impl Admin {
         r: proto::RevokeAgentRequest,
         actor: &str,
     ) -> ApiResult<proto::Agent> {
-        validate::agent_name(&r.name)?;
+        let who = self.resolve_agent(&r.site, &r.name).await?;
+        let agent = who.to_string();
         let db = &self.coord.db;
         if r.undo {
-            let found = sqlx::query(
-                "UPDATE agents SET revoked_at = NULL, revoked_by = NULL WHERE name = $1",
-            )
-            .bind(&r.name)
-            .execute(db)
-            .await?
-            .rows_affected();
+            let found =
+                sqlx::query("UPDATE agents SET revoked_at = NULL, revoked_by = NULL WHERE id = $1")
+                    .bind(&agent)
+                    .execute(db)
+                    .await?
+                    .rows_affected();
             if found == 0 {
-                return Err(ApiError::NotFound(format!("no agent named {:?}", r.name)));
+                return Err(ApiError::NotFound(format!("no agent {agent}")));
             }
-            tracing::info!(agent = %r.name, by = %actor, "agent revocation lifted");
+            tracing::info!(agent = %agent, by = %actor, "agent revocation lifted");
         } else {
             let mut tx = db.begin().await?;
             // An agent that never connected gets a row too: its certificate
             // may have leaked before it was first used.
             sqlx::query(
-                "INSERT INTO agents (name, site, revoked_at, revoked_by) VALUES ($1, '', now(), $2) \
-                 ON CONFLICT (name) DO UPDATE SET revoked_at = now(), revoked_by = $2",
+                "INSERT INTO agents (name, site, revoked_at, revoked_by) VALUES ($1, $2, now(), $3) \
+                 ON CONFLICT (site, name) DO UPDATE SET revoked_at = now(), revoked_by = $3",
             )
-            .bind(&r.name)
+            .bind(&who.name)
+            .bind(&who.site)
             .bind(actor)
             .execute(&mut *tx)
             .await?;
@@ -423,7 +460,7 @@ impl Admin {
                 "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, \
                  poll_lease_expires_at = NULL WHERE poller_agent = $1",
             )
-            .bind(&r.name)
+            .bind(&agent)
             .execute(&mut *tx)
             .await?;
             // ... and its running transfers are requeued by the lease reaper
@@ -432,29 +469,23 @@ impl Admin {
                 "UPDATE files SET lease_expires_at = now() \
                  WHERE lease_owner = $1 AND status = 'in_progress'",
             )
-            .bind(&r.name)
+            .bind(&agent)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            tracing::warn!(agent = %r.name, by = %actor, "agent revoked");
+            tracing::warn!(agent = %agent, by = %actor, "agent revoked");
             // Fast path when the stream is here; other coordinators close
             // theirs on the agent's next heartbeat.
             self.agents.close_agent(
-                &r.name,
+                &agent,
                 Status::permission_denied(format!(
-                    "agent {} was revoked by {actor}; its certificate is refused",
-                    r.name
+                    "agent {agent} was revoked by {actor}; its certificate is refused"
                 )),
             );
             self.coord.registry_changed().await;
             self.coord.files_due().await;
         }
-        let row = files::list_agents(db, None, Some(&r.name), 1)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| ApiError::NotFound(format!("no agent named {:?}", r.name)))?;
-        Ok(convert::agent(&row))
+        self.agent_row(&agent).await
     }
 
     async fn list_agents(
@@ -466,7 +497,7 @@ impl Admin {
         let size = paging::page_size(r.page_size);
         let rows =
             files::list_agents(&self.coord.db, after.as_deref(), None, i64::from(size) + 1).await?;
-        let (rows, next_page_token) = listing.page(rows, size, |a| a.name.clone());
+        let (rows, next_page_token) = listing.page(rows, size, |a| a.id.clone());
         Ok(proto::ListAgentsResponse {
             agents: rows.iter().map(convert::agent).collect(),
             next_page_token,

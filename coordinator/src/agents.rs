@@ -1,7 +1,8 @@
 //! `ferry.v1.AgentService`: one bidirectional stream per connected agent.
 //!
-//! The agent's identity is the name in its certificate's SAN URI. Each stream
-//! is a [`Session`] in this coordinator's table; the reconciler
+//! The agent's identity is the (site, name) in its certificate's SAN URI
+//! ([`AgentId`], recorded as `site/name`). Each stream is a [`Session`] in
+//! this coordinator's table; the reconciler
 //! ([`crate::tasks`]) sends it poll assignments, and the reader task here
 //! records what it reports.
 
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_common::domain::Role;
+use ferry_common::domain::AgentId;
 use ferry_common::lifecycle::RetryPolicy;
 use ferry_common::validate::FieldError;
 use ferry_proto::{self as proto, agent_message::Body, agent_service_server::AgentService};
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use crate::agent_input;
 use crate::discovery::{self, BatchKind, BatchOutcome, Discovered};
 use crate::error::ApiError;
 use crate::hostkey::{PROBE_ANSWER_TIMEOUT, PendingProbes, ProbeError, ProbedKey};
@@ -72,6 +74,8 @@ fn is_ordinary_discovery(msg: &Option<Result<proto::AgentMessage, Status>>) -> b
 /// One live agent stream on this coordinator.
 #[derive(Debug, Clone)]
 pub(crate) struct Session {
+    /// The agent's identity as recorded everywhere (`site/name`, see
+    /// [`AgentId`]): leases, poll leases, post-action recipients, logs.
     pub agent: String,
     pub site: String,
     pub capacity: u32,
@@ -305,7 +309,7 @@ impl AgentStreams {
         let db = &self.coord.db;
         let r = sqlx::query(
             "UPDATE agents SET connected = false, in_flight = 0, unavailable = NULL \
-             WHERE name = $1 AND session_id = $2",
+             WHERE id = $1 AND session_id = $2",
         )
         .bind(&s.agent)
         .bind(&s.id)
@@ -321,15 +325,12 @@ impl AgentStreams {
         self.changed.notify();
     }
 
-    async fn register(
-        &self,
-        agent: &str,
-        site: &str,
-        hello: &proto::Hello,
-    ) -> Result<Session, Status> {
+    async fn register(&self, who: &AgentId, hello: &proto::Hello) -> Result<Session, Status> {
+        let agent = &who.to_string();
+        let site = &who.site;
         // The site comes from the certificate; the agent's own setting is only
         // checked against it, so a misconfigured agent says so at once.
-        if !hello.site.is_empty() && hello.site != site {
+        if !hello.site.is_empty() && hello.site != *site {
             return Err(Status::permission_denied(format!(
                 "agent {agent}: its certificate is for site {site:?}, but it was started with \
                  FERRY_SITE={:?}; an agent serves only the site its certificate names",
@@ -337,7 +338,7 @@ impl AgentStreams {
             )));
         }
         let revoked: Option<(Option<chrono::DateTime<chrono::Utc>>, Option<String>)> =
-            sqlx::query_as("SELECT revoked_at, revoked_by FROM agents WHERE name = $1")
+            sqlx::query_as("SELECT revoked_at, revoked_by FROM agents WHERE id = $1")
                 .bind(agent)
                 .fetch_optional(&self.coord.db)
                 .await
@@ -354,11 +355,11 @@ impl AgentStreams {
             "INSERT INTO agents (name, site, version, capacity, connected, connected_coordinator, \
                                  session_id, connected_at, last_seen_at) \
              VALUES ($1, $2, $3, $4, true, $5, $6, now(), now()) \
-             ON CONFLICT (name) DO UPDATE SET site = $2, version = $3, capacity = $4, connected = true, \
+             ON CONFLICT (site, name) DO UPDATE SET version = $3, capacity = $4, connected = true, \
                 connected_coordinator = $5, session_id = $6, connected_at = now(), last_seen_at = now() \
              RETURNING draining",
         )
-        .bind(agent)
+        .bind(&who.name)
         .bind(site)
         .bind(&hello.version)
         .bind(hello.capacity as i32)
@@ -409,7 +410,7 @@ impl AgentStreams {
         let ids: Vec<String> = sessions.iter().map(|s| s.id.clone()).collect();
         let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
             "SELECT s.name, s.id, a.session_id IS NOT DISTINCT FROM s.id, a.revoked_at IS NOT NULL \
-             FROM unnest($1::text[], $2::text[]) AS s(name, id) JOIN agents a ON a.name = s.name",
+             FROM unnest($1::text[], $2::text[]) AS s(name, id) JOIN agents a ON a.id = s.name",
         )
         .bind(&names)
         .bind(&ids)
@@ -442,7 +443,7 @@ impl AgentStreams {
                 // or another coordinator): one live stream per agent, the
                 // newest wins.
                 let elsewhere: Option<String> =
-                    sqlx::query_scalar("SELECT connected_coordinator FROM agents WHERE name = $1")
+                    sqlx::query_scalar("SELECT connected_coordinator FROM agents WHERE id = $1")
                         .bind(&s.agent)
                         .fetch_optional(&self.coord.db)
                         .await
@@ -451,7 +452,7 @@ impl AgentStreams {
                 tracing::warn!(agent = %s.agent, newer_on = ?elsewhere, "a newer stream of this agent took over; closing this one");
                 s.close(Status::aborted(format!(
                     "agent {}: a newer stream of the same agent took over (on coordinator {}); \
-                     one live stream per agent name",
+                     one live stream per agent (site and name)",
                     s.agent,
                     elsewhere.as_deref().unwrap_or("?")
                 )));
@@ -621,7 +622,7 @@ impl AgentStreams {
                 let row: Option<(bool, bool)> = sqlx::query_as(
                     "UPDATE agents SET last_seen_at = now(), in_flight = $3, files_transferred = $4, \
                      bytes_transferred = $5, errors = $6, bytes_per_sec = $7, unavailable = $8 \
-                     WHERE name = $1 AND session_id = $2 RETURNING draining, revoked_at IS NOT NULL",
+                     WHERE id = $1 AND session_id = $2 RETURNING draining, revoked_at IS NOT NULL",
                 )
                 .bind(&s.agent)
                 .bind(&s.id)
@@ -639,8 +640,15 @@ impl AgentStreams {
             }
             Body::Discovery(batch) => self.handle_discovery(s, batch).await?,
             Body::PollReport(report) => {
+                // Only the poller of a server speaks for it: a report of a
+                // server this stream was not assigned counts nowhere (the
+                // recorder checks the poll lease again when it writes).
+                if !lock(&s.sent_polls).contains_key(&report.server_id) {
+                    tracing::debug!(agent = %s.agent, server = report.server_id, "poll report for a server this agent does not poll ignored");
+                    return Ok(());
+                }
                 if !report.ok {
-                    tracing::warn!(agent = %s.agent, server = report.server_id, error = %report.error, "poll failed");
+                    tracing::warn!(agent = %s.agent, server = report.server_id, error = ?report.error, "poll failed");
                 }
                 crate::metrics::poll_reported(db, &report).await;
                 self.poll_reports.record(&s.agent, report).await;
@@ -662,7 +670,7 @@ impl AgentStreams {
             Body::TaskResult(r) => self.handle_results(s, vec![r]).await?,
             Body::PostActionResult(r) => {
                 if !r.ok {
-                    tracing::warn!(agent = %s.agent, file = r.file_id, error = %r.message, "post-action failed");
+                    tracing::warn!(agent = %s.agent, file = r.file_id, error = ?r.message, "post-action failed");
                 }
                 if !results::record_post_action(db, &s.agent, &r, &self.settings.retry).await? {
                     tracing::warn!(agent = %s.agent, file = r.file_id, "post-action result for a post-action not pending with this agent ignored");
@@ -679,6 +687,19 @@ impl AgentStreams {
     }
 }
 
+/// An agent message as the reader handles it: one over a cap of
+/// [`agent_input::admit`] becomes the status that ends the stream.
+fn admitted(msg: Result<proto::AgentMessage, Status>) -> Result<proto::AgentMessage, Status> {
+    let mut msg = msg?;
+    if let Some(body) = &mut msg.body {
+        agent_input::admit(body).map_err(|refusal| {
+            tracing::warn!(field = refusal.field, why = %refusal.message, "agent message refused");
+            Status::from(refusal)
+        })?;
+    }
+    Ok(msg)
+}
+
 type OutStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -689,43 +710,46 @@ impl AgentService for AgentStreams {
         &self,
         req: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let Some(Role::Agent { name: agent, site }) = ferry_proto::tls::peer_role(&req) else {
+        let Some(who) = ferry_proto::tls::peer_role(&req).and_then(|r| r.agent_id()) else {
             return Err(Status::permission_denied("not an agent certificate"));
         };
+        let agent = who.to_string();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let not_hello =
+            || ApiError::from(FieldError::new("body", "the first message must be hello")).into();
         let Some(proto::AgentMessage {
-            body: Some(Body::Hello(hello)),
+            body: Some(mut first),
         }) = first
         else {
-            return Err(
-                ApiError::from(FieldError::new("body", "the first message must be hello")).into(),
-            );
+            return Err(not_hello());
         };
-        let mut session = self.register(&agent, &site, &hello).await?;
-        for t in &hello.running_tasks {
-            // Transfers that survived a reconnect keep their lease if still current.
-            if results::renew_lease(
-                &self.coord.db,
-                t.file_id,
-                t.fencing_token,
-                &agent,
-                self.settings.lease,
-                None,
-            )
-            .await
-            .unwrap_or(false)
-            {
-                session.task_started(t.file_id);
+        agent_input::admit(&mut first)?;
+        let Body::Hello(hello) = first else {
+            return Err(not_hello());
+        };
+        let mut session = self.register(&who, &hello).await?;
+        // Transfers that survived a reconnect keep their lease if still current.
+        match results::renew_running(
+            &self.coord.db,
+            &hello.running_tasks,
+            &agent,
+            self.settings.lease,
+        )
+        .await
+        {
+            Ok(held) => held.into_iter().for_each(|id| session.task_started(id)),
+            Err(e) => {
+                tracing::warn!(agent = %agent, error = %e, "could not renew the leases of the transfers still running")
             }
         }
         let (tx, rx) = mpsc::channel(self.settings.send_queue.max(1));
         session.tx = tx;
         session
             .send(proto::coordinator_message::Body::Welcome(proto::Welcome {
-                agent_name: agent.clone(),
+                agent_name: who.name.clone(),
                 coordinator_id: self.coord.id.clone(),
                 heartbeat_interval_secs: HEARTBEAT_SECS,
             }))
@@ -742,16 +766,19 @@ impl AgentService for AgentStreams {
             tracing::info!(agent = %agent, "closing an older stream of the same agent");
             old.close(Status::aborted(format!(
                 "agent {agent}: a newer stream of the same agent took over (on coordinator {}); \
-                 one live stream per agent name",
+                 one live stream per agent (site and name)",
                 self.coord.id
             )));
         }
-        tracing::info!(agent = %agent, site = %session.site, version = %hello.version, "agent connected");
+        tracing::info!(agent = %agent, site = %session.site, version = ?hello.version, "agent connected");
         self.changed.notify();
 
         let session_end = session.ended.clone();
         let end_status = session.end_status.clone();
         let streams = self.clone();
+        // Every message is bounded before it is handled: a refused one
+        // arrives as an error, which ends the stream with that status.
+        let mut inbound = inbound.map(admitted);
         tokio::spawn(async move {
             // A message read ahead while gathering a batch of results.
             let mut ahead = None;
@@ -826,7 +853,8 @@ impl AgentService for AgentStreams {
                     }
                     Some(Ok(_)) => {}
                     Some(Err(status)) => {
-                        tracing::info!(agent = %session.agent, error = %status.message(), "agent stream error");
+                        tracing::info!(agent = %session.agent, error = ?status.message(), "agent stream error");
+                        session.close(status);
                         break;
                     }
                     None => break,

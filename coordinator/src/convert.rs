@@ -146,6 +146,7 @@ pub(crate) fn agent(row: &AgentRow) -> proto::Agent {
         revoked_at: row.revoked_at.map(timestamp),
         revoked_by: row.revoked_by.clone().unwrap_or_default(),
         unavailable: row.unavailable.clone().unwrap_or_default(),
+        id: row.id.clone(),
     }
 }
 

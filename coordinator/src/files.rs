@@ -374,6 +374,8 @@ async fn rearm_post_actions(
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct AgentRow {
+    /// The identity, `site/name`.
+    pub id: String,
     pub name: String,
     pub site: String,
     pub version: String,
@@ -394,8 +396,8 @@ pub(crate) struct AgentRow {
     pub polled_servers: Vec<String>,
 }
 
-/// Up to `limit` agents named after `after` (all when `None`), in name order;
-/// only the one named `only` when given.
+/// Up to `limit` agents after the identity `after` (all when `None`), in
+/// identity (`site/name`) order; only the agent `only` (an identity) when given.
 pub(crate) async fn list_agents(
     db: &PgPool,
     after: Option<&str>,
@@ -403,13 +405,13 @@ pub(crate) async fn list_agents(
     limit: i64,
 ) -> ApiResult<Vec<AgentRow>> {
     Ok(sqlx::query_as::<_, AgentRow>(
-        "SELECT a.name, a.site, a.version, a.capacity, a.connected, a.connected_coordinator, \
+        "SELECT a.id, a.name, a.site, a.version, a.capacity, a.connected, a.connected_coordinator, \
          a.connected_at, a.last_seen_at, a.in_flight, a.files_transferred, a.bytes_transferred, \
          a.errors, a.draining, a.bytes_per_sec, a.revoked_at, a.revoked_by, a.unavailable, COALESCE(array_agg(s.name ORDER BY s.name) FILTER (WHERE s.id IS NOT NULL), '{}') \
          AS polled_servers FROM agents a \
-         LEFT JOIN servers s ON s.poller_agent = a.name AND s.deleted_at IS NULL \
-         WHERE ($1::TEXT IS NULL OR a.name > $1) AND ($3::TEXT IS NULL OR a.name = $3) \
-         GROUP BY a.name ORDER BY a.name LIMIT $2",
+         LEFT JOIN servers s ON s.poller_agent = a.id AND s.deleted_at IS NULL \
+         WHERE ($1::TEXT IS NULL OR a.id > $1) AND ($3::TEXT IS NULL OR a.id = $3) \
+         GROUP BY a.site, a.name ORDER BY a.id LIMIT $2",
     )
     .bind(after)
     .bind(limit)

@@ -2,6 +2,7 @@
 //! state, task assignment and AMQP notifications. See ARCHITECTURE.md.
 
 mod admin;
+mod agent_input;
 mod agents;
 mod auth;
 mod config;

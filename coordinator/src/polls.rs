@@ -41,8 +41,8 @@ pub(crate) async fn renew(db: &PgPool, coordinator: &str, agents: &[String]) -> 
     sqlx::query(
         "UPDATE servers SET poller_agent = NULL, poller_coordinator = NULL, poll_lease_expires_at = NULL \
          WHERE poller_agent IS NOT NULL AND (NOT enabled OR deleted_at IS NOT NULL \
-               OR poller_agent IN (SELECT name FROM agents WHERE draining OR revoked_at IS NOT NULL) \
-               OR site IS DISTINCT FROM (SELECT a.site FROM agents a WHERE a.name = poller_agent))",
+               OR poller_agent IN (SELECT id FROM agents WHERE draining OR revoked_at IS NOT NULL) \
+               OR site IS DISTINCT FROM (SELECT a.site FROM agents a WHERE a.id = poller_agent))",
     )
     .execute(db)
     .await?;
@@ -79,7 +79,7 @@ pub(crate) async fn claim(
          free AS ( \
             SELECT id FROM servers \
             WHERE site = $3 AND enabled AND deleted_at IS NULL \
-              AND NOT EXISTS (SELECT 1 FROM agents WHERE name = $2 AND (draining OR revoked_at IS NOT NULL)) \
+              AND NOT EXISTS (SELECT 1 FROM agents WHERE id = $2 AND (draining OR revoked_at IS NOT NULL)) \
               AND (poller_agent IS NULL OR poll_lease_expires_at < now() \
                    OR (poller_agent = $2 AND poller_coordinator <> $1)) \
             ORDER BY id \
@@ -147,7 +147,7 @@ pub(crate) async fn desired(
          FROM servers s LEFT JOIN watches w \
            ON w.server_id = s.id AND w.enabled AND w.deleted_at IS NULL \
          WHERE s.poller_agent = $1 AND s.poller_coordinator = $2 AND s.enabled AND s.deleted_at IS NULL \
-           AND s.site = (SELECT a.site FROM agents a WHERE a.name = $1) \
+           AND s.site = (SELECT a.site FROM agents a WHERE a.id = $1) \
          ORDER BY s.id, w.id"
     ))
     .bind(agent)

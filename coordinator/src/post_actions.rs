@@ -89,7 +89,7 @@ impl PostActions {
                              AND a.last_seen_at > now() - make_interval(secs => $2), false) AS poller_live, \
                     {CONNECTION_COLUMNS} \
              FROM files f JOIN watches w ON w.id = f.watch_id JOIN servers s ON s.id = f.server_id \
-             LEFT JOIN agents a ON a.name = s.poller_agent \
+             LEFT JOIN agents a ON a.id = s.poller_agent \
              WHERE {PENDING} AND f.post_action_next_at <= now() \
                AND s.site = ANY($1) ORDER BY f.post_action_next_at, f.id LIMIT 200"
         ))

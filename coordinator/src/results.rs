@@ -57,6 +57,38 @@ pub(crate) async fn renew_lease(
     Ok(n == 1)
 }
 
+/// Renews, in one statement, the leases of the transfers a reconnecting
+/// agent says are still running (`Hello.running_tasks`); returns the ids it
+/// still holds with those tokens. Like [`renew_lease`], another agent's
+/// lease is never touched.
+pub(crate) async fn renew_running(
+    db: &PgPool,
+    running: &[proto::RunningTask],
+    agent: &str,
+    lease: Duration,
+) -> StoreResult<Vec<i64>> {
+    let (ids, tokens): (Vec<i64>, Vec<i64>) = running
+        .iter()
+        .filter_map(|t| Some((t.file_id, i64::try_from(t.fencing_token).ok()?)))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_scalar(
+        "UPDATE files f SET lease_expires_at = now() + make_interval(secs => $4) \
+         FROM unnest($1::BIGINT[], $2::BIGINT[]) AS t(id, token) \
+         WHERE f.id = t.id AND f.fencing_token = t.token AND f.status = 'in_progress' \
+           AND f.lease_owner = $3 \
+         RETURNING f.id",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(agent)
+    .bind(lease.as_secs_f64())
+    .fetch_all(db)
+    .await?)
+}
+
 /// The lifecycle event an agent's result stands for.
 fn event(result: &proto::TaskResult) -> Event {
     match &result.outcome {

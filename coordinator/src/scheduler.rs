@@ -121,7 +121,7 @@ pub(crate) async fn servers_with_due_files(
                          AND a.revoked_at IS NULL \
                          AND a.last_seen_at > now() - make_interval(secs => $2), false) AS poller_ready, \
                 COALESCE(s.last_assigned_at, '1970-01-01 00:00:00+00'::timestamptz) AS served_at \
-         FROM servers s LEFT JOIN agents a ON a.name = s.poller_agent \
+         FROM servers s LEFT JOIN agents a ON a.id = s.poller_agent \
          WHERE s.site = $1 AND s.enabled AND s.deleted_at IS NULL \
            AND (COALESCE(s.last_assigned_at, '1970-01-01 00:00:00+00'::timestamptz), s.id) > ($3, $4) \
            AND EXISTS (SELECT 1 FROM files f JOIN watches w ON w.id = f.watch_id \
@@ -581,7 +581,7 @@ impl Round<'_> {
                 );
             }
             for (file, why) in &claim.rejected {
-                tracing::warn!(file, error = %why, "path cannot be an object key; file failed");
+                tracing::warn!(file, error = ?why, "path cannot be an object key; file failed");
             }
             more.extend(claim.full);
             for task in claim.tasks {
@@ -699,7 +699,7 @@ pub(crate) async fn reap_expired(
                 lease_graced_token = f.fencing_token \
          WHERE f.status = 'in_progress' AND f.lease_expires_at < now() \
            AND f.lease_graced_token IS DISTINCT FROM f.fencing_token \
-           AND EXISTS (SELECT 1 FROM agents a WHERE a.name = f.lease_owner \
+           AND EXISTS (SELECT 1 FROM agents a WHERE a.id = f.lease_owner \
                        AND a.connected AND a.revoked_at IS NULL)",
     )
     .bind(lease.as_secs_f64())

@@ -8,6 +8,7 @@ use ferry_proto::{
     agent_service_server::AgentServiceServer,
 };
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
@@ -162,7 +163,12 @@ pub(crate) async fn serve(args: ServeArgs, drain: CancellationToken) -> anyhow::
         send_queue: args.agent_send_queue.clamp(1, 1 << 20),
     };
     let agents = AgentStreams::new(coord.clone(), settings, cancel.clone());
-    let agent_service = AgentServiceServer::with_interceptor(agents.clone(), require_agent);
+    let agent_service = InterceptedService::new(
+        AgentServiceServer::new(agents.clone())
+            .max_decoding_message_size(ferry_proto::AGENT_STREAM_MAX_MESSAGE)
+            .max_encoding_message_size(ferry_proto::AGENT_STREAM_MAX_MESSAGE),
+        require_agent,
+    );
     let admin = AdminServiceServer::with_interceptor(
         Admin {
             coord: coord.clone(),

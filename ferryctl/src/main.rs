@@ -20,6 +20,7 @@ use std::str::FromStr;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ferry_common::domain::{FileStatus, PostAction};
+use ferry_proto::{DrainAgentRequest, RevokeAgentRequest};
 
 use crate::connect::Admin;
 
@@ -550,19 +551,25 @@ pub enum AgentsCmd {
     /// servers), finishes running transfers and gets no new ones, but stays
     /// connected. Lasts until `--undo`, across reconnects.
     Drain {
-        /// Agent name (from its certificate).
+        /// The agent: SITE/NAME, or a name only one site's agent has.
         name: String,
+        /// The agent's site, when NAME is given without it.
+        #[arg(long, default_value = "")]
+        site: String,
         /// Lift the drain: the agent takes work again.
         #[arg(long)]
         undo: bool,
     },
-    /// Revoke an agent (the name in its certificate): its certificate is
-    /// refused from now on, its live stream is closed on every coordinator
-    /// within a heartbeat, and its servers and transfers go to other agents.
-    /// Works for names that never connected, too.
+    /// Revoke an agent (the site and name in its certificate): its
+    /// certificate is refused from now on, its live stream is closed on every
+    /// coordinator within a heartbeat, and its servers and transfers go to
+    /// other agents. Works for agents that never connected, too (give the site).
     Revoke {
-        /// Agent name (from its certificate).
+        /// The agent: SITE/NAME, or a name only one site's agent has.
         name: String,
+        /// The agent's site, when NAME is given without it.
+        #[arg(long, default_value = "")]
+        site: String,
         /// Lift the revocation.
         #[arg(long)]
         undo: bool,
@@ -635,11 +642,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let admin = Admin::connect(&cli.global).await?;
             match args.command.unwrap_or(AgentsCmd::List) {
                 AgentsCmd::List => commands::agents::list(&admin, json).await,
-                AgentsCmd::Drain { name, undo } => {
-                    commands::agents::drain(&admin, name, undo, json).await
+                AgentsCmd::Drain { name, site, undo } => {
+                    let req = DrainAgentRequest { name, site, undo };
+                    commands::agents::drain(&admin, req, json).await
                 }
-                AgentsCmd::Revoke { name, undo } => {
-                    commands::agents::revoke(&admin, name, undo, json).await
+                AgentsCmd::Revoke { name, site, undo } => {
+                    let req = RevokeAgentRequest { name, site, undo };
+                    commands::agents::revoke(&admin, req, json).await
                 }
             }
         }

@@ -27,6 +27,12 @@ mod redact;
 pub mod telemetry;
 pub mod tls;
 
+/// The largest message either end of `AgentService.Connect` decodes or
+/// encodes (4 MiB, the gRPC default, set explicitly on both ends): a larger
+/// one ends the stream with `RESOURCE_EXHAUSTED` / `OUT_OF_RANGE` before it
+/// is read. The agent keeps its discovery batches far below it.
+pub const AGENT_STREAM_MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
 /// Encoded file descriptor set, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));

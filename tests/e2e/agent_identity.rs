@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{Coordinator, RogueAgent, eventually};
+use ferry_tests::{AgentOptions, Coordinator, RogueAgent, eventually};
 use serde_json::Value;
 use tonic::Code;
 
@@ -88,7 +88,7 @@ async fn a_revoked_agent_is_cut_off_everywhere_and_its_servers_move_on() {
                 .fetch_one(s.db.pool())
                 .await
                 .unwrap();
-        (poller.as_deref() == Some("spare")).then_some(())
+        (poller.as_deref() == Some("default/spare")).then_some(())
     })
     .await;
     let listed = ctl.json(&["--json", "agents"]).await;
@@ -101,8 +101,13 @@ async fn a_revoked_agent_is_cut_off_everywhere_and_its_servers_move_on() {
         .unwrap_or(Value::Null);
     assert!(!leaked_row["revoked_at"].is_null(), "{listed}");
 
-    // A name that never connected can be revoked ahead of time; undo lifts it.
-    ctl.json(&["--json", "agents", "revoke", "stolen"]).await;
+    // An agent that never connected can be revoked ahead of time, named
+    // with its site (a bare name names no known agent); undo lifts it.
+    let bare = ctl.run(&["agents", "revoke", "stolen"]).await;
+    assert!(!bare.success());
+    assert!(bare.stderr.contains("SITE/stolen"), "{}", bare.stderr);
+    ctl.json(&["--json", "agents", "revoke", "default/stolen"])
+        .await;
     let err = RogueAgent::connect(&s.coord.endpoint(), &s.pki.agent("stolen"), "")
         .await
         .err()
@@ -168,4 +173,29 @@ async fn moving_a_server_to_another_site_revokes_the_old_sites_poll_lease_at_onc
             .any(|m| matches!(m, CBody::PollAssignment(_))),
         "the old site's agent got an assignment after the site change: {messages:?}"
     );
+}
+
+#[tokio::test]
+async fn an_agent_started_without_ferry_site_serves_its_certificates_site() {
+    let mut s = Stack::new().await;
+    let mut req = s.server_req("corp-sftp");
+    req.site = "corp".into();
+    let id = s.add_server(req).await;
+    s.add_watch(id, "corp", "*").await;
+    // The real agent binary with a certificate of site corp and no FERRY_SITE.
+    let _agent = s
+        .agent_with(
+            "a1",
+            AgentOptions {
+                site: "corp".into(),
+                check_site: false,
+                capacity: 0,
+                ..Default::default()
+            },
+        )
+        .await;
+    s.wait_poller(id, "the corp agent polls its site's server", |p| {
+        p == "corp/a1"
+    })
+    .await;
 }

@@ -345,13 +345,14 @@ async fn a_drained_agent_gets_no_new_work() {
     let ctl = s.coord.ctl(&s.pki.admin("alice"));
     // Drain whichever polls, so the lease has to move.
     let first = s.wait_poller(id, "a poller", |p| !p.is_empty()).await;
-    let (drained, other) = if first == "a1" {
-        ("a1", "a2")
+    // Pollers are named by identity, `site/name`.
+    let (drained, other) = if first == "default/a1" {
+        ("default/a1", "default/a2")
     } else {
-        ("a2", "a1")
+        ("default/a2", "default/a1")
     };
     let v = ctl.json(&["--json", "agents", "drain", drained]).await;
-    assert_eq!(v["name"], drained);
+    assert_eq!(v["id"], drained);
     assert_eq!(v["draining"], true);
     s.wait_poller(id, "the other agent polls", |p| p == other)
         .await;
@@ -359,7 +360,7 @@ async fn a_drained_agent_gets_no_new_work() {
         list.as_array()
             .unwrap()
             .iter()
-            .find(|a| a["name"] == name)
+            .find(|a| a["id"] == name)
             .cloned()
             .unwrap_or_else(|| panic!("{name} not listed: {list}"))
     };

@@ -66,7 +66,7 @@ async fn password_and_key_logins_discover_files_once() {
             .all(|(_, size, status)| *size > 0 && status == "new")
     );
     let events: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM file_events WHERE to_status = 'new' AND actor = 'agent:a1'",
+        "SELECT count(*) FROM file_events WHERE to_status = 'new' AND actor = 'agent:default/a1'",
     )
     .fetch_one(s.db.pool())
     .await
@@ -74,7 +74,7 @@ async fn password_and_key_logins_discover_files_once() {
     assert_eq!(events, 3);
     for id in [pw, key, enc] {
         let h = s.server(id).await.health.unwrap();
-        assert_eq!(h.poller_agent, "a1");
+        assert_eq!(h.poller_agent, "default/a1");
         assert_eq!(h.last_error, "", "server {id}");
     }
 }
@@ -164,7 +164,7 @@ async fn ten_thousand_files_become_exactly_ten_thousand_rows() {
     s.wait_polls(id, 3).await;
     assert_eq!(s.file_count().await, 10_000);
     agent.restart().await;
-    s.wait_poller(id, "agent back as poller", |p| p == "a1")
+    s.wait_poller(id, "agent back as poller", |p| p == "default/a1")
         .await;
     s.wait_polls(id, 3).await;
     assert_eq!(s.file_count().await, 10_000);
@@ -239,10 +239,13 @@ async fn poll_moves_to_the_other_agent_of_the_site_and_never_to_another_site() {
     let mut a1 = s.agent("a1", "site-a").await;
     let mut a2 = s.agent("a2", "site-a").await;
     let first = s.wait_poller(id, "a poller", |p| !p.is_empty()).await;
-    assert!(first == "a1" || first == "a2", "polled by {first}");
+    assert!(
+        first == "site-a/a1" || first == "site-a/a2",
+        "polled by {first}"
+    );
     s.sshd.write_file("in/1.csv", b"one");
     wait_files(&s, 1).await;
-    if first == "a1" {
+    if first == "site-a/a1" {
         a1.kill().await
     } else {
         a2.kill().await
@@ -252,7 +255,7 @@ async fn poll_moves_to_the_other_agent_of_the_site_and_never_to_another_site() {
             !p.is_empty() && p != first
         })
         .await;
-    assert_ne!(second, "b1");
+    assert_ne!(second, "site-b/b1");
     s.sshd.write_file("in/2.csv", b"two");
     wait_files(&s, 2).await;
     let actors: Vec<String> =
@@ -261,7 +264,7 @@ async fn poll_moves_to_the_other_agent_of_the_site_and_never_to_another_site() {
             .await
             .unwrap();
     assert!(
-        !actors.contains(&"agent:b1".to_string()),
+        !actors.contains(&"agent:site-b/b1".to_string()),
         "site-b agent reported files: {actors:?}"
     );
     let agents = s

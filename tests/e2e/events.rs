@@ -252,7 +252,7 @@ async fn files_watch_shows_transfer_progress_and_reconnects_without_losing_event
         Some(bytes.len() as u64),
         "{progress}"
     );
-    assert_eq!(progress["agent"], "a1", "{progress}");
+    assert_eq!(progress["agent"], "default/a1", "{progress}");
     let big = progress["file_id"].as_i64().unwrap();
 
     // The coordinator goes away under the stream and comes back.

@@ -3,6 +3,7 @@
 //! Build the binaries first: `cargo build --workspace --bins` (deploy/test.sh does).
 
 mod admin_api;
+mod agent_bounds;
 mod agent_faults;
 mod agent_identity;
 mod amqp_tls;

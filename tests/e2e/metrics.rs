@@ -16,7 +16,7 @@ use crate::health::get;
 use crate::stack::WAIT;
 
 /// The body of `/metrics` on `addr` (200 required), once the process listens.
-async fn scrape(addr: SocketAddr) -> String {
+pub(crate) async fn scrape(addr: SocketAddr) -> String {
     let (status, body) = eventually(&format!("/metrics on {addr} answering"), WAIT, || {
         get(addr, "/metrics")
     })
@@ -51,7 +51,7 @@ fn promtool_accepts(what: &str, body: &str) {
 
 /// The sum of every sample of `series` (a metric name, optionally followed by
 /// a `{` and leading labels that must match), 0 if there is none.
-fn sum(text: &str, series: &str) -> f64 {
+pub(crate) fn sum(text: &str, series: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' '))

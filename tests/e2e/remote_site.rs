@@ -92,6 +92,7 @@ async fn probe_and_transfer_through_an_agent_on_a_site_the_coordinator_cannot_re
         &[format!("https://{}", coord_door.addr())],
         AgentOptions {
             site: "remote".into(),
+            check_site: true,
             capacity: 2,
             env,
             netns: Some(site.name().to_string()),

@@ -49,7 +49,7 @@ async fn an_agent_that_stops_reading_does_not_stall_the_others() {
                 .fetch_one(s.db.pool())
                 .await
                 .unwrap();
-        (poller.as_deref() == Some("mute")).then_some(())
+        (poller.as_deref() == Some("mute/mute")).then_some(())
     })
     .await;
     // Every change of the server re-sends its assignment to the mute agent,

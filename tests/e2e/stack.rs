@@ -167,7 +167,8 @@ impl Stack {
         }
     }
 
-    /// Waits until the server's current poller satisfies `ok`; returns its name.
+    /// Waits until the server's current poller satisfies `ok`; returns its
+    /// identity (`site/name`).
     pub(crate) async fn wait_poller(
         &self,
         id: i64,

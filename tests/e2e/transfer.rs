@@ -434,7 +434,7 @@ async fn a_silent_agent_is_told_to_stop_when_its_lease_is_reaped() {
     })
     .await;
     signal(pid, "CONT");
-    assert_eq!(reaped, "lease expired: agent a1 stopped reporting");
+    assert_eq!(reaped, "lease expired: agent default/a1 stopped reporting");
     eventually("a1 cancels its transfer", WAIT, || async {
         let log = std::fs::read_to_string(a1.log_path()).unwrap_or_default();
         log.contains("transfer cancelled").then_some(())
@@ -452,13 +452,13 @@ async fn a_silent_agent_is_told_to_stop_when_its_lease_is_reaped() {
     assert!(
         !history
             .iter()
-            .any(|(st, actor, _)| actor == "agent:a1" && st != "new"),
+            .any(|(st, actor, _)| actor == "agent:default/a1" && st != "new"),
         "only a1's discovery is in the history; its late result must not count: {history:?}"
     );
     assert!(
         history
             .iter()
-            .any(|(st, actor, _)| st == "uploaded" && actor == "agent:a2"),
+            .any(|(st, actor, _)| st == "uploaded" && actor == "agent:default/a2"),
         "{history:?}"
     );
     let msgs = f.messages(1).await;

@@ -79,26 +79,32 @@ async fn an_agent_certificate_of_one_site_never_gets_another_sites_servers() {
 /// A stack whose coordinator publishes to a fresh AMQP exchange (so files can
 /// become `processed` and get their post-action), with one server `acme`
 /// (site `default`) and a watch on `in/*.csv` whose post-action is `delete`.
-struct Trust {
-    s: Stack,
-    queue: AmqpQueue,
-    server_id: i64,
-    watch_id: i64,
+pub(crate) struct Trust {
+    pub s: Stack,
+    pub queue: AmqpQueue,
+    pub server_id: i64,
+    pub watch_id: i64,
     /// The watch's remote directory.
-    dir: String,
+    pub dir: String,
 }
 
-async fn trust_stack() -> Trust {
+pub(crate) async fn trust_stack() -> Trust {
+    trust_stack_with(&[]).await
+}
+
+/// [`trust_stack`] with extra coordinator environment variables.
+pub(crate) async fn trust_stack_with(extra: &[(&str, &str)]) -> Trust {
     let exchange = unique_exchange();
     let queue = AmqpQueue::declare(&exchange).await;
     let url = amqp_url();
-    let mut s = Stack::with_coordinator_env(&[
+    let mut env = vec![
         ("FERRY_AMQP_URL", url.as_str()),
         ("FERRY_AMQP_EXCHANGE", exchange.as_str()),
         ("FERRY_AMQP_ROUTING_KEY", "ferry.{server}"),
         ("FERRY_TASK_LEASE_SECS", "300"),
-    ])
-    .await;
+    ];
+    env.extend_from_slice(extra);
+    let mut s = Stack::with_coordinator_env(&env).await;
     let server_id = s.add_server(s.server_req("acme")).await;
     s.sshd.mkdir("in");
     let dir = s.sshd.remote_path("in");
@@ -131,7 +137,7 @@ const BUCKET: &str = "ferry-trust";
 
 /// The file row as the trust tests compare it: status, lease owner, lease
 /// expiry (as text, exact), fencing token, post-action result, history length.
-type Snapshot = (
+pub(crate) type Snapshot = (
     String,
     Option<String>,
     Option<String>,
@@ -140,7 +146,7 @@ type Snapshot = (
     i64,
 );
 
-async fn snapshot(db: &PgPool, file_id: i64) -> Snapshot {
+pub(crate) async fn snapshot(db: &PgPool, file_id: i64) -> Snapshot {
     sqlx::query_as(
         "SELECT status, lease_owner, lease_expires_at::text, fencing_token, post_action_result, \
                 (SELECT count(*) FROM file_events WHERE file_id = f.id) \
@@ -154,7 +160,7 @@ async fn snapshot(db: &PgPool, file_id: i64) -> Snapshot {
 
 /// Connects `name` (site `default`) and makes it the poll-lease holder: it
 /// waits for its poll assignment of `server_id`.
-async fn poller(t: &Trust, name: &str, capacity: u32) -> RogueAgent {
+pub(crate) async fn poller(t: &Trust, name: &str, capacity: u32) -> RogueAgent {
     let certs = t.s.pki.agent(name);
     let mut rogue = RogueAgent::connect_with_capacity(&t.s.coord.endpoint(), &certs, "", capacity)
         .await
@@ -173,7 +179,7 @@ async fn poller(t: &Trust, name: &str, capacity: u32) -> RogueAgent {
     rogue
 }
 
-fn entry(path: &str, size: u64, mtime_unix: i64) -> proto::RemoteEntry {
+pub(crate) fn entry(path: &str, size: u64, mtime_unix: i64) -> proto::RemoteEntry {
     proto::RemoteEntry {
         path: path.into(),
         size,
@@ -181,7 +187,7 @@ fn entry(path: &str, size: u64, mtime_unix: i64) -> proto::RemoteEntry {
     }
 }
 
-async fn discover(t: &Trust, rogue: &RogueAgent, entries: Vec<proto::RemoteEntry>) {
+pub(crate) async fn discover(t: &Trust, rogue: &RogueAgent, entries: Vec<proto::RemoteEntry>) {
     rogue
         .send(Body::Discovery(proto::DiscoveryBatch {
             server_id: t.server_id,
@@ -193,7 +199,7 @@ async fn discover(t: &Trust, rogue: &RogueAgent, entries: Vec<proto::RemoteEntry
         .await;
 }
 
-async fn next_task(rogue: &mut RogueAgent) -> proto::TaskAssignment {
+pub(crate) async fn next_task(rogue: &mut RogueAgent) -> proto::TaskAssignment {
     rogue
         .wait_for("task assignment", WAIT, |m| match m {
             CBody::TaskAssignment(a) => Some(a.clone()),
@@ -202,7 +208,7 @@ async fn next_task(rogue: &mut RogueAgent) -> proto::TaskAssignment {
         .await
 }
 
-fn result(task: &proto::TaskAssignment, token: u64, outcome: Outcome) -> Body {
+pub(crate) fn result(task: &proto::TaskAssignment, token: u64, outcome: Outcome) -> Body {
     Body::TaskResult(proto::TaskResult {
         file_id: task.file_id,
         fencing_token: token,
@@ -210,7 +216,7 @@ fn result(task: &proto::TaskAssignment, token: u64, outcome: Outcome) -> Body {
     })
 }
 
-fn success(bucket: &str, key: &str, size: u64) -> Outcome {
+pub(crate) fn success(bucket: &str, key: &str, size: u64) -> Outcome {
     Outcome::Success(proto::TaskSuccess {
         size,
         sha256: "ab".repeat(32),
@@ -221,7 +227,7 @@ fn success(bucket: &str, key: &str, size: u64) -> Outcome {
     })
 }
 
-fn failure(kind: proto::FailureKind) -> Outcome {
+pub(crate) fn failure(kind: proto::FailureKind) -> Outcome {
     Outcome::Failure(proto::TaskFailure {
         kind: kind as i32,
         message: "mallory says so".into(),
@@ -246,7 +252,7 @@ async fn another_agents_progress_results_and_post_action_results_change_nothing(
     let before = snapshot(&db, task.file_id).await;
     assert_eq!(
         (before.0.as_str(), before.1.as_deref()),
-        ("in_progress", Some("victim"))
+        ("in_progress", Some("default/victim"))
     );
 
     // Mallory, another agent of the same site (capacity 0: no work of its
@@ -470,7 +476,7 @@ async fn discovery_counts_only_inside_the_watch_and_only_from_the_poll_lease_hol
     let log = without_ansi(&t.s.coord.log_tail(400));
     assert!(
         log.lines().any(|l| l.contains("agent fault")
-            && l.contains("agent=mallory")
+            && l.contains("agent=default/mallory")
             && l.contains("rejected=9")
             && l.contains("example=\"/etc/passwd.csv\"")),
         "the rejected entries are not logged as the agent's fault:\n{log}"
@@ -478,7 +484,7 @@ async fn discovery_counts_only_inside_the_watch_and_only_from_the_poll_lease_hol
 }
 
 /// `text` without ANSI colour sequences (`ESC [ ... m`).
-fn without_ansi(text: &str) -> String {
+pub(crate) fn without_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
@@ -493,4 +499,111 @@ fn without_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+#[tokio::test]
+async fn the_same_agent_name_at_two_sites_is_two_agents() {
+    let t = trust_stack().await;
+    let db = t.s.db.pool().clone();
+    let endpoint = t.s.coord.endpoint();
+    // `agent-1` of the site `default` polls the server and runs its transfer.
+    let mut here = poller(&t, "agent-1", 4).await;
+    discover(
+        &t,
+        &here,
+        vec![entry(&format!("{}/a.csv", t.dir), 10, 1_700_000_000)],
+    )
+    .await;
+    let task = next_task(&mut here).await;
+    let before = snapshot(&db, task.file_id).await;
+    assert_eq!(before.1.as_deref(), Some("default/agent-1"));
+
+    // `agent-1` of site-b, connected at the same time, is another agent:
+    // neither stream closes the other ...
+    let twin_certs = t.s.pki.agent_of("agent-1", "site-b");
+    let mut twin = RogueAgent::connect_with_capacity(&endpoint, &twin_certs, "", 0)
+        .await
+        .expect("site-b's agent-1 connects");
+    // ... and what it says about the other's transfer changes nothing.
+    let token = task.fencing_token;
+    twin.send(Body::TaskProgress(proto::TaskProgress {
+        file_id: task.file_id,
+        fencing_token: token,
+        bytes_done: 5,
+    }))
+    .await;
+    twin.send(result(&task, token, success(&task.bucket, &task.key, 10)))
+        .await;
+    twin.send(Body::PostActionResult(proto::PostActionResult {
+        file_id: task.file_id,
+        ok: true,
+        message: String::new(),
+        refused: false,
+    }))
+    .await;
+    twin.barrier(&db, "site-b/agent-1").await;
+    assert_eq!(
+        snapshot(&db, task.file_id).await,
+        before,
+        "site-b's agent-1 changed the transfer leased to default's agent-1"
+    );
+    let (_, end) = here.collect(Duration::from_secs(6)).await;
+    assert!(
+        end.is_none(),
+        "default/agent-1's stream was closed: {end:?}"
+    );
+    let (_, end) = twin.collect(Duration::from_secs(1)).await;
+    assert!(end.is_none(), "site-b/agent-1's stream was closed: {end:?}");
+
+    // Both are listed, each with its own site.
+    let ctl = t.s.coord.ctl(&t.s.pki.admin("alice"));
+    let listed = ctl.json(&["--json", "agents"]).await;
+    let mut ids: Vec<(String, String, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().to_string(),
+                a["site"].as_str().unwrap().to_string(),
+                a["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![
+            ("default/agent-1".into(), "default".into(), "agent-1".into()),
+            ("site-b/agent-1".into(), "site-b".into(), "agent-1".into()),
+        ]
+    );
+
+    // A bare name that two sites have is refused as ambiguous; the site
+    // names one, and revoking it leaves the other alone.
+    for verb in ["revoke", "drain"] {
+        let out = ctl.run(&["agents", verb, "agent-1"]).await;
+        assert!(!out.success(), "agents {verb} agent-1 succeeded");
+        assert!(
+            out.stderr.contains("ambiguous") && out.stderr.contains("site-b"),
+            "{}",
+            out.stderr
+        );
+    }
+    let out = ctl
+        .json(&["--json", "agents", "revoke", "agent-1", "--site", "site-b"])
+        .await;
+    assert_eq!(out["id"], "site-b/agent-1");
+    let (_, end) = twin.collect(WAIT).await;
+    let end = end.expect("the revoked twin's stream stayed open");
+    assert_eq!(end.code(), Code::PermissionDenied, "{}", end.message());
+    let (_, end) = here.collect(Duration::from_secs(6)).await;
+    assert!(
+        end.is_none(),
+        "revoking site-b's agent-1 closed default's: {end:?}"
+    );
+    assert_eq!(
+        snapshot(&db, task.file_id).await.1.as_deref(),
+        Some("default/agent-1")
+    );
 }

@@ -24,7 +24,11 @@ pub struct Agent {
 /// How to start an agent.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
+    /// The site of the agent's certificate.
     pub site: String,
+    /// Whether the agent is also started with `FERRY_SITE` = `site` (the
+    /// optional consistency check); false: unset, the certificate decides.
+    pub check_site: bool,
     pub capacity: u32,
     /// Extra environment (e.g. the `AWS_*` variables of an S3 server).
     pub env: Vec<(String, String)>,
@@ -36,6 +40,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
             site: "default".into(),
+            check_site: true,
             capacity: 4,
             env: Vec::new(),
             netns: None,
@@ -57,10 +62,12 @@ impl Agent {
             ("FERRY_TLS_CA".into(), certs.ca.display().to_string()),
             ("FERRY_TLS_CERT".into(), certs.cert.display().to_string()),
             ("FERRY_TLS_KEY".into(), certs.key.display().to_string()),
-            ("FERRY_SITE".into(), opts.site.clone()),
             ("FERRY_CAPACITY".into(), opts.capacity.to_string()),
             ("RUST_LOG".into(), "info,ferry_agent=debug".into()),
         ];
+        if opts.check_site {
+            env.push(("FERRY_SITE".into(), opts.site.clone()));
+        }
         let netns = opts.netns.clone();
         env.extend(opts.env);
         let log = dir.path().join(format!("agent-{name}.log"));

@@ -290,9 +290,9 @@ impl Cluster {
     /// `(agent, connected, coordinator id, seconds since it connected)` per agent row.
     pub async fn agent_sessions(&self) -> anyhow::Result<Vec<AgentSession>> {
         Ok(sqlx::query_as(
-            "SELECT name, connected, connected_coordinator, \
+            "SELECT id AS name, connected, connected_coordinator, \
                     EXTRACT(EPOCH FROM (now() - connected_at))::float8 AS connected_secs \
-             FROM agents ORDER BY name",
+             FROM agents ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -332,6 +332,7 @@ pub struct FileRow {
 /// An agent row as the HA checks read it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AgentSession {
+    /// The agent's identity, `site/name` (as `files.lease_owner` names it).
     pub name: String,
     pub connected: bool,
     pub connected_coordinator: Option<String>,

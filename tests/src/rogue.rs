@@ -43,6 +43,21 @@ impl RogueAgent {
         site: &str,
         capacity: u32,
     ) -> Result<RogueAgent, tonic::Status> {
+        let hello = proto::Hello {
+            version: "rogue".into(),
+            site: site.into(),
+            capacity,
+            running_tasks: Vec::new(),
+        };
+        Self::connect_with_hello(endpoint, certs, hello).await
+    }
+
+    /// Opens a stream whose first message is `hello`, whatever it says.
+    pub async fn connect_with_hello(
+        endpoint: &str,
+        certs: &CertFiles,
+        hello: proto::Hello,
+    ) -> Result<RogueAgent, tonic::Status> {
         let tls = TlsPaths {
             ca: certs.ca.clone(),
             cert: certs.cert.clone(),
@@ -64,12 +79,7 @@ impl RogueAgent {
             .unwrap_or_else(|e| panic!("connect to {endpoint}: {e}"));
         let (tx, rx) = mpsc::channel(64);
         tx.send(proto::AgentMessage {
-            body: Some(Body::Hello(proto::Hello {
-                version: "rogue".into(),
-                site: site.into(),
-                capacity,
-                running_tasks: Vec::new(),
-            })),
+            body: Some(Body::Hello(hello)),
         })
         .await
         .unwrap_or_else(|_| panic!("queue hello"));
@@ -133,7 +143,8 @@ impl RogueAgent {
     /// Waits until the coordinator handled everything sent so far: the
     /// coordinator handles one stream's messages in order, so once a heartbeat
     /// sent last is recorded (`agents.errors` = a fresh marker for `name`,
-    /// this stream's agent), every earlier message was handled.
+    /// this stream's agent: its identity `site/name`, or a name of the site
+    /// `default`), every earlier message was handled.
     pub async fn barrier(&self, db: &PgPool, name: &str) {
         let marker = u64::from(next_marker());
         self.send(Body::Heartbeat(proto::Heartbeat {
@@ -145,13 +156,15 @@ impl RogueAgent {
             "the rogue agent's messages to be handled",
             Duration::from_secs(30),
             || async {
-                let errors: Option<i64> =
-                    sqlx::query_scalar("SELECT errors FROM agents WHERE name = $1")
-                        .bind(name)
-                        .fetch_optional(db)
-                        .await
-                        .ok()
-                        .flatten();
+                let errors: Option<i64> = sqlx::query_scalar(
+                    "SELECT errors FROM agents \
+                     WHERE site || '/' || name = $1 OR (site = 'default' AND name = $1)",
+                )
+                .bind(name)
+                .fetch_optional(db)
+                .await
+                .ok()
+                .flatten();
                 (errors == Some(marker as i64)).then_some(())
             },
         )

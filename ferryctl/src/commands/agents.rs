@@ -75,53 +75,39 @@ pub(crate) async fn list(admin: &Admin, json: bool) -> anyhow::Result<()> {
     Ok(table.print_or("no agents have connected yet")?)
 }
 
-pub(crate) async fn drain(
-    admin: &Admin,
-    name: String,
-    undo: bool,
-    json: bool,
-) -> anyhow::Result<()> {
-    let agent = admin
-        .call(admin.client().drain_agent(DrainAgentRequest { name, undo }))
-        .await?;
+pub(crate) async fn drain(admin: &Admin, req: DrainAgentRequest, json: bool) -> anyhow::Result<()> {
+    let agent = admin.call(admin.client().drain_agent(req)).await?;
     if json {
         return Ok(output::print_json(&agent_json(&agent))?);
     }
     if agent.draining {
         outln!(
             "agent {} is draining: no new polls or transfers; {} running transfer(s) finish",
-            agent.name,
+            agent.id,
             agent.in_flight
         )?;
     } else {
-        outln!("agent {} takes work again", agent.name)?;
+        outln!("agent {} takes work again", agent.id)?;
     }
     Ok(())
 }
 
 pub(crate) async fn revoke(
     admin: &Admin,
-    name: String,
-    undo: bool,
+    req: RevokeAgentRequest,
     json: bool,
 ) -> anyhow::Result<()> {
-    let agent = admin
-        .call(
-            admin
-                .client()
-                .revoke_agent(RevokeAgentRequest { name, undo }),
-        )
-        .await?;
+    let agent = admin.call(admin.client().revoke_agent(req)).await?;
     if json {
         return Ok(output::print_json(&agent_json(&agent))?);
     }
     if agent.revoked_at.is_some() {
         outln!(
             "agent {} is revoked: its certificate is refused and its streams are closed",
-            agent.name
+            agent.id
         )?;
     } else {
-        outln!("agent {} may connect again", agent.name)?;
+        outln!("agent {} may connect again", agent.id)?;
     }
     Ok(())
 }
@@ -129,6 +115,7 @@ pub(crate) async fn revoke(
 /// JSON shape of an agent.
 pub(crate) fn agent_json(a: &Agent) -> Value {
     json!({
+        "id": a.id,
         "name": a.name,
         "site": a.site,
         "version": a.version,
