@@ -16,7 +16,7 @@ use tonic::Code;
 use crate::metrics::{scrape, sum};
 use crate::stack::WAIT;
 use crate::trust::{
-    discover, entry, next_task, poller, result, trust_stack, trust_stack_with, without_ansi,
+    discover, entry, leased_file, poller, result, trust_stack, trust_stack_with, without_ansi,
 };
 
 /// Most bytes of a stored agent text (the coordinator's `STORED_TEXT_MAX`),
@@ -33,14 +33,7 @@ async fn a_huge_failure_message_is_stored_cut_and_logged_escaped() {
             .await
             .unwrap()
             .into_inner();
-    let mut victim = poller(&t, "victim", 4).await;
-    discover(
-        &t,
-        &victim,
-        vec![entry(&format!("{}/a.csv", t.dir), 10, 1_700_000_000)],
-    )
-    .await;
-    let task = next_task(&mut victim).await;
+    let (victim, task) = leased_file(&t, "victim").await;
     // 4,100,000 bytes that try to forge a log line of their own.
     let forged = "\n2026-01-01T00:00:00Z  INFO ferry_coordinator: forged line";
     let mut message = format!("disk on fire{forged}");

@@ -199,6 +199,20 @@ pub(crate) async fn discover(t: &Trust, rogue: &RogueAgent, entries: Vec<proto::
         .await;
 }
 
+/// `name` (site `default`) polls the server, reports one file `a.csv` of
+/// 10 bytes and, as the only agent with capacity, is assigned its transfer.
+pub(crate) async fn leased_file(t: &Trust, name: &str) -> (RogueAgent, proto::TaskAssignment) {
+    let mut rogue = poller(t, name, 4).await;
+    discover(
+        t,
+        &rogue,
+        vec![entry(&format!("{}/a.csv", t.dir), 10, 1_700_000_000)],
+    )
+    .await;
+    let task = next_task(&mut rogue).await;
+    (rogue, task)
+}
+
 pub(crate) async fn next_task(rogue: &mut RogueAgent) -> proto::TaskAssignment {
     rogue
         .wait_for("task assignment", WAIT, |m| match m {
@@ -239,16 +253,7 @@ async fn another_agents_progress_results_and_post_action_results_change_nothing(
     let t = trust_stack().await;
     let db = t.s.db.pool().clone();
     let endpoint = t.s.coord.endpoint();
-    // The victim polls the server, reports one file and, as the only agent
-    // with capacity, is assigned its transfer.
-    let mut victim = poller(&t, "victim", 4).await;
-    discover(
-        &t,
-        &victim,
-        vec![entry(&format!("{}/a.csv", t.dir), 10, 1_700_000_000)],
-    )
-    .await;
-    let task = next_task(&mut victim).await;
+    let (mut victim, task) = leased_file(&t, "victim").await;
     let before = snapshot(&db, task.file_id).await;
     assert_eq!(
         (before.0.as_str(), before.1.as_deref()),
@@ -507,14 +512,7 @@ async fn the_same_agent_name_at_two_sites_is_two_agents() {
     let db = t.s.db.pool().clone();
     let endpoint = t.s.coord.endpoint();
     // `agent-1` of the site `default` polls the server and runs its transfer.
-    let mut here = poller(&t, "agent-1", 4).await;
-    discover(
-        &t,
-        &here,
-        vec![entry(&format!("{}/a.csv", t.dir), 10, 1_700_000_000)],
-    )
-    .await;
-    let task = next_task(&mut here).await;
+    let (mut here, task) = leased_file(&t, "agent-1").await;
     let before = snapshot(&db, task.file_id).await;
     assert_eq!(before.1.as_deref(), Some("default/agent-1"));
 
