@@ -7,6 +7,7 @@ mod agents;
 mod auth;
 mod config;
 mod convert;
+mod counts;
 mod db;
 mod discovery;
 mod error;

@@ -196,6 +196,7 @@ pub(crate) async fn serve(args: ServeArgs, drain: CancellationToken) -> anyhow::
         agents.clone(),
         cancel.clone(),
     ));
+    background.spawn(crate::counts::run(coord.db.clone(), cancel.clone()));
     background.spawn(crate::retention::run(
         coord.db.clone(),
         crate::retention::Retention {

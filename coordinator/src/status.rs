@@ -1,11 +1,13 @@
 //! The system summary behind `GetStatus` (`ferryctl status`): file counts by
 //! status per server, the announcement backlog, agent load and poll health.
-//! Read-only aggregate queries; the counts scan `files`, so this is an
-//! operator's call, not something to poll in a tight loop.
+//! Read-only queries whose cost does not grow with `files`: the counts come
+//! from `counts.rs` (kept by the writers), the oldest waiting file from the
+//! index of due files.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use crate::counts;
 use crate::error::ApiResult;
 use crate::files::{self, FileRow};
 
@@ -47,12 +49,13 @@ pub(crate) struct StatusRows {
 }
 
 pub(crate) async fn status(db: &PgPool) -> ApiResult<StatusRows> {
-    let servers = sqlx::query_as::<_, ServerCountRow>(
+    let servers = sqlx::query_as::<_, ServerCountRow>(&format!(
         "SELECT s.id AS server_id, s.name AS server_name, s.last_poll_error, s.last_poll_at, \
-                f.status, count(f.id) AS count \
-         FROM servers s LEFT JOIN files f ON f.server_id = s.id \
-         WHERE s.deleted_at IS NULL GROUP BY s.id, f.status ORDER BY s.id, f.status",
-    )
+                c.status, COALESCE(c.n, 0) AS count \
+         FROM servers s LEFT JOIN ({}) c ON c.server_id = s.id \
+         WHERE s.deleted_at IS NULL ORDER BY s.id, c.status",
+        counts::CURRENT
+    ))
     .fetch_all(db)
     .await?;
     let outbox = sqlx::query_as::<_, OutboxRow>(

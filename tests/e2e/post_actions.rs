@@ -134,6 +134,7 @@ async fn a_rewritten_file_survives_the_delete_of_its_older_version() {
     let mut want = vec![sha256_hex(&v1), sha256_hex(&v2)];
     want.sort();
     assert_eq!(shas, want, "both versions announced");
+    crate::stack::assert_counts_exact(f.s.db.pool()).await;
 }
 
 #[tokio::test]

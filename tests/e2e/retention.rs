@@ -131,4 +131,6 @@ async fn retention_prunes_gone_versions_old_history_and_published_announcements_
     assert!(pruned("files") >= 1.0, "{metrics}");
     assert!(pruned("events") >= 2.0, "{metrics}");
     assert!(pruned("announcements") >= 2.0, "{metrics}");
+    // Pruned rows left the kept file counts too.
+    crate::stack::assert_counts_exact(&db).await;
 }

@@ -196,3 +196,25 @@ impl Stack {
         .await
     }
 }
+
+/// The file counts the coordinators keep without reading `files` (`/metrics`,
+/// `GetStatus`) equal a count of every row, by server and status.
+pub(crate) async fn assert_counts_exact(db: &sqlx::PgPool) {
+    let kept: Vec<(i64, String, i64)> = sqlx::query_as(
+        "SELECT server_id, status, sum(n)::BIGINT FROM ( \
+             SELECT server_id, status, n FROM file_counts \
+             UNION ALL SELECT server_id, status, n FROM file_count_deltas) c \
+         GROUP BY server_id, status HAVING sum(n) <> 0 ORDER BY server_id, status",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap();
+    let counted: Vec<(i64, String, i64)> = sqlx::query_as(
+        "SELECT server_id, status, count(*) FROM files GROUP BY server_id, status \
+         ORDER BY server_id, status",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap();
+    assert_eq!(kept, counted, "kept file counts differ from the rows");
+}
