@@ -243,12 +243,16 @@ pub(crate) struct RetrySelection {
     pub dry_run: bool,
 }
 
+/// Most file ids a retry answers with (its count covers them all), so the
+/// answer stays small whatever the selection.
+pub(crate) const RETRY_IDS_MAX: usize = 1000;
+
 /// What a retry did (or, dry, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RetryOutcome {
     /// Files requeued + announcements unparked + post-actions re-armed.
     pub count: u64,
-    /// The files concerned, ascending, each once.
+    /// The first [`RETRY_IDS_MAX`] files concerned, ascending, each once.
     pub file_ids: Vec<i64>,
 }
 
@@ -322,6 +326,7 @@ pub(crate) async fn retry_files(
     let mut file_ids: Vec<i64> = moved.into_iter().chain(unparked).chain(rearmed).collect();
     file_ids.sort_unstable();
     file_ids.dedup();
+    file_ids.truncate(RETRY_IDS_MAX);
     Ok(RetryOutcome { count, file_ids })
 }
 

@@ -589,3 +589,46 @@ async fn ferryctl_files_list_order_and_retry_dry_run() {
     assert_eq!(done["requeued"], 2, "{done}");
     assert_eq!(statuses().await.0, ["processed", "new", "new"]);
 }
+
+/// A retry of a large selection answers its count and the first ids only,
+/// so neither the response nor the dry run's output grows with the table.
+#[tokio::test]
+async fn a_retry_of_many_files_answers_its_count_and_the_first_ids() {
+    let mut s = Stack::new().await;
+    let id = s.add_server(s.server_req("many")).await;
+    let watch = s.add_watch(id, "in", "*").await;
+    sqlx::query(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status) \
+         SELECT $1, $2, '/in/f' || g, 1, 1700000000, 'failed' FROM generate_series(1, 1500) g",
+    )
+    .bind(id)
+    .bind(watch)
+    .execute(s.db.pool())
+    .await
+    .unwrap();
+    let ctl = s.coord.ctl(&s.pki.admin("alice"));
+    let dry = ctl.json(&["--json", "files", "retry", "--dry-run"]).await;
+    assert_eq!(dry["requeued"], 1500);
+    let ids = dry["file_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 1000, "the answer lists the first 1000 ids");
+    let text = ctl.run(&["files", "retry", "--dry-run"]).await;
+    assert!(text.success(), "{}", text.stderr);
+    assert!(
+        text.stdout.contains("would requeue 1500 files")
+            && text.stdout.contains("(the first 20 of 1500;"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.len() < 1000,
+        "{} bytes printed",
+        text.stdout.len()
+    );
+    let done = ctl.json(&["--json", "files", "retry"]).await;
+    assert_eq!(done["requeued"], 1500);
+    let new: i64 = sqlx::query_scalar("SELECT count(*) FROM files WHERE status = 'new'")
+        .fetch_one(s.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(new, 1500);
+}

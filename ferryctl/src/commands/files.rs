@@ -212,16 +212,37 @@ async fn retry(admin: &Admin, request: RetryFilesRequest, json: bool) -> anyhow:
         }))?;
     } else if dry_run {
         let files = output::count(response.requeued, "file", "files");
-        let ids: Vec<String> = response.file_ids.iter().map(i64::to_string).collect();
         outln!("would requeue {files} (dry run, nothing changed)")?;
-        if !ids.is_empty() {
-            outln!("file ids: {}", ids.join(" "))?;
+        if let Some(line) = first_ids(&response.file_ids, response.requeued) {
+            outln!("{line}")?;
         }
     } else {
         let files = output::count(response.requeued, "file", "files");
         outln!("requeued {files}")?;
     }
     Ok(())
+}
+
+/// File ids a dry run prints; `--json` has the first 1,000.
+const IDS_SHOWN: usize = 20;
+
+/// The first ids of a retry's selection of `count` rows; `None` when
+/// there are none.
+fn first_ids(ids: &[i64], count: u64) -> Option<String> {
+    let first = &ids[..ids.len().min(IDS_SHOWN)];
+    if first.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = first.iter().map(i64::to_string).collect();
+    Some(if first.len() as u64 >= count {
+        format!("file ids: {}", shown.join(" "))
+    } else {
+        format!(
+            "file ids: {} ... (the first {} of {count}; --json lists up to 1000)",
+            shown.join(" "),
+            first.len()
+        )
+    })
 }
 
 /// How often `files watch` shows the progress of running transfers.
@@ -519,6 +540,17 @@ fn announcement(file: &File) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dry_run_prints_the_first_ids_of_a_large_selection() {
+        assert_eq!(first_ids(&[], 0), None);
+        assert_eq!(first_ids(&[3, 5], 2).as_deref(), Some("file ids: 3 5"));
+        let many: Vec<i64> = (1..=1000).collect();
+        let line = first_ids(&many, 1500).unwrap();
+        assert!(line.starts_with("file ids: 1 2 3 "), "{line}");
+        assert!(line.contains(" 20 ... (the first 20 of 1500;"), "{line}");
+        assert!(!line.contains(" 21 "), "{line}");
+    }
     use ferry_proto::FileStatus as P;
 
     #[test]
