@@ -8,7 +8,10 @@
 //! cargo bench -p ferry-tests --bench ferry -- small        # N x 4 KiB files, ferry vs rclone
 //! cargo bench -p ferry-tests --bench ferry -- dispatch     # tasks/s, 1 and 2 coordinators, fake agents
 //! cargo bench -p ferry-tests --bench ferry -- servers      # S servers x F files vs 1 server, idle cost
+//! cargo bench -p ferry-tests --bench ferry -- scale        # read paths and retention at 10 M rows vs empty
 //! ```
+//! `scale` runs only when named; `FERRY_BENCH_ROWS` sets its file versions
+//! (default 10000000).
 //! `FERRY_BENCH_FILES` (discovery: default 100000; small: a list, default
 //! `2000,10000`), `FERRY_BENCH_SIZES_MIB` (default `1024,4096`),
 //! `FERRY_BENCH_KIB` (small: file size, default 4), `FERRY_BENCH_CAPACITY`
@@ -1107,6 +1110,291 @@ async fn dispatch() {
 }
 
 /// Transactions committed so far in the bench's database.
+/// Fills `db` with `rows` file versions of 100 servers (one watch each), as
+/// months of running leave them: 99.7 % `processed` (a third of them gone
+/// from their server), 0.1 % each `failed`, `lost` and `new`, discovered
+/// over the last 180 days, 4 history rows per processed file and a
+/// published announcement for every tenth. Rows go in with
+/// `generate_series`, a million per statement.
+async fn fill(db: &TestDb, rows: i64) {
+    let pool = db.pool();
+    sqlx::query(
+        "INSERT INTO servers (name, hostname, username, auth_kind, secret_ciphertext, host_key_fingerprint) \
+         SELECT 'scale-' || i, '127.0.0.1', 'u', 'password', '\\x00', 'SHA256:x' FROM generate_series(1, 100) i",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO watches (server_id, directory, bucket) SELECT id, '/in', 'ferry-scale' FROM servers",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let chunk = 1_000_000i64;
+    let mut from = 0i64;
+    while from < rows {
+        let to = (from + chunk).min(rows);
+        sqlx::query(
+            "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status, attempts, \
+                                bucket, object_key, etag, sha256, discovered_at, uploaded_at, \
+                                updated_at, gone_at, last_error) \
+             SELECT w.server_id, w.id, '/in/' || to_char(d, 'YYYY/MM/DD') || '/file-' || g || '.csv', \
+                    4096 + g % 1000, 1700000000 + g, st, CASE WHEN st = 'failed' THEN 5 ELSE 0 END, \
+                    CASE WHEN st = 'processed' THEN 'ferry-scale' END, \
+                    CASE WHEN st = 'processed' THEN 'scale/in/file-' || g END, \
+                    CASE WHEN st = 'processed' THEN md5(g::text) END, \
+                    CASE WHEN st = 'processed' THEN md5(g::text) || md5(g::text) END, \
+                    d, CASE WHEN st = 'processed' THEN d END, d, \
+                    CASE WHEN st = 'processed' AND g % 3 = 0 THEN d END, \
+                    CASE WHEN st IN ('failed', 'lost') THEN 'connection reset' END \
+             FROM (SELECT g, now() - make_interval(secs => 15552000.0 * g / $3) AS d, \
+                          CASE g % 1000 WHEN 1 THEN 'failed' WHEN 2 THEN 'lost' WHEN 3 THEN 'new' \
+                                        ELSE 'processed' END AS st \
+                   FROM generate_series($1 + 1, $2) g) x \
+             JOIN watches w ON w.server_id = (g % 100) + (SELECT min(id) FROM servers)",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(rows as f64)
+        .execute(pool)
+        .await
+        .unwrap();
+        from = to;
+    }
+    // History and announcements, file by file range.
+    let (lo, hi): (i64, i64) = sqlx::query_as("SELECT min(id), max(id) FROM files")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let mut start = lo;
+    while start <= hi {
+        let end = start + chunk / 4;
+        sqlx::query(
+            "INSERT INTO file_events (file_id, at, from_status, to_status, actor, reason) \
+             SELECT f.id, f.discovered_at + make_interval(secs => e.n), e.from_status, e.to_status, \
+                    'agent:default/scale', '' \
+             FROM files f CROSS JOIN (VALUES (0, NULL, 'new'), (1, 'new', 'in_progress'), \
+                                             (2, 'in_progress', 'uploaded'), (3, 'uploaded', 'processed')) \
+                  AS e(n, from_status, to_status) \
+             WHERE f.id >= $1 AND f.id < $2 AND (f.status = 'processed' OR e.n = 0)",
+        )
+        .bind(start)
+        .bind(end)
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO outbox (file_id, payload, created_at, published_at) \
+             SELECT id, jsonb_build_object('schema_version', 1, 'file_id', id), uploaded_at, uploaded_at \
+             FROM files WHERE id >= $1 AND id < $2 AND status = 'processed' AND id % 10 = 0",
+        )
+        .bind(start)
+        .bind(end)
+        .execute(pool)
+        .await
+        .unwrap();
+        start = end;
+    }
+    sqlx::query("VACUUM ANALYZE").execute(pool).await.unwrap();
+}
+
+/// The median of `runs` timings of `f`, in milliseconds.
+async fn median_ms<F, Fut>(runs: usize, mut f: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut ms = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        f().await;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    ms[ms.len() / 2]
+}
+
+/// The figures of [`scale`] on one database.
+#[derive(Debug, Default)]
+struct ScaleFigures {
+    metrics_ms: f64,
+    status_ms: f64,
+    retry_dry_run_ms: f64,
+    list_first_page_ms: f64,
+    file_show_ms: f64,
+    bytes_per_version: f64,
+    retention_history_per_s: f64,
+}
+
+/// Measures the coordinator's read paths and retention on `db` (filled or
+/// empty) with a coordinator of its own.
+async fn scale_figures(db: &TestDb, pki: &TestPki) -> ScaleFigures {
+    let http = format!("127.0.0.1:{}", ferry_tests::free_port());
+    let addr: std::net::SocketAddr = http.parse().unwrap();
+    let mut out = ScaleFigures::default();
+    {
+        let coord = Coordinator::start_with_env(
+            db,
+            pki,
+            &[("FERRY_HTTP_LISTEN", &http), ("FERRY_RETENTION_DAYS", "0")],
+        )
+        .await;
+        let admin = coord.admin_client(&pki.admin("bench")).await.unwrap();
+        eventually("/metrics answering", Duration::from_secs(60), || {
+            ferry_tests::cluster::http_get(addr, "/metrics")
+        })
+        .await;
+        out.metrics_ms = median_ms(5, || async {
+            let (status, _) = ferry_tests::cluster::http_get(addr, "/metrics")
+                .await
+                .expect("/metrics");
+            assert_eq!(status, 200);
+        })
+        .await;
+        out.status_ms = median_ms(5, || {
+            let mut admin = admin.clone();
+            async move {
+                admin.get_status(proto::GetStatusRequest {}).await.unwrap();
+            }
+        })
+        .await;
+        out.retry_dry_run_ms = median_ms(3, || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .retry_files(proto::RetryFilesRequest {
+                        statuses: vec![proto::FileStatus::Failed as i32],
+                        dry_run: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        out.list_first_page_ms = median_ms(5, || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .list_files(proto::ListFilesRequest {
+                        page_size: 100,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        let some_file: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM files")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        if let Some(id) = some_file {
+            out.file_show_ms = median_ms(5, || {
+                let mut admin = admin.clone();
+                async move {
+                    admin.get_file(proto::GetFileRequest { id }).await.unwrap();
+                }
+            })
+            .await;
+        }
+    }
+    let (versions, bytes): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM files), \
+                pg_total_relation_size('files') + pg_total_relation_size('file_events') \
+                + pg_total_relation_size('outbox')",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    out.bytes_per_version = if versions > 0 {
+        bytes as f64 / versions as f64
+    } else {
+        0.0
+    };
+    // Retention catching up with every row older than 30 days, for 30 s.
+    let coord = Coordinator::start_with_env(
+        db,
+        pki,
+        &[
+            ("FERRY_HTTP_LISTEN", &http),
+            ("FERRY_RETENTION_DAYS", "30"),
+            ("FERRY_RETENTION_INTERVAL_SECS", "1"),
+        ],
+    )
+    .await;
+    // Rows deleted from `file_events` so far, from Postgres's statistics (a
+    // pass counts its metric only once it is done, and a count of the table
+    // would cost what is measured).
+    let pruned = || async {
+        let deleted: i64 = sqlx::query_scalar(
+            "SELECT n_tup_del FROM pg_stat_user_tables WHERE relname = 'file_events'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        deleted as f64
+    };
+    let (t0, n0) = (Instant::now(), pruned().await);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let n1 = pruned().await;
+    out.retention_history_per_s = (n1 - n0) / t0.elapsed().as_secs_f64();
+    drop(coord);
+    out
+}
+
+/// Months of data: the read paths an operator and Prometheus use, and
+/// retention, on a database of `FERRY_BENCH_ROWS` file versions (default
+/// 10,000,000) beside the same figures on an empty database, in one run.
+async fn scale() {
+    let rows: i64 = env_or("FERRY_BENCH_ROWS", "10000000").parse().unwrap();
+    let pki = TestPki::new();
+    let empty_db = TestDb::create().await;
+    let empty = scale_figures(&empty_db, &pki).await;
+    let db = TestDb::create().await;
+    // A coordinator's start migrates the schema.
+    drop(Coordinator::start(&db, &pki).await);
+    let t = Instant::now();
+    fill(&db, rows).await;
+    println!(
+        "scale: filled {rows} file versions (with history and announcements) in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    let full = scale_figures(&db, &pki).await;
+    println!("scale: figure                       empty db   {rows} rows");
+    let line = |what: &str, a: f64, b: f64, unit: &str| {
+        println!("scale: {what:<34} {a:>9.1} {b:>12.1} {unit}");
+    };
+    line("GET /metrics", empty.metrics_ms, full.metrics_ms, "ms");
+    line("GetStatus", empty.status_ms, full.status_ms, "ms");
+    line(
+        "RetryFiles failed, dry run",
+        empty.retry_dry_run_ms,
+        full.retry_dry_run_ms,
+        "ms",
+    );
+    line(
+        "ListFiles first page (100)",
+        empty.list_first_page_ms,
+        full.list_first_page_ms,
+        "ms",
+    );
+    line("GetFile", empty.file_show_ms, full.file_show_ms, "ms");
+    line(
+        "bytes on disk per file version",
+        empty.bytes_per_version,
+        full.bytes_per_version,
+        "B",
+    );
+    line(
+        "retention catch-up, history rows",
+        empty.retention_history_per_s,
+        full.retention_history_per_s,
+        "rows/s",
+    );
+}
+
 async fn commits(db: &TestDb) -> i64 {
     count(
         db,
@@ -1137,5 +1425,9 @@ async fn main() {
     }
     if wants("dispatch") {
         dispatch().await;
+    }
+    if filter.iter().any(|f| "scale".contains(f.as_str())) {
+        // Only on request: a fill of 10 M rows takes a while.
+        scale().await;
     }
 }
