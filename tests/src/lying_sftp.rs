@@ -61,7 +61,9 @@ const REPLY_NAME_BYTES: usize = 96 * 1024;
 enum Content {
     Fixed(Vec<u8>),
     /// `len` bytes, all equal to the number of `READ`s served so far (mod 256).
-    Changing { len: u64 },
+    Changing {
+        len: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -732,7 +734,10 @@ mod tests {
         assert!(matches!(s.resolve("/"), Some(Resolved::Dir)));
         assert!(matches!(s.resolve("/in/a.csv"), Some(Resolved::File(_))));
         assert!(s.resolve("/in/b.csv").is_none());
-        assert!(matches!(s.resolve("/endless/entry-9"), Some(Resolved::File(_))));
+        assert!(matches!(
+            s.resolve("/endless/entry-9"),
+            Some(Resolved::File(_))
+        ));
         assert!(matches!(s.resolve("/deep/d/d/d"), Some(Resolved::Deep)));
         assert!(s.resolve("/deep/x").is_none());
         let names: Vec<String> = s.children("/in").into_iter().map(|f| f.filename).collect();
