@@ -58,6 +58,12 @@ pub(crate) struct AgentConfig {
     /// writes nothing for files it already has).
     #[arg(long, env = "FERRY_DISCOVERY_RESYNC_SECS", default_value_t = 600)]
     pub discovery_resync_secs: u64,
+    /// Directory entries one listing of a watch may read (every entry of
+    /// every directory, matching or not); a listing past it fails the poll
+    /// with an error naming the watch. Bounds the agent's memory and time on
+    /// a server whose `READDIR` never ends.
+    #[arg(long, env = "FERRY_MAX_LISTING_ENTRIES", default_value_t = crate::sftp::DEFAULT_MAX_ENTRIES)]
+    pub max_listing_entries: u64,
     /// Plain-HTTP address for `/healthz` (alive) and `/readyz` (connected to a
     /// coordinator, not shutting down); unset: off.
     #[arg(long, env = "FERRY_HTTP_LISTEN")]
@@ -75,6 +81,10 @@ impl AgentConfig {
     pub(crate) fn poll_settings(&self) -> crate::poller::PollSettings {
         crate::poller::PollSettings {
             resync: Duration::from_secs(self.discovery_resync_secs.max(1)),
+            listing: crate::sftp::ListingLimits {
+                max_entries: self.max_listing_entries.max(1),
+                ..crate::sftp::ListingLimits::default()
+            },
         }
     }
 

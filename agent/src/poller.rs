@@ -9,6 +9,13 @@
 //! [`PollSettings::resync`]: a backstop for a discovery that was acknowledged
 //! but did not end up in a row (the coordinator inserts idempotently, so a
 //! resync of known files writes nothing).
+//!
+//! Discovery messages are bounded by count ([`BATCH`] entries) and by bytes
+//! ([`BATCH_BYTES`] of encoded entries, see [`split_batches`]), so a tree of
+//! long names never makes a message the coordinator refuses. Each watch is
+//! listed on its own: a watch whose listing fails or goes past its bounds
+//! (`sftp::ListingLimits`) fails the poll with an error naming it, and the
+//! server's other watches are still listed.
 
 use ferry_common::sync::lock;
 use std::collections::HashMap;
@@ -22,17 +29,22 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::runner::Runner;
-use crate::sftp::{Auth, RemoteFile, ServerEndpoint, SftpError, SftpSession};
+use crate::sftp::{Auth, ListingLimits, RemoteFile, ServerEndpoint, SftpError, SftpSession};
 use crate::transfer::Work;
 
 /// Entries per discovery message.
 pub(crate) const BATCH: usize = 1000;
+/// Encoded entries per discovery message, in bytes: well under the
+/// coordinator's decode limit (4 MiB), whatever the paths' lengths.
+pub(crate) const BATCH_BYTES: usize = 1024 * 1024;
 
 /// How a poller works, from the agent's configuration.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PollSettings {
     /// Resend the full stable set this often.
     pub resync: Duration,
+    /// Bounds of every listing.
+    pub listing: ListingLimits,
 }
 
 /// What identifies a watch's listing: a change resets its tracker.
@@ -190,7 +202,12 @@ pub(crate) async fn run(
             let started = Instant::now();
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = poll_due(&runner, &conn, &mut watches, &trackers, &reporter) => r,
+                r = poll_due(&runner, &conn, &mut watches, &trackers, &reporter, settings.listing) => r,
+            };
+            let outcome = match outcome {
+                Ok(polled) if polled.errors.is_empty() => Ok(polled.seen),
+                Ok(polled) => Err((polled.seen, polled.errors.join("; "))),
+                Err(e) => Err((0, e.to_string())),
             };
             let report = match &outcome {
                 Ok(seen) => proto::PollReport {
@@ -199,10 +216,11 @@ pub(crate) async fn run(
                     files_seen: *seen,
                     ..Default::default()
                 },
-                Err(e) => proto::PollReport {
+                Err((seen, error)) => proto::PollReport {
                     server_id,
                     ok: false,
-                    error: e.to_string(),
+                    files_seen: *seen,
+                    error: error.clone(),
                     ..Default::default()
                 },
             };
@@ -217,8 +235,8 @@ pub(crate) async fn run(
             }
             match outcome {
                 Ok(_) => failures = 0,
-                Err(e) => {
-                    tracing::warn!(server = %conn.name, error = %e, "poll failed");
+                Err((_, e)) => {
+                    tracing::warn!(server = %conn.name, error = %e.escape_debug(), "poll failed");
                     // Retry sooner than the interval would, but back off.
                     let delay = retry.delay(failures);
                     failures = failures.saturating_add(1);
@@ -243,97 +261,137 @@ pub(crate) async fn run(
     }
 }
 
+/// What one poll of a server's due watches found.
+#[derive(Debug, Default)]
+struct Polled {
+    /// Files listed.
+    seen: u64,
+    /// Per watch that failed or skipped entries, why (the poll then counts
+    /// as failed, but the other watches' files were reported).
+    errors: Vec<String>,
+}
+
 /// Polls every due watch on one pooled SSH connection (an error that breaks
-/// it keeps it out of the pool). Returns the files seen.
+/// it keeps it out of the pool, and ends the poll).
 async fn poll_due(
     runner: &Runner,
     conn: &proto::ServerConnection,
     watches: &mut [WatchState],
     trackers: &Trackers,
     reporter: &Reporter<'_>,
-) -> Result<u64, SftpError> {
+    limits: ListingLimits,
+) -> Result<Polled, SftpError> {
     let mut session = runner.pool().checkout(conn, Work::Light).await?;
-    let outcome = list_due(&session, conn.server_id, watches, trackers, reporter).await;
-    if let Err(e) = &outcome {
-        session.note(e);
-    }
-    outcome
-}
-
-async fn list_due(
-    s: &SftpSession,
-    server_id: i64,
-    watches: &mut [WatchState],
-    trackers: &Trackers,
-    reporter: &Reporter<'_>,
-) -> Result<u64, SftpError> {
-    let mut seen = 0u64;
+    let mut polled = Polled::default();
     for w in watches.iter_mut().filter(|w| w.next_due <= Instant::now()) {
         w.next_due =
             Instant::now() + Duration::from_secs(u64::from(w.spec.poll_interval_secs.max(1)));
-        let mut listing = s.listing(&w.spec.directory, &w.matcher, w.spec.recursive);
-        if w.baseline_due {
-            // The coordinator records the stable files of this watch only
-            // after the baseline, so it goes first, whole.
-            let mut files: Vec<(String, Observation)> = Vec::new();
-            while let Some(batch) = listing.next_batch().await? {
-                files.extend(observations(batch));
+        let watch = w.spec.watch_id;
+        match list_watch(&session, conn.server_id, w, trackers, reporter, limits).await {
+            Ok(Listed::Done { seen, problems }) => {
+                polled.seen += seen;
+                if let Some(problems) = problems {
+                    polled.errors.push(format!("watch {watch}: {problems}"));
+                }
             }
-            seen += files.len() as u64;
+            Ok(Listed::StreamGone { seen }) => {
+                polled.seen += seen;
+                break;
+            }
+            Err(e) => {
+                trackers.with(&w.spec, StabilityTracker::abandon_poll);
+                session.note(&e);
+                if e.breaks_session() {
+                    return Err(e);
+                }
+                polled.errors.push(format!("watch {watch}: {e}"));
+            }
+        }
+    }
+    Ok(polled)
+}
+
+/// How listing one watch ended.
+enum Listed {
+    /// The listing is complete; `problems` says what it skipped.
+    Done { seen: u64, problems: Option<String> },
+    /// The control stream is gone: stop polling.
+    StreamGone { seen: u64 },
+}
+
+async fn list_watch(
+    s: &SftpSession,
+    server_id: i64,
+    w: &mut WatchState,
+    trackers: &Trackers,
+    reporter: &Reporter<'_>,
+    limits: ListingLimits,
+) -> Result<Listed, SftpError> {
+    let mut seen = 0u64;
+    let mut listing = s.listing(&w.spec.directory, &w.matcher, w.spec.recursive, limits);
+    if w.baseline_due {
+        // The coordinator records the stable files of this watch only
+        // after the baseline, so it goes first, whole.
+        let mut files: Vec<(String, Observation)> = Vec::new();
+        while let Some(batch) = listing.next_batch().await? {
+            files.extend(observations(batch));
+        }
+        let problems = listing.problems();
+        seen += files.len() as u64;
+        if !send_batches(
+            reporter,
+            server_id,
+            w.spec.watch_id,
+            &files,
+            Report::Baseline,
+        )
+        .await
+        {
+            return Ok(Listed::StreamGone { seen });
+        }
+        w.baseline_due = false;
+        let newly = trackers.with(&w.spec, |t| {
+            t.observe(files, chrono::Utc::now().timestamp(), w.spec.min_age_secs)
+                .newly_stable
+        });
+        if !send_batches(reporter, server_id, w.spec.watch_id, &newly, Report::Stable).await {
+            return Ok(Listed::StreamGone { seen });
+        }
+        return Ok(Listed::Done { seen, problems });
+    }
+    // Stable files are reported while the listing goes on, in full
+    // batches; the poll counts (forgets what it did not list) only once
+    // the listing is complete.
+    trackers.with(&w.spec, StabilityTracker::begin_poll);
+    let mut newly: Vec<(String, Observation)> = Vec::new();
+    while let Some(batch) = listing.next_batch().await? {
+        seen += batch.len() as u64;
+        let now_unix = chrono::Utc::now().timestamp();
+        newly.extend(trackers.with(&w.spec, |t| {
+            t.observe_part(observations(batch), now_unix, w.spec.min_age_secs)
+        }));
+        let full = full_batches(&newly);
+        if full > 0 {
             if !send_batches(
                 reporter,
                 server_id,
                 w.spec.watch_id,
-                &files,
-                Report::Baseline,
+                &newly[..full],
+                Report::Stable,
             )
             .await
             {
-                return Ok(seen);
+                return Ok(Listed::StreamGone { seen });
             }
-            w.baseline_due = false;
-            let newly = trackers.with(&w.spec, |t| {
-                t.observe(files, chrono::Utc::now().timestamp(), w.spec.min_age_secs)
-                    .newly_stable
-            });
-            if !send_batches(reporter, server_id, w.spec.watch_id, &newly, Report::Stable).await {
-                return Ok(seen);
-            }
-            continue;
-        }
-        // Stable files are reported while the listing goes on, in full
-        // batches; the poll counts (forgets what it did not list) only once
-        // the listing is complete.
-        trackers.with(&w.spec, StabilityTracker::begin_poll);
-        let mut newly: Vec<(String, Observation)> = Vec::new();
-        while let Some(batch) = listing.next_batch().await? {
-            seen += batch.len() as u64;
-            let now_unix = chrono::Utc::now().timestamp();
-            newly.extend(trackers.with(&w.spec, |t| {
-                t.observe_part(observations(batch), now_unix, w.spec.min_age_secs)
-            }));
-            let full = newly.len() - newly.len() % BATCH;
-            if full > 0 {
-                if !send_batches(
-                    reporter,
-                    server_id,
-                    w.spec.watch_id,
-                    &newly[..full],
-                    Report::Stable,
-                )
-                .await
-                {
-                    return Ok(seen);
-                }
-                newly.drain(..full);
-            }
-        }
-        trackers.with(&w.spec, StabilityTracker::finish_poll);
-        if !send_batches(reporter, server_id, w.spec.watch_id, &newly, Report::Stable).await {
-            return Ok(seen);
+            newly.drain(..full);
         }
     }
-    Ok(seen)
+    let problems = listing.problems();
+    trackers.with(&w.spec, StabilityTracker::finish_poll);
+    if !send_batches(reporter, server_id, w.spec.watch_id, &newly, Report::Stable).await {
+        return Ok(Listed::StreamGone { seen });
+    }
+    Ok(Listed::Done { seen, problems })
 }
 
 fn observations(batch: Vec<RemoteFile>) -> impl Iterator<Item = (String, Observation)> {
@@ -350,9 +408,47 @@ struct Reporter<'a> {
     runner: &'a Runner,
 }
 
-/// Sends `files` in batches of [`BATCH`]; a baseline is sent even when
-/// empty, and its last batch says it is complete. False when the stream is
-/// gone.
+/// Upper bound of the bytes one entry of `path` adds to an encoded
+/// `DiscoveryBatch`: the path and its length prefix, two varints of at most
+/// 10 bytes, three field tags, and the entry's own tag and length prefix.
+fn entry_bytes(path: &str) -> usize {
+    path.len() + 32
+}
+
+/// Splits `files` into consecutive batches of at most [`BATCH`] entries and
+/// [`BATCH_BYTES`] encoded bytes (an entry larger than that alone goes in
+/// a batch of its own). Pure.
+fn split_batches(files: &[(String, Observation)]) -> Vec<std::ops::Range<usize>> {
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (path, _)) in files.iter().enumerate() {
+        let len = entry_bytes(path);
+        if i > start && (i - start == BATCH || bytes + len > BATCH_BYTES) {
+            batches.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < files.len() {
+        batches.push(start..files.len());
+    }
+    batches
+}
+
+/// How many of `files` (a prefix) fill whole batches, to be sent while a
+/// listing goes on; the rest waits for more entries. Pure.
+fn full_batches(files: &[(String, Observation)]) -> usize {
+    let batches = split_batches(files);
+    match batches.last() {
+        Some(last) if last.len() == BATCH => files.len(),
+        Some(last) => last.start,
+        None => 0,
+    }
+}
+
+/// Sends `files` in batches bounded by count and bytes ([`split_batches`]);
+/// a baseline is sent even when empty, and its last batch says it is
+/// complete. False when the stream is gone.
 async fn send_batches(
     reporter: &Reporter<'_>,
     server_id: i64,
@@ -361,9 +457,13 @@ async fn send_batches(
     report: Report,
 ) -> bool {
     let baseline = report == Report::Baseline;
-    let parts = files.len().div_ceil(BATCH).max(usize::from(baseline));
-    for part in 0..parts {
-        let chunk = &files[part * BATCH..((part + 1) * BATCH).min(files.len())];
+    let mut batches = split_batches(files);
+    if batches.is_empty() && baseline {
+        batches.push(0..0);
+    }
+    let parts = batches.len();
+    for (part, range) in batches.into_iter().enumerate() {
+        let chunk = &files[range];
         let batch = proto::DiscoveryBatch {
             server_id,
             watch_id,
@@ -401,5 +501,89 @@ fn now_timestamp() -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: now.timestamp(),
         nanos: now.timestamp_subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(n: usize, path_len: usize) -> Vec<(String, Observation)> {
+        (0..n)
+            .map(|i| {
+                let name = format!("/{i:08}");
+                let path = format!("{name}{}", "x".repeat(path_len.saturating_sub(name.len())));
+                let o = Observation {
+                    size: u64::MAX,
+                    mtime_unix: i64::MIN,
+                };
+                (path, o)
+            })
+            .collect()
+    }
+
+    fn encoded(files: &[(String, Observation)]) -> usize {
+        use prost::Message;
+        proto::DiscoveryBatch {
+            server_id: i64::MAX,
+            watch_id: i64::MAX,
+            batch_id: u64::MAX,
+            entries: files
+                .iter()
+                .map(|(path, o)| proto::RemoteEntry {
+                    path: path.clone(),
+                    size: o.size,
+                    mtime_unix: o.mtime_unix,
+                })
+                .collect(),
+            baseline: true,
+            baseline_complete: true,
+        }
+        .encoded_len()
+    }
+
+    #[test]
+    fn short_paths_split_by_count() {
+        let f = files(2500, 40);
+        assert_eq!(split_batches(&f), vec![0..1000, 1000..2000, 2000..2500]);
+        assert_eq!(full_batches(&f), 2000);
+        assert_eq!(full_batches(&f[..1000]), 1000);
+        assert_eq!(full_batches(&f[..999]), 0);
+        assert!(split_batches(&[]).is_empty());
+    }
+
+    #[test]
+    fn long_paths_split_by_bytes_and_stay_under_the_bound() {
+        // 4 KiB paths: 1,000 of them would be a 4 MiB message.
+        let f = files(1000, 4096);
+        let batches = split_batches(&f);
+        assert!(batches.len() >= 4, "{batches:?}");
+        let mut next = 0;
+        for b in &batches {
+            assert_eq!(b.start, next, "consecutive, nothing lost");
+            next = b.end;
+            let bytes = encoded(&f[b.clone()]);
+            assert!(bytes <= BATCH_BYTES, "{b:?}: {bytes} bytes");
+        }
+        assert_eq!(next, f.len());
+        // While listing, only whole batches go out.
+        let full = full_batches(&f);
+        assert_eq!(full, batches.last().unwrap().start);
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_bound_goes_alone() {
+        let mut f = files(3, 10);
+        f.insert(1, files(1, BATCH_BYTES + 1).remove(0));
+        assert_eq!(split_batches(&f), vec![0..1, 1..2, 2..4]);
+    }
+
+    #[test]
+    fn entry_bytes_bound_the_encoding() {
+        for len in [1, 127, 128, 16_383, 16_384, 70_000] {
+            let f = files(1, len);
+            let one = encoded(&f) - encoded(&[]);
+            assert!(one <= entry_bytes(&f[0].0), "{len}: {one}");
+        }
     }
 }

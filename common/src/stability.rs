@@ -1,6 +1,13 @@
 //! The stable-file rule: a file is reported only after its size and mtime were
-//! unchanged across two consecutive polls and it is at least `min_age` old.
-//! Pure: the poller feeds it listings, it answers which entries became stable.
+//! unchanged across two consecutive polls and that (size, mtime) has been
+//! seen for at least `min_age`. Pure: the poller feeds it listings, it
+//! answers which entries became stable.
+//!
+//! Age is measured on the agent's clock alone, from the first poll that saw
+//! the file's current (size, mtime): the server's mtime is only compared
+//! with itself. A server whose clock is behind the agent's therefore cannot
+//! make a stalled writer's partial file look old, and one whose clock is
+//! ahead cannot hold files back.
 //!
 //! A listing can be fed in parts as it streams in ([`StabilityTracker::begin_poll`],
 //! [`observe_part`](StabilityTracker::observe_part),
@@ -23,6 +30,8 @@ pub struct Observation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tracked {
     seen: Observation,
+    /// When (the agent's clock, Unix seconds) a poll first saw `seen`.
+    since_unix: i64,
     /// Already reported in this version.
     reported: bool,
 }
@@ -83,26 +92,34 @@ impl StabilityTracker {
             let tracked = match files.get(&path) {
                 Some(prev) if prev.seen == seen => {
                     let old_enough =
-                        now_unix.saturating_sub(seen.mtime_unix) >= i64::from(min_age_secs);
+                        now_unix.saturating_sub(prev.since_unix) >= i64::from(min_age_secs);
                     if !prev.reported && old_enough {
                         newly_stable.push((path.clone(), seen));
                         Tracked {
-                            seen,
                             reported: true,
+                            ..*prev
                         }
                     } else {
                         *prev
                     }
                 }
-                // First sighting, or changed since the last poll: wait for one more.
+                // First sighting, or changed since the last poll: its age
+                // starts now, and it waits for one more poll.
                 _ => Tracked {
                     seen,
+                    since_unix: now_unix,
                     reported: false,
                 },
             };
             listing.insert(path, tracked);
         }
         newly_stable
+    }
+
+    /// Drops the poll in progress (its listing failed): what the previous
+    /// finished poll saw stays, and the memory of the partial listing is freed.
+    pub fn abandon_poll(&mut self) {
+        self.listing = None;
     }
 
     /// Ends the poll: what it listed replaces what the previous poll saw, so
@@ -189,9 +206,62 @@ mod tests {
     #[test]
     fn min_age_holds_back_young_files() {
         let mut t = StabilityTracker::default();
+        // First seen at 101: old enough from 161 on, by the agent's clock.
         poll(&mut t, &[("/y", 1, 100)], 101, 60);
         assert!(poll(&mut t, &[("/y", 1, 100)], 130, 60).is_empty());
-        assert_eq!(poll(&mut t, &[("/y", 1, 100)], 160, 60), vec!["/y"]);
+        assert!(poll(&mut t, &[("/y", 1, 100)], 160, 60).is_empty());
+        assert_eq!(poll(&mut t, &[("/y", 1, 100)], 161, 60), vec!["/y"]);
+    }
+
+    #[test]
+    fn a_server_clock_behind_the_agent_does_not_age_a_stalled_file() {
+        // The server's clock is a day behind: every mtime it reports is a day
+        // old by the agent's clock. A writer stalls at 5 bytes.
+        let day = 86_400;
+        let now = 1_700_000_000;
+        let mut t = StabilityTracker::default();
+        assert!(poll(&mut t, &[("/p", 5, now - day)], now, 300).is_empty());
+        assert!(poll(&mut t, &[("/p", 5, now - day)], now + 10, 300).is_empty());
+        assert!(poll(&mut t, &[("/p", 5, now - day)], now + 299, 300).is_empty());
+        // Unchanged for min_age as the agent saw it: stable.
+        assert_eq!(
+            poll(&mut t, &[("/p", 5, now - day)], now + 300, 300),
+            vec!["/p"]
+        );
+    }
+
+    #[test]
+    fn a_server_clock_ahead_of_the_agent_does_not_hold_files_back() {
+        // mtimes a day in the agent's future.
+        let now = 1_700_000_000;
+        let mut t = StabilityTracker::default();
+        poll(&mut t, &[("/f", 5, now + 86_400)], now, 30);
+        assert!(poll(&mut t, &[("/f", 5, now + 86_400)], now + 29, 30).is_empty());
+        assert_eq!(
+            poll(&mut t, &[("/f", 5, now + 86_400)], now + 30, 30),
+            vec!["/f"]
+        );
+    }
+
+    #[test]
+    fn a_change_restarts_the_age() {
+        let mut t = StabilityTracker::default();
+        poll(&mut t, &[("/g", 1, 100)], 1000, 60);
+        assert!(poll(&mut t, &[("/g", 2, 100)], 1050, 60).is_empty());
+        // 60 s after the first sighting, but only 10 s after the change.
+        assert!(poll(&mut t, &[("/g", 2, 100)], 1060, 60).is_empty());
+        assert_eq!(poll(&mut t, &[("/g", 2, 100)], 1110, 60), vec!["/g"]);
+    }
+
+    #[test]
+    fn an_abandoned_poll_keeps_the_last_finished_one() {
+        let mut t = StabilityTracker::default();
+        poll(&mut t, &[("/a", 1, 100)], 200, 0);
+        t.begin_poll();
+        assert!(part(&mut t, &[("/b", 1, 100)], 201).is_empty());
+        t.abandon_poll();
+        assert_eq!(t.len(), 1);
+        assert_eq!(poll(&mut t, &[("/a", 1, 100)], 202, 0), vec!["/a"]);
     }
 
     #[test]

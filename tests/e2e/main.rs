@@ -18,6 +18,7 @@ mod flow;
 mod ha;
 mod harness_smoke;
 mod health;
+mod hostile_sftp;
 mod keys;
 mod metrics;
 mod post_actions;

@@ -4,6 +4,9 @@
 //! `ferry-coordinator` / `ferryctl` binaries — on loopback ports, so tests run
 //! in parallel without sharing state.
 //!
+//! [`LyingSftp`] is the exception: a scripted hostile SFTP server that runs
+//! inside the test process.
+//!
 //! Prerequisites (installed/started by `deploy/test-deps.sh`, run as root):
 //! sshd, s3s-fs, Postgres on :5432, RabbitMQ on :5672, user `ferrytest`.
 //! The binaries come from `cargo build --workspace --bins`.
@@ -20,6 +23,7 @@ pub mod coordinator;
 pub mod cpu;
 pub mod ctl;
 pub mod haproxy;
+pub mod lying_sftp;
 pub mod netns;
 pub mod pg_cluster;
 pub mod postgres;
@@ -38,6 +42,7 @@ pub use coordinator::Coordinator;
 pub use cpu::CpuSnapshot;
 pub use ctl::{Ctl, CtlOutput};
 pub use haproxy::HaProxy;
+pub use lying_sftp::{LyingSftp, LyingSftpBuilder, PathCounts};
 pub use netns::Site;
 pub use pg_cluster::PgCluster;
 pub use postgres::TestDb;

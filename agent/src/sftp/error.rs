@@ -49,6 +49,10 @@ pub(crate) enum SftpError {
     /// what we need (no common algorithm, no SFTP subsystem, ...).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A listing went past one of its bounds (`listing::ListingLimits`): the
+    /// server's directory does not end, or is larger than the agent takes.
+    #[error("{0}")]
+    ListingLimit(String),
 }
 
 impl SftpError {

@@ -4,6 +4,12 @@
 //! Entry types come from the attributes in the `READDIR` reply, which
 //! servers fill with `lstat` semantics: a symlink shows up as a symlink and is
 //! skipped, so links can neither escape the watched tree nor loop.
+//!
+//! A listing is bounded whatever the server says ([`ListingLimits`]): it
+//! reads at most `max_entries` directory entries (an endless `READDIR` ends
+//! the listing with [`SftpError::ListingLimit`]), descends at most
+//! [`MAX_DEPTH`] levels, and skips names over [`MAX_NAME_BYTES`] and paths
+//! over [`MAX_PATH_BYTES`]; what it skipped is told by [`Listing::problems`].
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -19,6 +25,40 @@ use russh_sftp::protocol::{FileAttributes, Name, StatusCode};
 use super::error::SftpError;
 use super::session::{FileKind, RemoteFile, SftpSession};
 
+/// Levels below the watch directory a recursive listing descends.
+pub(crate) const MAX_DEPTH: usize = 64;
+/// Longest entry name taken, in bytes (file systems allow 255; servers on
+/// UTF-16 file systems up to 765).
+pub(crate) const MAX_NAME_BYTES: usize = 1024;
+/// Longest path taken, in bytes (Linux `PATH_MAX`).
+pub(crate) const MAX_PATH_BYTES: usize = 4096;
+/// Default of [`ListingLimits::max_entries`] (`FERRY_MAX_LISTING_ENTRIES`).
+pub(crate) const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+/// Longest excerpt of a name or path quoted in a message.
+const QUOTE_CHARS: usize = 120;
+
+/// Bounds of one listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ListingLimits {
+    /// Directory entries read per listing (every entry of every directory,
+    /// whether it matches or not).
+    pub max_entries: u64,
+    pub max_depth: usize,
+    pub max_name_bytes: usize,
+    pub max_path_bytes: usize,
+}
+
+impl Default for ListingLimits {
+    fn default() -> Self {
+        ListingLimits {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_depth: MAX_DEPTH,
+            max_name_bytes: MAX_NAME_BYTES,
+            max_path_bytes: MAX_PATH_BYTES,
+        }
+    }
+}
+
 /// A listing in progress; see [`SftpSession::listing`].
 ///
 /// Holds at most one open directory handle on the server, with up to
@@ -28,11 +68,20 @@ pub(crate) struct Listing<'a> {
     session: &'a SftpSession,
     glob: &'a GlobMatcher,
     recursive: bool,
+    limits: ListingLimits,
+    /// The watch directory as given, for messages.
+    watch_dir: String,
     /// The watch directory until it has been opened.
     root: Option<String>,
-    /// Subdirectories still to read (absolute paths).
-    pending: Vec<String>,
+    /// Subdirectories still to read (absolute paths) and their depth below
+    /// the watch directory.
+    pending: Vec<(String, usize)>,
     open: Option<OpenDir>,
+    /// Directory entries read so far.
+    entries: u64,
+    /// The first entry skipped for a limit, and how many were.
+    first_problem: Option<String>,
+    problems: u64,
 }
 
 /// `READDIR` requests kept in flight on the open directory. One reply
@@ -67,6 +116,8 @@ type Pending = MaybeDone<BoxFuture<'static, Result<Name, SftpLibError>>>;
 
 struct OpenDir {
     path: String,
+    /// Levels below the watch directory (the watch directory is 0).
+    depth: usize,
     handle: String,
     /// Requests sent and not yet consumed, oldest first.
     ahead: VecDeque<Pending>,
@@ -77,9 +128,10 @@ struct OpenDir {
 }
 
 impl OpenDir {
-    fn new(path: String, handle: String) -> Self {
+    fn new(path: String, depth: usize, handle: String) -> Self {
         OpenDir {
             path,
+            depth,
             handle,
             ahead: VecDeque::new(),
             limit: 1,
@@ -104,14 +156,38 @@ impl<'a> Listing<'a> {
         dir: &str,
         glob: &'a GlobMatcher,
         recursive: bool,
+        limits: ListingLimits,
     ) -> Listing<'a> {
         Listing {
             session,
             glob,
             recursive,
+            limits,
+            watch_dir: dir.to_owned(),
             root: Some(dir.to_owned()),
             pending: Vec::new(),
             open: None,
+            entries: 0,
+            first_problem: None,
+            problems: 0,
+        }
+    }
+
+    /// What the listing skipped for a limit (a name, path or depth over
+    /// its bound), or `None`: the first case and how many there were.
+    pub(crate) fn problems(&self) -> Option<String> {
+        let first = self.first_problem.as_ref()?;
+        Some(match self.problems {
+            0 | 1 => first.clone(),
+            n => format!("{first} (and {} more entries skipped)", n - 1),
+        })
+    }
+
+    fn skipped(&mut self, why: String) {
+        tracing::warn!(target = %self.session.target(), watch_dir = %self.watch_dir, "{why}");
+        self.problems += 1;
+        if self.first_problem.is_none() {
+            self.first_problem = Some(why);
         }
     }
 
@@ -119,7 +195,9 @@ impl<'a> Listing<'a> {
     /// is complete.
     ///
     /// The watch directory itself failing (missing: [`SftpError::NotFound`],
-    /// unreadable, ...) is an error. A subdirectory that vanished or cannot
+    /// unreadable, ...) is an error, and so is a listing that reads more
+    /// than [`ListingLimits::max_entries`] entries
+    /// ([`SftpError::ListingLimit`]). A subdirectory that vanished or cannot
     /// be read is skipped (logged), so one bad subtree does not hide the rest.
     pub(crate) async fn next_batch(&mut self) -> Result<Option<Vec<RemoteFile>>, SftpError> {
         loop {
@@ -137,7 +215,7 @@ impl<'a> Listing<'a> {
                 let _ = futures::poll!(&mut request);
                 dir.ahead.push_back(request);
             }
-            let (path, at_end) = (dir.path.clone(), dir.at_end);
+            let (path, depth, at_end) = (dir.path.clone(), dir.depth, dir.at_end);
             let Some(mut request) = dir.ahead.pop_front() else {
                 // The end was seen and every request sent is answered.
                 self.close_open().await;
@@ -153,9 +231,18 @@ impl<'a> Listing<'a> {
                     if let Some(dir) = &mut self.open {
                         dir.limit = readdir_ahead(dir.limit, name.files.len());
                     }
+                    self.entries = self.entries.saturating_add(name.files.len() as u64);
+                    if let Some(why) = over_entry_limit(self.entries, &self.limits) {
+                        self.close_open().await;
+                        return Err(SftpError::ListingLimit(format!(
+                            "listing of {} stopped in {}: {why}",
+                            quote(&self.watch_dir),
+                            quote(&path)
+                        )));
+                    }
                     let mut batch = Vec::new();
                     for file in name.files {
-                        self.take(&path, file, &mut batch).await?;
+                        self.take(&path, depth, file, &mut batch).await?;
                     }
                     if !batch.is_empty() {
                         return Ok(Some(batch));
@@ -205,14 +292,14 @@ impl<'a> Listing<'a> {
                 .await
                 .map_err(|e| self.session.error(e, &root))?
                 .handle;
-            self.open = Some(OpenDir::new(root, handle));
+            self.open = Some(OpenDir::new(root, 0, handle));
             return Ok(true);
         }
-        while let Some(dir) = self.pending.pop() {
+        while let Some((dir, depth)) = self.pending.pop() {
             self.session.touch();
             match sftp.opendir(dir.as_str()).await {
                 Ok(handle) => {
-                    self.open = Some(OpenDir::new(dir, handle.handle));
+                    self.open = Some(OpenDir::new(dir, depth, handle.handle));
                     return Ok(true);
                 }
                 Err(e) => match self.session.error(e, &dir) {
@@ -233,16 +320,23 @@ impl<'a> Listing<'a> {
     async fn take(
         &mut self,
         dir: &str,
+        depth: usize,
         file: russh_sftp::protocol::File,
         batch: &mut Vec<RemoteFile>,
     ) -> Result<(), SftpError> {
-        let entry = classify_entry(
+        let mut entry = classify_entry(
             &file.filename,
             &file.attrs,
             &file.longname,
             self.glob,
             self.recursive,
         );
+        if entry != Entry::Skip
+            && let Some(why) = over_bounds(dir, &file.filename, depth, &entry, &self.limits)
+        {
+            self.skipped(why);
+            entry = Entry::Skip;
+        }
         match entry {
             Entry::Skip => {
                 if file
@@ -252,7 +346,7 @@ impl<'a> Listing<'a> {
                     tracing::warn!(target = %self.session.target(), dir, name = %file.filename.escape_debug(), "skipping entry with an unusable name (slash, NUL or not UTF-8)");
                 }
             }
-            Entry::Descend => self.pending.push(join(dir, &file.filename)),
+            Entry::Descend => self.pending.push((join(dir, &file.filename), depth + 1)),
             Entry::Match => {
                 let path = join(dir, &file.filename);
                 let (size, mtime) = match (file.attrs.size, file.attrs.mtime) {
@@ -327,6 +421,64 @@ fn classify_entry(
         FileKind::Dir if recursive => Entry::Descend,
         _ => Entry::Skip,
     }
+}
+
+/// Why a listing that has read `entries` entries must stop, or `None`. Pure.
+fn over_entry_limit(entries: u64, limits: &ListingLimits) -> Option<String> {
+    (entries > limits.max_entries).then(|| {
+        format!(
+            "more than {} directory entries read (FERRY_MAX_LISTING_ENTRIES); \
+             the directory does not end, or the watch covers too much",
+            limits.max_entries
+        )
+    })
+}
+
+/// Why the entry `name` of `dir` (at `depth` below the watch directory),
+/// taken as `entry`, is over a limit of the listing, or `None`. Pure.
+fn over_bounds(
+    dir: &str,
+    name: &str,
+    depth: usize,
+    entry: &Entry,
+    limits: &ListingLimits,
+) -> Option<String> {
+    if name.len() > limits.max_name_bytes {
+        return Some(format!(
+            "skipped an entry of {}: its name is {} bytes, over the limit of {} ({})",
+            quote(dir),
+            name.len(),
+            limits.max_name_bytes,
+            quote(name)
+        ));
+    }
+    let path_len = dir.len() + 1 + name.len();
+    if path_len > limits.max_path_bytes {
+        return Some(format!(
+            "skipped an entry of {}: its path is {path_len} bytes, over the limit of {}",
+            quote(dir),
+            limits.max_path_bytes
+        ));
+    }
+    if *entry == Entry::Descend && depth + 1 > limits.max_depth {
+        return Some(format!(
+            "skipped directory {}: deeper than {} levels below the watch directory",
+            quote(&join(dir, name)),
+            limits.max_depth
+        ));
+    }
+    None
+}
+
+/// `text` escaped for a message, cut to [`QUOTE_CHARS`] characters (the
+/// tail of a deep path is what tells where it is).
+fn quote(text: &str) -> String {
+    let escaped: Vec<char> = text.escape_debug().collect();
+    if escaped.len() <= QUOTE_CHARS {
+        return escaped.into_iter().collect();
+    }
+    let tail: String = escaped[escaped.len() - QUOTE_CHARS..].iter().collect();
+    format!("...{tail}")
 }
 
 /// `dir` without trailing slashes, except the root itself.
@@ -437,6 +589,55 @@ mod tests {
         assert_eq!(entry("drwxr-xr-x 2 u g 4096 Jan 1 00:00 x"), Entry::Descend);
         assert_eq!(entry("lrwxrwxrwx 1 u g 3 Jan 1 00:00 x -> y"), Entry::Skip);
         assert_eq!(entry(""), Entry::Skip);
+    }
+
+    #[test]
+    fn listings_stop_past_the_entry_bound() {
+        let limits = ListingLimits {
+            max_entries: 100,
+            ..ListingLimits::default()
+        };
+        assert_eq!(over_entry_limit(100, &limits), None);
+        let why = over_entry_limit(101, &limits).expect("over");
+        assert!(why.contains("more than 100 directory entries"), "{why}");
+        assert!(why.contains("FERRY_MAX_LISTING_ENTRIES"), "{why}");
+    }
+
+    #[test]
+    fn long_names_long_paths_and_deep_directories_are_skipped() {
+        let limits = ListingLimits::default();
+        let ok =
+            |dir: &str, name: &str, depth, entry| over_bounds(dir, name, depth, &entry, &limits);
+        assert_eq!(ok("/in", "a.csv", 0, Entry::Match), None);
+        let name = "n".repeat(MAX_NAME_BYTES);
+        assert_eq!(ok("/in", &name, 0, Entry::Match), None);
+        let long = ok("/in", &format!("{name}x"), 0, Entry::Match).expect("too long");
+        assert!(
+            long.contains("its name is 1025 bytes, over the limit of 1024"),
+            "{long}"
+        );
+        assert!(long.len() < 400, "the message quotes an excerpt: {long}");
+        // Four names of the longest length: each fine, the path not.
+        let dir = format!("/{0}/{0}/{0}", "d".repeat(MAX_NAME_BYTES));
+        let path = ok(&dir, &name, 3, Entry::Match).expect("path too long");
+        assert!(
+            path.contains("its path is 4100 bytes, over the limit of 4096"),
+            "{path}"
+        );
+        // Directories below the depth bound are not descended; files at
+        // the deepest level are still taken.
+        assert_eq!(ok("/in/d", "d", MAX_DEPTH - 1, Entry::Descend), None);
+        let deep = ok("/in/d", "d", MAX_DEPTH, Entry::Descend).expect("too deep");
+        assert!(deep.contains("deeper than 64 levels"), "{deep}");
+        assert_eq!(ok("/in/d", "f.csv", MAX_DEPTH, Entry::Match), None);
+    }
+
+    #[test]
+    fn quotes_are_escaped_and_cut() {
+        assert_eq!(quote("/in/a\nb"), "/in/a\\nb");
+        let q = quote(&"x".repeat(500));
+        assert_eq!(q.len(), QUOTE_CHARS + 3);
+        assert!(q.starts_with("..."));
     }
 
     #[test]

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 pub(crate) use connect::{connect, probe_host_key};
 pub(crate) use error::SftpError;
+pub(crate) use listing::{DEFAULT_MAX_ENTRIES, ListingLimits};
 pub(crate) use session::{FileKind, FileStat, RemoteFile, SftpSession};
 
 /// Where and how to log in to one SFTP server.

@@ -12,7 +12,7 @@ use russh_sftp::protocol::{FileAttributes, OpenFlags};
 
 use super::connect::PinnedHostKey;
 use super::error::{LibError, SftpError, classify};
-use super::listing::Listing;
+use super::listing::{Listing, ListingLimits};
 
 /// A regular file found by a listing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -304,8 +304,9 @@ impl SftpSession {
         dir: &str,
         glob: &'a GlobMatcher,
         recursive: bool,
+        limits: ListingLimits,
     ) -> Listing<'a> {
-        Listing::new(self, dir, glob, recursive)
+        Listing::new(self, dir, glob, recursive, limits)
     }
 
     pub(crate) fn sftp(&self) -> &Arc<RawSftpSession> {

@@ -4,7 +4,10 @@
 //! parts in flight, check the file did not change meanwhile, and complete.
 //!
 //! Memory per transfer is bounded by the read window (about 4 MiB of
-//! requests in flight) plus `PARTS_IN_FLIGHT + 1` part buffers.
+//! requests in flight) plus `PARTS_IN_FLIGHT + 1` part buffers. No buffer is
+//! sized by the size the server claims: a file over the object store's
+//! limit fails before it is opened, and buffers are reserved only up to
+//! `sizing::MAX_PREALLOCATION`, growing with the bytes that arrive.
 
 use ferry_common::sync::lock;
 use std::collections::HashMap;
@@ -24,7 +27,7 @@ use super::failure::{TransferError, classify};
 use super::object::{self, AlreadyThere, Source, check_destination};
 use super::pool::{PooledSession, SessionPool, Work};
 use super::s3::{ObjectRef, S3Target, Written};
-use super::sizing::{part_size, read_window};
+use super::sizing::{buffer_reservation, check_object_size, part_size, read_window};
 use crate::sftp::{FileKind, FileStat, SftpError, SftpSession};
 
 /// Part uploads running at once; one more part fills meanwhile.
@@ -68,6 +71,8 @@ async fn run(
     phases: &mut Phases,
 ) -> Result<proto::TaskSuccess, TransferError> {
     check_destination(&task.bucket, &task.key).map_err(TransferError::Permanent)?;
+    check_object_size(task.size)
+        .map_err(|why| TransferError::Permanent(format!("{}: {why}", task.path)))?;
     let conn = task
         .source
         .as_ref()
@@ -451,7 +456,7 @@ async fn read_file(
 
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
-    let buffer_capacity = part_len.min(usize::try_from(size).unwrap_or(usize::MAX));
+    let buffer_capacity = buffer_reservation(part_len as u64, size);
     let mut buffer = Vec::with_capacity(buffer_capacity);
     let mut last_progress = Instant::now();
     while let Some((offset, len, result)) = reads.next().await {

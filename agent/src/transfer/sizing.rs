@@ -1,5 +1,12 @@
-//! Pure sizing decisions of a transfer: multipart part size and how many
-//! SFTP read requests to keep in flight.
+//! Pure sizing decisions of a transfer: whether the object store takes a
+//! file of the size the server claims, the multipart part size, how much
+//! buffer to set aside up front, and how many SFTP read requests to keep in
+//! flight.
+//!
+//! **Invariant:** no size a server reports sizes an allocation. A claimed
+//! size over [`MAX_OBJECT_SIZE`] fails before anything is read; below it,
+//! buffers are reserved up to [`MAX_PREALLOCATION`] and grow only with the
+//! bytes that really arrive, never past one part.
 
 /// One mebibyte.
 pub(super) const MIB: u64 = 1024 * 1024;
@@ -8,6 +15,15 @@ pub(super) const MIB: u64 = 1024 * 1024;
 pub(crate) const MIN_PART_SIZE: u64 = 8 * MIB;
 /// S3's limit on the parts of one multipart upload.
 pub(crate) const MAX_PARTS: u64 = 10_000;
+/// One tebibyte.
+const TIB: u64 = 1024 * 1024 * MIB;
+/// The largest object S3 stores (5 TiB): a larger file can never be
+/// stored, so it fails permanently before it is read.
+pub(crate) const MAX_OBJECT_SIZE: u64 = 5 * TIB;
+/// The most buffer reserved before bytes arrive. A part buffer of a file
+/// larger than this grows as it fills, so a size that lies costs nothing
+/// until the server really sends the bytes.
+pub(crate) const MAX_PREALLOCATION: usize = 16 * MIB as usize;
 /// Bytes of SFTP read requests to keep in flight; divided by the server's
 /// read chunk to give the request count (see [`read_window`]).
 pub(super) const READ_WINDOW_BYTES: u64 = 4 * MIB;
@@ -21,6 +37,28 @@ const MAX_READS_IN_FLIGHT: usize = 64;
 pub(crate) fn part_size(file_size: u64) -> u64 {
     let needed = file_size.div_ceil(MAX_PARTS);
     needed.div_ceil(MIB).saturating_mul(MIB).max(MIN_PART_SIZE)
+}
+
+/// Whether the object store takes a file of `size` bytes; the error says
+/// why not (the task fails permanently).
+pub(crate) fn check_object_size(size: u64) -> Result<(), String> {
+    if size <= MAX_OBJECT_SIZE {
+        return Ok(());
+    }
+    Err(format!(
+        "the server reports a size of {size} bytes, over the object store's limit of \
+         {MAX_OBJECT_SIZE} bytes (5 TiB for S3) for one object; nothing was read"
+    ))
+}
+
+/// Bytes to reserve for a buffer that will hold up to `part_len` bytes of
+/// a file of `size` bytes: the smaller of the two, and at most
+/// [`MAX_PREALLOCATION`].
+pub(crate) fn buffer_reservation(part_len: u64, size: u64) -> usize {
+    let wanted = part_len.min(size);
+    usize::try_from(wanted)
+        .unwrap_or(usize::MAX)
+        .min(MAX_PREALLOCATION)
 }
 
 /// Number of read requests of `chunk` bytes to keep in flight: about
@@ -61,6 +99,27 @@ mod tests {
         }
         // 5 TiB needs 525 MiB parts, under S3's 5 GiB part limit.
         assert_eq!(part_size(5 * 1024 * 1024 * MIB), 525 * MIB);
+    }
+
+    #[test]
+    fn sizes_over_the_object_limit_are_refused() {
+        assert_eq!(check_object_size(0), Ok(()));
+        assert_eq!(check_object_size(MAX_OBJECT_SIZE), Ok(()));
+        let lie = check_object_size(1 << 60).unwrap_err();
+        assert!(lie.contains("1152921504606846976 bytes"), "{lie}");
+        assert!(lie.contains("5 TiB"), "{lie}");
+        assert!(check_object_size(MAX_OBJECT_SIZE + 1).is_err());
+        assert!(check_object_size(u64::MAX).is_err());
+    }
+
+    #[test]
+    fn reservations_never_follow_a_claimed_size() {
+        assert_eq!(buffer_reservation(8 * MIB, 100), 100);
+        assert_eq!(buffer_reservation(8 * MIB, 300 * MIB), 8 * MIB as usize);
+        // The largest storable file has 525 MiB parts: reserved as they fill.
+        let big = MAX_OBJECT_SIZE;
+        assert_eq!(buffer_reservation(part_size(big), big), MAX_PREALLOCATION);
+        assert_eq!(buffer_reservation(u64::MAX, u64::MAX), MAX_PREALLOCATION);
     }
 
     #[test]
