@@ -856,3 +856,143 @@ async fn every_listing_pages_and_tokens_are_bound_to_their_filter() {
     assert_eq!(all.files.len(), 3);
     assert!(all.next_page_token.is_empty());
 }
+
+/// A directory or move target written with `.`, `..`, `//` or a control
+/// character is refused (naming the field, nothing written), and a watch may
+/// not cover a directory into which pending post-actions will move files,
+/// even after the watch that asked for the move stopped asking.
+#[tokio::test]
+async fn admin_paths_mean_one_thing() {
+    let mut e = env().await;
+    let s = e
+        .client
+        .add_server(server_req("paths"))
+        .await
+        .unwrap()
+        .into_inner();
+    let watch = |directory: &str, post_action: Option<proto::PostAction>| proto::AddWatchRequest {
+        server_id: s.id,
+        directory: directory.into(),
+        bucket: "bkt".into(),
+        post_action,
+        ..Default::default()
+    };
+    for dir in [
+        "/in/.",
+        "/x/../in",
+        "/in//sub",
+        "//in",
+        "/in/\n",
+        "/in/\u{1b}[31m",
+    ] {
+        let err = e.client.add_watch(watch(dir, None)).await.expect_err(dir);
+        assert_bad_request(&err, "directory");
+    }
+    // A move into the watched directory, spelled another way.
+    for target in ["/in/.", "/x/../in", "/in/", "/archive//x", "/archive/\t"] {
+        let err = e
+            .client
+            .add_watch(watch("/in", Some(move_to(target))))
+            .await
+            .expect_err(target);
+        assert_bad_request(&err, "post_action");
+    }
+    assert_eq!(count(&e.db, "watches").await, 0, "nothing written");
+
+    let w = e
+        .client
+        .add_watch(watch("/in", Some(move_to("/archive/"))))
+        .await
+        .unwrap()
+        .into_inner();
+    for (field, req) in [
+        (
+            "directory",
+            proto::UpdateWatchRequest {
+                id: w.id,
+                directory: Some("/in/./".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "post_action",
+            proto::UpdateWatchRequest {
+                id: w.id,
+                post_action: Some(move_to("/archive/../in")),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let err = e.client.update_watch(req).await.expect_err(field);
+        assert_bad_request(&err, field);
+    }
+    let stored: (String, String) =
+        sqlx::query_as("SELECT directory, post_action FROM watches WHERE id = $1")
+            .bind(w.id)
+            .fetch_one(e.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored, ("/in".to_string(), "move:/archive".to_string()));
+
+    // Three versions discovered under move:/archive, their moves still to come.
+    sqlx::query(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status, post_action) \
+         SELECT $1, $2, '/in/f' || g, g, 1700000000, \
+                (ARRAY['new', 'uploaded', 'processed'])[g], 'move:/archive' \
+         FROM generate_series(1, 3) g",
+    )
+    .bind(s.id)
+    .bind(w.id)
+    .execute(e.db.pool())
+    .await
+    .unwrap();
+    // The watch stops moving; its files keep the action they were found with.
+    e.client
+        .update_watch(proto::UpdateWatchRequest {
+            id: w.id,
+            post_action: Some(proto::PostAction {
+                action: Some(proto::post_action::Action::Keep(
+                    proto::post_action::Keep {},
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = e
+        .client
+        .add_watch(watch("/archive", None))
+        .await
+        .expect_err("a watch of the pending moves' target");
+    assert_bad_request(&err, "directory");
+    assert!(
+        err.message().contains("3 file(s) of watch"),
+        "{}",
+        err.message()
+    );
+    let err = e
+        .client
+        .update_watch(proto::UpdateWatchRequest {
+            id: w.id,
+            directory: Some("/archive".into()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the watch itself moved onto its files' move target");
+    assert_bad_request(&err, "directory");
+    assert_eq!(count(&e.db, "watches").await, 1, "nothing written");
+
+    // Once every move is answered (or the files failed for good), the
+    // directory is free.
+    sqlx::query(
+        "UPDATE files SET status = CASE WHEN status = 'processed' THEN 'processed' ELSE 'failed' END, \
+                post_action_result = CASE WHEN status = 'processed' THEN 'done' END",
+    )
+    .execute(e.db.pool())
+    .await
+    .unwrap();
+    e.client
+        .add_watch(watch("/archive", None))
+        .await
+        .expect("no move is pending any more");
+}
