@@ -108,28 +108,33 @@ impl FromStr for PostAction {
 }
 
 /// The stored text form (`keep`, `delete`, `move:/dir`), for reading rows.
+/// A stored move target is taken as written (the database admits any
+/// absolute one): rows written before [`PostAction::move_to`] refused `.`,
+/// `..` and `//` must stay readable. Input goes through [`FromStr`].
 impl TryFrom<String> for PostAction {
     type Error = String;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
+        match s.strip_prefix("move:") {
+            Some(dir) if dir.starts_with('/') => {
+                Ok(PostAction::Move(match dir.trim_end_matches('/') {
+                    "" => "/".into(),
+                    dir => dir.into(),
+                }))
+            }
+            _ => s.parse(),
+        }
     }
 }
 
 impl PostAction {
-    /// A move into `dir`, which must be absolute; a trailing `/` is dropped.
-    /// The one check of a move target, whatever form the action came in.
+    /// A move into `dir`, which must be an absolute directory written one
+    /// way (no `.`, `..` or `//` segments, no control characters; see
+    /// [`crate::validate::absolute_dir`]); a trailing `/` is dropped. The one
+    /// check of a move target, whatever form the action came in.
     pub fn move_to(dir: &str) -> Result<PostAction, String> {
-        if !dir.starts_with('/') || dir.contains('\0') {
-            return Err(format!(
-                "the move target {dir:?} must be an absolute directory, e.g. /archive"
-            ));
-        }
-        let dir = dir.trim_end_matches('/');
-        Ok(PostAction::Move(if dir.is_empty() {
-            "/".into()
-        } else {
-            dir.to_string()
-        }))
+        crate::validate::absolute_dir(dir)
+            .map(PostAction::Move)
+            .map_err(|why| format!("the move target {why}"))
     }
 }
 
@@ -284,6 +289,16 @@ mod tests {
             Ok(PostAction::Move("/a".into()))
         );
         assert!("remove".parse::<PostAction>().is_err());
+        for bad in ["/in/.", "/x/../in", "/a//b", "/in\n"] {
+            let err = PostAction::move_to(bad).unwrap_err();
+            assert!(err.starts_with("the move target"), "{err}");
+            assert!(format!("move:{bad}").parse::<PostAction>().is_err());
+        }
+        // Rows stored before the check stay readable, as written.
+        assert_eq!(
+            PostAction::try_from("move:/x/../in".to_string()),
+            Ok(PostAction::Move("/x/../in".into()))
+        );
     }
 
     #[test]

@@ -8,6 +8,14 @@
 //! target overlaps when a watch of the server would see the moved file: it is
 //! the watch's directory, or inside the tree of a recursive watch (globs are
 //! not considered: the moved file keeps a name its own watch matched).
+//! Moves still to come count as well: a file's post-action is the one
+//! snapshotted when it was discovered, so a watch may not cover a directory
+//! into which pending post-actions will move files ([`PendingMove`]), even
+//! after the watch that asked for the move changed its post-action.
+//!
+//! Directories are compared as text, so they must be written one way
+//! ([`crate::validate::absolute_dir`]); [`lexically_normal`] brings rows
+//! stored before that rule to the same form.
 
 use crate::validate::{Checked, FieldError};
 
@@ -41,6 +49,34 @@ impl WatchTree<'_> {
     }
 }
 
+/// A move target snapshotted on files of the server whose post-action is
+/// still to come (see `files.post_action`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingMove<'a> {
+    pub target: &'a str,
+    /// The watch whose files they are.
+    pub watch_id: i64,
+    /// How many files will be moved there.
+    pub files: i64,
+}
+
+/// `dir` with `.`, `..` and empty segments resolved as text, as `/`-rooted
+/// path (`/x/../in/.` is `/in`); for directories stored before they had to
+/// be written one way. `..` above `/` stays at `/`.
+pub fn lexically_normal(dir: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in dir.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            seg => parts.push(seg),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// Whether `dir` lies strictly below `root`.
 fn is_below(dir: &str, root: &str) -> bool {
     if root == "/" {
@@ -58,9 +94,14 @@ pub fn watches_overlap(a: &WatchTree<'_>, b: &WatchTree<'_>) -> bool {
     trees && !globs_disjoint(a.glob, b.glob)
 }
 
-/// Checks a new or changed watch against its own move target and the other
-/// live watches of its server. The error names the field to change.
-pub fn check_against(watch: &WatchTree<'_>, others: &[WatchTree<'_>]) -> Checked<()> {
+/// Checks a new or changed watch against its own move target, the other
+/// live watches of its server and the moves still pending on the server's
+/// files (including the watch's own). The error names the field to change.
+pub fn check_against(
+    watch: &WatchTree<'_>,
+    others: &[WatchTree<'_>],
+    pending: &[PendingMove<'_>],
+) -> Checked<()> {
     if let Some(target) = watch.move_target
         && watch.sees_files_in(target)
     {
@@ -112,6 +153,21 @@ pub fn check_against(watch: &WatchTree<'_>, others: &[WatchTree<'_>]) -> Checked
                 ),
             ));
         }
+    }
+    if let Some(p) = pending.iter().find(|p| watch.sees_files_in(p.target)) {
+        return Err(FieldError::new(
+            "directory",
+            format!(
+                "the tree of {}{} contains {}, into which the pending post-actions of {} \
+                 file(s) of watch {} will move them: they would be ingested again (choose \
+                 another directory, or wait until those post-actions are done)",
+                watch.directory,
+                if watch.recursive { " (recursive)" } else { "" },
+                p.target,
+                p.files,
+                p.watch_id
+            ),
+        ));
     }
     Ok(())
 }
@@ -228,30 +284,66 @@ mod tests {
     fn checks_name_the_field() {
         let mut new = w(0, "/in", "", true);
         new.move_target = Some("/in/done");
-        assert_eq!(check_against(&new, &[]).unwrap_err().field, "post_action");
-        new.move_target = Some("/archive");
-        assert!(check_against(&new, &[]).is_ok());
         assert_eq!(
-            check_against(&new, &[w(3, "/archive", "", false)])
+            check_against(&new, &[], &[]).unwrap_err().field,
+            "post_action"
+        );
+        new.move_target = Some("/archive");
+        assert!(check_against(&new, &[], &[]).is_ok());
+        assert_eq!(
+            check_against(&new, &[w(3, "/archive", "", false)], &[])
                 .unwrap_err()
                 .field,
             "post_action"
         );
-        let err = check_against(&new, &[w(3, "/in/x", "", false)]).unwrap_err();
+        let err = check_against(&new, &[w(3, "/in/x", "", false)], &[]).unwrap_err();
         assert_eq!(err.field, "directory");
         assert!(err.message.contains("watch 3"), "{}", err.message);
         let mut mover = w(4, "/out", "", false);
         mover.move_target = Some("/in/sub");
         assert_eq!(
-            check_against(&new, &[mover]).unwrap_err().field,
+            check_against(&new, &[mover], &[]).unwrap_err().field,
             "directory"
         );
-        assert!(check_against(&w(0, "/out", "", false), &[w(4, "/in", "", false)]).is_ok());
+        assert!(check_against(&w(0, "/out", "", false), &[w(4, "/in", "", false)], &[]).is_ok());
     }
 
     #[test]
     fn a_watch_is_not_compared_with_itself() {
         let me = w(5, "/in", "", true);
-        assert!(check_against(&me, std::slice::from_ref(&me)).is_ok());
+        assert!(check_against(&me, std::slice::from_ref(&me), &[]).is_ok());
+    }
+
+    #[test]
+    fn pending_moves_count_even_of_the_watch_itself() {
+        let pending = [PendingMove {
+            target: "/archive",
+            watch_id: 5,
+            files: 3,
+        }];
+        // Watch 5 now keeps its files and moves to /archive: its own files
+        // discovered under move:/archive would come back.
+        let err = check_against(&w(5, "/archive", "", false), &[], &pending).unwrap_err();
+        assert_eq!(err.field, "directory");
+        assert!(
+            err.message.contains("3 file(s) of watch 5"),
+            "{}",
+            err.message
+        );
+        let err = check_against(&w(0, "/", "", true), &[], &pending).unwrap_err();
+        assert_eq!(err.field, "directory");
+        assert!(check_against(&w(0, "/", "", false), &[], &pending).is_ok());
+        assert!(check_against(&w(0, "/archive/sub", "", true), &[], &pending).is_ok());
+        assert!(check_against(&w(0, "/archived", "", true), &[], &pending).is_ok());
+    }
+
+    #[test]
+    fn stored_directories_normalize_as_text() {
+        assert_eq!(lexically_normal("/x/../in"), "/in");
+        assert_eq!(lexically_normal("/in/."), "/in");
+        assert_eq!(lexically_normal("/in//sub/"), "/in/sub");
+        assert_eq!(lexically_normal("/../.."), "/");
+        assert_eq!(lexically_normal("/"), "/");
+        assert_eq!(lexically_normal("/in"), "/in");
     }
 }

@@ -305,36 +305,54 @@ pub fn max_sessions(n: u32) -> Checked<u32> {
     }
 }
 
-/// An absolute remote directory; returned without trailing slash (except `/`).
-pub fn directory(dir: &str) -> Checked<String> {
-    let field = "directory";
+/// Checks that `dir` names one remote directory one way: absolute, no control
+/// characters, at most [`crate::discovery::MAX_PATH_BYTES`] bytes, and no
+/// `.`, `..` or empty segments (`//`), so that comparing two directories as
+/// text compares the directories (the overlap rule, the paths discovery
+/// reports). Trailing `/`s are dropped (`/` stays `/`). Returns the
+/// normalized directory, or why `dir` is not one, naming no field (the
+/// caller's field names it).
+pub fn absolute_dir(dir: &str) -> Result<String, String> {
     if dir.is_empty() {
-        return Err(FieldError::new(field, "must not be empty"));
+        return Err("must not be empty".into());
     }
     if !dir.starts_with('/') {
-        return Err(FieldError::new(
-            field,
-            format!("{dir:?} must be an absolute path"),
-        ));
+        return Err(format!("{dir:?} must be an absolute path, e.g. /archive"));
     }
     if dir.chars().any(char::is_control) {
-        return Err(FieldError::new(
-            field,
-            "must not contain control characters",
-        ));
+        return Err(format!("{dir:?} must not contain control characters"));
     }
-    if dir.split('/').any(|seg| seg == "..") {
-        return Err(FieldError::new(
-            field,
-            format!("{dir:?} must not contain '..'"),
-        ));
+    let max = crate::discovery::MAX_PATH_BYTES;
+    if dir.len() > max {
+        return Err(format!("is {} bytes long (at most {max})", dir.len()));
     }
     let trimmed = dir.trim_end_matches('/');
+    if let Some(seg) = trimmed
+        .split('/')
+        .skip(1)
+        .find(|seg| matches!(*seg, "" | "." | ".."))
+    {
+        let what = if seg.is_empty() {
+            "an empty segment (//)".to_string()
+        } else {
+            format!("a {seg:?} segment")
+        };
+        return Err(format!(
+            "{dir:?} contains {what}: give the directory the one way it is meant, \
+             without '.', '..' or '//'"
+        ));
+    }
     Ok(if trimmed.is_empty() {
         "/".into()
     } else {
         trimmed.into()
     })
+}
+
+/// A watch's absolute remote directory; returned without trailing slash
+/// (except `/`). See [`absolute_dir`].
+pub fn directory(dir: &str) -> Checked<String> {
+    absolute_dir(dir).map_err(|why| FieldError::new("directory", why))
 }
 
 /// A file-name glob (`*.csv`, `data-??.{csv,json}`); empty means `*`.
@@ -455,6 +473,8 @@ mod tests {
         assert!(directory("data").is_err());
         assert!(directory("").is_err());
         assert!(directory("/a/../b").is_err());
+        assert_eq!(directory("/data/in//").unwrap(), "/data/in");
+        assert_eq!(directory("///").unwrap(), "/");
         assert_eq!(glob("").unwrap(), "*");
         assert!(glob("*.{csv,json}").is_ok());
         assert_eq!(glob("[a-").unwrap_err().field, "glob");
@@ -497,5 +517,43 @@ mod tests {
         assert_eq!(agent_ref("", "bad site/a").unwrap_err().field, "site");
         assert_eq!(agent_ref("", "a/b/c").unwrap_err().field, "name");
         assert_eq!(agent_ref("", "").unwrap_err().field, "name");
+    }
+
+    #[test]
+    fn directories_mean_one_thing() {
+        for bad in [
+            "/in/.",
+            "/in/./",
+            "/./in",
+            "/x/../in",
+            "/in/..",
+            "/..",
+            "/.",
+            "/a//b",
+            "//in",
+            "/in\n",
+            "/in\tx",
+            "/in\u{7f}",
+            "/in\0",
+        ] {
+            let err = directory(bad).unwrap_err();
+            assert_eq!(err.field, "directory", "{bad:?}");
+            assert!(
+                absolute_dir(bad).is_err(),
+                "{bad:?} must not be a directory"
+            );
+        }
+        assert!(
+            directory("/x/../in")
+                .unwrap_err()
+                .message
+                .contains("\"..\" segment")
+        );
+        assert!(directory("/a//b").unwrap_err().message.contains("//"));
+        let long = format!("/{}", "d".repeat(crate::discovery::MAX_PATH_BYTES));
+        assert!(directory(&long).unwrap_err().message.contains("at most"));
+        for ok in ["/in", "/in/sub", "/in/.hidden", "/in/..x", "/in/a..b", "/"] {
+            assert_eq!(directory(ok).unwrap(), ok, "{ok}");
+        }
     }
 }

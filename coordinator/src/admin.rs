@@ -312,12 +312,14 @@ impl Admin {
             limit: i64::from(paging::page_size(r.page_size)),
         };
         let (rows, more) = files::list_files(&self.coord.db, &filter).await?;
-        let next_page_token = match rows.last() {
-            Some(last) if more => listing.token_after(&last.id.to_string()),
-            _ => String::new(),
-        };
+        let (files, next_page_token) = listing.cut(
+            rows.iter().map(convert::file).collect(),
+            more,
+            |f| f.id.to_string(),
+            paging::wire_len,
+        );
         Ok(proto::ListFilesResponse {
-            files: rows.iter().map(convert::file).collect(),
+            files,
             next_page_token,
         })
     }
@@ -330,9 +332,14 @@ impl Admin {
         let after_id = paging::id_after(listing.start_after(&r.page_token)?)?;
         let size = paging::page_size(r.page_size);
         let rows = registry::list_servers(&self.coord.db, after_id, i64::from(size) + 1).await?;
-        let (rows, next_page_token) = listing.page(rows, size, |s| s.id.to_string());
+        let (servers, next_page_token) = listing.page_within(
+            rows.iter().map(convert::server).collect(),
+            size,
+            |s| s.id.to_string(),
+            paging::wire_len,
+        );
         Ok(proto::ListServersResponse {
-            servers: rows.iter().map(convert::server).collect(),
+            servers,
             next_page_token,
         })
     }
@@ -351,9 +358,14 @@ impl Admin {
             i64::from(size) + 1,
         )
         .await?;
-        let (rows, next_page_token) = listing.page(rows, size, |w| w.id.to_string());
+        let (watches, next_page_token) = listing.page_within(
+            rows.iter().map(convert::watch).collect(),
+            size,
+            |w| w.id.to_string(),
+            paging::wire_len,
+        );
         Ok(proto::ListWatchesResponse {
-            watches: rows.iter().map(convert::watch).collect(),
+            watches,
             next_page_token,
         })
     }
@@ -497,9 +509,14 @@ impl Admin {
         let size = paging::page_size(r.page_size);
         let rows =
             files::list_agents(&self.coord.db, after.as_deref(), None, i64::from(size) + 1).await?;
-        let (rows, next_page_token) = listing.page(rows, size, |a| a.id.clone());
+        let (agents, next_page_token) = listing.page_within(
+            rows.iter().map(convert::agent).collect(),
+            size,
+            |a| a.id.clone(),
+            paging::wire_len,
+        );
         Ok(proto::ListAgentsResponse {
-            agents: rows.iter().map(convert::agent).collect(),
+            agents,
             next_page_token,
         })
     }
@@ -622,11 +639,17 @@ impl AdminService for Admin {
     async fn get_file(&self, req: Request<proto::GetFileRequest>) -> Rpc<proto::GetFileResponse> {
         let id = req.into_inner().id;
         let result = async {
-            let file = files::get_file(&self.coord.db, id).await?;
+            let file = convert::file(&files::get_file(&self.coord.db, id).await?);
             let events = files::file_events(&self.coord.db, id).await?;
+            let (events, omitted) = paging::newest_within(
+                events.iter().map(convert::event).collect(),
+                paging::MAX_PAGE_BYTES.saturating_sub(paging::wire_len(&file)),
+                paging::wire_len,
+            );
             Ok(proto::GetFileResponse {
-                file: Some(convert::file(&file)),
-                events: events.iter().map(convert::event).collect(),
+                file: Some(file),
+                events,
+                earlier_events_omitted: omitted as u64,
             })
         }
         .await;

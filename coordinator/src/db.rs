@@ -6,16 +6,24 @@ use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::urls;
+
 /// Migrations compiled into the binary from `migrations/`.
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 pub(crate) async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    for name in urls::unrecognized_pg_params(url) {
+        tracing::warn!(
+            parameter = %name,
+            "FERRY_DATABASE_URL: ignoring a query parameter the Postgres driver does not understand"
+        );
+    }
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await
-        .with_context(|| format!("connect to Postgres at {}", redact(url)))
+        .with_context(|| format!("connect to Postgres at {}", urls::redact(url)))
 }
 
 /// `BEGIN` of the hot path's batch transactions, sent as one simple query
@@ -47,20 +55,6 @@ pub(crate) async fn begin_batch(db: &PgPool) -> sqlx::Result<Transaction<'static
 /// sqlx serializes migrators with a Postgres advisory lock.
 pub(crate) async fn migrate(db: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(db).await.context("apply database migrations")
-}
-
-/// The URL without its password, for error messages.
-pub(crate) fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((creds, host)) => {
-                let user = creds.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}@{host}")
-            }
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -125,14 +119,5 @@ mod tests {
         );
         pool.close().await;
         db.drop().await;
-    }
-
-    #[test]
-    fn redacts_password() {
-        assert_eq!(
-            super::redact("postgres://u:secret@h:5432/db"),
-            "postgres://u@h:5432/db"
-        );
-        assert_eq!(super::redact("postgres://h/db"), "postgres://h/db");
     }
 }

@@ -30,6 +30,7 @@ mod state;
 mod status;
 mod tasks;
 mod transitions;
+mod urls;
 
 use crate::config::{Cli, Command};
 use clap::Parser;

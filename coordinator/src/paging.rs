@@ -1,4 +1,11 @@
-//! Pagination of the `List*` calls: page sizes and page tokens.
+//! Pagination of the `List*` calls: page sizes, page byte budgets and page
+//! tokens.
+//!
+//! A page holds at most `page_size` rows and at most [`MAX_PAGE_BYTES`] of
+//! encoded rows (never fewer than one row), so no response exceeds the
+//! 4 MiB that standard gRPC clients (tonic, grpcio, grpcurl) accept by
+//! default, however long the paths and messages in the rows; the token of a
+//! page cut by bytes continues right after its last row.
 //!
 //! A token is opaque to clients (URL-safe base64) and names the listing and
 //! the filter that issued it, plus the key of the last item served. Reusing
@@ -14,6 +21,45 @@ use ferry_common::validate::FieldError;
 pub(crate) const DEFAULT_PAGE_SIZE: u32 = 100;
 /// Largest page served; larger requests are served this many.
 pub(crate) const MAX_PAGE_SIZE: u32 = 1000;
+
+/// Encoded rows a page may carry: 3 MiB, leaving room under the 4 MiB
+/// default decode limit of gRPC clients for the rest of the response.
+pub(crate) const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+
+/// The bytes `message` takes as one element of a repeated message field.
+pub(crate) fn wire_len(message: &impl prost::Message) -> usize {
+    // Any field number below 16 has a one-byte tag.
+    prost::encoding::message::encoded_len(1, message)
+}
+
+/// How many of the leading items, of the given encoded sizes, fit in
+/// `budget` bytes: at least one, so a listing always moves on.
+pub(crate) fn fitting(sizes: impl IntoIterator<Item = usize>, budget: usize) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for size in sizes {
+        total = total.saturating_add(size);
+        if n > 0 && total > budget {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// The newest (last) of `items` that fit in `budget` bytes of `bytes`, in
+/// their order, and how many older ones were left out; at least one is kept.
+/// For a list served whole, such as a file's history.
+pub(crate) fn newest_within<T>(
+    mut items: Vec<T>,
+    budget: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> (Vec<T>, usize) {
+    let keep = fitting(items.iter().rev().map(bytes), budget);
+    let omitted = items.len() - keep;
+    items.drain(..omitted);
+    (items, omitted)
+}
 
 /// Token layout version, so the format can change without misreading old tokens.
 const VERSION: &str = "p1";
@@ -74,22 +120,40 @@ impl Listing {
         URL_SAFE_NO_PAD.encode(format!("{VERSION}\n{}\n{last}", self.scope))
     }
 
-    /// Cuts rows fetched with `LIMIT size + 1` down to one page and returns
-    /// the next page's token (empty on the last page).
-    pub(crate) fn page<T>(
+    /// Cuts rows fetched with `LIMIT size + 1` down to one page, and that
+    /// page to [`MAX_PAGE_BYTES`] of `bytes` (use [`wire_len`]); returns it
+    /// with the next page's token (empty on the last page).
+    pub(crate) fn page_within<T>(
         &self,
         mut rows: Vec<T>,
         size: u32,
         key: impl Fn(&T) -> String,
+        bytes: impl Fn(&T) -> usize,
     ) -> (Vec<T>, String) {
         let size = size as usize;
         let more = rows.len() > size;
         rows.truncate(size);
-        let next = match rows.last() {
+        self.cut(rows, more, key, bytes)
+    }
+
+    /// Cuts one page's `items` (followed by more rows when `more`) to
+    /// [`MAX_PAGE_BYTES`] of `bytes` and returns it with the next page's
+    /// token: after the last item kept, empty when nothing follows.
+    pub(crate) fn cut<T>(
+        &self,
+        mut items: Vec<T>,
+        more: bool,
+        key: impl Fn(&T) -> String,
+        bytes: impl Fn(&T) -> usize,
+    ) -> (Vec<T>, String) {
+        let keep = fitting(items.iter().map(bytes), MAX_PAGE_BYTES);
+        let more = more || keep < items.len();
+        items.truncate(keep);
+        let next = match items.last() {
             Some(last) if more => self.token_after(&key(last)),
             _ => String::new(),
         };
-        (rows, next)
+        (items, next)
     }
 }
 
@@ -160,11 +224,51 @@ mod tests {
     #[test]
     fn pages_cut_one_extra_row_into_a_token() {
         let l = Listing::new("servers", "");
-        let (rows, next) = l.page(vec![1, 2, 3], 2, i32::to_string);
+        let (rows, next) = l.page_within(vec![1, 2, 3], 2, i32::to_string, |_| 0);
         assert_eq!(rows, vec![1, 2]);
         assert_eq!(l.start_after(&next), Ok(Some("2".into())));
-        let (rows, next) = l.page(vec![1, 2], 2, i32::to_string);
+        let (rows, next) = l.page_within(vec![1, 2], 2, i32::to_string, |_| 0);
         assert_eq!(rows, vec![1, 2]);
         assert!(next.is_empty());
+    }
+
+    #[test]
+    fn pages_are_cut_by_bytes_after_their_last_row() {
+        assert_eq!(fitting([10, 10, 10], 25), 2);
+        assert_eq!(fitting([10, 10, 10], 30), 3);
+        assert_eq!(fitting([40, 10], 25), 1, "one row even when it is larger");
+        assert_eq!(fitting([], 25), 0);
+        let l = Listing::new("files", "");
+        let third = MAX_PAGE_BYTES / 3 + 1;
+        let (rows, next) = l.cut(vec![1, 2, 3, 4], false, i32::to_string, |_| third);
+        assert_eq!(rows, vec![1, 2]);
+        assert_eq!(l.start_after(&next), Ok(Some("2".into())));
+        let (rows, next) = l.page_within(vec![1, 2, 3], 2, i32::to_string, |_| 1);
+        assert_eq!(rows, vec![1, 2]);
+        assert_eq!(l.start_after(&next), Ok(Some("2".into())));
+        let (rows, next) = l.cut(vec![1, 2], false, i32::to_string, |_| 1);
+        assert_eq!(rows, vec![1, 2]);
+        assert!(next.is_empty(), "the last page when everything fits");
+    }
+
+    #[test]
+    fn a_history_keeps_its_newest_events_within_the_budget() {
+        assert_eq!(newest_within(vec![1, 2, 3, 4], 25, |_| 10), (vec![3, 4], 2));
+        assert_eq!(newest_within(vec![1, 2], 25, |_| 10), (vec![1, 2], 0));
+        assert_eq!(newest_within(vec![1, 2], 5, |_| 10), (vec![2], 1));
+        assert_eq!(newest_within(Vec::<i32>::new(), 5, |_| 10), (vec![], 0));
+    }
+
+    #[test]
+    fn wire_len_is_the_bytes_a_repeated_element_takes() {
+        let file = ferry_proto::File {
+            path: "p".repeat(3000),
+            ..Default::default()
+        };
+        let page = ferry_proto::ListFilesResponse {
+            files: vec![file.clone(), file.clone()],
+            next_page_token: String::new(),
+        };
+        assert_eq!(2 * wire_len(&file), prost::Message::encoded_len(&page));
     }
 }

@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use ferry_common::domain::PostAction;
-use ferry_common::overlap::{self, WatchTree};
+use ferry_common::overlap::{self, PendingMove, WatchTree};
 use ferry_common::validate::{self, FieldError};
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -318,12 +318,16 @@ impl WatchSpec {
     /// the server's other watches run where the watch is written).
     pub(crate) fn checked(mut self) -> Result<Self, FieldError> {
         self.directory = validate::directory(&self.directory)?;
+        if let PostAction::Move(target) = &self.post_action {
+            // Again: an update keeps the stored action, which may predate the rule.
+            self.post_action = validate::post_action_move(target)?;
+        }
         self.glob = validate::glob(&self.glob)?;
         self.poll_interval_secs = validate::poll_interval_secs(self.poll_interval_secs)?;
         self.min_age_secs = validate::min_age_secs(self.min_age_secs)?;
         validate::bucket(&self.bucket)?;
         self.key_template = ferry_common::keys::check_template(&self.key_template, self.recursive)?;
-        overlap::check_against(&self.tree(0), &[])?;
+        overlap::check_against(&self.tree(0), &[], &[])?;
         Ok(self)
     }
 
@@ -352,10 +356,47 @@ struct TreeRow {
     post_action: PostAction,
 }
 
+/// Move targets of a server's files whose post-action is still to come
+/// without an admin's action, by watch: versions on their way to `processed`
+/// or processed and not yet answered for good, of live watches (a removed
+/// watch's files get no post-action). `failed`, `lost` and `skipped` files
+/// move only after an admin retries them, and do not count. Two branches, so
+/// each has its index: `files_server_status` for the unfinished statuses,
+/// `files_post_action_due` for processed files.
+const PENDING_MOVES: &str = "SELECT p.post_action, p.watch_id, count(*) AS files FROM ( \
+      SELECT f.post_action, f.watch_id FROM files f WHERE f.server_id = $1 \
+        AND f.status IN ('new', 'in_progress', 'uploaded', 'error') \
+        AND f.post_action LIKE 'move:%' AND f.post_action_result IS NULL \
+      UNION ALL \
+      SELECT f.post_action, f.watch_id FROM files f WHERE f.server_id = $1 \
+        AND f.status = 'processed' AND f.post_action_result IS NULL \
+        AND f.post_action <> 'keep' AND f.post_action LIKE 'move:%' \
+    ) p JOIN watches w ON w.id = p.watch_id AND w.deleted_at IS NULL \
+    GROUP BY p.post_action, p.watch_id ORDER BY p.watch_id, p.post_action";
+
+#[derive(Debug, sqlx::FromRow)]
+struct PendingMoveRow {
+    #[sqlx(try_from = "String")]
+    post_action: PostAction,
+    watch_id: i64,
+    files: i64,
+}
+
+/// A stored move target, in the form the overlap rule compares.
+fn stored_target(action: &PostAction) -> Option<String> {
+    match action {
+        PostAction::Move(target) => Some(overlap::lexically_normal(target)),
+        _ => None,
+    }
+}
+
 /// Locks the (live) server against concurrent watch writes and checks the
-/// watch `id` (0 when new) against the server's other live watches, so two
-/// watches of one server never overlap and no move target lies in a watched
-/// tree. Disabled watches count: enabling them is not re-checked.
+/// watch `id` (0 when new) against the server's other live watches and the
+/// moves pending on its files, so two watches of one server never overlap and
+/// no move target, configured or snapshotted, lies in a watched tree.
+/// Disabled watches count: enabling them is not re-checked. Stored
+/// directories are compared in their lexically normal form (rows written
+/// before `.`, `..` and `//` were refused).
 async fn check_server_watches(
     tx: &mut Transaction<'_, Postgres>,
     id: i64,
@@ -377,20 +418,46 @@ async fn check_server_watches(
     .bind(id)
     .fetch_all(&mut **tx)
     .await?;
-    let others: Vec<WatchTree<'_>> = rows
+    let stored: Vec<(String, Option<String>)> = rows
         .iter()
-        .map(|r| WatchTree {
-            id: r.id,
-            directory: &r.directory,
-            glob: &r.glob,
-            recursive: r.recursive,
-            move_target: match &r.post_action {
-                PostAction::Move(target) => Some(target),
-                _ => None,
-            },
+        .map(|r| {
+            (
+                overlap::lexically_normal(&r.directory),
+                stored_target(&r.post_action),
+            )
         })
         .collect();
-    overlap::check_against(&spec.tree(id), &others)?;
+    let others: Vec<WatchTree<'_>> = rows
+        .iter()
+        .zip(&stored)
+        .map(|(r, (directory, target))| WatchTree {
+            id: r.id,
+            directory,
+            glob: &r.glob,
+            recursive: r.recursive,
+            move_target: target.as_deref(),
+        })
+        .collect();
+    let pending_rows = sqlx::query_as::<_, PendingMoveRow>(PENDING_MOVES)
+        .bind(spec.server_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    let targets: Vec<Option<String>> = pending_rows
+        .iter()
+        .map(|r| stored_target(&r.post_action))
+        .collect();
+    let pending: Vec<PendingMove<'_>> = pending_rows
+        .iter()
+        .zip(&targets)
+        .filter_map(|(r, target)| {
+            Some(PendingMove {
+                target: target.as_deref()?,
+                watch_id: r.watch_id,
+                files: r.files,
+            })
+        })
+        .collect();
+    overlap::check_against(&spec.tree(id), &others, &pending)?;
     Ok(())
 }
 

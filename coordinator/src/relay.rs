@@ -403,7 +403,7 @@ async fn connect(cfg: &RelayConfig, coordinator_id: &str) -> anyhow::Result<(Con
         .with_context(|| {
             format!(
                 "connect to AMQP broker at {}",
-                crate::db::redact(&cfg.amqp_url)
+                crate::urls::redact(&cfg.amqp_url)
             )
         })?;
     let channel = connection

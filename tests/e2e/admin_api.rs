@@ -856,3 +856,288 @@ async fn every_listing_pages_and_tokens_are_bound_to_their_filter() {
     assert_eq!(all.files.len(), 3);
     assert!(all.next_page_token.is_empty());
 }
+
+/// A directory or move target written with `.`, `..`, `//` or a control
+/// character is refused (naming the field, nothing written), and a watch may
+/// not cover a directory into which pending post-actions will move files,
+/// even after the watch that asked for the move stopped asking.
+#[tokio::test]
+async fn admin_paths_mean_one_thing() {
+    let mut e = env().await;
+    let s = e
+        .client
+        .add_server(server_req("paths"))
+        .await
+        .unwrap()
+        .into_inner();
+    let watch = |directory: &str, post_action: Option<proto::PostAction>| proto::AddWatchRequest {
+        server_id: s.id,
+        directory: directory.into(),
+        bucket: "bkt".into(),
+        post_action,
+        ..Default::default()
+    };
+    for dir in [
+        "/in/.",
+        "/x/../in",
+        "/in//sub",
+        "//in",
+        "/in/\n",
+        "/in/\u{1b}[31m",
+    ] {
+        let err = e.client.add_watch(watch(dir, None)).await.expect_err(dir);
+        assert_bad_request(&err, "directory");
+    }
+    // A move into the watched directory, spelled another way.
+    for target in ["/in/.", "/x/../in", "/in/", "/archive//x", "/archive/\t"] {
+        let err = e
+            .client
+            .add_watch(watch("/in", Some(move_to(target))))
+            .await
+            .expect_err(target);
+        assert_bad_request(&err, "post_action");
+    }
+    assert_eq!(count(&e.db, "watches").await, 0, "nothing written");
+
+    let w = e
+        .client
+        .add_watch(watch("/in", Some(move_to("/archive/"))))
+        .await
+        .unwrap()
+        .into_inner();
+    for (field, req) in [
+        (
+            "directory",
+            proto::UpdateWatchRequest {
+                id: w.id,
+                directory: Some("/in/./".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "post_action",
+            proto::UpdateWatchRequest {
+                id: w.id,
+                post_action: Some(move_to("/archive/../in")),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let err = e.client.update_watch(req).await.expect_err(field);
+        assert_bad_request(&err, field);
+    }
+    let stored: (String, String) =
+        sqlx::query_as("SELECT directory, post_action FROM watches WHERE id = $1")
+            .bind(w.id)
+            .fetch_one(e.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored, ("/in".to_string(), "move:/archive".to_string()));
+
+    // Three versions discovered under move:/archive, their moves still to come.
+    sqlx::query(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status, post_action) \
+         SELECT $1, $2, '/in/f' || g, g, 1700000000, \
+                (ARRAY['new', 'uploaded', 'processed'])[g], 'move:/archive' \
+         FROM generate_series(1, 3) g",
+    )
+    .bind(s.id)
+    .bind(w.id)
+    .execute(e.db.pool())
+    .await
+    .unwrap();
+    // The watch stops moving; its files keep the action they were found with.
+    e.client
+        .update_watch(proto::UpdateWatchRequest {
+            id: w.id,
+            post_action: Some(proto::PostAction {
+                action: Some(proto::post_action::Action::Keep(
+                    proto::post_action::Keep {},
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = e
+        .client
+        .add_watch(watch("/archive", None))
+        .await
+        .expect_err("a watch of the pending moves' target");
+    assert_bad_request(&err, "directory");
+    assert!(
+        err.message().contains("3 file(s) of watch"),
+        "{}",
+        err.message()
+    );
+    let err = e
+        .client
+        .update_watch(proto::UpdateWatchRequest {
+            id: w.id,
+            directory: Some("/archive".into()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the watch itself moved onto its files' move target");
+    assert_bad_request(&err, "directory");
+    assert_eq!(count(&e.db, "watches").await, 1, "nothing written");
+
+    // Once every move is answered (or the files failed for good), the
+    // directory is free.
+    sqlx::query(
+        "UPDATE files SET status = CASE WHEN status = 'processed' THEN 'processed' ELSE 'failed' END, \
+                post_action_result = CASE WHEN status = 'processed' THEN 'done' END",
+    )
+    .execute(e.db.pool())
+    .await
+    .unwrap();
+    e.client
+        .add_watch(watch("/archive", None))
+        .await
+        .expect("no move is pending any more");
+}
+
+/// 1,000 stored files with 3 KB paths are 6 MB of rows: `ListFiles` with
+/// `page_size` 1000 must still answer a client with gRPC's default 4 MiB
+/// decode limit (tonic's, grpcio's, grpcurl's), and paging, in either order,
+/// returns every file exactly once.
+#[tokio::test]
+async fn file_pages_fit_default_client_limits() {
+    let mut e = env().await;
+    let s = e
+        .client
+        .add_server(server_req("long"))
+        .await
+        .unwrap()
+        .into_inner();
+    let w = e
+        .client
+        .add_watch(proto::AddWatchRequest {
+            server_id: s.id,
+            directory: "/in".into(),
+            bucket: "bkt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Stored versions: their object keys carry the path as well.
+    sqlx::query(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status, bucket, object_key) \
+         SELECT $1, $2, p, g, 1700000000, 'processed', 'bkt', 'long/in/1700000000-' || g || p \
+         FROM generate_series(1, 1000) g, LATERAL (SELECT '/in/' || repeat('x', 3000) || '-' || g AS p) x",
+    )
+    .bind(s.id)
+    .bind(w.id)
+    .execute(e.db.pool())
+    .await
+    .unwrap();
+    for newest_first in [false, true] {
+        let mut ids = Vec::new();
+        let mut pages = 0;
+        let mut token = String::new();
+        loop {
+            let page = e
+                .client
+                .list_files(proto::ListFilesRequest {
+                    page_size: 1000,
+                    page_token: token.clone(),
+                    newest_first,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|err| panic!("page {pages} (newest_first={newest_first}): {err}"))
+                .into_inner();
+            assert!(
+                prost::Message::encoded_len(&page) <= 4 * 1024 * 1024,
+                "a page of {} bytes",
+                prost::Message::encoded_len(&page)
+            );
+            assert!(!page.files.is_empty(), "every page moves on");
+            ids.extend(page.files.iter().map(|f| f.id));
+            pages += 1;
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert!(pages >= 2, "6 MB of rows in one page");
+        let mut expected: Vec<i64> = sqlx::query_scalar("SELECT id FROM files ORDER BY id")
+            .fetch_all(e.db.pool())
+            .await
+            .unwrap();
+        if newest_first {
+            expected.reverse();
+        }
+        assert_eq!(
+            ids, expected,
+            "each file once, in order (newest_first={newest_first})"
+        );
+    }
+}
+
+/// A history longer than one response may carry (1,200 events with 4 KB
+/// reasons, 4.9 MB) is cut to its newest events under the page budget and
+/// says how many older ones it left out, so `GetFile` still answers a client
+/// with the default 4 MiB limit.
+#[tokio::test]
+async fn a_long_file_history_fits_default_client_limits() {
+    let mut e = env().await;
+    let s = e
+        .client
+        .add_server(server_req("hist"))
+        .await
+        .unwrap()
+        .into_inner();
+    let w = e
+        .client
+        .add_watch(proto::AddWatchRequest {
+            server_id: s.id,
+            directory: "/in".into(),
+            bucket: "bkt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let file: i64 = sqlx::query_scalar(
+        "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status) \
+         VALUES ($1, $2, '/in/retried', 1, 1700000000, 'error') RETURNING id",
+    )
+    .bind(s.id)
+    .bind(w.id)
+    .fetch_one(e.db.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
+         SELECT $1, 'in_progress', 'error', 'agent:a', g || ' ' || repeat('r', 4000) \
+         FROM generate_series(1, 1200) g",
+    )
+    .bind(file)
+    .execute(e.db.pool())
+    .await
+    .unwrap();
+    let got = e
+        .client
+        .get_file(proto::GetFileRequest { id: file })
+        .await
+        .expect("GetFile within the default decode limit")
+        .into_inner();
+    let newest: i64 = sqlx::query_scalar("SELECT max(id) FROM file_events WHERE file_id = $1")
+        .bind(file)
+        .fetch_one(e.db.pool())
+        .await
+        .unwrap();
+    assert!(got.earlier_events_omitted > 0);
+    assert_eq!(
+        got.events.len() as u64 + got.earlier_events_omitted,
+        1200,
+        "the kept and the omitted events are the whole history"
+    );
+    assert_eq!(got.events.last().map(|ev| ev.id), Some(newest));
+    assert!(
+        got.events.windows(2).all(|p| p[0].id < p[1].id),
+        "oldest first"
+    );
+}

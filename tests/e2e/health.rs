@@ -3,7 +3,7 @@
 //! a coordinator started before its database waits for it instead of
 //! exiting; an agent is ready while it holds a coordinator stream.
 
-use ferry_tests::{AgentOptions, Coordinator, TcpProxy, eventually, free_port};
+use ferry_tests::{AgentOptions, Coordinator, TcpProxy, TestDb, TestPki, eventually, free_port};
 use std::net::SocketAddr;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -90,6 +90,49 @@ async fn readiness_follows_postgres_from_start_to_outage_and_back() {
         (status("").await == ServingStatus::Serving as i32).then_some(())
     })
     .await;
+    drop(coord);
+}
+
+/// A database URL carrying its password as query parameters (`password`,
+/// and `sslpassword`, which the driver ignores) shows neither: not in
+/// `/readyz` while Postgres is unreachable, not in the log at any level.
+#[tokio::test]
+async fn database_url_secrets_are_never_shown() {
+    const SECRET: &str = "hunter2-in-the-url";
+    let db = TestDb::create().await;
+    let pki = TestPki::new();
+    let pg_proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    pg_proxy.cut();
+    let base = db
+        .url()
+        .replacen("127.0.0.1:5432", &pg_proxy.addr().to_string(), 1);
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}password={SECRET}&application_name=ferry&sslpassword={SECRET}");
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let env = [
+        ("FERRY_DATABASE_URL", url.as_str()),
+        ("FERRY_HTTP_LISTEN", &http.to_string()),
+        ("RUST_LOG", "debug"),
+    ];
+    let starting = Coordinator::start_with_env(&db, &pki, &env);
+    let waiting = async {
+        let why = wait_http(http, "/readyz", 503).await;
+        assert!(why.contains("Postgres"), "{why}");
+        assert!(!why.contains(SECRET), "/readyz shows the password: {why}");
+        assert!(why.contains("password=<redacted>"), "{why}");
+        pg_proxy.heal();
+    };
+    let (coord, ()) = tokio::join!(starting, waiting);
+    wait_http(http, "/readyz", 200).await;
+    let log = std::fs::read_to_string(coord.log_path()).unwrap();
+    assert!(log.contains("Postgres not usable yet"), "{log}");
+    let leaks: Vec<&str> = log.lines().filter(|l| l.contains(SECRET)).collect();
+    assert!(leaks.is_empty(), "the log shows the password: {leaks:#?}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("does not understand") && l.contains("sslpassword")),
+        "the ignored parameter is named"
+    );
     drop(coord);
 }
 

@@ -136,6 +136,7 @@ async fn show(admin: &Admin, id: i64, json: bool) -> anyhow::Result<()> {
         return Ok(output::print_json(&json!({
             "file": file_json(&file),
             "events": response.events.iter().map(event_json).collect::<Vec<_>>(),
+            "earlier_events_omitted": response.earlier_events_omitted,
         }))?);
     }
     let lease = if file.lease_owner.is_empty() {
@@ -188,6 +189,12 @@ async fn show(admin: &Admin, id: i64, json: bool) -> anyhow::Result<()> {
         ("Updated", output::time_and_age(file.updated_at.as_ref())),
     ])?;
     outln!("\nHistory:")?;
+    if response.earlier_events_omitted > 0 {
+        outln!(
+            "({} earlier events not shown: the history is too long for one response)",
+            response.earlier_events_omitted
+        )?;
+    }
     let mut table = Table::new(&["AT", "FROM", "TO", "ACTOR", "REASON"]);
     for e in &response.events {
         table.row(vec![
