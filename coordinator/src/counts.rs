@@ -2,15 +2,17 @@
 //! 0029): what `/metrics` and `GetStatus` show, at the same cost for 100 M
 //! file rows as for 1,000.
 //!
-//! Writers only append deltas (`file_count_deltas`): the statement triggers
-//! on `files` for inserted and deleted rows, and `transitions.rs` for status
-//! changes, in the statement that makes them. [`run`] folds the deltas into
+//! Writers only append deltas (`file_count_deltas`), by the triggers of
+//! migration 0029 on `files` (statement triggers for inserted and deleted
+//! rows, a row trigger for a changed status), so every path that changes a
+//! file is counted, ferry's or an operator's SQL. [`run`] folds the deltas into
 //! `file_counts` every [`FOLD_EVERY`] on whichever coordinator takes the
 //! fold's advisory lock; a reader adds the deltas not folded yet, so counts
 //! are exact as of its snapshot.
 //!
-//! **Invariant:** every statement that inserts or deletes `files` rows or
-//! changes their `status` appends its deltas in the same transaction.
+//! **Invariant:** a count is `file_counts` plus the unfolded deltas, and every
+//! insert, delete or status change of a `files` row appends its delta in its
+//! own transaction.
 
 use std::time::Duration;
 

@@ -484,17 +484,15 @@ impl Writes {
         if self.id.is_empty() {
             return Ok(());
         }
-        // The row changes, their history rows and the change of the file
-        // counts (`counts.rs`) in one statement (one round trip): a
-        // data-modifying `WITH` runs to completion whether or not the outer
-        // query reads it.
+        // The row changes and their history rows in one statement (one
+        // round trip): a data-modifying `WITH` runs to completion whether or
+        // not the outer query reads it.
         let updated: Vec<(i64, Option<DateTime<Utc>>)> = sqlx::query_as(
             "WITH history AS ( \
                  INSERT INTO file_events (file_id, from_status, to_status, actor, reason) \
                  SELECT id, from_status, to_status, $20, reason \
                  FROM unnest($1::bigint[], $18::text[], $2::text[], $19::text[]) \
-                      AS e(id, from_status, to_status, reason)), \
-             moved AS ( \
+                      AS e(id, from_status, to_status, reason)) \
              UPDATE files f SET status = u.status, attempts = u.attempts, \
                     fencing_token = f.fencing_token + CASE WHEN u.bump THEN 1 ELSE 0 END, \
                     lease_owner = u.lease_owner, \
@@ -514,16 +512,7 @@ impl Writes {
                   AS u(id, status, attempts, bump, lease_owner, lease_secs, retry_secs, set_error, \
                        error, bucket, object_key, etag, sha256, stored, adopt, assigned_bucket, assigned_key) \
              WHERE f.id = u.id \
-             RETURNING f.id, f.uploaded_at, f.server_id, f.status), \
-             counted AS ( \
-                 INSERT INTO file_count_deltas (server_id, status, n) \
-                 SELECT server_id, status, sum(n) FROM ( \
-                     SELECT m.server_id, m.status, 1 AS n FROM moved m \
-                     UNION ALL \
-                     SELECT m.server_id, e.from_status, -1 FROM moved m \
-                     JOIN unnest($1::bigint[], $18::text[]) AS e(id, from_status) ON e.id = m.id) d \
-                 GROUP BY server_id, status HAVING sum(n) <> 0) \
-             SELECT id, uploaded_at FROM moved",
+             RETURNING f.id, f.uploaded_at",
         )
         .bind(&self.id)
         .bind(&self.status)
