@@ -39,6 +39,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use ferry_common::announcement::{Announcement, Failure, FailureAnnouncement, SCHEMA_VERSION};
 use ferry_common::domain::FileStatus;
+use ferry_common::keys;
 use ferry_common::lifecycle::{
     self, Event, Expected, FailureKind, IllegalTransition, RetryPolicy, Stored, Transition,
 };
@@ -358,7 +359,7 @@ fn decide(row: &Row, change: &Change, policy: &RetryPolicy) -> StoreResult<Decis
         return Ok(Decision::Stale);
     }
     let event = match &change.event {
-        Event::Stored(s) => match s.mismatch(&expected(row)?) {
+        Event::Stored(s) => match s.mismatch(&expected(row, own_key(row).as_deref())?) {
             Some(message) => Event::TransferFailed {
                 kind: FailureKind::Transient,
                 message,
@@ -378,12 +379,25 @@ fn decide(row: &Row, change: &Change, policy: &RetryPolicy) -> StoreResult<Decis
 /// What the current assignment of `row` gave its agent. A file assigned
 /// before its location was recorded expects an empty one, so its report is a
 /// failed attempt and the retry records it.
-fn expected(row: &Row) -> StoreResult<Expected<'_>> {
+fn expected<'a>(row: &'a Row, own_key: Option<&'a str>) -> StoreResult<Expected<'a>> {
     Ok(Expected {
         size: size(row)?,
         bucket: row.assigned_bucket.as_deref().unwrap_or_default(),
         key: row.assigned_key.as_deref().unwrap_or_default(),
+        own_key,
     })
+}
+
+/// The key of its own the assignment of `row` named besides its key (the
+/// scheduler renders it the same way, [`keys::own_key`]).
+fn own_key(row: &Row) -> Option<String> {
+    let key = row.assigned_key.as_deref()?;
+    let size = u64::try_from(row.size).ok()?;
+    keys::own_key(
+        key,
+        &keys::version(size, row.mtime_unix),
+        &row.announcement_id,
+    )
 }
 
 fn size(row: &Row) -> StoreResult<u64> {

@@ -24,12 +24,10 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 impl Flow {
     /// (id, status, post_action_result, object_key) of every row, in id order.
     async fn versions(&self) -> Vec<(i64, String, Option<String>, Option<String>)> {
-        sqlx::query_as(
-            "SELECT id, status, post_action_result, object_key FROM files ORDER BY id",
-        )
-        .fetch_all(self.s.db.pool())
-        .await
-        .unwrap()
+        sqlx::query_as("SELECT id, status, post_action_result, object_key FROM files ORDER BY id")
+            .fetch_all(self.s.db.pool())
+            .await
+            .unwrap()
     }
 
     /// Checks every announcement against the bucket: the object at its key
@@ -79,14 +77,22 @@ async fn same_size_and_mtime_other_bytes(len: usize) {
     // `cp -p`: other bytes, same size, same mtime.
     f.s.sshd.write_file("in/a.bin", &v2);
     f.s.sshd.set_mtime("in/a.bin", mtime);
-    eventually("v2 processed (post-action answered) or failed", WAIT, || async {
-        let rows = f.versions().await;
-        (rows.len() == 2
-            && (rows[1].1 == "failed" || (rows[1].1 == "processed" && rows[1].2.is_some())))
-        .then_some(())
-    })
+    eventually(
+        "v2 processed (post-action answered) or failed",
+        WAIT,
+        || async {
+            let rows = f.versions().await;
+            (rows.len() == 2
+                && (rows[1].1 == "failed" || (rows[1].1 == "processed" && rows[1].2.is_some())))
+            .then_some(())
+        },
+    )
     .await;
     let rows = f.versions().await;
+    assert_eq!(
+        rows[1].1, "processed",
+        "the feed keeps flowing: v2 goes to a key of its own: {rows:?}"
+    );
     let announced = if rows[1].1 == "processed" { 2 } else { 1 };
     let msgs = f.messages(announced).await;
     assert_eq!(msgs.len(), announced, "{msgs:?}");
@@ -132,7 +138,13 @@ async fn a_long_non_ascii_path_keeps_the_announcement_id_on_the_object() {
     // Percent-encoded, each "é" is six bytes of metadata value.
     let encoded_len = |p: &str| {
         p.bytes()
-            .map(|b| if (0x20..0x7f).contains(&b) && b != b'%' { 1 } else { 3 })
+            .map(|b| {
+                if (0x20..0x7f).contains(&b) && b != b'%' {
+                    1
+                } else {
+                    3
+                }
+            })
             .sum::<usize>()
     };
     let name = "a.csv";
@@ -147,7 +159,11 @@ async fn a_long_non_ascii_path_keeps_the_announcement_id_on_the_object() {
         let segment = if left > 700 {
             "é".repeat(120)
         } else if left > 6 {
-            format!("{}{}", "é".repeat((left - 1) / 6), "x".repeat((left - 1) % 6))
+            format!(
+                "{}{}",
+                "é".repeat((left - 1) / 6),
+                "x".repeat((left - 1) % 6)
+            )
         } else {
             "x".repeat(left - 1)
         };
@@ -164,15 +180,14 @@ async fn a_long_non_ascii_path_keeps_the_announcement_id_on_the_object() {
             .fetch_one(f.s.db.pool())
             .await
             .unwrap();
-    let head = f
-        .s3
-        .client()
-        .head_object()
-        .bucket(BUCKET)
-        .key(&key)
-        .send()
-        .await
-        .unwrap();
+    let head =
+        f.s3.client()
+            .head_object()
+            .bucket(BUCKET)
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
     let metadata = head.metadata().cloned().unwrap_or_default();
     assert_eq!(
         metadata.get("ferry-announcement-id"),
