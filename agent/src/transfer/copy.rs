@@ -296,7 +296,7 @@ async fn store_small(
             });
         }
     }
-    Err(occupied(task, sha256))
+    Err(occupied(task, Some(sha256)))
 }
 
 /// After a create-only write found an object at `obj`: its ETag and
@@ -354,16 +354,20 @@ async fn same_bytes(
     Ok(same.map(|id| (existing.etag.clone(), id)))
 }
 
-/// The permanent failure of a version whose keys all hold other bytes.
-fn occupied(task: &proto::TaskAssignment, sha256: &str) -> TransferError {
+/// The permanent failure of a version whose keys all hold other bytes
+/// (`sha256` of this version's bytes, if read yet).
+fn occupied(task: &proto::TaskAssignment, sha256: Option<&str>) -> TransferError {
     let own = if task.own_key.is_empty() {
         "and the coordinator named no key of its own".to_owned()
     } else {
         format!("and so does its key of its own {}", task.own_key)
     };
+    let what = match sha256 {
+        Some(sha256) => format!("other bytes than this version (sha256 {sha256})"),
+        None => "an object that is not this version".to_owned(),
+    };
     TransferError::Permanent(format!(
-        "S3 object {}/{} holds other bytes than this version (sha256 {sha256}), {own}: \
-         an object is never written over",
+        "S3 object {}/{} holds {what}, {own}: an object is never written over",
         task.bucket, task.key
     ))
 }
@@ -426,7 +430,7 @@ async fn copy_multipart(
                 // stored: the upload goes to the key and completes only if
                 // the object there is found to be them.
                 "" if candidate.is_some() => (obj, candidate),
-                "" => return Err(occupied(task, "not yet read")),
+                "" => return Err(occupied(task, None)),
                 own => (ObjectRef { key: own, ..obj }, candidate),
             }
         }
@@ -487,7 +491,7 @@ async fn copy_multipart(
                             "S3 object {target} appeared during the upload, with other bytes"
                         )));
                     }
-                    None => return Err(occupied(task, &read.sha256)),
+                    None => return Err(occupied(task, Some(&read.sha256))),
                 }
             }
         };
