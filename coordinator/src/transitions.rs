@@ -812,6 +812,60 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_version_stored_at_its_key_of_its_own_is_announced_there() {
+        use FileStatus as S;
+        let db = Db::create().await;
+        let (a, b) = db.seed().await;
+        let p = policy();
+        for id in [a, b] {
+            let assign = apply_one(&db.pool, "coordinator:c1", &p, Change::new(id, assigned()));
+            assert_eq!(assign.await.unwrap().moved_to(), Some(S::InProgress));
+        }
+        sqlx::query("UPDATE files SET assigned_bucket = 'bkt', assigned_key = 'acme/1800000000-' || size || '/' || substr(path, 5)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let at = |id: i64, size: u64, key: String| {
+            let Event::Stored(s) = stored(size) else {
+                unreachable!()
+            };
+            Change::fenced(id, 1, Event::Stored(Stored { key, ..s })).held_by("a1")
+        };
+        let announcement: String =
+            sqlx::query_scalar("SELECT announcement_id::text FROM files WHERE id = $1")
+                .bind(a)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        // What the scheduler sent as the key of its own (keys::own_key).
+        let own = format!("acme/1800000000-12-{announcement}/a.csv");
+        let applied = apply_batch(
+            &db.pool,
+            "agent:a1",
+            &p,
+            &[
+                at(a, 12, own.clone()),
+                at(b, 5, "acme/elsewhere/b.csv".into()),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(applied[0].outcome.moved_to(), Some(S::Uploaded));
+        assert_eq!(
+            applied[1].outcome.moved_to(),
+            Some(S::Error),
+            "any other key is a failed attempt"
+        );
+        let payload: serde_json::Value =
+            sqlx::query_scalar("SELECT payload FROM outbox WHERE file_id = $1")
+                .bind(a)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(payload["key"], own.as_str());
+    }
+
+    #[tokio::test]
     async fn applies_guards_the_table_and_the_outbox() {
         use FileStatus as S;
         let db = Db::create().await;
