@@ -81,6 +81,8 @@ struct Inner {
     rate: Mutex<Option<RateSample>>,
     /// Paused after faults of the agent itself (see [`Availability`]).
     availability: Mutex<Availability>,
+    /// Post-actions carried out lately, so a resent request reports done.
+    post_actions_done: transfer::PostActionsDone,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +123,7 @@ impl Runner {
             held: AtomicBool::new(false),
             rate: Mutex::new(None),
             availability: Mutex::default(),
+            post_actions_done: transfer::PostActionsDone::default(),
         }))
     }
 
@@ -375,7 +378,8 @@ impl Runner {
     pub(crate) fn post_action(&self, req: proto::PostActionRequest, trackers: Trackers) {
         let runner = self.clone();
         tokio::spawn(async move {
-            let outcome = transfer::post_action(&req, &runner.0.pool).await;
+            let outcome =
+                transfer::post_action(&req, &runner.0.pool, &runner.0.post_actions_done).await;
             let (ok, refused, text) = match outcome {
                 PostActionOutcome::Done => {
                     trackers.forget_path(&req.path);

@@ -219,9 +219,53 @@ pub fn render(template: &str, input: &KeyInputs<'_>) -> Result<String, KeyError>
     Ok(key)
 }
 
+/// The key of its own of one version: `key` (rendered for this version)
+/// with its `{version}` segment (the last segment equal to `version`, else a
+/// new segment before the name) extended by the version's announcement id,
+/// `<mtime>-<size>-<announcement id>`. Used when the version's key already
+/// holds other bytes: a producer that keeps mtime (`cp -p`, `rsync -a`)
+/// wrote different bytes of the same size, and the announced object must
+/// not be overwritten. The same row renders the same key again (a retry is
+/// idempotent), and no two rows share one (announcement ids are unique).
+/// `None` if the result would be longer than S3's 1024 bytes.
+pub fn own_key(key: &str, version: &str, announcement_id: &str) -> Option<String> {
+    let mut segments: Vec<String> = key.split('/').map(str::to_owned).collect();
+    let extended = format!("{version}-{announcement_id}");
+    match segments.iter().rposition(|s| s == version) {
+        Some(i) => segments[i] = extended,
+        None => {
+            let at = segments.len().saturating_sub(1);
+            segments.insert(at, extended);
+        }
+    }
+    let own = segments.join("/");
+    (own.len() <= 1024 && !announcement_id.is_empty()).then_some(own)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_has_a_key_of_its_own_beside_its_key() {
+        let id = "0f8e2a1c-5b7d-4e3a-9c6b-2d1f0e9a8b7c";
+        let key = render(DEFAULT_TEMPLATE, &inputs("/data/in/a/b.csv")).unwrap();
+        let own = own_key(&key, &version(42, 1_764_324_000), id).unwrap();
+        assert_eq!(own, format!("srv/a/1764324000-42-{id}/b.csv"));
+        assert_ne!(own, key);
+        assert_eq!(
+            own_key(&key, &version(42, 1_764_324_000), id).as_deref(),
+            Some(own.as_str())
+        );
+        // A key without the version segment (rendered before templates had
+        // one) gets a segment before the name.
+        assert_eq!(
+            own_key("srv/b.csv", "1-2", id).unwrap(),
+            format!("srv/1-2-{id}/b.csv")
+        );
+        assert_eq!(own_key(&"k/".repeat(510), "1-2", id), None);
+        assert_eq!(own_key(&key, "1-2", ""), None);
+    }
 
     fn inputs(path: &str) -> KeyInputs<'_> {
         KeyInputs {

@@ -87,13 +87,17 @@ pub struct Expected<'a> {
     pub size: u64,
     pub bucket: &'a str,
     pub key: &'a str,
+    /// The version's key of its own ([`crate::keys::own_key`]), where the
+    /// agent writes when `key` holds other bytes; `None` if there is none.
+    pub own_key: Option<&'a str>,
 }
 
 impl Stored {
     /// Why this report cannot be the assigned transfer, if it cannot: another
     /// size, a malformed sha256, or another object location than the assigned
-    /// one (the object location is the coordinator's decision, never the
-    /// agent's). A report that does not match counts as a failed attempt.
+    /// one or the version's key of its own (the object location is the
+    /// coordinator's decision, never the agent's). A report that does not
+    /// match counts as a failed attempt.
     pub fn mismatch(&self, expected: &Expected<'_>) -> Option<String> {
         let hex = self.sha256.len() == 64
             && self
@@ -106,7 +110,8 @@ impl Stored {
                 self.size, self.sha256, expected.size
             ));
         }
-        if self.bucket != expected.bucket || self.key != expected.key {
+        let assigned_key = self.key == expected.key || Some(self.key.as_str()) == expected.own_key;
+        if self.bucket != expected.bucket || !assigned_key {
             return Some(format!(
                 "agent reported the object at {}/{}, but it was assigned {}/{}",
                 self.bucket, self.key, expected.bucket, expected.key
@@ -528,8 +533,19 @@ mod tests {
             size: 12,
             bucket: &s.bucket,
             key: &s.key,
+            own_key: Some("own"),
         };
         assert_eq!(s.mismatch(&expected), None);
+        let at_own_key = Stored {
+            key: "own".into(),
+            ..stored()
+        };
+        assert_eq!(at_own_key.mismatch(&expected), None);
+        let no_own_key = Expected {
+            own_key: None,
+            ..expected
+        };
+        assert!(at_own_key.mismatch(&no_own_key).is_some());
         let bigger = Expected {
             size: 13,
             ..expected

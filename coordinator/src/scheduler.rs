@@ -463,7 +463,14 @@ fn task_for(
             file.announcement_id.clone(),
         ),
     ]);
+    let own_key = keys::own_key(
+        &key,
+        &keys::version(size, file.mtime_unix),
+        &file.announcement_id,
+    )
+    .unwrap_or_default();
     Ok(proto::TaskAssignment {
+        own_key,
         file_id: file.id,
         fencing_token: file.fencing_token as u64,
         source: Some(source.clone()),
@@ -883,6 +890,10 @@ mod tests {
         assert_eq!(task.fencing_token, 2);
         assert_eq!(task.bucket, "b");
         assert_eq!(task.key, "s1/1700000000-4096/a.csv");
+        assert_eq!(
+            task.own_key,
+            "s1/1700000000-4096-0f8e2a1c-5b7d-4e3a-9c6b-2d1f0e9a8b7c/a.csv"
+        );
         assert_eq!(task.source.as_ref().map(|s| s.server_id), Some(1));
         assert_eq!(task.metadata["ferry-file-id"], "7");
         assert_eq!(

@@ -39,6 +39,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use ferry_common::announcement::{Announcement, Failure, FailureAnnouncement, SCHEMA_VERSION};
 use ferry_common::domain::FileStatus;
+use ferry_common::keys;
 use ferry_common::lifecycle::{
     self, Event, Expected, FailureKind, IllegalTransition, RetryPolicy, Stored, Transition,
 };
@@ -358,7 +359,7 @@ fn decide(row: &Row, change: &Change, policy: &RetryPolicy) -> StoreResult<Decis
         return Ok(Decision::Stale);
     }
     let event = match &change.event {
-        Event::Stored(s) => match s.mismatch(&expected(row)?) {
+        Event::Stored(s) => match s.mismatch(&expected(row, own_key(row).as_deref())?) {
             Some(message) => Event::TransferFailed {
                 kind: FailureKind::Transient,
                 message,
@@ -378,12 +379,25 @@ fn decide(row: &Row, change: &Change, policy: &RetryPolicy) -> StoreResult<Decis
 /// What the current assignment of `row` gave its agent. A file assigned
 /// before its location was recorded expects an empty one, so its report is a
 /// failed attempt and the retry records it.
-fn expected(row: &Row) -> StoreResult<Expected<'_>> {
+fn expected<'a>(row: &'a Row, own_key: Option<&'a str>) -> StoreResult<Expected<'a>> {
     Ok(Expected {
         size: size(row)?,
         bucket: row.assigned_bucket.as_deref().unwrap_or_default(),
         key: row.assigned_key.as_deref().unwrap_or_default(),
+        own_key,
     })
+}
+
+/// The key of its own the assignment of `row` named besides its key (the
+/// scheduler renders it the same way, [`keys::own_key`]).
+fn own_key(row: &Row) -> Option<String> {
+    let key = row.assigned_key.as_deref()?;
+    let size = u64::try_from(row.size).ok()?;
+    keys::own_key(
+        key,
+        &keys::version(size, row.mtime_unix),
+        &row.announcement_id,
+    )
 }
 
 fn size(row: &Row) -> StoreResult<u64> {
@@ -795,6 +809,60 @@ pub(crate) mod tests {
             to,
             reason: reason.into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_version_stored_at_its_key_of_its_own_is_announced_there() {
+        use FileStatus as S;
+        let db = Db::create().await;
+        let (a, b) = db.seed().await;
+        let p = policy();
+        for id in [a, b] {
+            let assign = apply_one(&db.pool, "coordinator:c1", &p, Change::new(id, assigned()));
+            assert_eq!(assign.await.unwrap().moved_to(), Some(S::InProgress));
+        }
+        sqlx::query("UPDATE files SET assigned_bucket = 'bkt', assigned_key = 'acme/1800000000-' || size || '/' || substr(path, 5)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let at = |id: i64, size: u64, key: String| {
+            let Event::Stored(s) = stored(size) else {
+                unreachable!()
+            };
+            Change::fenced(id, 1, Event::Stored(Stored { key, ..s })).held_by("a1")
+        };
+        let announcement: String =
+            sqlx::query_scalar("SELECT announcement_id::text FROM files WHERE id = $1")
+                .bind(a)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        // What the scheduler sent as the key of its own (keys::own_key).
+        let own = format!("acme/1800000000-12-{announcement}/a.csv");
+        let applied = apply_batch(
+            &db.pool,
+            "agent:a1",
+            &p,
+            &[
+                at(a, 12, own.clone()),
+                at(b, 5, "acme/elsewhere/b.csv".into()),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(applied[0].outcome.moved_to(), Some(S::Uploaded));
+        assert_eq!(
+            applied[1].outcome.moved_to(),
+            Some(S::Error),
+            "any other key is a failed attempt"
+        );
+        let payload: serde_json::Value =
+            sqlx::query_scalar("SELECT payload FROM outbox WHERE file_id = $1")
+                .bind(a)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(payload["key"], own.as_str());
     }
 
     #[tokio::test]

@@ -28,5 +28,6 @@ mod secrets;
 mod security;
 mod slow_agents;
 mod stack;
+mod stored_truth;
 mod transfer;
 mod trust;

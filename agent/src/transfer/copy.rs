@@ -2,6 +2,9 @@
 //! read it with pipelined SFTP requests while hashing it, upload it as one
 //! `PutObject` (up to one part size) or as a multipart upload with a few
 //! parts in flight, check the file did not change meanwhile, and complete.
+//! Writes are create-only: an object already at the task's key is used only
+//! if it holds exactly these bytes, else the version goes to its key of its
+//! own (`TaskAssignment.own_key`); nothing is ever written over.
 //!
 //! Memory per transfer is bounded by the read window (about 4 MiB of
 //! requests in flight) plus `PARTS_IN_FLIGHT + 1` part buffers. No buffer is
@@ -26,7 +29,7 @@ use tokio::task::JoinSet;
 use super::failure::{TransferError, classify};
 use super::object::{self, AlreadyThere, Source, check_destination};
 use super::pool::{PooledSession, SessionPool, Work};
-use super::s3::{ObjectRef, S3Target, Written};
+use super::s3::{ExistingObject, ObjectRef, S3Target, Written};
 use super::sizing::{buffer_reservation, check_object_size, part_size, read_window};
 use crate::sftp::{FileKind, FileStat, SftpError, SftpSession};
 
@@ -71,6 +74,9 @@ async fn run(
     phases: &mut Phases,
 ) -> Result<proto::TaskSuccess, TransferError> {
     check_destination(&task.bucket, &task.key).map_err(TransferError::Permanent)?;
+    if !task.own_key.is_empty() {
+        check_destination(&task.bucket, &task.own_key).map_err(TransferError::Permanent)?;
+    }
     check_object_size(task.size)
         .map_err(|why| TransferError::Permanent(format!("{}: {why}", task.path)))?;
     let conn = task
@@ -241,63 +247,141 @@ async fn copy_single(
     // The handle is done with: closing it need not hold up the upload.
     let body = bytes::Bytes::from(read.tail);
     let (put, ()) = tokio::join!(
-        store_small(s3, obj, body, &metadata, task.size),
+        store_small(task, s3, obj, body, &metadata, &read.sha256),
         handle.close()
     );
-    let (etag, earlier) = put?;
+    let placed = put?;
     phases.lap("put+close");
-    Ok(success(task, read.bytes, read.sha256, etag, earlier))
+    Ok(success(task, read.bytes, read.sha256, placed))
 }
 
-/// Writes a small object unless ferry already stored this version at the
-/// key (then nothing is written); returns the ETag and, when it was already
-/// there, the announcement id it was stored under.
+/// Where a transfer's bytes are: the key (the task's key or its key of its
+/// own), the object's ETag, and the announcement id it carries when ferry
+/// had stored these bytes there before (nothing was written then).
+struct Placed {
+    key: String,
+    etag: String,
+    earlier: Option<String>,
+}
+
+/// The keys a version may be written to, in order: its key, then its key of
+/// its own (if the coordinator named one).
+fn keys_of(task: &proto::TaskAssignment) -> impl Iterator<Item = &str> {
+    std::iter::once(task.key.as_str())
+        .chain((!task.own_key.is_empty()).then_some(task.own_key.as_str()))
+}
+
+/// Writes a small object create-only: at the task's key, or, when that holds
+/// other bytes, at its key of its own. A key already holding exactly these
+/// bytes of this version, stored by ferry, is used as it is. **Invariant:**
+/// no object is written over; with both keys holding other bytes the
+/// transfer fails permanently (visibly, and no post-action runs).
 async fn store_small(
+    task: &proto::TaskAssignment,
     s3: &S3Target,
     obj: ObjectRef<'_>,
     body: bytes::Bytes,
     metadata: &HashMap<String, String>,
-    size: u64,
-) -> Result<(String, Option<String>), TransferError> {
-    if let Written::Created(etag) = s3.put_object(obj, body.clone(), metadata, true).await? {
-        return Ok((etag, None));
+    sha256: &str,
+) -> Result<Placed, TransferError> {
+    for key in keys_of(task) {
+        let at = ObjectRef { key, ..obj };
+        if let Written::Created(etag) = s3.put_object(at, body.clone(), metadata, true).await? {
+            return Ok(Placed {
+                key: key.to_owned(),
+                etag,
+                earlier: None,
+            });
+        }
+        if let Some((etag, id)) = holds_these_bytes(s3, at, metadata, task.size, sha256).await? {
+            return Ok(Placed {
+                key: key.to_owned(),
+                etag,
+                earlier: Some(id),
+            });
+        }
     }
-    if let Some((etag, id)) = existing_version(s3, obj, metadata, size).await? {
-        return Ok((etag, Some(id)));
-    }
-    match s3.put_object(obj, body, metadata, false).await? {
-        Written::Created(etag) => Ok((etag, None)),
-        Written::AlreadyThere => Err(unexpected_precondition(obj)),
-    }
+    Err(occupied(task, Some(sha256)))
 }
 
-/// After a create-only write found an object at the key: its ETag and
-/// announcement id if it is this version stored by ferry, else `None` (it
-/// is written over).
-async fn existing_version(
+/// After a create-only write found an object at `obj`: its ETag and
+/// announcement id if ferry stored exactly these bytes (`sha256`) of this
+/// version there, else `None` (it stays as it is).
+async fn holds_these_bytes(
     s3: &S3Target,
     obj: ObjectRef<'_>,
     ours: &HashMap<String, String>,
     size: u64,
+    sha256: &str,
 ) -> Result<Option<(String, String)>, TransferError> {
-    let Some(existing) = s3.head_object(obj).await? else {
-        return Ok(None);
-    };
-    Ok(
-        match object::judge_existing(&existing.metadata, existing.size, ours, size) {
-            AlreadyThere::SameVersion { announcement_id } => Some((existing.etag, announcement_id)),
-            AlreadyThere::Other => None,
-        },
-    )
+    match s3.head_object(obj).await? {
+        Some(existing) => same_bytes(s3, obj, &existing, ours, size, sha256).await,
+        None => Ok(None),
+    }
 }
 
-fn unexpected_precondition(obj: ObjectRef<'_>) -> TransferError {
-    TransferError::Transient(format!(
-        "S3 write of {obj}: precondition failed on an unconditional write"
+/// Whether `existing` (the object at `obj`) holds exactly these bytes of
+/// this version, stored by ferry: its ETag and announcement id if so. An
+/// object of this version without a sha256 (multipart) is read back and
+/// hashed (the rare path: only when a version's key is already taken).
+async fn same_bytes(
+    s3: &S3Target,
+    obj: ObjectRef<'_>,
+    existing: &ExistingObject,
+    ours: &HashMap<String, String>,
+    size: u64,
+    sha256: &str,
+) -> Result<Option<(String, String)>, TransferError> {
+    let same = match object::judge_existing(
+        &existing.metadata,
+        existing.size,
+        ours,
+        size,
+        Some(sha256),
+    ) {
+        AlreadyThere::SameBytes { announcement_id } => Some(announcement_id),
+        AlreadyThere::SameVersion {
+            announcement_id,
+            sha256: Some(theirs),
+        } => (theirs == sha256).then_some(announcement_id),
+        AlreadyThere::SameVersion {
+            announcement_id,
+            sha256: None,
+        } => {
+            let read_back = s3.hash_object(obj, &existing.etag).await?;
+            tracing::debug!(object = %obj, same = ?read_back.as_ref().map(|(h, n)| h == sha256 && *n == size), "read back an object without sha256 to judge it");
+            read_back
+                .is_some_and(|(theirs, len)| theirs == sha256 && len == size)
+                .then_some(announcement_id)
+        }
+        AlreadyThere::Other => None,
+    };
+    Ok(same.map(|id| (existing.etag.clone(), id)))
+}
+
+/// The permanent failure of a version whose keys all hold other bytes
+/// (`sha256` of this version's bytes, if read yet).
+fn occupied(task: &proto::TaskAssignment, sha256: Option<&str>) -> TransferError {
+    let own = if task.own_key.is_empty() {
+        "and the coordinator named no key of its own".to_owned()
+    } else {
+        format!("and so does its key of its own {}", task.own_key)
+    };
+    let what = match sha256 {
+        Some(sha256) => format!("other bytes than this version (sha256 {sha256})"),
+        None => "an object that is not this version".to_owned(),
+    };
+    TransferError::Permanent(format!(
+        "S3 object {}/{} holds {what}, {own}: an object is never written over",
+        task.bucket, task.key
     ))
 }
 
-/// Large file: multipart upload; aborted on any failure.
+/// Large file: multipart upload; aborted on any failure. The upload's key
+/// is fixed when it starts, before the bytes are known: an object already at
+/// the version's key sends the upload to the key of its own, and if that
+/// object may hold these very bytes (ferry's object of this version), it is
+/// compared with them once they are read, and used if they match.
 #[expect(
     clippy::too_many_arguments,
     reason = "the open source handle, target, sizing, progress and timing of one copy"
@@ -333,7 +417,30 @@ async fn copy_multipart(
         },
         &task.metadata,
     );
-    let mut upload = Multipart::new(s3, obj, metadata);
+    let found = s3.head_object(obj).await?;
+    phases.lap("head");
+    let (target, candidate) = match found {
+        None => (obj, None),
+        Some(existing) => {
+            let maybe_ours = object::judge_existing(
+                &existing.metadata,
+                existing.size,
+                &metadata,
+                task.size,
+                None,
+            ) != AlreadyThere::Other;
+            let candidate = maybe_ours.then_some(existing);
+            match task.own_key.as_str() {
+                // Without a key of its own, only these very bytes can be
+                // stored: the upload goes to the key and completes only if
+                // the object there is found to be them.
+                "" if candidate.is_some() => (obj, candidate),
+                "" => return Err(occupied(task, None)),
+                own => (ObjectRef { key: own, ..obj }, candidate),
+            }
+        }
+    };
+    let mut upload = Multipart::new(s3, target, metadata.clone());
     let result = async {
         let part_len = usize::try_from(part_len).unwrap_or(usize::MAX);
         let mut read = read_file(
@@ -348,13 +455,53 @@ async fn copy_multipart(
         phases.lap("read+parts");
         verify(task, session, &handle, &read).await?;
         phases.lap("verify");
+        if let Some(existing) = &candidate
+            && let Some((etag, id)) =
+                same_bytes(s3, obj, existing, &metadata, task.size, &read.sha256).await?
+        {
+            upload.abort().await;
+            handle.close().await;
+            phases.lap("compare+close");
+            let placed = Placed {
+                key: task.key.clone(),
+                etag,
+                earlier: Some(id),
+            };
+            return Ok(success(task, read.bytes, read.sha256, placed));
+        }
         if !read.tail.is_empty() {
             upload.submit(std::mem::take(&mut read.tail)).await?;
         }
-        let (completed, ()) = tokio::join!(upload.complete(task.size), handle.close());
-        let (etag, earlier) = completed?;
+        let (completed, ()) = tokio::join!(upload.complete(), handle.close());
+        let placed = match completed? {
+            Written::Created(etag) => Placed {
+                key: target.key.to_owned(),
+                etag,
+                earlier: None,
+            },
+            Written::AlreadyThere => {
+                match holds_these_bytes(s3, target, &metadata, task.size, &read.sha256).await? {
+                    Some((etag, id)) => {
+                        upload.abort().await;
+                        Placed {
+                            key: target.key.to_owned(),
+                            etag,
+                            earlier: Some(id),
+                        }
+                    }
+                    // Written at the key since it was looked at: the next
+                    // attempt sees it and goes to the key of its own.
+                    None if target.key == task.key && !task.own_key.is_empty() => {
+                        return Err(TransferError::Transient(format!(
+                            "S3 object {target} appeared during the upload, with other bytes"
+                        )));
+                    }
+                    None => return Err(occupied(task, Some(&read.sha256))),
+                }
+            }
+        };
         phases.lap("complete+close");
-        Ok(success(task, read.bytes, read.sha256, etag, earlier))
+        Ok(success(task, read.bytes, read.sha256, placed))
     }
     .await;
     if result.is_err() {
@@ -367,16 +514,15 @@ fn success(
     task: &proto::TaskAssignment,
     size: u64,
     sha256: String,
-    etag: String,
-    stored_announcement_id: Option<String>,
+    placed: Placed,
 ) -> proto::TaskSuccess {
     proto::TaskSuccess {
         size,
         sha256,
-        etag,
+        etag: placed.etag,
         bucket: task.bucket.clone(),
-        key: task.key.clone(),
-        stored_announcement_id: stored_announcement_id.unwrap_or_default(),
+        key: placed.key,
+        stored_announcement_id: placed.earlier.unwrap_or_default(),
     }
 }
 
@@ -574,8 +720,6 @@ struct Multipart<'a> {
     s3: &'a S3Target,
     obj: ObjectRef<'a>,
     metadata: Option<HashMap<String, String>>,
-    /// The metadata written, to judge an object found at the key.
-    ours: HashMap<String, String>,
     upload_id: Option<String>,
     next_part: i32,
     running: JoinSet<Result<CompletedPart, TransferError>>,
@@ -591,7 +735,6 @@ impl<'a> Multipart<'a> {
         Multipart {
             s3,
             obj,
-            ours: metadata.clone(),
             metadata: Some(metadata),
             upload_id: None,
             next_part: 1,
@@ -664,11 +807,10 @@ impl<'a> Multipart<'a> {
         }
     }
 
-    /// Waits for all parts and completes the upload unless ferry already
-    /// stored this version (`size` bytes) at the key, in which case the
-    /// upload is discarded; returns the ETag and, when the object was already
-    /// there, the announcement id it was stored under.
-    async fn complete(&mut self, size: u64) -> Result<(String, Option<String>), TransferError> {
+    /// Waits for all parts and completes the upload create-only. When an
+    /// object is already at the key ([`Written::AlreadyThere`]) the upload
+    /// stays open: the caller judges that object, then aborts.
+    async fn complete(&mut self) -> Result<Written, TransferError> {
         while let Some(joined) = self.running.join_next().await {
             self.record(joined)?;
         }
@@ -681,29 +823,12 @@ impl<'a> Multipart<'a> {
         let parts = std::mem::take(&mut self.done);
         let written = self
             .s3
-            .complete_multipart(self.obj, &upload_id, parts.clone(), true)
+            .complete_multipart(self.obj, &upload_id, parts, true)
             .await?;
-        let etag = match written {
-            Written::Created(etag) => etag,
-            Written::AlreadyThere => {
-                if let Some((etag, id)) =
-                    existing_version(self.s3, self.obj, &self.ours, size).await?
-                {
-                    self.abort().await;
-                    return Ok((etag, Some(id)));
-                }
-                match self
-                    .s3
-                    .complete_multipart(self.obj, &upload_id, parts, false)
-                    .await?
-                {
-                    Written::Created(etag) => etag,
-                    Written::AlreadyThere => return Err(unexpected_precondition(self.obj)),
-                }
-            }
-        };
-        self.upload_id = None;
-        Ok((etag, None))
+        if matches!(written, Written::Created(_)) {
+            self.upload_id = None;
+        }
+        Ok(written)
     }
 
     /// Stops running part uploads and discards the upload. Best effort: if

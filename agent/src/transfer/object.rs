@@ -111,94 +111,189 @@ pub(crate) struct Source<'a> {
     pub sha256: Option<&'a str>,
 }
 
-/// User metadata for an object: `ferry-server`, `ferry-path`, `ferry-mtime`,
-/// `ferry-sha256` (when known), then the task's own entries (which cannot
-/// override ferry's). Entries with unusable keys are skipped; entries that
-/// would exceed [`METADATA_LIMIT`] are dropped, least important first
-/// (task entries, then the path).
+/// The metadata entries ferry writes itself (besides the task's).
+const SHA256: &str = "ferry-sha256";
+const SERVER: &str = "ferry-server";
+const MTIME: &str = "ferry-mtime";
+const PATH: &str = "ferry-path";
+/// The sha256 of the encoded path, written instead of the path when the
+/// path does not fit the budget (judging an existing object needs one).
+const PATH_SHA256: &str = "ferry-path-sha256";
+/// The keys of entries dropped for the budget, comma-separated.
+const DROPPED: &str = "ferry-dropped";
+/// Bytes kept free for [`DROPPED`] once anything is dropped.
+const DROPPED_BUDGET: usize = 128;
+
+/// User metadata for an object, within [`METADATA_LIMIT`]. First, and
+/// always written: the announcement id (the task's `ferry-announcement-id`),
+/// `ferry-sha256` (when known), `ferry-server`, `ferry-mtime` and the path
+/// as `ferry-path`, or as `ferry-path-sha256` when the encoded path does not
+/// fit (these are what [`judge_existing`] compares; together at most about
+/// 400 bytes, as server names are at most 128). Then the task's other
+/// entries (which cannot override ferry's), in key order, as far as they
+/// fit. Entries with unusable keys are skipped. When anything is dropped,
+/// `ferry-dropped` names what (cut short itself if need be) and a warning is
+/// logged.
 pub(crate) fn metadata(
     source: &Source<'_>,
     extra: &HashMap<String, String>,
 ) -> HashMap<String, String> {
-    let mut entries: Vec<(String, String)> = Vec::new();
-    if let Some(sha) = source.sha256 {
-        entries.push(("ferry-sha256".into(), sha.to_owned()));
+    let id_key = ferry_common::announcement::ANNOUNCEMENT_ID_METADATA;
+    let mut required: Vec<(String, String)> = Vec::new();
+    if let Some(id) = extra.get(id_key) {
+        required.push((id_key.to_owned(), encode_value(id)));
     }
-    entries.push(("ferry-server".into(), encode_value(source.server)));
-    entries.push(("ferry-mtime".into(), source.mtime_unix.to_string()));
-    entries.push(("ferry-path".into(), encode_value(source.path)));
+    if let Some(sha) = source.sha256 {
+        required.push((SHA256.into(), sha.to_owned()));
+    }
+    required.push((SERVER.into(), encode_value(source.server)));
+    required.push((MTIME.into(), source.mtime_unix.to_string()));
+    let mut dropped: Vec<String> = Vec::new();
+    let path = encode_value(source.path);
+    // Decided without the task's entries, so every attempt and every row of
+    // one version chooses the same form.
+    if size_of(&required) + PATH.len() + path.len() <= METADATA_LIMIT - DROPPED_BUDGET {
+        required.push((PATH.into(), path));
+    } else {
+        required.push((PATH_SHA256.into(), path_sha256(&path)));
+        dropped.push(PATH.into());
+    }
+    let mut optional: Vec<(String, String)> = Vec::new();
     let mut extra: Vec<_> = extra.iter().collect();
     extra.sort();
     for (key, value) in extra {
         match normalize_key(key) {
-            Some(key) if !entries.iter().any(|(k, _)| *k == key) => {
-                entries.push((key, encode_value(value)));
+            Some(key)
+                if !required.iter().any(|(k, _)| *k == key)
+                    && ![PATH, PATH_SHA256, DROPPED].contains(&key.as_str()) =>
+            {
+                optional.push((key, encode_value(value)));
             }
             Some(_) => {}
             None => tracing::debug!(key, "skipping object metadata entry with unusable key"),
         }
     }
-    let mut used = 0;
-    let mut out = HashMap::new();
-    for (key, value) in entries {
+    let mut used = size_of(&required);
+    let mut out: HashMap<String, String> = required.into_iter().collect();
+    if dropped.is_empty() && used + size_of(&optional) <= METADATA_LIMIT {
+        out.extend(optional);
+        return out;
+    }
+    for (key, value) in optional {
         let len = key.len() + value.len();
-        if used + len > METADATA_LIMIT {
-            tracing::debug!(
-                key,
-                len,
-                "object metadata entry dropped: over the 2 KiB limit"
-            );
+        if used + len > METADATA_LIMIT - DROPPED_BUDGET {
+            dropped.push(key);
             continue;
         }
         used += len;
         out.insert(key, value);
     }
+    if !dropped.is_empty() {
+        tracing::warn!(
+            path = %source.path,
+            dropped = %dropped.join(","),
+            "object metadata entries dropped: over S3's 2 KiB user-metadata limit"
+        );
+        out.insert(
+            DROPPED.into(),
+            dropped_list(&dropped, DROPPED_BUDGET - DROPPED.len()),
+        );
+    }
     out
 }
 
+fn size_of<'a>(entries: impl IntoIterator<Item = &'a (String, String)>) -> usize {
+    entries.into_iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// `names` joined by `,`, within `budget` bytes: cut at a name, ending in
+/// `,...` when cut.
+fn dropped_list(names: &[String], budget: usize) -> String {
+    let mut out = String::new();
+    for name in names {
+        let sep = if out.is_empty() { "" } else { "," };
+        if out.len() + sep.len() + name.len() + ",...".len() > budget {
+            out.push_str(if out.is_empty() { "..." } else { ",..." });
+            return out;
+        }
+        out.push_str(sep);
+        out.push_str(name);
+    }
+    out
+}
+
+/// Lower-case hex sha256 of an encoded path ([`PATH_SHA256`]).
+fn path_sha256(encoded: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(encoded.as_bytes()))
+}
+
+/// The path an object's metadata names, as the sha256 of its encoded form
+/// (whichever of the two forms it carries).
+fn path_id(metadata: &HashMap<String, String>) -> Option<String> {
+    match (metadata.get(PATH_SHA256), metadata.get(PATH)) {
+        (Some(sha), _) => Some(sha.clone()),
+        (None, Some(path)) => Some(path_sha256(path)),
+        (None, None) => None,
+    }
+}
+
 /// An object already at the key a transfer writes to, judged (pure).
+/// **Rule:** ferry never writes over an object: whatever is there that is
+/// not this version's bytes stays, and the version goes to its key of its
+/// own (or fails).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum AlreadyThere {
-    /// ferry stored this same version there (same server, path, mtime and
-    /// size, and sha256 where both sides know it), under this announcement
-    /// id: an earlier attempt of this row (the same id) or an earlier run's
-    /// row (another id, e.g. lost in a database restore). Not written again.
-    SameVersion { announcement_id: String },
-    /// Anything else (another version under a key template without the
-    /// version, or an object from outside ferry): written over, as the key
-    /// template asks.
+    /// ferry stored exactly these bytes of this version there (same server,
+    /// path, mtime, size and sha256), under this announcement id: an earlier
+    /// attempt of this row (the same id) or an earlier run's row (another
+    /// id, e.g. lost in a database restore). Not written again.
+    SameBytes { announcement_id: String },
+    /// ferry's object of this version (same server, path, mtime and size)
+    /// whose bytes are not known to be these: one side's sha256 is unknown.
+    /// `sha256` is the existing object's, if it carries one; without it (a
+    /// multipart object: its metadata is written before its bytes are read)
+    /// only reading the object back tells.
+    SameVersion {
+        announcement_id: String,
+        sha256: Option<String>,
+    },
+    /// Anything else: other bytes of this version, another version or file,
+    /// an object from outside ferry. Never written over.
     Other,
 }
 
 /// What the object with `existing` user metadata and `existing_size` is to
 /// the write of `ours` (the metadata this transfer writes, from
-/// [`metadata`]) of `size` bytes.
+/// [`metadata`]) of `size` bytes hashing to `our_sha256`, if known yet.
 pub(crate) fn judge_existing(
     existing: &HashMap<String, String>,
     existing_size: Option<i64>,
     ours: &HashMap<String, String>,
     size: u64,
+    our_sha256: Option<&str>,
 ) -> AlreadyThere {
     let same = |key: &str| existing.get(key).is_some_and(|v| Some(v) == ours.get(key));
-    let same_sha = match (existing.get("ferry-sha256"), ours.get("ferry-sha256")) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
-    };
     let id = ferry_common::announcement::ANNOUNCEMENT_ID_METADATA;
-    match existing.get(id) {
-        Some(announcement_id)
-            if ours.contains_key(id)
-                && same("ferry-server")
-                && same("ferry-path")
-                && same("ferry-mtime")
-                && same_sha
-                && existing_size.and_then(|s| u64::try_from(s).ok()) == Some(size) =>
-        {
-            AlreadyThere::SameVersion {
-                announcement_id: announcement_id.clone(),
-            }
-        }
-        _ => AlreadyThere::Other,
+    let (Some(announcement_id), true) = (existing.get(id), ours.contains_key(id)) else {
+        return AlreadyThere::Other;
+    };
+    let same_version = same(SERVER)
+        && same(MTIME)
+        && path_id(existing).is_some()
+        && path_id(existing) == path_id(ours)
+        && existing_size.and_then(|s| u64::try_from(s).ok()) == Some(size);
+    if !same_version {
+        return AlreadyThere::Other;
+    }
+    let announcement_id = announcement_id.clone();
+    match (existing.get(SHA256), our_sha256) {
+        (Some(theirs), Some(ours)) if theirs == ours => AlreadyThere::SameBytes { announcement_id },
+        (Some(_), Some(_)) => AlreadyThere::Other,
+        (theirs, _) => AlreadyThere::SameVersion {
+            announcement_id,
+            sha256: theirs.cloned(),
+        },
     }
 }
 
@@ -277,18 +372,64 @@ mod tests {
         let extra = HashMap::from([("note".to_owned(), "y".repeat(100))]);
         let md = metadata(&source(&long_path), &extra);
         assert!(!md.contains_key("ferry-path"));
+        assert_eq!(md["ferry-path-sha256"], path_sha256(&long_path));
         assert!(md.contains_key("ferry-sha256") && md.contains_key("note"));
+        assert_eq!(md["ferry-dropped"], "ferry-path");
         let total: usize = md.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(total <= METADATA_LIMIT);
     }
 
+    #[test]
+    fn the_announcement_id_and_the_judged_fields_always_fit() {
+        let id = "0f8e2a1c-5b7d-4e3a-9c6b-2d1f0e9a8b7c";
+        let server = "s".repeat(128);
+        // Every length of a non-ASCII path around the budget, with task
+        // entries that crowd it.
+        for n in 250..400 {
+            let path = format!("/in/{}x.csv", "é".repeat(n));
+            let extra = HashMap::from([
+                ("ferry-announcement-id".to_owned(), id.to_owned()),
+                ("ferry-file-id".to_owned(), "123456".to_owned()),
+                ("team".to_owned(), "ü".repeat(200)),
+            ]);
+            let source = Source {
+                server: &server,
+                path: &path,
+                mtime_unix: 1_700_000_000,
+                sha256: Some(&"a".repeat(64)),
+            };
+            let md = metadata(&source, &extra);
+            assert_eq!(md["ferry-announcement-id"], id, "path of {n}");
+            assert!(md.contains_key("ferry-sha256") && md.contains_key("ferry-mtime"));
+            assert_eq!(md["ferry-server"], server);
+            assert!(md.contains_key("ferry-path") || md.contains_key("ferry-path-sha256"));
+            let total: usize = md.iter().map(|(k, v)| k.len() + v.len()).sum();
+            assert!(total <= METADATA_LIMIT, "{total} bytes for a path of {n}");
+            let kept_all = md.contains_key("ferry-path") && md.contains_key("team");
+            assert_eq!(!kept_all, md.contains_key("ferry-dropped"), "{md:?}");
+        }
+    }
+
+    #[test]
+    fn dropped_names_are_listed_within_their_budget() {
+        let names: Vec<String> = (0..40).map(|i| format!("entry-{i}")).collect();
+        assert_eq!(dropped_list(&names[..2], 100), "entry-0,entry-1");
+        let cut = dropped_list(&names, 50);
+        assert!(cut.len() <= 50 && cut.ends_with(",..."), "{cut}");
+        assert_eq!(dropped_list(&names, 5), "...");
+    }
+
     fn version(sha: Option<&str>, announcement: &str) -> HashMap<String, String> {
+        version_at("/out/a.csv", sha, announcement)
+    }
+
+    fn version_at(path: &str, sha: Option<&str>, announcement: &str) -> HashMap<String, String> {
         let mut extra = HashMap::new();
         extra.insert("ferry-announcement-id".to_owned(), announcement.to_owned());
         metadata(
             &Source {
                 server: "acme",
-                path: "/out/a.csv",
+                path,
                 mtime_unix: 1_700_000_000,
                 sha256: sha,
             },
@@ -297,52 +438,69 @@ mod tests {
     }
 
     #[test]
-    fn the_same_version_stored_earlier_is_recognised_with_its_announcement_id() {
+    fn the_same_bytes_stored_earlier_are_recognised_with_their_announcement_id() {
         let ours = version(Some("ab"), "id-now");
         for earlier in ["id-now", "id-before-restore"] {
             assert_eq!(
-                judge_existing(&version(Some("ab"), earlier), Some(4), &ours, 4),
-                AlreadyThere::SameVersion {
+                judge_existing(&version(Some("ab"), earlier), Some(4), &ours, 4, Some("ab")),
+                AlreadyThere::SameBytes {
                     announcement_id: earlier.to_owned()
                 }
             );
         }
-        // A multipart object carries no sha256: the version decides.
+        let long = format!("/out/{}", "é".repeat(400));
         assert_eq!(
-            judge_existing(&version(None, "x"), Some(4), &ours, 4),
-            AlreadyThere::SameVersion {
+            judge_existing(
+                &version_at(&long, Some("ab"), "x"),
+                Some(4),
+                &version_at(&long, Some("ab"), "y"),
+                4,
+                Some("ab")
+            ),
+            AlreadyThere::SameBytes {
                 announcement_id: "x".to_owned()
             }
         );
     }
 
     #[test]
-    fn anything_else_at_the_key_is_written_over() {
+    fn a_version_whose_bytes_are_unknown_on_one_side_is_only_a_candidate() {
+        // A multipart object carries no sha256: its bytes must be read back.
+        let ours = version(None, "id-now");
+        assert_eq!(
+            judge_existing(&version(None, "x"), Some(4), &ours, 4, Some("ab")),
+            AlreadyThere::SameVersion {
+                announcement_id: "x".to_owned(),
+                sha256: None
+            }
+        );
+        // Before our bytes are read, the existing object's sha256 is kept to
+        // compare with them.
+        assert_eq!(
+            judge_existing(&version(Some("cd"), "x"), Some(4), &ours, 4, None),
+            AlreadyThere::SameVersion {
+                announcement_id: "x".to_owned(),
+                sha256: Some("cd".to_owned())
+            }
+        );
+    }
+
+    #[test]
+    fn anything_else_at_the_key_is_other() {
         let ours = version(Some("ab"), "id-now");
-        let other_bytes = version(Some("cd"), "x");
-        assert_eq!(
-            judge_existing(&other_bytes, Some(4), &ours, 4),
-            AlreadyThere::Other
-        );
-        assert_eq!(
-            judge_existing(&version(Some("ab"), "x"), Some(5), &ours, 4),
-            AlreadyThere::Other
-        );
-        assert_eq!(
-            judge_existing(&HashMap::new(), Some(4), &ours, 4),
-            AlreadyThere::Other
-        );
+        let judge = |existing: &HashMap<String, String>, size| {
+            judge_existing(existing, Some(size), &ours, 4, Some("ab"))
+        };
+        assert_eq!(judge(&version(Some("cd"), "x"), 4), AlreadyThere::Other);
+        assert_eq!(judge(&version(Some("ab"), "x"), 5), AlreadyThere::Other);
+        assert_eq!(judge(&HashMap::new(), 4), AlreadyThere::Other);
         let mut older_ferry = version(Some("ab"), "x");
         older_ferry.remove("ferry-announcement-id");
-        assert_eq!(
-            judge_existing(&older_ferry, Some(4), &ours, 4),
-            AlreadyThere::Other
-        );
+        assert_eq!(judge(&older_ferry, 4), AlreadyThere::Other);
         let mut other_mtime = version(Some("ab"), "x");
         other_mtime.insert("ferry-mtime".into(), "1".into());
-        assert_eq!(
-            judge_existing(&other_mtime, Some(4), &ours, 4),
-            AlreadyThere::Other
-        );
+        assert_eq!(judge(&other_mtime, 4), AlreadyThere::Other);
+        let other_path = version_at("/out/b.csv", Some("ab"), "x");
+        assert_eq!(judge(&other_path, 4), AlreadyThere::Other);
     }
 }

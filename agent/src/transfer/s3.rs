@@ -1,5 +1,5 @@
 //! [`S3Target`]: the agent's S3 client, configured once from the standard
-//! `AWS_*` environment, and the five S3 requests a transfer makes, each
+//! `AWS_*` environment, and the S3 requests a transfer makes, each
 //! mapping its SDK error into a [`TransferError`] that names the request.
 //!
 //! Settings are the MinIO-compatible ones: path-style addressing, and
@@ -162,6 +162,7 @@ impl S3Target {
     ) -> Result<Written, TransferError> {
         let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
         self.write(
+            obj,
             if_absent,
             || format!("PutObject {obj}"),
             |condition| {
@@ -184,9 +185,12 @@ impl S3Target {
     /// One write request through `send(If-None-Match value)`, conditional
     /// when `if_absent` and the store implements the condition: a `412`
     /// answer is [`Written::AlreadyThere`]; a `501` turns conditions off for
-    /// this target (logged once) and the write is sent again without one.
+    /// this target (logged once). Without them, an `if_absent` write looks
+    /// with `HeadObject` first and writes only if nothing is at the key (a
+    /// write by someone else between the two can still be replaced).
     async fn write<E, F, Fut>(
         &self,
+        obj: ObjectRef<'_>,
         if_absent: bool,
         op: impl Fn() -> String,
         send: F,
@@ -198,6 +202,9 @@ impl S3Target {
     {
         let mut conditional = if_absent && self.conditional_writes.load(Ordering::Relaxed);
         loop {
+            if if_absent && !conditional && self.head_object(obj).await?.is_some() {
+                return Ok(Written::AlreadyThere);
+            }
             let err = match send(conditional.then(|| "*".to_owned())).await {
                 Ok(etag) => return Ok(Written::Created(etag)),
                 Err(err) => err,
@@ -208,8 +215,9 @@ impl S3Target {
                 (true, Some(501)) => {
                     if self.conditional_writes.swap(false, Ordering::Relaxed) {
                         tracing::warn!(
-                            "the S3 store does not implement If-None-Match on writes: objects \
-                             already in the bucket are overwritten, not recognised"
+                            "the S3 store does not implement If-None-Match on writes: an \
+                             object is looked for before each write instead (a write by \
+                             another client in between can be replaced)"
                         );
                     }
                     conditional = false;
@@ -247,6 +255,53 @@ impl S3Target {
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(None),
             Err(e) => Err(TransferError::s3(format!("HeadObject {obj}"), &e)),
         }
+    }
+
+    /// The sha256 (lower-case hex) and length of the bytes of the object at
+    /// `obj` whose ETag is `etag` (`If-Match`), read back whole; `None` if
+    /// it is gone or was replaced meanwhile. The judgement of an existing
+    /// object that carries no `ferry-sha256` (a multipart object) needs it:
+    /// S3 has no full-object SHA-256 for multipart uploads (only CRC
+    /// full-object checksums, and composite SHA-256 of the parts).
+    pub(crate) async fn hash_object(
+        &self,
+        obj: ObjectRef<'_>,
+        etag: &str,
+    ) -> Result<Option<(String, u64)>, TransferError> {
+        use sha2::{Digest, Sha256};
+        let op = || format!("GetObject {obj}");
+        let out = match self
+            .client
+            .get_object()
+            .bucket(obj.bucket)
+            .key(obj.key)
+            .if_match(format!("\"{etag}\""))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e)
+                if matches!(
+                    e.raw_response().map(|r| r.status().as_u16()),
+                    Some(404 | 412)
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(TransferError::s3(op(), &e)),
+        };
+        let mut body = out.body;
+        let mut hasher = Sha256::new();
+        let mut len = 0u64;
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| TransferError::Transient(format!("S3 {}: reading the body: {e}", op())))?
+        {
+            hasher.update(&chunk);
+            len += chunk.len() as u64;
+        }
+        Ok(Some((hex::encode(hasher.finalize()), len)))
     }
 
     /// Starts a multipart upload; returns its upload id.
@@ -316,6 +371,7 @@ impl S3Target {
     ) -> Result<Written, TransferError> {
         parts.sort_by_key(|p| p.part_number());
         self.write(
+            obj,
             if_absent,
             || format!("CompleteMultipartUpload {obj}"),
             |condition| {
