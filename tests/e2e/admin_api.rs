@@ -30,6 +30,30 @@ async fn env() -> Env {
     }
 }
 
+impl Env {
+    /// A server `name` with one watch of `/in` (bucket `bkt`).
+    async fn server_with_watch(&mut self, name: &str) -> (proto::Server, proto::Watch) {
+        let s = self
+            .client
+            .add_server(server_req(name))
+            .await
+            .unwrap()
+            .into_inner();
+        let w = self
+            .client
+            .add_watch(proto::AddWatchRequest {
+                server_id: s.id,
+                directory: "/in".into(),
+                bucket: "bkt".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (s, w)
+    }
+}
+
 fn server_req(name: &str) -> proto::AddServerRequest {
     proto::AddServerRequest {
         name: name.into(),
@@ -561,23 +585,7 @@ async fn secrets_are_encrypted_at_rest_and_never_returned() {
 #[tokio::test]
 async fn file_listing_filters_pages_and_retries() {
     let mut e = env().await;
-    let s = e
-        .client
-        .add_server(server_req("f"))
-        .await
-        .unwrap()
-        .into_inner();
-    let w = e
-        .client
-        .add_watch(proto::AddWatchRequest {
-            server_id: s.id,
-            directory: "/in".into(),
-            bucket: "bkt".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (s, w) = e.server_with_watch("f").await;
     // Files arrive through agents (next issue); seed rows directly to exercise the queries.
     sqlx::query(
         "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status) \
@@ -1004,23 +1012,7 @@ async fn admin_paths_mean_one_thing() {
 #[tokio::test]
 async fn file_pages_fit_default_client_limits() {
     let mut e = env().await;
-    let s = e
-        .client
-        .add_server(server_req("long"))
-        .await
-        .unwrap()
-        .into_inner();
-    let w = e
-        .client
-        .add_watch(proto::AddWatchRequest {
-            server_id: s.id,
-            directory: "/in".into(),
-            bucket: "bkt".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (s, w) = e.server_with_watch("long").await;
     // Stored versions: their object keys carry the path as well.
     sqlx::query(
         "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status, bucket, object_key) \
@@ -1083,23 +1075,7 @@ async fn file_pages_fit_default_client_limits() {
 #[tokio::test]
 async fn a_long_file_history_fits_default_client_limits() {
     let mut e = env().await;
-    let s = e
-        .client
-        .add_server(server_req("hist"))
-        .await
-        .unwrap()
-        .into_inner();
-    let w = e
-        .client
-        .add_watch(proto::AddWatchRequest {
-            server_id: s.id,
-            directory: "/in".into(),
-            bucket: "bkt".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (s, w) = e.server_with_watch("hist").await;
     let file: i64 = sqlx::query_scalar(
         "INSERT INTO files (server_id, watch_id, path, size, mtime_unix, status) \
          VALUES ($1, $2, '/in/retried', 1, 1700000000, 'error') RETURNING id",
