@@ -417,30 +417,8 @@ async fn copy_multipart(
         },
         &task.metadata,
     );
-    let found = s3.head_object(obj).await?;
-    phases.lap("head");
-    let (target, candidate) = match found {
-        None => (obj, None),
-        Some(existing) => {
-            let maybe_ours = object::judge_existing(
-                &existing.metadata,
-                existing.size,
-                &metadata,
-                task.size,
-                None,
-            ) != AlreadyThere::Other;
-            let candidate = maybe_ours.then_some(existing);
-            match task.own_key.as_str() {
-                // Without a key of its own, only these very bytes can be
-                // stored: the upload goes to the key and completes only if
-                // the object there is found to be them.
-                "" if candidate.is_some() => (obj, candidate),
-                "" => return Err(occupied(task, None)),
-                own => (ObjectRef { key: own, ..obj }, candidate),
-            }
-        }
-    };
-    let mut upload = Multipart::new(s3, target, metadata.clone());
+    let mut upload = Multipart::new(s3, obj, metadata.clone());
+    upload.destined(task);
     let result = async {
         let part_len = usize::try_from(part_len).unwrap_or(usize::MAX);
         let mut read = read_file(
@@ -455,6 +433,8 @@ async fn copy_multipart(
         phases.lap("read+parts");
         verify(task, session, &handle, &read).await?;
         phases.lap("verify");
+        upload.resolve().await?;
+        let (target, candidate) = (upload.obj, upload.candidate.take());
         if let Some(existing) = &candidate
             && let Some((etag, id)) =
                 same_bytes(s3, obj, existing, &metadata, task.size, &read.sha256).await?
@@ -718,7 +698,15 @@ async fn verify(
 /// the background.
 struct Multipart<'a> {
     s3: &'a S3Target,
+    /// Where the parts go: once [`Multipart::resolve`] ran, the version's
+    /// key or its key of its own.
     obj: ObjectRef<'a>,
+    /// The task whose version this is, until its destination is resolved
+    /// (`None`: `obj` is final).
+    unresolved: Option<&'a proto::TaskAssignment>,
+    /// The object found at the version's key that may hold these very bytes
+    /// (compared once they are read).
+    candidate: Option<ExistingObject>,
     metadata: Option<HashMap<String, String>>,
     upload_id: Option<String>,
     next_part: i32,
@@ -735,6 +723,8 @@ impl<'a> Multipart<'a> {
         Multipart {
             s3,
             obj,
+            unresolved: None,
+            candidate: None,
             metadata: Some(metadata),
             upload_id: None,
             next_part: 1,
@@ -742,6 +732,45 @@ impl<'a> Multipart<'a> {
             done: Vec::new(),
             spare: Arc::default(),
         }
+    }
+
+    /// Makes the upload choose its key at its first part (see
+    /// [`Multipart::resolve`]) instead of going to `obj` as it is.
+    fn destined(&mut self, task: &'a proto::TaskAssignment) {
+        self.unresolved = Some(task);
+    }
+
+    /// Fixes the key before the upload starts, by looking at the version's
+    /// key (the first part is read before the store is asked anything): free,
+    /// the upload goes there; taken by an object that may be these very bytes
+    /// (ferry's object of this version), it is kept as the candidate to
+    /// compare once the bytes are read, and the upload goes to the key of its
+    /// own if there is one, else to the key (completed only if the object
+    /// there is found to be these bytes); taken by another version, to the
+    /// key of its own, or the version fails.
+    async fn resolve(&mut self) -> Result<(), TransferError> {
+        let Some(task) = self.unresolved.take() else {
+            return Ok(());
+        };
+        let Some(existing) = self.s3.head_object(self.obj).await? else {
+            return Ok(());
+        };
+        let ours = self.metadata.as_ref().cloned().unwrap_or_default();
+        let maybe_ours =
+            object::judge_existing(&existing.metadata, existing.size, &ours, task.size, None)
+                != AlreadyThere::Other;
+        self.candidate = maybe_ours.then_some(existing);
+        match task.own_key.as_str() {
+            "" if self.candidate.is_some() => {}
+            "" => return Err(occupied(task, None)),
+            own => {
+                self.obj = ObjectRef {
+                    key: own,
+                    ..self.obj
+                }
+            }
+        }
+        Ok(())
     }
 
     /// An emptied buffer of an uploaded part, if one came back.
@@ -755,6 +784,7 @@ impl<'a> Multipart<'a> {
         let upload_id = match &self.upload_id {
             Some(id) => id.clone(),
             None => {
+                self.resolve().await?;
                 let metadata = self.metadata.take().unwrap_or_default();
                 let id = self.s3.create_multipart(self.obj, metadata).await?;
                 self.upload_id = Some(id.clone());
