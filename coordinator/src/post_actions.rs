@@ -50,6 +50,11 @@ struct Due {
     next_at: DateTime<Utc>,
     #[sqlx(try_from = "String")]
     post_action: PostAction,
+    /// The stored bytes' sha256.
+    sha256: Option<String>,
+    /// Sent before without an answer, or answered with a failure: the
+    /// action may have been carried out, so the agent compares the bytes.
+    sent_before: bool,
     site: String,
     /// The server's poll-lease holder, the coordinator holding its stream,
     /// and whether its `agents` row says it is live (connected, heard from
@@ -83,7 +88,9 @@ impl PostActions {
         }
         let due = sqlx::query_as::<_, Due>(&format!(
             "SELECT f.id AS file_id, f.path, f.size, f.mtime_unix, \
-                    f.post_action_next_at AS next_at, f.post_action, s.site, \
+                    f.post_action_next_at AS next_at, f.post_action, f.sha256, \
+                    (f.post_action_agent IS NOT NULL OR f.post_action_attempts > 0) AS sent_before, \
+                    s.site, \
                     s.poller_agent, s.poller_coordinator, \
                     COALESCE(a.connected AND NOT a.draining AND a.revoked_at IS NULL \
                              AND a.last_seen_at > now() - make_interval(secs => $2), false) AS poller_live, \
@@ -135,6 +142,8 @@ impl PostActions {
                 action: Some((&d.post_action).into()),
                 size,
                 mtime_unix: d.mtime_unix,
+                verify_bytes: d.sent_before,
+                sha256: d.sha256.unwrap_or_default(),
             };
             if agent.send(Body::PostAction(req)).await {
                 self.sent.insert(d.file_id, (d.next_at, Instant::now()));

@@ -195,6 +195,40 @@ impl SftpSession {
         Ok(opened.handle)
     }
 
+    /// The sha256 (hex) of the whole file at `path`, read start to end one
+    /// request at a time (for the rare checks of bytes already stored, not
+    /// for transfers).
+    pub(crate) async fn sha256(&self, path: &str) -> Result<String, SftpError> {
+        use russh_sftp::protocol::StatusCode;
+        use sha2::{Digest, Sha256};
+        let handle = self.open_read(path).await?;
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        let read = loop {
+            self.touch();
+            match self
+                .sftp
+                .read(handle.as_str(), offset, self.read_chunk())
+                .await
+            {
+                Ok(data) if data.data.is_empty() => break Ok(()),
+                Ok(mut data) => {
+                    data.data.truncate(self.read_chunk() as usize);
+                    offset += data.data.len() as u64;
+                    hasher.update(&data.data);
+                }
+                Err(russh_sftp::client::error::Error::Status(status))
+                    if status.status_code == StatusCode::Eof =>
+                {
+                    break Ok(());
+                }
+                Err(e) => break Err(self.error(e, path)),
+            }
+        };
+        let _ = self.sftp.close(handle.as_str()).await;
+        read.map(|()| hex::encode(hasher.finalize()))
+    }
+
     /// Attributes of the open file `handle` (SFTP `FSTAT`); `path` names it
     /// in errors.
     pub(crate) async fn fstat(&self, handle: &str, path: &str) -> Result<FileStat, SftpError> {

@@ -82,6 +82,7 @@ pub(crate) async fn post_action(
         path: &req.path,
         size: req.size,
         mtime_unix: req.mtime_unix,
+        sha256: (req.verify_bytes && !req.sha256.is_empty()).then_some(req.sha256.as_str()),
     };
     let (outcome, error) = post_action::act(&*session, done, &version, &action).await;
     if let Some(e) = error {

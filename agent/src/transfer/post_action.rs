@@ -22,6 +22,8 @@ pub(crate) trait RemoteFiles {
     async fn rename(&self, from: &str, to: &str) -> Result<(), SftpError>;
     async fn remove(&self, path: &str) -> Result<(), SftpError>;
     async fn mkdir_all(&self, dir: &str) -> Result<(), SftpError>;
+    /// The sha256 (hex) of the file's bytes.
+    async fn sha256(&self, path: &str) -> Result<String, SftpError>;
 }
 
 impl RemoteFiles for SftpSession {
@@ -40,6 +42,9 @@ impl RemoteFiles for SftpSession {
     async fn mkdir_all(&self, dir: &str) -> Result<(), SftpError> {
         SftpSession::mkdir_all(self, dir).await
     }
+    async fn sha256(&self, path: &str) -> Result<String, SftpError> {
+        SftpSession::sha256(self, path).await
+    }
 }
 
 /// The stored version a post-action is for.
@@ -50,6 +55,11 @@ pub(crate) struct Version<'a> {
     pub path: &'a str,
     pub size: u64,
     pub mtime_unix: i64,
+    /// The stored bytes' sha256, when they must be compared too: the
+    /// request was sent before and not answered, so the action may have
+    /// been carried out already and the path may hold a new version of the
+    /// same size and mtime.
+    pub sha256: Option<&'a str>,
 }
 
 /// Post-actions carried out lately (the last [`DONE_REMEMBERED`]), by
@@ -169,6 +179,25 @@ async fn act_once(
             PostActionOutcome::Refused(format!("{action} {path}: {why}{put_back}")),
             None,
         );
+    }
+    if let Some(stored) = version.sha256 {
+        match fs.sha256(&aside).await {
+            Ok(now) if now.eq_ignore_ascii_case(stored) => {}
+            Ok(now) => {
+                let put_back = put_back(fs, &aside, path).await;
+                return (
+                    PostActionOutcome::Refused(format!(
+                        "{action} {path}: other bytes of the same size and mtime \
+                         (sha256 {now}, stored {stored}){put_back}"
+                    )),
+                    None,
+                );
+            }
+            Err(e) => {
+                let put_back = put_back(fs, &aside, path).await;
+                return failed(&format!("read {aside} to compare its bytes{put_back}"), e);
+            }
+        }
     }
     // 3. Act on it.
     let result = match action {
@@ -361,6 +390,17 @@ mod tests {
             self.call(format!("mkdir {dir}"));
             Ok(())
         }
+        async fn sha256(&self, path: &str) -> Result<String, SftpError> {
+            let file = self.get(path);
+            self.call(format!("sha256 {path}"));
+            let (_, _, content) = file.ok_or_else(|| SftpError::NotFound(path.to_owned()))?;
+            Ok(sha256_of(content))
+        }
+    }
+
+    fn sha256_of(content: &str) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(content.as_bytes()))
     }
 
     const STORED: File = (5, 100, "stored");
@@ -373,6 +413,7 @@ mod tests {
             path,
             size: 5,
             mtime_unix: 100,
+            sha256: None,
         }
     }
 
@@ -456,6 +497,36 @@ mod tests {
             PostActionOutcome::Done
         );
         assert_eq!(moved.paths(), ["/archive/a.csv"]);
+    }
+
+    #[tokio::test]
+    async fn a_resent_post_action_compares_the_bytes_when_it_remembers_nothing() {
+        // The agent that carried it out is gone (restarted, or another agent
+        // has the server now): the resend says so by naming the stored bytes.
+        let stored = sha256_of(STORED.2);
+        let resent = Version {
+            sha256: Some(&stored),
+            ..version("/in/a.csv")
+        };
+        let server = Server::with(&[("/in/a.csv", NEWER)]);
+        let done = PostActionsDone::default();
+        let outcome = act(&server, &done, &resent, &PostAction::Delete).await.0;
+        let PostActionOutcome::Refused(why) = &outcome else {
+            panic!("a new version of the same size and mtime was not refused: {outcome:?}");
+        };
+        assert!(
+            why.contains("other bytes of the same size and mtime"),
+            "{why}"
+        );
+        assert_eq!(server.paths(), ["/in/a.csv"], "{:?}", lock(&server.calls));
+        assert_eq!(server.get("/in/a.csv"), Some(NEWER));
+        // The stored bytes themselves are acted on.
+        let server = Server::with(&[("/in/a.csv", STORED)]);
+        assert_eq!(
+            act(&server, &done, &resent, &PostAction::Delete).await.0,
+            PostActionOutcome::Done
+        );
+        assert!(server.paths().is_empty());
     }
 
     #[tokio::test]
