@@ -72,15 +72,24 @@ pub(crate) async fn run(db: PgPool, retention: Retention, cancel: CancellationTo
 }
 
 /// One pass: batches until nothing older than `keep` is left to prune.
+/// Each kind of row is walked in id order from where its last batch ended
+/// (a keyset cursor), so a batch never reads again the index entries of the
+/// rows the batches before it deleted (dead until vacuum: starting each batch
+/// from the lowest id read all of them again, and a catch-up slowed down as
+/// it went). Rows passed over (not prunable yet, or locked by another
+/// coordinator) are looked at again by the next pass.
 pub(crate) async fn prune(db: &PgPool, keep: Duration) -> StoreResult<Pruned> {
     let secs = keep.as_secs_f64();
     let mut total = Pruned::default();
+    // The last id each kind's batches reached; 0 before the first.
+    let (mut after_file, mut after_event, mut after_outbox) = (0i64, 0i64, 0i64);
     loop {
-        let (files, events, announcements): (i64, i64, i64) = sqlx::query_as(
-            "WITH doomed AS ( \
+        let (files, events, announcements, last_file): (i64, i64, i64, Option<i64>) =
+            sqlx::query_as(
+                "WITH doomed AS ( \
                  SELECT f.id FROM files f \
                  JOIN watches w ON w.id = f.watch_id JOIN servers s ON s.id = f.server_id \
-                 WHERE f.status IN ('processed', 'skipped') \
+                 WHERE f.id > $3 AND f.status IN ('processed', 'skipped') \
                    AND f.updated_at < now() - make_interval(secs => $1) \
                    AND (f.gone_at IS NOT NULL OR w.deleted_at IS NOT NULL OR s.deleted_at IS NOT NULL) \
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.file_id = f.id AND o.published_at IS NULL) \
@@ -89,36 +98,43 @@ pub(crate) async fn prune(db: &PgPool, keep: Duration) -> StoreResult<Pruned> {
              gone_events AS (DELETE FROM file_events WHERE file_id IN (SELECT id FROM doomed) RETURNING 1), \
              gone_files AS (DELETE FROM files WHERE id IN (SELECT id FROM doomed) RETURNING 1) \
              SELECT (SELECT count(*) FROM gone_files), (SELECT count(*) FROM gone_events), \
-                    (SELECT count(*) FROM gone_outbox)",
-        )
-        .bind(secs)
-        .bind(BATCH)
-        .fetch_one(db)
-        .await?;
-        let history: i64 = sqlx::query_scalar(
+                    (SELECT count(*) FROM gone_outbox), (SELECT max(id) FROM doomed)",
+            )
+            .bind(secs)
+            .bind(BATCH)
+            .bind(after_file)
+            .fetch_one(db)
+            .await?;
+        let (history, last_event): (i64, Option<i64>) = sqlx::query_as(
             "WITH old AS ( \
                  SELECT e.id FROM file_events e JOIN files f ON f.id = e.file_id \
-                 WHERE f.status IN ('processed', 'skipped') AND e.at < now() - make_interval(secs => $1) \
+                 WHERE e.id > $3 AND f.status IN ('processed', 'skipped') \
+                   AND e.at < now() - make_interval(secs => $1) \
                  ORDER BY e.id LIMIT $2), \
              gone AS (DELETE FROM file_events WHERE id IN (SELECT id FROM old) RETURNING 1) \
-             SELECT count(*) FROM gone",
+             SELECT (SELECT count(*) FROM gone), (SELECT max(id) FROM old)",
         )
         .bind(secs)
         .bind(BATCH)
+        .bind(after_event)
         .fetch_one(db)
         .await?;
-        let published: i64 = sqlx::query_scalar(
+        let (published, last_outbox): (i64, Option<i64>) = sqlx::query_as(
             "WITH old AS ( \
                  SELECT id FROM outbox \
-                 WHERE published_at < now() - make_interval(secs => $1) \
+                 WHERE id > $3 AND published_at < now() - make_interval(secs => $1) \
                  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED), \
              gone AS (DELETE FROM outbox WHERE id IN (SELECT id FROM old) RETURNING 1) \
-             SELECT count(*) FROM gone",
+             SELECT (SELECT count(*) FROM gone), (SELECT max(id) FROM old)",
         )
         .bind(secs)
         .bind(BATCH)
+        .bind(after_outbox)
         .fetch_one(db)
         .await?;
+        after_file = last_file.unwrap_or(after_file);
+        after_event = last_event.unwrap_or(after_event);
+        after_outbox = last_outbox.unwrap_or(after_outbox);
         let count = |n: i64| u64::try_from(n).unwrap_or(0);
         total.files += count(files);
         total.events += count(events) + count(history);
