@@ -469,14 +469,7 @@ async fn send_batches(
             watch_id,
             // Set by `track_discovery`.
             batch_id: 0,
-            entries: chunk
-                .iter()
-                .map(|(path, o)| proto::RemoteEntry {
-                    path: path.clone(),
-                    size: o.size,
-                    mtime_unix: o.mtime_unix,
-                })
-                .collect(),
+            entries: remote_entries(chunk),
             baseline,
             baseline_complete: baseline && part + 1 == parts,
         };
@@ -490,6 +483,18 @@ async fn send_batches(
         }
     }
     true
+}
+
+/// Stable files as the entries of a discovery batch.
+fn remote_entries(files: &[(String, Observation)]) -> Vec<proto::RemoteEntry> {
+    files
+        .iter()
+        .map(|(path, o)| proto::RemoteEntry {
+            path: path.clone(),
+            size: o.size,
+            mtime_unix: o.mtime_unix,
+        })
+        .collect()
 }
 
 pub(crate) fn message(body: Body) -> proto::AgentMessage {
@@ -528,14 +533,7 @@ mod tests {
             server_id: i64::MAX,
             watch_id: i64::MAX,
             batch_id: u64::MAX,
-            entries: files
-                .iter()
-                .map(|(path, o)| proto::RemoteEntry {
-                    path: path.clone(),
-                    size: o.size,
-                    mtime_unix: o.mtime_unix,
-                })
-                .collect(),
+            entries: remote_entries(files),
             baseline: true,
             baseline_complete: true,
         }
